@@ -1,0 +1,60 @@
+"""ffnkit: open up the feed-forward (FFN/MLP) blocks of Transformer models.
+
+Public names are imported lazily so that ``import ffnkit`` stays fast and touches no accelerator.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # models and data
+    "load_model": "ffnkit.models",
+    "builtin_models": "ffnkit.models",
+    "load_corpus": "ffnkit.data",
+    "Corpus": "ffnkit.data",
+    "evaluation_tokens": "ffnkit.data",
+    "calibration_batches": "ffnkit.data",
+    # the FFN handle and the adapter table
+    "FFN": "ffnkit.core.ffn",
+    "find_ffns": "ffnkit.core.archs",
+    "select_ffns": "ffnkit.core.archs",
+    "ArchSpec": "ffnkit.core.archs",
+    "register_arch": "ffnkit.core.archs",
+    "SUPPORTED_FAMILIES": "ffnkit.core.archs",
+    # capture
+    "capture": "ffnkit.core.capture",
+    "SITES": "ffnkit.core.capture",
+    "make_reducer": "ffnkit.core.reducers",
+    # evaluation
+    "perplexity": "ffnkit.evaluate",
+    "agreement": "ffnkit.evaluate",
+    "decode_speed": "ffnkit.evaluate",
+    "peak_memory": "ffnkit.evaluate",
+    "count_parameters": "ffnkit.evaluate",
+    # errors
+    "FFNKitError": "ffnkit.core.errors",
+    "UnknownModelError": "ffnkit.core.errors",
+    "UnsupportedArchitectureError": "ffnkit.core.errors",
+    "LayerIndexError": "ffnkit.core.errors",
+    "CorpusError": "ffnkit.core.errors",
+    "FetchError": "ffnkit.core.errors",
+    "InvalidArgumentError": "ffnkit.core.errors",
+    "SavedModelError": "ffnkit.core.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ffnkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,35 @@
+"""One family of exceptions. Every message says what to do; the CLI prints it on one line and exits 2."""
+
+from __future__ import annotations
+
+
+class FFNKitError(Exception):
+    """Base class of every error ffnkit raises on purpose."""
+
+
+class UnknownModelError(FFNKitError):
+    """A model name that is neither built in, a local folder, nor reachable on the hub."""
+
+
+class UnsupportedArchitectureError(FFNKitError):
+    """A model family ffnkit has no adapter for (and the structural fallback found nothing)."""
+
+
+class LayerIndexError(FFNKitError, IndexError):
+    """A layer or neuron index outside the model."""
+
+
+class CorpusError(FFNKitError):
+    """An unknown corpus name, an empty or too-short text."""
+
+
+class FetchError(FFNKitError):
+    """A package or file could not be fetched (no network, unknown package)."""
+
+
+class InvalidArgumentError(FFNKitError, ValueError):
+    """A ratio, site, option or value outside its allowed range."""
+
+
+class SavedModelError(FFNKitError):
+    """A saved folder that is corrupt, incomplete or not written by ffnkit / transformers."""

@@ -1,0 +1,295 @@
+"""The FFN handle: one object per feed-forward block, with its weights in one orientation.
+
+Whatever the model stores (``nn.Linear`` [out, in], GPT-2's ``Conv1D`` [in, out], Phi-3's fused
+``gate_up_proj``, or transformers v5's 3-D expert tensors), a handle reads them as
+
+- ``W_in``, ``W_gate``: [d_ff, d_model] — row i is neuron i's key,
+- ``W_out``: [d_model, d_ff] — column i is neuron i's value vector,
+- ``b_in``, ``b_gate``: [d_ff] or None, ``b_out``: [d_model] or None.
+
+The tensors are *views* of the model's parameters, so an in-place edit of ``ffn.W_out[:, i]`` edits the
+model. ``FFN.forward`` recomputes the block from these canonical weights; the test matrix checks it
+against what the model itself computes, for every family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+KINDS = ("mlp", "gated", "moe")
+
+
+class WeightRef:
+    """Reads (and writes back) one canonical weight from wherever the model keeps it."""
+
+    def get(self) -> Tensor:
+        raise NotImplementedError
+
+    def set(self, value: Tensor) -> None:
+        """Overwrite in place (same shape); the value is given in canonical orientation."""
+        with torch.no_grad():
+            self.get().copy_(value)
+
+
+@dataclass
+class LinearWeight(WeightRef):
+    """``nn.Linear.weight`` is [out, in], which is already canonical for W_in, W_gate and W_out.
+
+    ``rows`` selects a slice of the output rows (Phi-3's fused gate_up: gate = first half, up = second).
+    ``transpose`` is for GPT-2's Conv1D, whose weight is [in, out].
+    """
+
+    module: nn.Module
+    rows: slice | None = None
+    transpose: bool = False
+
+    def get(self) -> Tensor:
+        w = self.module.weight.T if self.transpose else self.module.weight  # [out, in]
+        return w if self.rows is None else w[self.rows]
+
+
+@dataclass
+class LinearBias(WeightRef):
+    module: nn.Module
+    rows: slice | None = None
+
+    def get(self) -> Tensor:
+        b = self.module.bias
+        return b if self.rows is None else b[self.rows]
+
+
+@dataclass
+class ExpertWeight(WeightRef):
+    """One expert's slice of a v5 3-D expert tensor ([E, 2*d_ff, d_model] or [E, d_model, d_ff])."""
+
+    param: nn.Parameter
+    expert: int
+    rows: slice | None = None
+    transpose: bool = False
+
+    def get(self) -> Tensor:
+        w = self.param[self.expert]
+        w = w.T if self.transpose else w
+        return w if self.rows is None else w[self.rows]
+
+
+@dataclass
+class Router:
+    """A top-k softmax router: probabilities = softmax(W x), keep the top k, optionally renormalise."""
+
+    module: nn.Module
+    top_k: int
+    norm_topk: bool
+
+    @property
+    def weight(self) -> Tensor:  # [E, d_model]
+        return self.module.weight
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [N, d] -> (logits [N, E], top-k weights [N, k], top-k expert indices [N, k])."""
+        logits = x @ self.weight.T  # [N, E]
+        probs = torch.softmax(logits.float(), dim=-1)
+        top_w, top_i = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        return logits, top_w.to(x.dtype), top_i
+
+
+def _opt(ref: WeightRef | None) -> Tensor | None:
+    return None if ref is None else ref.get()
+
+
+@dataclass(eq=False)
+class FFN:
+    """Handle on one feed-forward block. Build them with :func:`ffnkit.find_ffns`.
+
+    Example:
+        >>> ffn = find_ffns(model)[3]
+        >>> ffn.kind, ffn.d_model, ffn.d_ff          # ('gated', 576, 1536)
+        >>> value_vector = ffn.W_out[:, 42]          # what neuron 42 writes to the residual stream
+    """
+
+    index: int  # position in find_ffns' list (what ``layers=`` selects)
+    layer: int  # block number within its stack
+    name: str  # module path of the block's container (e.g. "model.layers.3.mlp")
+    kind: str  # "mlp" | "gated" | "moe"
+    family: str
+    d_model: int
+    d_ff: int
+    activation: str
+    act_fn: Callable[[Tensor], Tensor] | None
+    module: nn.Module  # the container whose parts are below (the mlp, or the whole block)
+    stack: str = ""  # "" for single-stack models, "encoder" / "decoder" for T5
+    # dense parts: modules to hook, and where the canonical weights live
+    in_proj: nn.Module | None = None
+    gate_proj: nn.Module | None = None  # same module as in_proj when gate and up are fused
+    out_proj: nn.Module | None = None
+    fused_gate_up: bool = False
+    w_in: WeightRef | None = None
+    w_gate: WeightRef | None = None
+    w_out: WeightRef | None = None
+    bias_in: WeightRef | None = None
+    bias_gate: WeightRef | None = None
+    bias_out: WeightRef | None = None
+    # MoE parts
+    router: Router | None = None
+    router_module: nn.Module | None = None
+    experts: list[FFN] = field(default_factory=list)
+    shared: FFN | None = None
+    shared_gate: nn.Module | None = None  # sigmoid gate on the shared expert (Qwen2-MoE)
+
+    # ----- canonical weights ---------------------------------------------------------------------
+    @property
+    def W_in(self) -> Tensor:  # [d_ff, d_model]
+        return self._dense_only(self.w_in)
+
+    @property
+    def W_gate(self) -> Tensor | None:  # [d_ff, d_model]
+        return _opt(self.w_gate) if self.kind != "moe" else self._dense_only(None)
+
+    @property
+    def W_out(self) -> Tensor:  # [d_model, d_ff]
+        return self._dense_only(self.w_out)
+
+    @property
+    def b_in(self) -> Tensor | None:  # [d_ff]
+        return _opt(self.bias_in)
+
+    @property
+    def b_gate(self) -> Tensor | None:  # [d_ff]
+        return _opt(self.bias_gate)
+
+    @property
+    def b_out(self) -> Tensor | None:  # [d_model]
+        return _opt(self.bias_out)
+
+    def _dense_only(self, ref: WeightRef | None) -> Tensor:
+        if self.kind == "moe":
+            from ffnkit.core.errors import InvalidArgumentError
+
+            raise InvalidArgumentError(
+                f"{self.name} is a mixture of experts: read ffn.experts[e].W_in/W_gate/W_out "
+                "(or ffn.shared) instead of the layer's own weights"
+            )
+        assert ref is not None
+        return ref.get()
+
+    @property
+    def is_gated(self) -> bool:
+        return self.kind == "gated"
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    # ----- computation from canonical weights ----------------------------------------------------
+    def activations(self, x: Tensor) -> dict[str, Tensor]:
+        """All dense sites for input x [..., d_model]: pre, gate (gated only), post, out."""
+        if self.kind == "moe":
+            return {"out": self.forward(x)}
+        pre = x @ self.W_in.T  # [..., d_ff]
+        if self.b_in is not None:
+            pre = pre + self.b_in
+        sites: dict[str, Tensor] = {"pre": pre}
+        if self.kind == "gated":
+            gate = x @ self.W_gate.T  # [..., d_ff]
+            if self.b_gate is not None:
+                gate = gate + self.b_gate
+            sites["gate"] = gate
+            post = self.act_fn(gate) * pre
+        else:
+            post = self.act_fn(pre)
+        out = post @ self.W_out.T  # [..., d_model]
+        if self.b_out is not None:
+            out = out + self.b_out
+        sites.update(post=post, out=out)
+        return sites
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Recompute the block's output from its canonical weights. x: [..., d_model]."""
+        if self.kind != "moe":
+            return self.activations(x)["out"]
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [N, d]
+        _, top_w, top_i = self.router.route(flat)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(top_i == e)
+            if token.numel():
+                out.index_add_(0, token, expert.forward(flat[token]) * top_w[token, slot, None])
+        if self.shared is not None:
+            shared = self.shared.forward(flat)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(flat)) * shared
+            out = out + shared
+        return out.reshape(shape)
+
+    __call__ = forward
+
+    # ----- size ----------------------------------------------------------------------------------
+    def parameters(self) -> list[Tensor]:
+        """The block's weight tensors (each expert's slices for MoE, plus router and shared expert)."""
+        if self.kind == "moe":
+            tensors = [self.router.weight] if self.router else []
+            for expert in self.experts:
+                tensors += expert.parameters()
+            if self.shared is not None:
+                tensors += self.shared.parameters()
+            if self.shared_gate is not None:
+                tensors += list(self.shared_gate.parameters())
+            return tensors
+        refs = (self.w_in, self.w_gate, self.w_out, self.bias_in, self.bias_gate, self.bias_out)
+        return [r.get() for r in refs if r is not None]
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.parameters())
+
+    def flops_per_token(self) -> int:
+        """Multiply-adds ×2 of the matrix products one token pays (MoE: router + top-k experts + shared)."""
+        if self.kind != "moe":
+            n_mats = 3 if self.kind == "gated" else 2
+            return 2 * n_mats * self.d_model * self.d_ff
+        flops = 2 * self.d_model * self.num_experts
+        if self.experts:
+            flops += self.router.top_k * self.experts[0].flops_per_token()
+        if self.shared is not None:
+            flops += self.shared.flops_per_token()
+        return flops
+
+    def describe(self) -> dict:
+        """A JSON-ready summary row (what ``ffnkit models`` prints)."""
+        row = {
+            "index": self.index,
+            "layer": self.layer,
+            "stack": self.stack,
+            "name": self.name,
+            "kind": self.kind,
+            "d_model": self.d_model,
+            "d_ff": self.d_ff,
+            "activation": self.activation,
+            "bias": self.kind != "moe" and (self.bias_in is not None or self.bias_out is not None),
+            "params": self.num_parameters(),
+            "flops_per_token": self.flops_per_token(),
+        }
+        if self.kind == "moe":
+            row.update(
+                experts=self.num_experts,
+                top_k=self.router.top_k,
+                shared_expert_d_ff=self.shared.d_ff if self.shared else 0,
+            )
+        return row
+
+    def __repr__(self) -> str:
+        extra = f", experts={self.num_experts}, top_k={self.router.top_k}" if self.kind == "moe" else ""
+        return (
+            f"FFN({self.name!r}, layer={self.layer}, kind={self.kind!r}, d_model={self.d_model}, "
+            f"d_ff={self.d_ff}, activation={self.activation!r}{extra})"
+        )
