@@ -10,7 +10,16 @@ import transformers as tf
 
 H, F, L, V = 32, 48, 2, 96  # hidden size, FFN width, layers, vocabulary
 ATT = dict(num_attention_heads=4, num_key_value_heads=2)
-DEC = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, vocab_size=V, hidden_size=H, intermediate_size=F, num_hidden_layers=L, **ATT)
+DEC = dict(
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    vocab_size=V,
+    hidden_size=H,
+    intermediate_size=F,
+    num_hidden_layers=L,
+    **ATT,
+)
 MOE = dict(num_experts_per_tok=2, **DEC)
 
 TINY_CONFIGS = {
@@ -27,13 +36,30 @@ TINY_CONFIGS = {
     "gpt2": lambda: tf.GPT2Config(vocab_size=V, n_embd=H, n_inner=F, n_layer=L, n_head=4),
     "gpt_neox": lambda: tf.GPTNeoXConfig(**{**DEC, "num_key_value_heads": 4}),
     "opt": lambda: tf.OPTConfig(
-        vocab_size=V, hidden_size=H, ffn_dim=F, num_hidden_layers=L, num_attention_heads=4, word_embed_proj_dim=H
+        vocab_size=V,
+        hidden_size=H,
+        ffn_dim=F,
+        num_hidden_layers=L,
+        num_attention_heads=4,
+        word_embed_proj_dim=H,
     ),
-    "bert": lambda: tf.BertConfig(vocab_size=V, hidden_size=H, intermediate_size=F, num_hidden_layers=L, num_attention_heads=4),
-    "roberta": lambda: tf.RobertaConfig(vocab_size=V, hidden_size=H, intermediate_size=F, num_hidden_layers=L, num_attention_heads=4),
-    "t5": lambda: tf.T5Config(vocab_size=V, d_model=H, d_ff=F, d_kv=8, num_layers=L, num_heads=4, decoder_start_token_id=0),
+    "bert": lambda: tf.BertConfig(
+        vocab_size=V, hidden_size=H, intermediate_size=F, num_hidden_layers=L, num_attention_heads=4
+    ),
+    "roberta": lambda: tf.RobertaConfig(
+        vocab_size=V, hidden_size=H, intermediate_size=F, num_hidden_layers=L, num_attention_heads=4
+    ),
+    "t5": lambda: tf.T5Config(
+        vocab_size=V, d_model=H, d_ff=F, d_kv=8, num_layers=L, num_heads=4, decoder_start_token_id=0
+    ),
     "t5-gated": lambda: tf.T5Config(
-        vocab_size=V, d_model=H, d_ff=F, d_kv=8, num_layers=L, num_heads=4, feed_forward_proj="gated-gelu",
+        vocab_size=V,
+        d_model=H,
+        d_ff=F,
+        d_kv=8,
+        num_layers=L,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
         decoder_start_token_id=0,
     ),
     "mixtral": lambda: tf.MixtralConfig(num_local_experts=4, **MOE),

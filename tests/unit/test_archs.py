@@ -56,7 +56,11 @@ def test_wrong_override_names_is_a_clear_error():
 
 def test_mixed_dense_and_moe_layers():
     config = tf.Qwen2MoeConfig(
-        num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=40, mlp_only_layers=[0], **MOE
+        num_experts=4,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        mlp_only_layers=[0],
+        **MOE,
     )
     torch.manual_seed(0)
     model = tf.Qwen2MoeForCausalLM(config).eval()
@@ -85,7 +89,7 @@ def test_moe_dense_weights_are_a_clear_error():
 
     ffn = find_ffns(tiny_model("mixtral"))[0]
     with pytest.raises(InvalidArgumentError, match="experts"):
-        ffn.W_out
+        _ = ffn.W_out
     with pytest.raises(InvalidArgumentError, match="not available on MoE"):
         with capture(tiny_model("mixtral"), sites=["post"], layers=[0]):
             pass

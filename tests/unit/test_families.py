@@ -56,7 +56,10 @@ def test_sub_updates_sum_to_output(family_model):
     if not ffns:
         pytest.skip("every FFN of this model is a mixture of experts")
     sites = ["in", "pre", "post", "out"] + (["gate"] if ffns[0].kind == "gated" else [])
-    with torch.no_grad(), capture(model, sites=sites, ffns=find_ffns(model), layers=[f.index for f in ffns]) as cap:
+    with (
+        torch.no_grad(),
+        capture(model, sites=sites, ffns=find_ffns(model), layers=[f.index for f in ffns]) as cap,
+    ):
         model(**tiny_inputs(model))
     for ffn in ffns:
         m, y = cap["post", ffn.index], cap["out", ffn.index]

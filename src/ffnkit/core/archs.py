@@ -58,9 +58,22 @@ ARCHS: dict[str, ArchSpec] = {
     },
     "gemma3": replace(_LLAMA, family="gemma3", layers=("language_model.layers", "layers")),
     "phi3": replace(_LLAMA, family="phi3", w_in="gate_up_proj", w_gate="gate_up_proj", fused_gate_up=True),
-    "phi": ArchSpec(family="phi", layers=("layers",), ffn=("mlp",), w_in="fc1", w_out="fc2", final_norm=("final_layernorm",)),
+    "phi": ArchSpec(
+        family="phi",
+        layers=("layers",),
+        ffn=("mlp",),
+        w_in="fc1",
+        w_out="fc2",
+        final_norm=("final_layernorm",),
+    ),
     "gpt2": ArchSpec(
-        family="gpt2", layers=("h",), ffn=("mlp",), w_in="c_fc", w_out="c_proj", final_norm=("ln_f",), attn="attn"
+        family="gpt2",
+        layers=("h",),
+        ffn=("mlp",),
+        w_in="c_fc",
+        w_out="c_proj",
+        final_norm=("ln_f",),
+        attn="attn",
     ),
     "gpt_neox": ArchSpec(
         family="gpt_neox",
@@ -137,7 +150,7 @@ def _find_layer_lists(model: nn.Module, spec: ArchSpec) -> list[tuple[str, str, 
     patterns = spec.layers
     stacks = spec.stacks if len(spec.stacks) == len(patterns) else ("",) * len(patterns)
     seen_stacks: set[str] = set()
-    for stack, pattern in zip(stacks, patterns):
+    for stack, pattern in zip(stacks, patterns, strict=True):
         if stack in seen_stacks and stack == "":
             break  # single-stack model: a later pattern is only a fallback
         for name, mod in lists:
@@ -166,7 +179,13 @@ def _activation(container: nn.Module, spec: ArchSpec, config) -> tuple[str, obje
         if fn is not None:
             break
     name = None
-    for key in ("hidden_activation", "hidden_act", "activation_function", "dense_act_fn", "feed_forward_proj"):
+    for key in (
+        "hidden_activation",
+        "hidden_act",
+        "activation_function",
+        "dense_act_fn",
+        "feed_forward_proj",
+    ):
         value = getattr(config, key, None)
         if isinstance(value, str):
             name = value
@@ -297,7 +316,10 @@ def _structural_spec(model: nn.Module) -> ArchSpec | None:
             continue
         gate = next((u for u in siblings if "gate" in u), None)
         up = next((u for u in siblings if u != gate), None)
-        strip = (lambda s: s[len(parent) + 1 :]) if parent else (lambda s: s)
+
+        def strip(path: str, parent: str = parent) -> str:
+            return path[len(parent) + 1 :] if parent else path
+
         return ArchSpec(
             family="structural",
             layers=(name,),

@@ -129,7 +129,9 @@ class Capture:
         site, layer = key
         calls = self.calls(site, layer)
         if not calls:
-            raise InvalidArgumentError(f"nothing was captured at {site!r} of layer {layer}: run the model inside")
+            raise InvalidArgumentError(
+                f"nothing was captured at {site!r} of layer {layer}: run the model inside"
+            )
         return torch.cat([c.reshape(-1, c.shape[-1]) for c in calls])
 
     def stats(self, site: str, layer: int) -> dict[str, object]:

@@ -1,0 +1,1 @@
+"""The ``ffnkit`` command line: thin layers over the public Python functions."""

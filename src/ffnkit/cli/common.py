@@ -1,0 +1,54 @@
+"""What every command shares: options, JSON output, tables, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+ModelArg = Annotated[
+    str,
+    typer.Argument(help="Built-in name (smollm2-135m, minilm-l6), hub id, local folder, or ffnkit output."),
+]
+CorpusOpt = Annotated[
+    str,
+    typer.Option(
+        "--corpus", "-c", help="Built-in corpus (shakespeare, austen), a text file or folder, or hf:NAME."
+    ),
+]
+
+
+def print_json(doc: dict) -> None:
+    """The only thing a --json run writes to stdout (progress and logs go to stderr)."""
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def console():
+    from rich.console import Console
+
+    # piped output (CI logs, files) would otherwise be cut at 80 columns
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="left" if c in ("name", "kind", "activation", "stack") else "right")
+    for r in rows:
+        table.add_row(
+            *[f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns]
+        )
+    console().print(table)
+
+
+def quiet_libraries() -> None:
+    """transformers' own info and warnings go to stderr; keep them to errors so tables stay readable."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()  # "Loading weights" bars on every load; ffnkit shows its own progress

@@ -1,0 +1,40 @@
+"""The typer app. Errors of the FFNKitError family print one line naming the fix and exit with status 2."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ffnkit.cli.common import quiet_libraries
+from ffnkit.cli.evaluate import eval_
+from ffnkit.cli.models import models
+from ffnkit.cli.report import report
+
+app = typer.Typer(
+    name="ffnkit",
+    help="Open up the feed-forward (FFN) blocks of Transformer models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("models")(models)
+app.command("eval")(eval_)
+app.command("report")(report)
+
+
+def main() -> None:
+    """Console entry point: run the app, turning ffnkit errors into one line and exit status 2."""
+    from ffnkit.core.errors import FFNKitError
+
+    quiet_libraries()
+    try:
+        app()
+    except FFNKitError as err:
+        message = " ".join(str(err).split())  # one line, whatever the message held
+        sys.stderr.write(f"ffnkit: error: {message}\n")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
