@@ -98,3 +98,20 @@ def tiny_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 7, seed: int 
     if model.config.model_type == "t5":
         kwargs["decoder_input_ids"] = ids[:, :5]
     return kwargs
+
+
+SAMPLE_TEXT = "\n".join(
+    f"line {i}: the quick brown fox jumps over the lazy dog while {i % 7} small birds sing of tea and bread."
+    for i in range(400)
+)
+
+
+def tiny_tokenizer(text: str = SAMPLE_TEXT):
+    """An offline word-level tokenizer whose ids fit the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], trainers.WordLevelTrainer(vocab_size=V, special_tokens=["[UNK]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
