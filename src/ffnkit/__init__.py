@@ -34,6 +34,13 @@ _EXPORTS = {
     "decode_speed": "ffnkit.evaluate",
     "peak_memory": "ffnkit.evaluate",
     "count_parameters": "ffnkit.evaluate",
+    # inspect and steer
+    "project_neurons": "ffnkit.inspect.vocab",
+    "search_neurons": "ffnkit.inspect.vocab",
+    "trace": "ffnkit.inspect.trace",
+    "steer": "ffnkit.steer",
+    "NeuronEdit": "ffnkit.steer",
+    "ExpertEdit": "ffnkit.steer",
     # errors
     "FFNKitError": "ffnkit.core.errors",
     "UnknownModelError": "ffnkit.core.errors",

@@ -79,6 +79,8 @@ def test_report_writes_html_and_json(saved):
     assert len(doc["activations"]["layers"]) == 2 and doc["perplexity"]["perplexity"] > 1
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and "Perplexity" in page
+    assert doc["spectral"]["layers"] and doc["importance"]["shortgpt"]["layers"]
+    assert "concept_neurons" in doc and "Spectral utilisation" in page
 
 
 @pytest.mark.parametrize(

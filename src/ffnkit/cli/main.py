@@ -6,10 +6,13 @@ import sys
 
 import typer
 
+import ffnkit.cli.inspect_corpus  # noqa: F401  (adds stats/spectral/importance/contrast/early-exit to `inspect`)
 from ffnkit.cli.common import quiet_libraries
 from ffnkit.cli.evaluate import eval_
+from ffnkit.cli.inspect import inspect_app
 from ffnkit.cli.models import models
 from ffnkit.cli.report import report
+from ffnkit.cli.steer import steer_app
 
 app = typer.Typer(
     name="ffnkit",
@@ -21,6 +24,8 @@ app = typer.Typer(
 app.command("models")(models)
 app.command("eval")(eval_)
 app.command("report")(report)
+app.add_typer(inspect_app, name="inspect")
+app.add_typer(steer_app, name="steer")
 
 
 def main() -> None:

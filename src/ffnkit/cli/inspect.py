@@ -1,0 +1,206 @@
+"""``ffnkit inspect ...``: look inside FFN neurons (vocabulary projection, search, prediction trace).
+
+Other inspect commands (stats, spectral, ...) live in ``cli/inspect_corpus.py`` and register onto
+``inspect_app`` by importing it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from ffnkit.cli.common import JsonOpt, ModelArg, console, print_json, print_table
+
+inspect_app = typer.Typer(
+    help="Inspect FFN neurons: vocabulary projection, neuron search, prediction trace, statistics.",
+    no_args_is_help=True,
+)
+
+
+def parse_ints(text: str | None, what: str = "neurons") -> list[int] | None:
+    """'1,2,5-7' → [1, 2, 5, 6, 7]; None stays None."""
+    from ffnkit.core.errors import InvalidArgumentError
+
+    if text is None or text.strip() == "":
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1)
+                out.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise InvalidArgumentError(f"--{what} takes integers like 1,2,5-7; got {text!r}") from None
+    return out
+
+
+def parse_words(text: str) -> list[str]:
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def _toks(items: list[dict], n: int = 8) -> str:
+    return " ".join(repr(t["token"]) for t in items[:n])
+
+
+@inspect_app.command("neurons")
+def neurons(
+    model: ModelArg = "smollm2-135m",
+    layer: Annotated[
+        str | None, typer.Option("--layer", "-l", help="FFN index(es), e.g. 3 or 0-5 (default: all).")
+    ] = None,
+    neuron_ids: Annotated[
+        str | None, typer.Option("--neurons", "-n", help="Neuron ids, e.g. 7,42 (default: all).")
+    ] = None,
+    experts: Annotated[
+        str | None, typer.Option("--experts", help="MoE layers: expert ids (default: all).")
+    ] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Tokens per direction.")] = 10,
+    no_norm: Annotated[
+        bool, typer.Option("--no-norm", help="Project the raw v_i (E v_i), not g ⊙ v_i.")
+    ] = False,
+    chunk_size: Annotated[int, typer.Option(help="Neurons per matrix product (bounds memory).")] = 512,
+    vocab_chunk: Annotated[
+        int | None, typer.Option(help="Also stream over the vocabulary in blocks.")
+    ] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Top-k tokens each neuron's value vector promotes and suppresses (vocabulary projection)."""
+    from ffnkit.inspect.vocab import project_neurons
+    from ffnkit.models import load_model
+
+    net, tok = load_model(model)
+    proj = project_neurons(
+        net,
+        layers=parse_ints(layer, "layer"),
+        neurons=parse_ints(neuron_ids),
+        experts=parse_ints(experts, "experts"),
+        top_k=top_k,
+        use_gain=not no_norm,
+        chunk_size=chunk_size,
+        vocab_chunk=vocab_chunk,
+        tokenizer=tok,
+        progress=not json,
+    )
+    if json:
+        print_json({"model": model, **proj.to_dict()})
+        return
+    rows = [
+        {
+            "layer": r["layer"],
+            "expert": "" if r["expert"] is None else r["expert"],
+            "neuron": r["neuron"],
+            "promoted": _toks(r["promoted"], top_k),
+            "suppressed": _toks(r["suppressed"], top_k),
+        }
+        for r in proj.rows()
+    ]
+    cols = ["layer", "neuron", "promoted", "suppressed"]
+    if any(r["expert"] != "" for r in rows):
+        cols.insert(1, "expert")
+    print_table(f"vocabulary projection: {proj.basis}", rows, cols)
+
+
+@inspect_app.command("search")
+def search(
+    model: ModelArg = "smollm2-135m",
+    tokens: Annotated[
+        str, typer.Option("--tokens", "-t", help="Comma-separated words, e.g. Monday,Tuesday.")
+    ] = "",
+    layer: Annotated[str | None, typer.Option("--layer", "-l", help="Search only these FFN indices.")] = None,
+    top: Annotated[int, typer.Option("--top", help="Neurons to return.")] = 10,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Tokens shown per neuron.")] = 10,
+    no_norm: Annotated[bool, typer.Option("--no-norm", help="Use the raw v_i, not g ⊙ v_i.")] = False,
+    json: JsonOpt = False,
+) -> None:
+    """Neurons whose vocabulary projection promotes the given words most."""
+    from ffnkit.inspect.vocab import search_neurons
+    from ffnkit.models import load_model
+
+    net, tok = load_model(model)
+    res = search_neurons(
+        net,
+        tok,
+        parse_words(tokens),
+        layers=parse_ints(layer, "layer"),
+        top_n=top,
+        top_k=top_k,
+        use_gain=not no_norm,
+    )
+    if json:
+        print_json({"model": model, **res.to_dict()})
+        return
+    rows = [
+        {
+            "layer": h["layer"],
+            "expert": "" if h["expert"] is None else h["expert"],
+            "neuron": h["neuron"],
+            "score": h["score"],
+            "promoted": _toks(h["promoted"], top_k),
+        }
+        for h in res.hits
+    ]
+    cols = ["layer", "neuron", "score", "promoted"]
+    if any(r["expert"] != "" for r in rows):
+        cols.insert(1, "expert")
+    print_table(f"neurons promoting {', '.join(res.words)}", rows, cols)
+    sys.stderr.write(f"score: {res.rule}\n")
+
+
+@inspect_app.command("trace")
+def trace_cmd(
+    model: ModelArg = "smollm2-135m",
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The text to trace.")] = "",
+    target: Annotated[str | None, typer.Option("--target", help="A word whose logit to attribute.")] = None,
+    layer: Annotated[str | None, typer.Option("--layer", "-l", help="FFN indices (default: all).")] = None,
+    position: Annotated[int, typer.Option(help="Token position to trace (default: the last).")] = -1,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Tokens shown per list.")] = 5,
+    top_neurons: Annotated[int, typer.Option(help="Sub-updates shown per layer.")] = 5,
+    json: JsonOpt = False,
+) -> None:
+    """Per layer: logit-lens tokens before/after the FFN, dominant sub-updates, effects on a target."""
+    from ffnkit.core.errors import InvalidArgumentError
+    from ffnkit.inspect.trace import trace
+    from ffnkit.models import load_model
+
+    if not prompt:
+        raise InvalidArgumentError("give a prompt: --prompt 'The capital of France is'")
+    net, tok = load_model(model)
+    t = trace(
+        net,
+        tok,
+        prompt,
+        target=target,
+        layers=parse_ints(layer, "layer"),
+        position=position,
+        top_k=top_k,
+        top_neurons=top_neurons,
+    )
+    doc = t.to_dict()
+    if json:
+        print_json({"model": model, **doc})
+        return
+    out = console()
+    out.print(f"prediction after {doc['tokens'][doc['position']]!r}: {_toks(doc['prediction'], top_k)}")
+    if doc["target"]:
+        tg = doc["target"]
+        out.print(f"target {tg['token']!r} (id {tg['id']}): logit {tg['logit']:.3f}, prob {tg['prob']:.4f}")
+    rows = []
+    for lt in doc["layers"]:
+        row = {
+            "layer": lt["layer"],
+            "before": _toks(lt["before"], 3),
+            "after": _toks(lt["after"], 3),
+            "top sub-updates (neuron: pushes)": "; ".join(
+                f"{'' if s['expert'] is None else str(s['expert']) + '/'}{s['neuron']}: {' '.join(repr(x) for x in s['pushes'][:3])}"
+                for s in lt["sub_updates"][:3]
+            ),
+        }
+        if lt["target"]:
+            row["Δlogit(target)"] = lt["target"]["ffn_total"]
+        rows.append(row)
+    print_table("prediction trace", rows, list(rows[0]))

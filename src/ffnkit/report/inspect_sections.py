@@ -1,0 +1,158 @@
+"""Report sections from ``ffnkit.inspect``: concept neurons (vocabulary projection + top contexts),
+spectral utilisation, and sublayer importance (ShortGPT block influence, FinerCut's first greedy steps).
+
+Each section degrades to a note where a method does not apply (encoder-only models have no unembedding,
+MoE layers have no per-neuron activations).
+"""
+
+from __future__ import annotations
+
+from ffnkit.core.errors import FFNKitError
+from ffnkit.report import html
+
+# Word lists whose promoting neurons make good examples: each is a concept a reader recognises at once.
+CONCEPTS: dict[str, list[str]] = {
+    "numbers": ["two", "three", "four", "five", "six", "seven"],
+    "weekdays": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"],
+    "months": ["January", "February", "March", "April", "May", "June"],
+    "colours": ["red", "blue", "green", "yellow", "black", "white"],
+    "family": ["mother", "father", "brother", "sister", "son", "daughter"],
+}
+CONTEXTS_PER_NEURON = 3
+FINERCUT_STEPS = 3
+
+
+def _note(text: str) -> str:
+    return f"<p class='note'>{html._esc(text)}</p>"
+
+
+def _token_list(tokens: list[dict], n: int = 8) -> str:
+    return " ".join(repr(t["token"]) for t in tokens[:n])
+
+
+def section_concept_neurons(ctx) -> tuple[str, str]:
+    """Vocabulary projection: for each concept, the neuron whose value vector promotes it most, with the
+    tokens it promotes and the calibration contexts where it fires most (the key-value memory view)."""
+    from ffnkit.data import calibration_batches
+    from ffnkit.inspect.stats import neuron_stats
+    from ffnkit.inspect.vocab import search_neurons
+
+    title = "Concept neurons (vocabulary projection)"
+    try:
+        found = {
+            name: search_neurons(ctx.model, ctx.tokenizer, words, top_n=1, top_k=10, ffns=ctx.ffns)
+            for name, words in CONCEPTS.items()
+        }
+    except FFNKitError as err:
+        ctx.json["concept_neurons"] = {"skipped": str(err)}
+        return title, _note(f"skipped: {err}")
+    hits = {name: res.hits[0] for name, res in found.items() if res.hits}
+    wanted: dict[int, list[int]] = {}
+    for hit in hits.values():
+        if hit.get("expert") is None:
+            wanted.setdefault(hit["layer"], []).append(hit["neuron"])
+    contexts: dict[tuple[int, int], list[dict]] = {}
+    if wanted:
+        batches = calibration_batches(ctx.corpus, ctx.tokenizer, n_samples=ctx.samples, seq_len=ctx.seq_len)
+        stats = neuron_stats(
+            ctx.model, batches, layers=sorted(wanted), contexts=wanted, k=CONTEXTS_PER_NEURON
+        )
+        for row in stats.contexts(ctx.tokenizer, batches, window=6):
+            contexts[(row["layer"], row["neuron"])] = row["contexts"]
+    rows, details = [], []
+    for name, hit in hits.items():
+        ctxs = contexts.get((hit["layer"], hit["neuron"]), [])
+        rows.append(
+            {
+                "concept": name,
+                "layer": hit["layer"],
+                "neuron": hit["neuron"],
+                "score": hit["score"],
+                "promoted": _token_list(hit["promoted"]),
+            }
+        )
+        items = "".join(
+            f"<li>{html._esc(c['text'])} <span class='note'>(m = {c['value']:.3g})</span></li>" for c in ctxs
+        )
+        details.append(
+            f"<p><b>{html._esc(name)}</b> — layer {hit['layer']}, neuron {hit['neuron']}: fires most on</p><ul>{items}</ul>"
+        )
+    basis = next(iter(found.values())).basis
+    ctx.json["concept_neurons"] = {
+        "rule": next(iter(found.values())).rule,
+        "basis": basis,
+        "concepts": {
+            name: {
+                **hits[name],
+                "words": CONCEPTS[name],
+                "contexts": contexts.get((hits[name]["layer"], hits[name]["neuron"]), []),
+            }
+            for name in hits
+        },
+    }
+    body = (
+        _note(
+            f"Projection basis: {basis}. Each concept's best neuron by the z-scored search rule; "
+            "contexts are the calibration positions with the largest m_i ([[…]] marks the token)."
+        )
+        + html.table(rows, ["concept", "layer", "neuron", "score", "promoted"])
+        + "".join(details)
+    )
+    return title, body
+
+
+def section_spectral(ctx) -> tuple[str, str]:
+    from ffnkit.data import calibration_batches
+    from ffnkit.inspect.spectral import plot_spectral, spectral_utilisation
+
+    title = "Spectral utilisation"
+    batches = calibration_batches(ctx.corpus, ctx.tokenizer, n_samples=ctx.samples, seq_len=ctx.seq_len)
+    try:
+        result = spectral_utilisation(ctx.model, batches, layers_per_pass=8, progress=ctx.progress)
+    except FFNKitError as err:
+        ctx.json["spectral"] = {"skipped": str(err)}
+        return title, _note(f"skipped: {err}")
+    ctx.json["spectral"] = result
+    img = plot_spectral(result, ctx.out_dir / "spectral.png")
+    formulas = "".join(
+        f"<li><b>{html._esc(k)}</b>: {html._esc(v)}</li>" for k, v in result["formulas"].items()
+    )
+    cols = ["layer", "hard_rank", "soft_rank", "utilisation", "lambda_max_share", "top1pct_share"]
+    return title, (
+        _note(
+            f"Eigenvalues of the covariance of m (site post) over {ctx.samples * ctx.seq_len} calibration "
+            "tokens; with fewer tokens than neurons the ranks are lower bounds."
+        )
+        + html.image(img, "spectral utilisation")
+        + f"<ul class='note'>{formulas}</ul>"
+        + html.table(result["layers"], cols)
+    )
+
+
+def section_importance(ctx) -> tuple[str, str]:
+    from ffnkit.data import calibration_batches
+    from ffnkit.inspect.importance import block_influence, finercut, plot_importance
+
+    title = "Sublayer importance"
+    batches = calibration_batches(ctx.corpus, ctx.tokenizer, n_samples=min(ctx.samples, 4), seq_len=128)
+    try:
+        bi = block_influence(ctx.model, batches)
+    except FFNKitError as err:
+        ctx.json["importance"] = {"skipped": str(err)}
+        return title, _note(f"skipped: {err}")
+    body = _note("ShortGPT block influence BI = 1 − mean cos(x_in, x_out) per block (low = removable).")
+    body += html.image(plot_importance(bi, ctx.out_dir / "block_influence.png"), "block influence")
+    entry = {"shortgpt": bi}
+    try:
+        fc = finercut(ctx.model, batches[:1], steps=FINERCUT_STEPS)
+        entry["finercut"] = fc
+        body += _note(
+            f"FinerCut's first {FINERCUT_STEPS} greedy removals (JS divergence of next-token distributions, "
+            "nats); the full order: ffnkit inspect importance MODEL --method finercut."
+        )
+        body += html.table(fc["order"], ["step", "name", "js"])
+    except FFNKitError as err:
+        entry["finercut"] = {"skipped": str(err)}
+        body += _note(f"FinerCut skipped: {err}")
+    ctx.json["importance"] = entry
+    return title, body
