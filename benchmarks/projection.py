@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=512)
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the model and its unembedding move there)")
     ap.add_argument("--out", default="benchmarks/results/projection_cpu.json")
     args = ap.parse_args()
 
@@ -64,7 +65,13 @@ def main() -> None:
     from ffnkit.models import load_model
 
     load_start = os.getloadavg()[0]
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device)
+    cuda = args.device.startswith("cuda")
+
+    def sync() -> None:  # GPU work is asynchronous: wait for it before reading the clock
+        if cuda:
+            torch.cuda.synchronize()
+
     ffns = find_ffns(model)
     lens = Lens.of(model)
     E = lens.E.float()
@@ -79,6 +86,7 @@ def main() -> None:
 
         times = {"streaming_projection": [], "bare_matmul": []}
         rss_delta_kib = []
+        cuda_peaks: list[int] = []
         result = None
         for r in range(args.rounds):
             for name in (
@@ -90,14 +98,22 @@ def main() -> None:
                     result = None
                     reset = _reset_peak_rss()
                     rss0 = _status_kib("VmRSS")
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats()
+                    sync()
                     t0 = time.perf_counter()
                     result = project_neurons(model, top_k=args.top_k, chunk_size=args.chunk_size, ffns=ffns)
+                    sync()
                     dt = time.perf_counter() - t0
+                    if cuda:
+                        cuda_peaks.append(torch.cuda.max_memory_allocated())
                     if reset:
                         rss_delta_kib.append(_status_kib("VmHWM") - rss0)
                 else:
+                    sync()
                     t0 = time.perf_counter()
                     bare_products(ffns, lens, E, args.chunk_size)
+                    sync()
                     dt = time.perf_counter() - t0
                 times[name].append(dt)
                 print(f"round {r}: {name} {dt:.2f} s", file=sys.stderr)
@@ -131,6 +147,7 @@ def main() -> None:
             "result_bytes": n_projected * args.top_k * 2 * (8 + 4),  # top+bottom: int64 ids, float32 logits
             "measured_rss_hwm_delta_bytes": [k * 1024 for k in rss_delta_kib],
             "note": "RSS high-water-mark delta over the projection call (VmHWM reset via /proc/self/clear_refs)",
+            "cuda_max_memory_allocated_bytes": cuda_peaks,  # per projection run (model weights included)
         },
         "sample_neuron": {
             "layer": sample["layer"],

@@ -8,6 +8,7 @@ import typer
 
 import ffnkit.cli.inspect_corpus  # noqa: F401  (adds stats/spectral/importance/contrast/early-exit to `inspect`)
 from ffnkit.cli.common import quiet_libraries
+from ffnkit.cli.compress import compress
 from ffnkit.cli.evaluate import eval_
 from ffnkit.cli.inspect import inspect_app
 from ffnkit.cli.models import models
@@ -24,6 +25,7 @@ app = typer.Typer(
 app.command("models")(models)
 app.command("eval")(eval_)
 app.command("report")(report)
+app.command("compress")(compress)
 app.add_typer(inspect_app, name="inspect")
 app.add_typer(steer_app, name="steer")
 

@@ -246,6 +246,12 @@ class FFN:
             if self.shared_gate is not None:
                 tensors += list(self.shared_gate.parameters())
             return tensors
+        modules = [m for m in (self.in_proj, self.gate_proj, self.out_proj) if m is not None]
+        if modules:
+            # the modules' own parameters: right for fused gate_up (counted once) and for factorised
+            # low-rank projections, whose canonical W is a product of two smaller matrices
+            unique = {id(p): p for m in modules for p in m.parameters()}
+            return list(unique.values())
         refs = (self.w_in, self.w_gate, self.w_out, self.bias_in, self.bias_gate, self.bias_out)
         return [r.get() for r in refs if r is not None]
 

@@ -20,6 +20,7 @@ from torch import nn
 from ffnkit.core.archs import find_ffns, resolve_spec
 from ffnkit.core.ffn import FFN
 from ffnkit.report import html, plots
+from ffnkit.report.frontier import section_frontier
 from ffnkit.report.inspect_sections import section_concept_neurons, section_importance, section_spectral
 from ffnkit.report.stats import SPARSITY_EPS, activation_stats
 
@@ -155,6 +156,7 @@ SECTIONS: list[Callable[[ReportContext], tuple[str, str]]] = [
     section_spectral,
     section_importance,
     section_perplexity,
+    section_frontier,
 ]
 
 

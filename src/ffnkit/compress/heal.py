@@ -1,0 +1,314 @@
+"""Healing: a short distillation of a compressed model towards the original, ``heal_(model, reference)``.
+
+The loss is KL(reference ‖ model) of the next-token distributions (temperature 1) on calibration text,
+averaged over tokens. By default only the FFN parameters train (the factors of low-rank matrices, the
+remaining neurons of pruned FFNs, expert tensors); everything else stays frozen. With ``lora=True``
+the FFN Linears get peft LoRA adapters instead, merged back into the weights at the end (needs
+``pip install peft``). A time budget (``max_minutes``) stops the loop early; the report says why it
+stopped and keeps the loss curve.
+
+Example:
+    >>> reference = copy.deepcopy(model)
+    >>> prune_(model, PruneConfig("flap", 0.3), tokenizer=tok)
+    >>> report = heal_(model, reference, HealConfig(steps=100, max_minutes=10), tokenizer=tok)
+    >>> report.loss_curve[0], report.loss_curve[-1]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ffnkit.core.archs import find_ffns
+from ffnkit.core.errors import FFNKitError, InvalidArgumentError
+
+__all__ = ["HealConfig", "HealReport", "ffn_trainable_parameters", "heal_", "kl_to_reference"]
+
+
+@dataclass
+class HealConfig:
+    """How to heal. JSON round trip: ``HealConfig.from_dict(json.loads(c.to_json()))``.
+
+    Example:
+        >>> HealConfig(steps=50, lr=5e-5).to_dict()["max_minutes"]
+        10.0
+    """
+
+    steps: int = 200  # optimiser steps (fewer if max_minutes runs out first)
+    lr: float = 1e-4
+    samples: int = 256  # calibration windows drawn (cycled through)
+    seq_len: int = 256
+    batch_size: int = 4
+    warmup: int = 5  # linear warm-up steps, then a cosine decay to lr/10 over ``steps``
+    weight_decay: float = 0.0
+    lora: bool = False  # peft LoRA adapters on the FFN Linears instead of training them
+    lora_r: int = 8
+    lora_alpha: int = 16
+    max_minutes: float = 10.0
+    corpus: str = "shakespeare"
+    seed: int = 0
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.samples < 1 or self.seq_len < 2:
+            raise InvalidArgumentError("steps, batch_size and samples must be >= 1 and seq_len >= 2")
+        if not self.lr > 0 or not self.max_minutes > 0:
+            raise InvalidArgumentError(f"lr and max_minutes must be > 0, got {self.lr}, {self.max_minutes}")
+        if self.lora_r < 1:
+            raise InvalidArgumentError(f"lora_r must be >= 1, got {self.lora_r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> HealConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(doc) - known
+        if unknown:
+            raise InvalidArgumentError(f"unknown HealConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**doc)
+
+
+@dataclass
+class HealReport:
+    """What ``heal_`` did (JSON-ready through ``to_dict``)."""
+
+    transform: str
+    config: dict[str, Any]
+    steps: int
+    seconds: float
+    stopped_by: str  # "steps" | "time"
+    trainable_parameters: int
+    tokens_seen: int
+    loss_curve: list[float] = field(default_factory=list)  # KL per step (nats per token)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _forward(model: nn.Module, ids: Tensor) -> Tensor:
+    kwargs: dict[str, Any] = {"input_ids": ids}
+    if getattr(model.config, "is_encoder_decoder", False):
+        kwargs["decoder_input_ids"] = ids
+    out = model(**kwargs)
+    return out.logits  # [B, T, V]
+
+
+def kl_to_reference(logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """Mean over tokens of KL(p_ref ‖ p_model), temperature 1, in float32. logits: [..., V].
+
+    Example:
+        >>> kl_to_reference(model_logits, reference_logits)
+        tensor(0.1234)
+    """
+    logp = F.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
+    logq = F.log_softmax(ref_logits.float(), dim=-1).reshape(-1, ref_logits.shape[-1])
+    return F.kl_div(logp, logq, log_target=True, reduction="batchmean")
+
+
+def _ffn_modules(model: nn.Module) -> list[nn.Module]:
+    mods: dict[int, nn.Module] = {}
+    for f in find_ffns(model):
+        parts = [f.in_proj, f.gate_proj, f.out_proj]
+        if f.kind == "moe":
+            parts = [e.module for e in f.experts[:1]]  # the fused experts module holds all experts
+            if f.shared is not None:
+                parts += [f.shared.in_proj, f.shared.gate_proj, f.shared.out_proj]
+        for m in parts:
+            if m is not None:
+                mods[id(m)] = m
+    return list(mods.values())
+
+
+def ffn_trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The FFN weights healing trains by default (unique parameters of the FFN projection modules).
+
+    Example:
+        >>> sum(p.numel() for p in ffn_trainable_parameters(model))
+    """
+    params: dict[int, nn.Parameter] = {}
+    for m in _ffn_modules(model):
+        for p in m.parameters():
+            params[id(p)] = p
+    return list(params.values())
+
+
+def _linear_paths(model: nn.Module) -> list[str]:
+    """Full module paths of the nn.Linear leaves inside FFN modules (peft LoRA targets)."""
+    wanted = {id(m) for m in _ffn_modules(model)}
+    paths = []
+    for name, mod in model.named_modules():
+        if id(mod) in wanted:
+            paths += [
+                f"{name}.{sub}" if sub else name
+                for sub, leaf in mod.named_modules()
+                if isinstance(leaf, nn.Linear)
+            ]
+    return paths
+
+
+def _calibration(config: HealConfig, calibration: Tensor | None, tokenizer: Any) -> Tensor:
+    if calibration is not None:
+        ids = torch.as_tensor(calibration).long()
+        return ids[None] if ids.dim() == 1 else ids
+    if tokenizer is None:
+        raise InvalidArgumentError(
+            f"healing needs calibration text: pass tokenizer= (to draw {config.samples}×{config.seq_len} "
+            f"tokens from {config.corpus!r}) or calibration= token ids"
+        )
+    from ffnkit.data import calibration_batches, load_corpus
+
+    return calibration_batches(
+        load_corpus(config.corpus), tokenizer, config.samples, config.seq_len, config.seed
+    )
+
+
+def _lr_factor(step: int, config: HealConfig) -> float:
+    if step < config.warmup:
+        return (step + 1) / (config.warmup + 1)
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _add_lora(model: nn.Module, config: HealConfig):
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise FFNKitError(
+            "LoRA healing needs peft: pip install peft (or heal without lora: HealConfig(lora=False))"
+        ) from None
+    targets = _linear_paths(model)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=targets, lora_dropout=0.0)
+    return inject_adapter_in_model(lora, model)
+
+
+def _merge_lora(model: nn.Module) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoraLayer):
+            mod.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, mod.get_base_layer())
+
+
+def heal_(
+    model: nn.Module,
+    reference: nn.Module,
+    config: HealConfig | None = None,
+    *,
+    calibration: Tensor | None = None,
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> HealReport:
+    """Distil ``model`` towards ``reference`` (KL on logits), training only FFN parameters; in place.
+
+    Stops after ``config.steps`` or ``config.max_minutes``, whichever comes first. Atomic: if training
+    fails, the trained parameters get their old values back. Uses the threads torch is set to (the
+    machine's cores by default); nothing else.
+
+    Example:
+        >>> report = heal_(model, reference, HealConfig(steps=100), tokenizer=tok)
+        >>> report.stopped_by, len(report.loss_curve)
+        ('steps', 100)
+    """
+    from tqdm.auto import tqdm
+
+    config = config or HealConfig()
+    start = time.perf_counter()
+    ids = _calibration(config, calibration, tokenizer)
+    device = next(model.parameters()).device
+    reference.eval()
+    requires = {id(p): p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    snapshot: list[tuple[nn.Parameter, Tensor]] = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if config.lora:
+            _add_lora(model, config)
+            params = [p for n, p in model.named_parameters() if "lora_" in n]
+        else:
+            params = ffn_trainable_parameters(model)
+            snapshot = [(p, p.detach().clone()) for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(
+            params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95)
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+        model.eval()  # no dropout: the reference runs without it too
+        gen = torch.Generator().manual_seed(config.seed)
+        order = torch.randperm(ids.shape[0], generator=gen)
+        curve: list[float] = []
+        stopped_by, tokens, cursor = "steps", 0, 0
+        bar = tqdm(range(config.steps), desc="healing", disable=not progress)
+        budget, step_s = 60 * config.max_minutes, 0.0
+        for _ in bar:
+            # stop before a step that would end past the budget (the slowest step so far as its estimate)
+            if time.perf_counter() - start + step_s > budget:
+                stopped_by = "time"
+                break
+            t_step = time.perf_counter()
+            pick = order[(cursor + torch.arange(config.batch_size)) % ids.shape[0]]
+            cursor += config.batch_size
+            batch = ids[pick].to(device)  # [B, T]
+            with torch.no_grad():
+                ref_logits = _forward(reference, batch)
+            loss = kl_to_reference(_forward(model, batch), ref_logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            curve.append(float(loss.detach()))
+            step_s = max(step_s, time.perf_counter() - t_step)
+            tokens += batch.numel()
+            bar.set_postfix(kl=f"{curve[-1]:.4f}")
+        bar.close()
+        if config.lora:
+            _merge_lora(model)
+    except BaseException:
+        with torch.no_grad():
+            for p, old in snapshot:
+                p.copy_(old)
+        raise
+    finally:
+        for p in model.parameters():
+            p.grad = None  # free the gradients
+            p.requires_grad_(requires.get(id(p), True))
+        model.train(was_training)
+    return HealReport(
+        transform="heal",
+        config=config.to_dict(),
+        steps=len(curve),
+        seconds=time.perf_counter() - start,
+        stopped_by=stopped_by,
+        trainable_parameters=sum(p.numel() for p in params),
+        tokens_seen=tokens,
+        loss_curve=curve,
+    )
+
+
+def cli_heal(model: nn.Module, reference: nn.Module, tokenizer: Any, opts: Any) -> HealReport:
+    """What ``ffnkit compress --heal`` runs after the method: ``heal_`` with the CLI's corpus and seed
+    (``opts.extra["heal"]`` may hold HealConfig fields, e.g. ``{"max_minutes": 5}``).
+
+    Example:
+        >>> reference = copy.deepcopy(model); report = method(model, tok, opts)
+        >>> heal_report = cli_heal(model, reference, tok, opts)
+    """
+    extra = dict((getattr(opts, "extra", None) or {}).get("heal", {}))
+    config = HealConfig.from_dict({"corpus": opts.corpus, "seed": opts.seed, **extra})
+    return heal_(model, reference, config, tokenizer=tokenizer, progress=getattr(opts, "progress", True))

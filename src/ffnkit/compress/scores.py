@@ -1,0 +1,348 @@
+"""Neuron importance scores for structured FFN pruning (METHODS.md §3). Higher = more important.
+
+Calibration statistics come from one pass over the calibration batches (:func:`collect_stats`):
+m, the input of W_out (site ``post``), and x, the FFN input (site ``in``), kept as streaming reducers.
+MoE layers run their experts inside one fused module, so their per-expert statistics are recomputed
+from the routed tokens of each expert (site ``in`` + the router), exactly as the layer routes them.
+
+Pruning units: a dense FFN, each expert of a MoE layer, and a MoE layer's shared expert; a unit's key
+is ``(ffn.index, None)``, ``(ffn.index, e)`` or ``(ffn.index, "shared")``.
+
+Scores (n = d_ff, per unit, float64 [n]):
+
+- ``magnitude``  ‖W_in[i]‖·‖v_i‖, data-free; gated FFNs multiply in ‖W_gate[i]‖ too (the neuron's
+  output scales with each of the three).
+- ``wanda-sp``   mean_r |W_out[r, i]| · ‖m_i‖₂ (‖m_i‖₂ as √E[m_i²]: a per-unit constant factor apart).
+- ``flap``       Var(m_i) · ‖v_i‖² — the fluctuation of what neuron i writes (its mean is compensable).
+- ``lorap``      ‖(|W_in| · √E[x²])[i]‖ + ‖(|W_gate| · √E[x²])[i]‖ + ‖|v_i|‖ · √E[m_i²].
+- ``taylor``     Σ over neuron i's weights (row of W_in, W_gate, b_in, b_gate; column of W_out) of
+  |W ⊙ ∂L/∂W|, gradients of the LM loss summed over a few calibration samples (LLM-Pruner's first order).
+- ``frequency``  share of tokens where the neuron is active, relative to its layer on that token:
+  |m_i(t)| ≥ 0.1 · mean_j |m_j(t)| (scale-free, so it works for SiLU/GELU as well as ReLU).
+
+Example:
+    >>> stats = collect_stats(model, calibration_batches(load_corpus(), tok))
+    >>> s = neuron_scores("flap", find_ffns(model)[3], stats)   # [1536]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ffnkit.core.errors import InvalidArgumentError
+from ffnkit.core.ffn import FFN, ExpertWeight, LinearBias, LinearWeight, WeightRef
+from ffnkit.core.reducers import Covariance, MeanSquare, Reducer, Variance, _MeanOf
+
+__all__ = [
+    "SCORES",
+    "RelativeFiring",
+    "UnitStats",
+    "collect_stats",
+    "neuron_scores",
+    "taylor_scores",
+    "units",
+]
+
+SCORES = ("magnitude", "wanda-sp", "flap", "lorap", "taylor", "frequency")
+DATA_FREE = ("magnitude",)
+UnitKey = tuple[int, int | str | None]
+
+
+class RelativeFiring(_MeanOf):
+    """Share of tokens where |m_i| ≥ ``alpha`` × the layer's mean |m| on that token, per neuron."""
+
+    name = "relative_firing"
+
+    def __init__(self, alpha: float = 0.1) -> None:
+        self.alpha = float(alpha)
+        super().__init__()
+
+    def _config(self) -> tuple:
+        return (self.alpha,)
+
+    def _f(self, x: Tensor) -> Tensor:  # x [N, n] float64
+        a = x.abs()
+        return (a >= self.alpha * a.mean(-1, keepdim=True)).to(torch.float64)
+
+
+class Covariance32(Covariance):
+    """Covariance whose per-batch co-moment is computed in float32 (sgemm, ~2-4x faster on CPU) and
+    merged in float64; batches are centred first, so float32 loses nothing that matters for a refit."""
+
+    def update(self, x: Tensor) -> Reducer:
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # [N, n]
+        if x.shape[0] == 0:
+            return self
+        mean = x.mean(0)  # [n]
+        xc = x - mean  # [N, n]
+        self._absorb(x.shape[0], x.shape[1], {"mean": mean.double(), "c": (xc.T @ xc).double()})
+        return self
+
+
+@dataclass
+class UnitStats:
+    """Calibration statistics of one pruning unit (float64, CPU)."""
+
+    count: int  # tokens seen
+    m_mean: Tensor  # [n] E[m]
+    m_var: Tensor  # [n] Var(m) (population)
+    m_sq: Tensor  # [n] E[m²]
+    firing: Tensor  # [n] relative firing rate
+    x_sq: Tensor  # [d] E[x²] of the unit's input tokens
+    m_cov: Tensor | None = None  # [n, n] Cov(m) (population), when collected (least-squares refit)
+
+
+def units(ffn: FFN) -> Iterator[tuple[UnitKey, FFN]]:
+    """The prunable units of an FFN: itself (dense), or each expert and the shared expert (MoE)."""
+    if ffn.kind != "moe":
+        yield (ffn.index, None), ffn
+        return
+    for e, expert in enumerate(ffn.experts):
+        yield (ffn.index, e), expert
+    if ffn.shared is not None:
+        yield (ffn.index, "shared"), ffn.shared
+
+
+def _reducers() -> dict[str, Reducer]:
+    return {"var": Variance(), "mean_sq": MeanSquare(), "firing": RelativeFiring()}
+
+
+def _result(m: dict[str, Reducer], x: Reducer) -> UnitStats:
+    var = m["var"].result()
+    cov = m["cov"].result().cov if "cov" in m else None
+    return UnitStats(
+        m_cov=cov,
+        count=var.count,
+        m_mean=var.mean,
+        m_var=var.var,
+        m_sq=m["mean_sq"].result(),
+        firing=m["firing"].result(),
+        x_sq=x.result(),
+    )
+
+
+@torch.no_grad()
+def collect_stats(
+    model: nn.Module,
+    calibration: Tensor,
+    ffns: list[FFN] | None = None,
+    *,
+    batch_size: int = 4,
+    covariance: bool = False,
+    progress: bool = False,
+) -> dict[UnitKey, UnitStats]:
+    """One pass over ``calibration`` [n, T] token ids: per-unit statistics of m (``post``) and x (``in``).
+
+    ``covariance=True`` also keeps Cov(m) [d_ff, d_ff] of dense FFNs (for the least-squares refit).
+
+    Example:
+        >>> stats = collect_stats(model, calibration_batches(load_corpus(), tok, 32, 256))
+        >>> stats[(3, None)].m_var.shape
+        torch.Size([1536])
+    """
+    from tqdm.auto import tqdm
+
+    from ffnkit.core.archs import find_ffns
+    from ffnkit.core.capture import capture, site_hooks
+
+    ffns = ffns if ffns is not None else find_ffns(model)
+    dense = [f for f in ffns if f.kind != "moe"]
+    moe = [f for f in ffns if f.kind == "moe"]
+    # MoE: recompute each expert's m from the routed tokens (the fused experts module hides it)
+    moe_red: dict[UnitKey, tuple[dict[str, Reducer], Reducer]] = {}
+    handles = []
+
+    def moe_hook(ffn: FFN):
+        def hook(module, args, out=None):
+            x = args[0].detach()
+            flat = x.reshape(-1, x.shape[-1])  # [N, d]
+            _, _, top_i = ffn.router.route(flat)
+            for key, unit in units(ffn):
+                if key[1] == "shared":
+                    xs = flat
+                else:
+                    xs = flat[(top_i == key[1]).any(-1)]
+                if xs.shape[0] == 0:
+                    continue
+                reds, xr = moe_red.setdefault(key, (_reducers(), MeanSquare()))
+                m = unit.activations(xs)["post"]  # [N_e, d_ff]
+                for r in reds.values():
+                    r.update(m)
+                xr.update(xs)
+
+        return hook
+
+    for ffn in moe:
+        module, _, _ = site_hooks(ffn, "in")
+        handles.append(module.register_forward_pre_hook(moe_hook(ffn)))
+    m_reducers: list[Reducer] = [Variance(), MeanSquare(), RelativeFiring()]
+    if covariance:
+        m_reducers.append(Covariance32())
+    device = next(model.parameters()).device
+    steps = range(0, calibration.shape[0], batch_size)
+    cap = xcap = None
+    try:
+        if dense:
+            layers = [f.index for f in dense]
+            with (
+                capture(model, "post", layers, reducers=m_reducers, ffns=ffns) as cap,
+                capture(model, "in", layers, reducers=[MeanSquare()], ffns=ffns) as xcap,
+            ):
+                for i in tqdm(steps, desc="statistics", disable=not progress):
+                    _forward(model, calibration[i : i + batch_size].to(device))
+        else:
+            for i in tqdm(steps, desc="statistics", disable=not progress):
+                _forward(model, calibration[i : i + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    stats: dict[UnitKey, UnitStats] = {}
+    for f in dense:
+        m = cap.reducers("post", f.index)
+        x = xcap.reducers("in", f.index)
+        red = {"var": m["var"], "mean_sq": m["mean_sq"], "firing": m["relative_firing"]}
+        if covariance:
+            red["cov"] = m["cov"]
+        stats[(f.index, None)] = _result(red, x["mean_sq"])
+    for key, (reds, xr) in moe_red.items():
+        stats[key] = _result(reds, xr)
+    return stats
+
+
+def _forward(model: nn.Module, ids: Tensor, labels: bool = False) -> Any:
+    """Run the model on token ids [B, T] (seq2seq models get the ids as decoder input too)."""
+    kwargs: dict[str, Any] = {"input_ids": ids}
+    if getattr(model.config, "is_encoder_decoder", False):
+        kwargs["decoder_input_ids"] = ids
+    if labels:
+        kwargs["labels"] = ids
+    return model(**kwargs)
+
+
+def _need(stats: dict[UnitKey, UnitStats] | None, key: UnitKey, method: str) -> UnitStats:
+    if stats is None or key not in stats:
+        raise InvalidArgumentError(
+            f"method {method!r} needs calibration statistics for FFN {key[0]}: pass calibration data "
+            "(or a tokenizer, to draw it from the default corpus)"
+        )
+    return stats[key]
+
+
+def neuron_scores(
+    method: str,
+    unit: FFN,
+    stats: dict[UnitKey, UnitStats] | None = None,
+    key: UnitKey | None = None,
+    grads: dict[UnitKey, Tensor] | None = None,
+) -> Tensor:
+    """Importance of each neuron of one unit (higher = keep), float64 [d_ff] on the CPU.
+
+    Example:
+        >>> neuron_scores("wanda-sp", ffn, stats)
+    """
+    if method not in SCORES:
+        raise InvalidArgumentError(f"unknown score {method!r}; use one of {', '.join(SCORES)}")
+    key = key if key is not None else (unit.index, None)
+    w_in = unit.W_in.detach().double().cpu()  # [n, d]
+    w_out = unit.W_out.detach().double().cpu()  # [d, n]
+    w_gate = unit.W_gate.detach().double().cpu() if unit.kind == "gated" else None
+    v_norm = w_out.norm(dim=0)  # [n]
+    if method == "magnitude":
+        s = w_in.norm(dim=1) * v_norm
+        return s * w_gate.norm(dim=1) if w_gate is not None else s
+    if method == "taylor":
+        if grads is None or key not in grads:
+            raise InvalidArgumentError("taylor scores need gradients: use taylor_scores(model, calibration)")
+        return grads[key]
+    st = _need(stats, key, method)
+    if method == "wanda-sp":
+        return w_out.abs().mean(0) * st.m_sq.sqrt()
+    if method == "flap":
+        return st.m_var * v_norm**2
+    if method == "lorap":
+        xs = st.x_sq.sqrt()  # [d]
+        s = (w_in.abs() * xs).norm(dim=1) + w_out.abs().norm(dim=0) * st.m_sq.sqrt()
+        return s + (w_gate.abs() * xs).norm(dim=1) if w_gate is not None else s
+    return st.firing.clone()  # frequency
+
+
+# ----- first-order Taylor -------------------------------------------------------------------------
+def _ref_params(ref: WeightRef) -> nn.Parameter:
+    if isinstance(ref, LinearWeight):
+        return ref.module.weight
+    if isinstance(ref, LinearBias):
+        return ref.module.bias
+    if isinstance(ref, ExpertWeight):
+        return ref.param
+    raise InvalidArgumentError(f"taylor: unknown weight layout {type(ref).__name__}")
+
+
+def _view_like(ref: WeightRef, full: Tensor) -> Tensor:
+    """The same slice/orientation of ``full`` (a tensor shaped like the parameter) that ``ref`` reads."""
+    if isinstance(ref, LinearWeight):
+        w = full.T if ref.transpose else full
+        return w if ref.rows is None else w[ref.rows]
+    if isinstance(ref, LinearBias):
+        return full if ref.rows is None else full[ref.rows]
+    w = full[ref.expert]
+    w = w.T if ref.transpose else w
+    return w if ref.rows is None else w[ref.rows]
+
+
+def taylor_scores(
+    model: nn.Module, calibration: Tensor, ffns: list[FFN] | None = None, *, batch_size: int = 2
+) -> dict[UnitKey, Tensor]:
+    """First-order Taylor importance per neuron: Σ |W ⊙ ∂L/∂W| over each neuron's weights.
+
+    L is the LM loss (next-token cross-entropy) summed over the calibration samples; only FFN
+    parameters take gradients. Needs a model that returns a loss (causal LM or seq2seq).
+
+    Example:
+        >>> grads = taylor_scores(model, calibration[:8])
+        >>> neuron_scores("taylor", ffn, grads=grads)
+    """
+    from ffnkit.core.archs import find_ffns
+
+    ffns = ffns if ffns is not None else find_ffns(model)
+    all_units = [(k, u) for f in ffns for k, u in units(f)]
+    refs = [
+        r for _, u in all_units for r in (u.w_in, u.w_gate, u.w_out, u.bias_in, u.bias_gate) if r is not None
+    ]
+    params = {id(p): p for p in (_ref_params(r) for r in refs)}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in params)
+            p.grad = None
+        model.eval()  # no dropout: the gradient of the function being pruned
+        device = next(model.parameters()).device
+        for i in range(0, calibration.shape[0], batch_size):
+            out = _forward(model, calibration[i : i + batch_size].to(device), labels=True)
+            if getattr(out, "loss", None) is None:
+                raise InvalidArgumentError(
+                    "taylor needs a model that returns an LM loss (causal LM or seq2seq); "
+                    "use a data-driven score such as wanda-sp or flap for this model"
+                )
+            out.loss.backward()
+        prod = {pid: (p.detach() * p.grad).abs().double() for pid, p in params.items()}
+        scores: dict[UnitKey, Tensor] = {}
+        for key, u in all_units:
+            s = torch.zeros(u.d_ff, dtype=torch.float64, device=next(iter(prod.values())).device)
+            for r in (u.w_in, u.w_gate, u.bias_in, u.bias_gate):
+                if r is not None:
+                    t = _view_like(r, prod[id(_ref_params(r))])  # [n, d] or [n]
+                    s += t.sum(-1) if t.dim() == 2 else t
+            s += _view_like(u.w_out, prod[id(_ref_params(u.w_out))]).sum(0)  # W_out [d, n]
+            scores[key] = s.cpu()
+        return scores
+    finally:
+        for p, flag in flags.items():
+            p.grad = None
+            p.requires_grad_(flag)
+        model.train(was_training)

@@ -1,0 +1,465 @@
+"""The one place that changes FFN shapes, for every family layout.
+
+Layouts handled: ``nn.Linear`` (llama, bert, opt, t5 ``wi``/``wi_0``/``wi_1``/``wo`` …), GPT-2's
+``Conv1D`` (weight [in, out], ``nx``/``nf``), Phi-3's fused ``gate_up_proj`` (rows [gate | up]), and
+transformers v5's 3-D expert tensors (``gate_up_proj`` [E, 2f, d], ``down_proj`` [E, d, f]).
+
+Every edit is planned first (all new tensors computed), then committed as a list of attribute swaps;
+if any swap fails, the swaps already made are undone, so the model is exactly as it was. New parameters
+take the dtype, device and ``requires_grad`` of what they replace.
+
+The handle stays valid: :func:`keep_neurons_` updates the given ``FFN`` in place (``d_ff`` and its weight
+references), so ``ffn.W_in`` etc. read the new, smaller weights. Pass ``model=`` (or call
+:func:`record_structure`) to also record the per-layer widths in ``model.config.ffnkit``, which is what
+``ffnkit.io.save``/``load`` replay.
+
+Example:
+    >>> ffn = find_ffns(model)[3]
+    >>> keep_neurons_(ffn, torch.arange(1024), model=model)   # layer 3 now has 1024 neurons
+    >>> model.config.ffnkit["structure"]["d_ff"][3]
+    1024
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from ffnkit.core.errors import InvalidArgumentError
+from ffnkit.core.ffn import FFN, ExpertWeight, LinearBias
+
+__all__ = [
+    "edit_ffns_",
+    "keep_neurons_",
+    "permute_neurons_",
+    "record_change",
+    "record_structure",
+    "replay_structure",
+    "resize_neurons_",
+    "set_bias_out_",
+    "structure_of",
+]
+
+# config keys that hold the FFN width, by model type (default: intermediate_size)
+_DENSE_KEY = {"gpt2": "n_inner", "opt": "ffn_dim", "t5": "d_ff"}
+_EXPERT_KEY = {"qwen2_moe": "moe_intermediate_size", "qwen3_moe": "moe_intermediate_size"}
+_SHARED_KEY = "shared_expert_intermediate_size"
+
+
+# ----- the transaction ----------------------------------------------------------------------------
+@dataclass
+class _Swap:
+    """Set ``obj.name = new`` (a parameter, an int, a weight reference)."""
+
+    obj: Any
+    name: str
+    new: Any
+
+
+def _apply_swap(swap: _Swap) -> Any:
+    old = getattr(swap.obj, swap.name)
+    setattr(swap.obj, swap.name, swap.new)
+    return old
+
+
+def _commit(swaps: list[_Swap]) -> Callable[[], None]:
+    """Apply every swap, or none: on any failure the ones already made are undone, then it re-raises.
+
+    Returns the undo function (for a failure in what follows the swaps, e.g. recording the change).
+    """
+    done: list[tuple[_Swap, Any]] = []
+
+    def undo() -> None:
+        for swap, old in reversed(done):
+            setattr(swap.obj, swap.name, old)
+
+    try:
+        for swap in swaps:
+            done.append((swap, _apply_swap(swap)))
+    except BaseException:
+        undo()
+        raise
+    return undo
+
+
+def _param(like: nn.Parameter, value: Tensor) -> nn.Parameter:
+    return nn.Parameter(
+        value.detach().to(device=like.device, dtype=like.dtype).contiguous(), requires_grad=like.requires_grad
+    )
+
+
+# ----- planning: what to swap for one FFN ---------------------------------------------------------
+def _plan_rows(mod: nn.Module, rows: Tensor) -> list[_Swap]:
+    """Keep output rows ``rows`` of a Linear / Conv1D (its weight and bias)."""
+    rows = rows.to(mod.weight.device)
+    conv = isinstance(mod, Conv1D)
+    w = mod.weight.index_select(1 if conv else 0, rows)  # Conv1D [in, out] / Linear [out, in]
+    swaps = [_Swap(mod, "weight", _param(mod.weight, w))]
+    if getattr(mod, "bias", None) is not None:
+        swaps.append(_Swap(mod, "bias", _param(mod.bias, mod.bias.index_select(0, rows))))
+    swaps.append(_Swap(mod, "nf" if conv else "out_features", int(rows.numel())))
+    return swaps
+
+
+def _plan_cols(mod: nn.Module, cols: Tensor, value: Tensor | None = None) -> list[_Swap]:
+    """Keep input columns ``cols`` of a Linear / Conv1D (the bias is per output: unchanged).
+
+    ``value`` [out, k] (canonical orientation) replaces the kept weights (e.g. a least-squares refit).
+    """
+    cols = cols.to(mod.weight.device)
+    conv = isinstance(mod, Conv1D)
+    if value is not None:
+        expected = (mod.weight.shape[1 if conv else 0], cols.numel())
+        if tuple(value.shape) != expected:
+            raise InvalidArgumentError(f"new W_out must have shape {list(expected)}, got {list(value.shape)}")
+        w = value.T if conv else value
+    else:
+        w = mod.weight.index_select(0 if conv else 1, cols)
+    return [
+        _Swap(mod, "weight", _param(mod.weight, w)),
+        _Swap(mod, "nx" if conv else "in_features", int(cols.numel())),
+    ]
+
+
+def _check_idx(ffn: FFN, idx: Tensor, expert_dim: bool = False) -> Tensor:
+    idx = torch.as_tensor(idx)
+    if idx.dtype in (torch.bool,) or idx.is_floating_point():
+        raise InvalidArgumentError(f"neuron indices must be integers, got dtype {idx.dtype}")
+    idx = idx.long().cpu()
+    if idx.numel() == 0 or idx.shape[-1] == 0:
+        raise InvalidArgumentError(f"{ffn.name}: keep at least one neuron (got an empty index)")
+    if idx.min() < 0 or idx.max() >= ffn.d_ff:
+        raise InvalidArgumentError(
+            f"{ffn.name}: neuron indices must be in [0, {ffn.d_ff - 1}], got {idx.min()}..{idx.max()}"
+        )
+    if not expert_dim and idx.dim() != 1:
+        raise InvalidArgumentError(f"{ffn.name}: neuron index must be 1-D, got shape {tuple(idx.shape)}")
+    return idx
+
+
+def _plan_dense(ffn: FFN, idx: Tensor, w_out: Tensor | None = None) -> list[_Swap]:
+    k = int(idx.numel())
+    swaps: list[_Swap] = []
+    if ffn.fused_gate_up:
+        rows = torch.cat([idx, idx + ffn.d_ff])  # [gate | up] keep their neuron order
+        swaps += _plan_rows(ffn.in_proj, rows)
+        has_bias = getattr(ffn.in_proj, "bias", None) is not None
+        for attr, sl in (("w_gate", slice(0, k)), ("w_in", slice(k, 2 * k))):
+            swaps.append(_Swap(ffn, attr, replace(getattr(ffn, attr), rows=sl)))
+        if has_bias:
+            swaps.append(_Swap(ffn, "bias_gate", LinearBias(ffn.in_proj, slice(0, k))))
+            swaps.append(_Swap(ffn, "bias_in", LinearBias(ffn.in_proj, slice(k, 2 * k))))
+    else:
+        swaps += _plan_rows(ffn.in_proj, idx)
+        if ffn.gate_proj is not None:
+            swaps += _plan_rows(ffn.gate_proj, idx)
+    swaps += _plan_cols(ffn.out_proj, idx, w_out)
+    if isinstance(getattr(ffn.module, "intermediate_size", None), int):
+        swaps.append(_Swap(ffn.module, "intermediate_size", k))  # cosmetic attribute (Llama MLP)
+    swaps.append(_Swap(ffn, "d_ff", k))
+    return swaps
+
+
+def _plan_moe(ffn: FFN, idx: Tensor) -> list[_Swap]:
+    """Keep neurons of every expert: idx [k] (same for all) or [E, k] (one row per expert)."""
+    if idx.dim() == 1:
+        idx = idx[None].expand(ffn.num_experts, -1)
+    if idx.shape[0] != ffn.num_experts:
+        raise InvalidArgumentError(
+            f"{ffn.name}: expert index must be [k] or [{ffn.num_experts}, k], got {tuple(idx.shape)}"
+        )
+    k, f = idx.shape[1], ffn.d_ff
+    first = ffn.experts[0]
+    gate_up, down = first.w_gate.param, first.w_out.param
+    gu_t, down_t = first.w_gate.transpose, first.w_out.transpose
+    rows = torch.cat([idx, idx + f], dim=1).to(gate_up.device)  # [E, 2k]
+    if gu_t:  # [E, d, 2f]
+        new_gu = torch.gather(gate_up, 2, rows[:, None, :].expand(-1, gate_up.shape[1], -1))
+    else:  # [E, 2f, d]
+        new_gu = torch.gather(gate_up, 1, rows[:, :, None].expand(-1, -1, gate_up.shape[2]))
+    cols = idx.to(down.device)
+    if down_t:  # [E, f, d]
+        new_down = torch.gather(down, 1, cols[:, :, None].expand(-1, -1, down.shape[2]))
+    else:  # [E, d, f]
+        new_down = torch.gather(down, 2, cols[:, None, :].expand(-1, down.shape[1], -1))
+    experts_mod = first.module
+    new_gu, new_down = _param(gate_up, new_gu), _param(down, new_down)
+    swaps = [_Swap(experts_mod, "gate_up_proj", new_gu), _Swap(experts_mod, "down_proj", new_down)]
+    if isinstance(getattr(experts_mod, "intermediate_dim", None), int):
+        swaps.append(_Swap(experts_mod, "intermediate_dim", k))
+    for e, expert in enumerate(ffn.experts):
+        swaps += [
+            _Swap(expert, "w_gate", ExpertWeight(new_gu, e, slice(0, k), gu_t)),
+            _Swap(expert, "w_in", ExpertWeight(new_gu, e, slice(k, 2 * k), gu_t)),
+            _Swap(expert, "w_out", ExpertWeight(new_down, e, None, down_t)),
+            _Swap(expert, "d_ff", k),
+        ]
+    swaps.append(_Swap(ffn, "d_ff", k))
+    return swaps
+
+
+def _plan_keep(ffn: FFN, idx: Tensor, w_out: Tensor | None = None) -> list[_Swap]:
+    if ffn.kind == "moe":
+        if w_out is not None:
+            raise InvalidArgumentError(f"{ffn.name}: new W_out values are for dense FFNs only")
+        return _plan_moe(ffn, _check_idx(ffn, idx, expert_dim=True))
+    return _plan_dense(ffn, _check_idx(ffn, idx), w_out)
+
+
+def _plan_bias_out(ffn: FFN, b: Tensor) -> list[_Swap]:
+    if ffn.kind == "moe":
+        raise InvalidArgumentError(
+            f"{ffn.name}: v5 expert tensors have no output bias; set it on a dense FFN (or ffn.shared)"
+        )
+    mod = ffn.out_proj
+    b = torch.as_tensor(b)
+    if b.shape != (ffn.d_model,):
+        raise InvalidArgumentError(f"{ffn.name}: b_out must have shape [{ffn.d_model}], got {tuple(b.shape)}")
+    new = nn.Parameter(
+        b.detach().to(device=mod.weight.device, dtype=mod.weight.dtype).clone(),
+        requires_grad=mod.weight.requires_grad,
+    )
+    return [_Swap(mod, "bias", new), _Swap(ffn, "bias_out", LinearBias(mod))]
+
+
+# ----- public edits -------------------------------------------------------------------------------
+def edit_ffns_(
+    model: nn.Module | None,
+    keep: Mapping[FFN, Tensor] | Iterable[tuple[FFN, Tensor]] = (),
+    bias_out: Mapping[FFN, Tensor] | Iterable[tuple[FFN, Tensor]] = (),
+    *,
+    w_out: Mapping[FFN, Tensor] | None = None,
+    change: dict | None = None,
+) -> None:
+    """Keep neurons in several FFNs and/or set output biases, all at once or not at all.
+
+    ``keep`` maps a handle to the neuron indices it keeps (in that order); a MoE handle takes [k] or
+    [E, k] (each expert keeps k neurons). ``bias_out`` maps a handle to a new b_out [d_model] (added
+    where the model has none). Biases are applied after the neuron edits. ``w_out`` maps a dense handle
+    in ``keep`` to new values [d_model, k] for its kept W_out columns. With ``model`` the new widths
+    are recorded in ``model.config.ffnkit`` (and ``change``, a JSON-ready dict, in its change list).
+
+    Example:
+        >>> ffns = find_ffns(model)
+        >>> edit_ffns_(model, {ffns[0]: torch.arange(100), ffns[1]: torch.arange(200)})
+    """
+    keep_items = list(keep.items() if isinstance(keep, Mapping) else keep)
+    bias_items = list(bias_out.items() if isinstance(bias_out, Mapping) else bias_out)
+    # index tensors live on the CPU even inside a meta-device context (from_pretrained builds on meta)
+    with torch.no_grad(), torch.device("cpu"):
+        swaps: list[_Swap] = []
+        for ffn, idx in keep_items:
+            swaps += _plan_keep(ffn, idx, (w_out or {}).get(ffn))
+        # bias plans read nothing that the neuron edits change (b_out is per output)
+        for ffn, b in bias_items:
+            swaps += _plan_bias_out(ffn, b)
+        if model is not None:
+            old = _config_snapshot(model)
+            undo = _commit(swaps)
+            try:
+                record_structure(model)
+                if change is not None:
+                    record_change(model, change)
+            except BaseException:
+                undo()
+                _restore_config(model, old)
+                raise
+        else:
+            _commit(swaps)
+
+
+def keep_neurons_(ffn: FFN, idx: Tensor, *, model: nn.Module | None = None) -> FFN:
+    """Keep only neurons ``idx`` of ``ffn`` (rows of W_in/W_gate/b_in/b_gate, columns of W_out), in order.
+
+    The modules get new, smaller parameters (same dtype/device); ``in_features``/``out_features``
+    (``nx``/``nf`` for Conv1D) follow. The handle is updated in place and returned. MoE handles take
+    [k] or [E, k] indices (every expert keeps k neurons; the shared expert is ``ffn.shared``).
+
+    Example:
+        >>> keep_neurons_(ffn, torch.tensor([0, 5, 7]), model=model).d_ff
+        3
+    """
+    edit_ffns_(model, [(ffn, idx)])
+    return ffn
+
+
+def permute_neurons_(ffn: FFN, perm: Tensor, *, model: nn.Module | None = None) -> FFN:
+    """Reorder the neurons of ``ffn`` (exactly function preserving). ``perm`` is a permutation of d_ff.
+
+    Example:
+        >>> permute_neurons_(ffn, torch.randperm(ffn.d_ff))
+    """
+    perm = torch.as_tensor(perm).long().cpu()
+    rows = perm if perm.dim() == 2 else perm[None]
+    ok = perm.shape[-1] == ffn.d_ff and all(
+        torch.equal(torch.sort(r).values, torch.arange(ffn.d_ff, device="cpu")) for r in rows
+    )
+    if not ok:
+        raise InvalidArgumentError(f"{ffn.name}: perm must be a permutation of 0..{ffn.d_ff - 1}")
+    return keep_neurons_(ffn, perm, model=model)
+
+
+def set_bias_out_(ffn: FFN, b: Tensor, *, model: nn.Module | None = None) -> FFN:
+    """Set the FFN's output bias to ``b`` [d_model], adding one where the model has none.
+
+    A bias-less ``nn.Linear`` gets a registered ``bias`` parameter (its forward then adds it); the
+    added bias is recorded in ``model.config.ffnkit`` so that ``ffnkit.load`` recreates it.
+
+    Example:
+        >>> set_bias_out_(ffn, torch.zeros(ffn.d_model), model=model).b_out.shape
+        torch.Size([576])
+    """
+    edit_ffns_(model, bias_out=[(ffn, b)])
+    return ffn
+
+
+def resize_neurons_(ffn: FFN, d_ff: int, *, shared_d_ff: int | None = None) -> FFN:
+    """Give ``ffn`` width ``d_ff`` (shapes only: the values are placeholders to be overwritten).
+
+    Used to rebuild a saved architecture before loading its state dict; it may also widen.
+
+    Example:
+        >>> resize_neurons_(ffn, 512).W_in.shape
+        torch.Size([512, 576])
+    """
+    keep = []
+    with torch.device("cpu"):  # placeholder indices; from_pretrained may run us under a meta device
+        if d_ff != ffn.d_ff:
+            keep.append((ffn, torch.arange(d_ff) % ffn.d_ff))
+        if shared_d_ff is not None and ffn.shared is not None and shared_d_ff != ffn.shared.d_ff:
+            keep.append((ffn.shared, torch.arange(shared_d_ff) % ffn.shared.d_ff))
+    if keep:
+        edit_ffns_(None, keep)
+    return ffn
+
+
+# ----- recording in model.config ------------------------------------------------------------------
+def _width_config(model: nn.Module) -> Any:
+    config = model.config
+    return getattr(config, "text_config", None) or config
+
+
+def _config_snapshot(model: nn.Module) -> dict:
+    import copy
+
+    wc = _width_config(model)
+    names = (*_DENSE_KEY.values(), "intermediate_size", *_EXPERT_KEY.values(), _SHARED_KEY)
+    keys = {k: getattr(wc, k) for k in names if hasattr(wc, k)}
+    return {"ffnkit": copy.deepcopy(getattr(model.config, "ffnkit", None)), "keys": keys}
+
+
+def _restore_config(model: nn.Module, snap: dict) -> None:
+    if snap["ffnkit"] is None:
+        if hasattr(model.config, "ffnkit"):
+            delattr(model.config, "ffnkit")
+    else:
+        model.config.ffnkit = snap["ffnkit"]
+    wc = _width_config(model)
+    for k, v in snap["keys"].items():
+        setattr(wc, k, v)
+
+
+def structure_of(model: nn.Module, ffns: list[FFN] | None = None) -> dict:
+    """The FFN structure as JSON: per FFN its width, the shared expert's width, and whether W_out has a bias.
+
+    Example:
+        >>> structure_of(model)["d_ff"][:3]
+        [1536, 1536, 1536]
+    """
+    from ffnkit.core.archs import find_ffns
+
+    ffns = ffns if ffns is not None else find_ffns(model)
+    return {
+        "d_ff": [f.d_ff for f in ffns],
+        "shared_d_ff": [f.shared.d_ff if f.shared is not None else None for f in ffns],
+        "bias_out": [f.kind != "moe" and f.bias_out is not None for f in ffns],
+    }
+
+
+def record_structure(model: nn.Module) -> dict:
+    """Write the current per-FFN widths (and added biases) into ``model.config.ffnkit``.
+
+    ``config.ffnkit = {"original": {...}, "structure": {...}, "changes": [...]}``; where every FFN of a
+    kind has one width, the config's own width key (``intermediate_size``, ``n_inner``, ``ffn_dim``,
+    ``d_ff``, ``moe_intermediate_size``) is set too, so plain transformers can rebuild the model.
+
+    Example:
+        >>> record_structure(model)["structure"]["d_ff"]
+    """
+    from ffnkit.core.archs import find_ffns
+
+    ffns = find_ffns(model)
+    now = structure_of(model, ffns)
+    meta = dict(getattr(model.config, "ffnkit", None) or {})
+    if "original" not in meta:
+        # first edit: what the unmodified architecture looks like (from the config's own keys)
+        meta["original"] = {"config_widths": _config_snapshot(model)["keys"]}
+    meta["structure"] = now
+    meta.setdefault("changes", [])
+    model.config.ffnkit = meta
+    record_change(model, {"kind": "ffn_structure", **now})
+    family = getattr(model.config, "model_type", "")
+    wc = _width_config(model)
+    dense = {f.d_ff for f in ffns if f.kind != "moe"}
+    expert = {f.d_ff for f in ffns if f.kind == "moe"}
+    shared = {f.shared.d_ff for f in ffns if f.kind == "moe" and f.shared is not None}
+    dense_key = _DENSE_KEY.get(family, "intermediate_size")
+    expert_key = _EXPERT_KEY.get(family, "intermediate_size")
+    if len(dense) == 1 and hasattr(wc, dense_key) and (not expert or expert_key != dense_key):
+        setattr(wc, dense_key, dense.pop())
+    if len(expert) == 1 and hasattr(wc, expert_key):
+        setattr(wc, expert_key, expert.pop())
+    if len(shared) == 1 and hasattr(wc, _SHARED_KEY):
+        setattr(wc, _SHARED_KEY, shared.pop())
+    return meta
+
+
+def record_change(model: nn.Module, change: dict) -> None:
+    """Append a JSON-ready structural change ``{"kind": ..., ...}`` to ``model.config.ffnkit["changes"]``.
+
+    ``ffnkit.io.load`` replays changes in order through its replay registry (kind → function).
+    Consecutive ``ffn_structure`` records collapse into the last one (replaying it is idempotent).
+
+    Example:
+        >>> record_change(model, {"kind": "ffn_structure", **structure_of(model)})
+    """
+    meta = dict(getattr(model.config, "ffnkit", None) or {})
+    changes = list(meta.get("changes", []))
+    if changes and changes[-1].get("kind") == change.get("kind") == "ffn_structure":
+        changes[-1] = change
+    else:
+        changes.append(change)
+    meta["changes"] = changes
+    model.config.ffnkit = meta
+
+
+def replay_structure(model: nn.Module, change: Mapping[str, Any]) -> None:
+    """Replay an ``ffn_structure`` change as shapes only: widths per FFN and added output biases.
+
+    Example:
+        >>> replay_structure(fresh_model, {"kind": "ffn_structure", "d_ff": [...], "bias_out": [...]})
+    """
+    from ffnkit.core.archs import find_ffns
+
+    ffns = find_ffns(model)
+    widths = change.get("d_ff") or []
+    shared = change.get("shared_d_ff") or [None] * len(widths)
+    biases = change.get("bias_out") or [False] * len(widths)
+    if len(widths) != len(ffns):
+        raise InvalidArgumentError(
+            f"the saved structure has {len(widths)} FFNs but the rebuilt model has {len(ffns)}"
+        )
+    for ffn, w, s in zip(ffns, widths, shared, strict=True):
+        resize_neurons_(ffn, int(w), shared_d_ff=s)
+    adds = [
+        (f, torch.zeros(f.d_model, device="cpu"))
+        for f, b in zip(ffns, biases, strict=True)
+        if b and f.b_out is None
+    ]
+    if adds:
+        edit_ffns_(None, bias_out=adds)

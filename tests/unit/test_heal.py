@@ -1,0 +1,110 @@
+"""Healing: distillation towards the original lowers the KL of a compressed tiny model."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+from ffnkit.compress.heal import HealConfig, ffn_trainable_parameters, heal_, kl_to_reference
+from ffnkit.compress.lowrank import LowRankConfig, lowrank_
+from ffnkit.core.archs import find_ffns
+from ffnkit.core.edit import keep_neurons_
+from ffnkit.core.errors import FFNKitError, InvalidArgumentError
+from tests.tiny_models import tiny_model
+
+
+def _ids(n=16, t=24, seed=0, vocab=96):
+    return torch.randint(3, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _kl(model, reference, ids):
+    with torch.no_grad():
+        return float(kl_to_reference(model(input_ids=ids).logits, reference(input_ids=ids).logits))
+
+
+def _pruned_pair(family="llama"):
+    reference = tiny_model(family)
+    model = copy.deepcopy(reference)
+    for f in find_ffns(model):
+        keep_neurons_(f, torch.arange(0, f.d_ff, 2), model=model)
+    return model, reference
+
+
+def test_heal_reduces_kl_on_a_pruned_model():
+    model, reference = _pruned_pair()
+    held_out = _ids(seed=7)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "mlp" not in n}
+    kl_before = _kl(model, reference, held_out)
+    report = heal_(
+        model, reference, HealConfig(steps=15, lr=3e-3, batch_size=4), calibration=_ids(), progress=False
+    )
+    kl_after = _kl(model, reference, held_out)
+    assert report.steps == 15 and report.stopped_by == "steps"
+    assert kl_after < 0.8 * kl_before
+    assert report.loss_curve[-1] < report.loss_curve[0]
+    # only FFN parameters changed, and requires_grad is as it was
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+        assert p.requires_grad and p.grad is None
+
+
+def test_heal_trains_lowrank_factors():
+    reference = tiny_model("gpt2")
+    model = copy.deepcopy(reference)
+    lowrank_(model, LowRankConfig("svd", ratio=0.5))
+    names = {n for n, _ in model.named_parameters()}
+    trained = {id(p) for p in ffn_trainable_parameters(model)}
+    assert any(n.endswith("c_fc.A.weight") for n in names)
+    assert all(id(p) in trained for n, p in model.named_parameters() if ".A." in n or ".B." in n)
+    held_out = _ids(seed=5)
+    kl_before = _kl(model, reference, held_out)
+    heal_(model, reference, HealConfig(steps=10, lr=3e-3), calibration=_ids(), progress=False)
+    assert _kl(model, reference, held_out) < kl_before
+
+
+def test_time_budget_stops_early():
+    model, reference = _pruned_pair()
+    report = heal_(
+        model, reference, HealConfig(steps=1000, max_minutes=1e-6), calibration=_ids(), progress=False
+    )
+    assert report.stopped_by == "time" and report.steps < 1000
+
+
+def test_failure_restores_the_weights(monkeypatch):
+    model, reference = _pruned_pair()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = {"n": 0}
+    real = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("out of memory")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(RuntimeError):
+        heal_(model, reference, HealConfig(steps=5, lr=1e-2), calibration=_ids(), progress=False)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is not None, reason="peft is installed")
+def test_lora_without_peft_is_a_clear_error():
+    model, reference = _pruned_pair()
+    with pytest.raises(FFNKitError, match="pip install peft"):
+        heal_(model, reference, HealConfig(steps=2, lora=True), calibration=_ids(), progress=False)
+
+
+def test_config_validation():
+    with pytest.raises(InvalidArgumentError):
+        HealConfig(steps=0)
+    with pytest.raises(InvalidArgumentError):
+        HealConfig(lr=0)
+    model, reference = _pruned_pair()
+    with pytest.raises(InvalidArgumentError, match="tokenizer"):
+        heal_(model, reference, HealConfig(steps=1), progress=False)
