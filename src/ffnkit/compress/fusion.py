@@ -24,15 +24,15 @@ Example:
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ffnkit.core.config import JsonConfig
 from ffnkit.core.errors import InvalidArgumentError, LayerIndexError, UnsupportedArchitectureError
 from ffnkit.core.ffn import FFN, LinearBias, LinearWeight
 
@@ -57,7 +57,7 @@ _GAIN_PLUS_ONE = ("GemmaRMSNorm",)  # Gemma's RMSNorm scales by (1 + weight)
 
 # ----- config and report --------------------------------------------------------------------------
 @dataclass
-class FusionConfig:
+class FusionConfig(JsonConfig):
     """Which FFN runs to fuse: ``runs="auto"`` (by dependency) or explicit ``[[first, …, last], …]``.
 
     Example:
@@ -94,19 +94,6 @@ class FusionConfig:
             raise InvalidArgumentError("max_runs must be >= 1 and run_length >= 2")
         if self.samples < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise InvalidArgumentError("samples and batch_size must be >= 1 and seq_len >= 2")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> FusionConfig:
-        known = {f.name for f in fields(cls)}
-        if set(doc) - known:
-            raise InvalidArgumentError(f"unknown FusionConfig fields {sorted(set(doc) - known)}")
-        return cls(**doc)
 
 
 @dataclass

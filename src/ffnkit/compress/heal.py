@@ -16,10 +16,9 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -27,13 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ffnkit.core.archs import find_ffns
+from ffnkit.core.config import JsonConfig
 from ffnkit.core.errors import FFNKitError, InvalidArgumentError
 
 __all__ = ["HealConfig", "HealReport", "ffn_trainable_parameters", "heal_", "kl_to_reference"]
 
 
 @dataclass
-class HealConfig:
+class HealConfig(JsonConfig):
     """How to heal. JSON round trip: ``HealConfig.from_dict(json.loads(c.to_json()))``.
 
     Example:
@@ -63,20 +63,6 @@ class HealConfig:
             raise InvalidArgumentError(f"lr and max_minutes must be > 0, got {self.lr}, {self.max_minutes}")
         if self.lora_r < 1:
             raise InvalidArgumentError(f"lora_r must be >= 1, got {self.lora_r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> HealConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(doc) - known
-        if unknown:
-            raise InvalidArgumentError(f"unknown HealConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**doc)
 
 
 @dataclass

@@ -35,10 +35,9 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -46,6 +45,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ffnkit.core.archs import find_ffns
+from ffnkit.core.config import JsonConfig
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.core.ffn import FFN
 
@@ -148,7 +148,7 @@ class LowRankLinear(nn.Module):
 
 # ----- configuration and report -------------------------------------------------------------------
 @dataclass
-class LowRankConfig:
+class LowRankConfig(JsonConfig):
     """How to factorise. JSON round trip: ``LowRankConfig.from_dict(json.loads(c.to_json()))``.
 
     Example:
@@ -203,22 +203,6 @@ class LowRankConfig:
     @property
     def needs_data(self) -> bool:
         return self.method != "svd"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> LowRankConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(doc) - known
-        if unknown:
-            raise InvalidArgumentError(
-                f"unknown LowRankConfig fields {sorted(unknown)}; known: {sorted(known)}"
-            )
-        return cls(**doc)
 
 
 @dataclass

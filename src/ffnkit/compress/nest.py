@@ -21,15 +21,15 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ffnkit.core.config import JsonConfig
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.core.ffn import FFN
 
@@ -39,7 +39,7 @@ __all__ = ["NestConfig", "NestReport", "mixnmatch_widths", "nest_", "slice_width
 
 
 @dataclass
-class NestConfig:
+class NestConfig(JsonConfig):
     """How to order neurons: a score of :data:`ffnkit.compress.SCORES` (not ``taylor``).
 
     Example:
@@ -65,19 +65,6 @@ class NestConfig:
             )
         if self.samples < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise InvalidArgumentError("samples and batch_size must be >= 1 and seq_len >= 2")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> NestConfig:
-        known = {f.name for f in fields(cls)}
-        if set(doc) - known:
-            raise InvalidArgumentError(f"unknown NestConfig fields {sorted(set(doc) - known)}")
-        return cls(**doc)
 
 
 @dataclass

@@ -26,10 +26,9 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -47,6 +46,7 @@ from ffnkit.compress.scores import (
     units,
 )
 from ffnkit.core.archs import find_ffns, select_ffns
+from ffnkit.core.config import JsonConfig
 from ffnkit.core.edit import edit_ffns_
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.core.ffn import FFN
@@ -59,7 +59,7 @@ _MOE_MULTIPLE = 8
 
 
 @dataclass
-class PruneConfig:
+class PruneConfig(JsonConfig):
     """How to prune. JSON round trip: ``PruneConfig.from_dict(json.loads(c.to_json()))``.
 
     Example:
@@ -107,22 +107,6 @@ class PruneConfig:
         if self.reconstruct:
             return True  # the refit's intercept is the bias compensation
         return self.method == "flap" if self.bias_compensation is None else bool(self.bias_compensation)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> PruneConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(doc) - known
-        if unknown:
-            raise InvalidArgumentError(
-                f"unknown PruneConfig fields {sorted(unknown)}; known: {sorted(known)}"
-            )
-        return cls(**doc)
 
 
 @dataclass

@@ -20,9 +20,8 @@ Example:
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ffnkit.core.archs import find_ffns, select_ffns
+from ffnkit.core.config import JsonConfig
 from ffnkit.core.errors import FFNKitError, InvalidArgumentError, SavedModelError
 from ffnkit.core.ffn import FFN
 
@@ -37,7 +37,7 @@ __all__ = ["QuantizeConfig", "QuantizeReport", "quantize_", "tensor_bytes"]
 
 
 @dataclass
-class QuantizeConfig:
+class QuantizeConfig(JsonConfig):
     """How to quantise. JSON round trip: ``QuantizeConfig.from_dict(json.loads(c.to_json()))``.
 
     Example:
@@ -63,22 +63,6 @@ class QuantizeConfig:
             raise InvalidArgumentError(
                 f"matrices must be a non-empty subset of in, gate, out; got {self.matrices}"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> QuantizeConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(doc) - known
-        if unknown:
-            raise InvalidArgumentError(
-                f"unknown QuantizeConfig fields {sorted(unknown)}; known: {sorted(known)}"
-            )
-        return cls(**doc)
 
 
 @dataclass

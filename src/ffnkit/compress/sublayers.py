@@ -36,14 +36,14 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ffnkit.core.config import JsonConfig
 from ffnkit.core.errors import InvalidArgumentError, LayerIndexError
 from ffnkit.io import register_replay
 
@@ -120,7 +120,7 @@ class ZeroAttention(nn.Module):
 
 # ----- config and report --------------------------------------------------------------------------
 @dataclass
-class SublayerConfig:
+class SublayerConfig(JsonConfig):
     """Which sublayers or blocks to remove (see the module docstring for ``ratio``).
 
     Example:
@@ -166,19 +166,6 @@ class SublayerConfig:
             raise InvalidArgumentError(f"count must be an integer >= 0, got {self.count!r}")
         if self.samples < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise InvalidArgumentError("samples and batch_size must be >= 1 and seq_len >= 2")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> SublayerConfig:
-        known = {f.name for f in fields(cls)}
-        if set(doc) - known:
-            raise InvalidArgumentError(f"unknown SublayerConfig fields {sorted(set(doc) - known)}")
-        return cls(**doc)
 
 
 @dataclass
