@@ -536,3 +536,25 @@ def calibration_batches(
     starts = torch.randint(0, total - seq_len, (n_samples,), generator=gen)  # [n]
     offsets = torch.arange(seq_len)  # [seq_len]
     return tokens[starts[:, None] + offsets[None, :]]  # [n, seq_len]
+
+
+def calibration_ids(
+    config: Any, calibration: Any = None, tokenizer: Any = None, *, what: str
+) -> torch.Tensor:
+    """Calibration token ids [n, seq_len] for a transform: the ids given, or windows drawn from the
+    calibration split of ``config.corpus`` (``config`` has ``corpus, samples, seq_len, seed``).
+
+    Example:
+        >>> ids = calibration_ids(PruneConfig("flap", 0.3), tokenizer=tok, what="method 'flap'")
+    """
+    if calibration is not None:
+        ids = torch.as_tensor(calibration).long()
+        return ids[None] if ids.dim() == 1 else ids
+    if tokenizer is None:
+        raise InvalidArgumentError(
+            f"{what} needs calibration text: pass tokenizer= (to draw {config.samples}×{config.seq_len} "
+            f"tokens from {config.corpus!r}) or calibration= token ids"
+        )
+    return calibration_batches(
+        load_corpus(config.corpus), tokenizer, config.samples, config.seq_len, config.seed
+    )

@@ -144,19 +144,9 @@ def _linear_paths(model: nn.Module) -> list[str]:
 
 
 def _calibration(config: HealConfig, calibration: Tensor | None, tokenizer: Any) -> Tensor:
-    if calibration is not None:
-        ids = torch.as_tensor(calibration).long()
-        return ids[None] if ids.dim() == 1 else ids
-    if tokenizer is None:
-        raise InvalidArgumentError(
-            f"healing needs calibration text: pass tokenizer= (to draw {config.samples}×{config.seq_len} "
-            f"tokens from {config.corpus!r}) or calibration= token ids"
-        )
-    from ffnkit.data import calibration_batches, load_corpus
+    from ffnkit.data import calibration_ids
 
-    return calibration_batches(
-        load_corpus(config.corpus), tokenizer, config.samples, config.seq_len, config.seed
-    )
+    return calibration_ids(config, calibration, tokenizer, what="healing")
 
 
 def _lr_factor(step: int, config: HealConfig) -> float:

@@ -556,19 +556,9 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 
 def _calibration(config: LowRankConfig, calibration: Tensor | None, tokenizer: Any) -> Tensor:
-    if calibration is not None:
-        ids = torch.as_tensor(calibration).long()
-        return ids[None] if ids.dim() == 1 else ids
-    if tokenizer is None:
-        raise InvalidArgumentError(
-            f"method {config.method!r} needs calibration text: pass tokenizer= (to draw "
-            f"{config.samples}×{config.seq_len} tokens from {config.corpus!r}) or calibration= token ids"
-        )
-    from ffnkit.data import calibration_batches, load_corpus
+    from ffnkit.data import calibration_ids
 
-    return calibration_batches(
-        load_corpus(config.corpus), tokenizer, config.samples, config.seq_len, config.seed
-    )
+    return calibration_ids(config, calibration, tokenizer, what=f"method {config.method!r}")
 
 
 def _build(mod: nn.Module, a: Tensor, b: Tensor) -> LowRankLinear:

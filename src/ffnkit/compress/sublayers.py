@@ -637,18 +637,9 @@ def finercut_order(
 
 
 def _calibration(config: SublayerConfig, calibration: Tensor | None, tokenizer: Any) -> Tensor:
-    if calibration is not None:
-        ids = torch.as_tensor(calibration).long()
-        return ids[None] if ids.dim() == 1 else ids
-    if tokenizer is None:
-        raise InvalidArgumentError(
-            f"method {config.method!r} needs calibration text: pass tokenizer= or calibration= token ids"
-        )
-    from ffnkit.data import calibration_batches, load_corpus
+    from ffnkit.data import calibration_ids
 
-    return calibration_batches(
-        load_corpus(config.corpus), tokenizer, config.samples, config.seq_len, config.seed
-    )
+    return calibration_ids(config, calibration, tokenizer, what=f"method {config.method!r}")
 
 
 def _parse_manual(names: list[str], n_blocks: int) -> tuple[list[tuple[int, str]], list[int]]:
