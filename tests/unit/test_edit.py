@@ -21,6 +21,20 @@ def _out(model, inputs):
     return o.logits if hasattr(o, "logits") else o.last_hidden_state
 
 
+def _fail_swap_at(monkeypatch, n: int) -> tuple[dict, object]:
+    """Make the n-th attribute swap of core.edit's transaction raise; returns (call counter, real swap)."""
+    calls, real = {"n": 0}, edit._apply_swap
+
+    def flaky(swap):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("injected failure")
+        return real(swap)
+
+    monkeypatch.setattr(edit, "_apply_swap", flaky)
+    return calls, real
+
+
 def _random_perm(ffn, gen):
     if ffn.kind == "moe":
         return torch.stack([torch.randperm(ffn.d_ff, generator=gen) for _ in range(ffn.num_experts)])
@@ -120,16 +134,7 @@ def test_atomicity_failure_mid_edit_leaves_model_unchanged(family, monkeypatch):
     ffns = find_ffns(model)
     widths = [f.d_ff for f in ffns]
     config_before = model.config.to_dict()
-    calls = {"n": 0}
-    real = edit._apply_swap
-
-    def flaky(swap):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("injected failure")
-        return real(swap)
-
-    monkeypatch.setattr(edit, "_apply_swap", flaky)
+    calls, real = _fail_swap_at(monkeypatch, 5)
     keep = {f: torch.arange(f.d_ff // 2) for f in ffns}
     bias = {f: torch.ones(H) for f in ffns if f.kind != "moe"}
     with pytest.raises(RuntimeError, match="injected"):
@@ -180,3 +185,29 @@ def test_uniform_widths_update_config_key():
         for f in find_ffns(model):
             keep_neurons_(f, torch.arange(20), model=model)
         assert getattr(model.config, key) == 20, family
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "opt"])
+def test_set_ffn_weights_widens_exactly_and_atomically(family, monkeypatch):
+    """Doubling every neuron and halving W_out is the same function; a failure midway changes nothing."""
+    model = tiny_model(family)
+    inputs = tiny_inputs(model)
+    ref = _out(model, inputs)
+    ffn = find_ffns(model)[0]
+    w = {k: getattr(ffn, k) for k in ("W_in", "W_gate", "W_out", "b_in", "b_gate", "b_out")}
+    w = {k: None if v is None else v.detach().clone() for k, v in w.items()}
+    two = {
+        k: None if v is None else torch.cat([v, v])
+        for k, v in w.items()
+        if k in ("W_in", "W_gate", "b_in", "b_gate")
+    }
+    _, real = _fail_swap_at(monkeypatch, 4)
+    with pytest.raises(RuntimeError, match="injected"):
+        edit.set_ffn_weights_(ffn, W_out=torch.cat([w["W_out"], w["W_out"]], 1) / 2, b_out=w["b_out"], **two)
+    monkeypatch.setattr(edit, "_apply_swap", real)
+    assert ffn.d_ff == 48 and torch.equal(_out(model, inputs), ref)
+    edit.set_ffn_weights_(ffn, W_out=torch.cat([w["W_out"], w["W_out"]], 1) / 2, b_out=w["b_out"], **two)
+    assert ffn.d_ff == 96 and torch.equal(ffn.W_in[48:], w["W_in"])
+    assert torch.allclose(_out(model, inputs), ref, atol=1e-5)
+    with pytest.raises(InvalidArgumentError, match="W_in must be"):
+        edit.set_ffn_weights_(ffn, w["W_in"][:, :3], w["W_out"], w["W_gate"])

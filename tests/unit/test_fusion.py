@@ -170,3 +170,22 @@ def test_cli_fuse_maps_the_ratio_to_runs():
     assert len(rep.runs) == 2 and len(find_ffns(model)) == 2
     with pytest.raises(InvalidArgumentError):
         cli_fuse(deep("llama", 4), None, CompressOptions("fuse", 0.05, progress=False))
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_failure_after_widening_leaves_the_model_as_it_was(family, monkeypatch):
+    from ffnkit.core import edit
+
+    model = deep("llama", 4) if family == "llama" else tiny_model(family)
+    runs = [[0, 1], [2, 3]] if family == "llama" else [[0, 1]]
+    x = tiny_inputs(model)
+    with torch.no_grad():
+        ref = model(**x).logits
+    monkeypatch.setattr(edit, "record_structure", lambda m: (_ for _ in ()).throw(RuntimeError("injected")))
+    with pytest.raises(RuntimeError, match="injected"):
+        fuse_ffns_(model, FusionConfig(runs=runs))
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, ref)
+    ffns = find_ffns(model)
+    assert [f.d_ff for f in ffns] == [48] * len(ffns) and all(f.W_in.shape == (48, 32) for f in ffns)
+    assert removed_sublayers(model) == [] and not hasattr(model.config, "ffnkit")

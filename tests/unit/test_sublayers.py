@@ -273,3 +273,23 @@ def test_finercut_resume_continues_the_same_greedy_order():
     part = finercut_order(model, ids, kind="all", steps=2)
     resumed = finercut_order(model, ids, kind="all", steps=4, resume=part)
     assert [r["name"] for r in resumed["order"]] == [r["name"] for r in full["order"]]
+
+
+@pytest.mark.parametrize("target", ["_append_change", "removed_sublayers"])
+def test_failure_while_recording_undoes_the_removal(target, monkeypatch):
+    """A failure after the modules are swapped (recording the change) puts every module back."""
+    from ffnkit.compress import sublayer_removal
+
+    model = deep_llama(4)
+    x = tiny_inputs(model)
+    ref = logits(model, x)
+    before = [type(m).__name__ for m in model.modules()]
+    idx = [m.self_attn.layer_idx for m in model.model.layers]
+    monkeypatch.setattr(sublayer_removal, target, lambda *a: (_ for _ in ()).throw(RuntimeError("injected")))
+    remove = ["layers.1.attn", "layers.2.ffn"] if target == "_append_change" else ["layers.1"]
+    with pytest.raises(RuntimeError, match="injected"):
+        remove_sublayers_(model, SublayerConfig("manual", remove=remove))
+    assert [type(m).__name__ for m in model.modules()] == before
+    assert [m.self_attn.layer_idx for m in model.model.layers] == idx == [0, 1, 2, 3]
+    assert model.config.num_hidden_layers == 4 and not hasattr(model.config, "ffnkit")
+    assert torch.equal(logits(model, x), ref)

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ffnkit.core.config import JsonConfig
+from ffnkit.core.edit import set_ffn_weights_
 from ffnkit.core.errors import InvalidArgumentError, LayerIndexError, UnsupportedArchitectureError
-from ffnkit.core.ffn import FFN, LinearBias, LinearWeight
+from ffnkit.core.ffn import FFN
 
 __all__ = [
     "FusionConfig",
@@ -42,7 +43,7 @@ __all__ = [
     "dependency_matrix",
     "fuse_ffns_",
     "fused_weights",
-    "set_ffn_weights_",
+    "set_ffn_weights_",  # lives in ffnkit.core.edit (the one place that changes FFN shapes)
 ]
 
 # the pre-FFN norm inside a block, by family (only families with ONE norm between residual and FFN)
@@ -116,81 +117,6 @@ class FusionReport:
 
 
 # ----- weights ------------------------------------------------------------------------------------
-def _param(like: nn.Parameter, value: Tensor) -> nn.Parameter:
-    return nn.Parameter(
-        value.detach().to(device=like.device, dtype=like.dtype).contiguous(), requires_grad=like.requires_grad
-    )
-
-
-def set_ffn_weights_(
-    ffn: FFN,
-    W_in: Tensor,  # noqa: N803  (canonical names)
-    W_out: Tensor,  # noqa: N803
-    W_gate: Tensor | None = None,  # noqa: N803
-    b_in: Tensor | None = None,
-    b_gate: Tensor | None = None,
-    b_out: Tensor | None = None,
-) -> FFN:
-    """Replace a dense FFN's parameters by these canonical tensors (any width); atomic; handle updated.
-
-    W_in, W_gate: [n, d]; W_out: [d, n]; biases [n] / [d] (None: the module keeps none, or has
-    none). Layouts: ``nn.Linear`` and Phi-3's fused gate_up. (Meant for ``ffnkit.core.edit``.)
-
-    Example:
-        >>> set_ffn_weights_(ffn, torch.cat([a.W_in, b.W_in]), torch.cat([a.W_out, b.W_out], 1),
-        ...                  torch.cat([a.W_gate, b.W_gate])).d_ff
-    """
-    from ffnkit.core.edit import _commit, _Swap
-
-    if ffn.kind == "moe":
-        raise InvalidArgumentError(f"{ffn.name}: set_ffn_weights_ takes dense FFNs, not experts")
-    n, d = W_in.shape
-    if W_out.shape != (ffn.d_model, n) or d != ffn.d_model:
-        raise InvalidArgumentError(
-            f"{ffn.name}: W_in must be [n, {ffn.d_model}] and W_out [{ffn.d_model}, n]; got "
-            f"{tuple(W_in.shape)} and {tuple(W_out.shape)}"
-        )
-    if (W_gate is None) != (ffn.kind != "gated") or (W_gate is not None and W_gate.shape != W_in.shape):
-        raise InvalidArgumentError(
-            f"{ffn.name}: W_gate must be given exactly for gated FFNs, shaped like W_in"
-        )
-    mods = [ffn.in_proj, ffn.out_proj] + ([ffn.gate_proj] if ffn.gate_proj is not None else [])
-    if not all(type(m) is nn.Linear for m in mods):
-        raise InvalidArgumentError(f"{ffn.name}: set_ffn_weights_ handles nn.Linear layouts only")
-    swaps: list[_Swap] = []
-
-    def linear(mod: nn.Linear, w: Tensor, b: Tensor | None) -> None:
-        swaps.append(_Swap(mod, "weight", _param(mod.weight, w)))
-        if b is not None or mod.bias is not None:
-            if b is None:
-                raise InvalidArgumentError(f"{ffn.name}: the module has a bias; give its new value")
-            swaps.append(_Swap(mod, "bias", _param(mod.weight, b)))
-        swaps.append(_Swap(mod, "out_features", int(w.shape[0])))
-        swaps.append(_Swap(mod, "in_features", int(w.shape[1])))
-
-    if ffn.fused_gate_up:  # one Linear: rows [gate | up]
-        bias = None if b_in is None and b_gate is None else torch.cat([b_gate, b_in])
-        linear(ffn.in_proj, torch.cat([W_gate, W_in]), bias)
-        has_b = bias is not None
-        swaps += [
-            _Swap(ffn, "w_gate", LinearWeight(ffn.in_proj, slice(0, n))),
-            _Swap(ffn, "w_in", LinearWeight(ffn.in_proj, slice(n, 2 * n))),
-            _Swap(ffn, "bias_gate", LinearBias(ffn.in_proj, slice(0, n)) if has_b else None),
-            _Swap(ffn, "bias_in", LinearBias(ffn.in_proj, slice(n, 2 * n)) if has_b else None),
-        ]
-    else:
-        linear(ffn.in_proj, W_in, b_in)
-        if ffn.gate_proj is not None:
-            linear(ffn.gate_proj, W_gate, b_gate)
-    linear(ffn.out_proj, W_out, b_out)
-    if isinstance(getattr(ffn.module, "intermediate_size", None), int):
-        swaps.append(_Swap(ffn.module, "intermediate_size", n))
-    swaps.append(_Swap(ffn, "d_ff", n))
-    with torch.no_grad():
-        _commit(swaps)
-    return ffn
-
-
 def _norm_gain(norm: nn.Module, where: str) -> Tensor:
     """The effective per-channel gain g of an RMSNorm (Gemma: 1 + weight), float64 [d]."""
     w = getattr(norm, "weight", None)
@@ -392,9 +318,16 @@ def fuse_ffns_(
         >>> rep = fuse_ffns_(model, FusionConfig(runs=[[26, 27]]))
         >>> rep.widths        # [{'first': 26, 'fused_d_ff': 3072, 'removed': [27]}]
     """
-    from ffnkit.compress.sublayers import SUBLAYERS_KIND, ZeroFFN, _append_change, _records, _set_records
+    from ffnkit.compress.sublayer_removal import (
+        SUBLAYERS_KIND,
+        ZeroFFN,
+        _all_blocks,
+        _append_change,
+        _records,
+        _set_records,
+    )
     from ffnkit.core.archs import find_ffns
-    from ffnkit.core.edit import record_structure
+    from ffnkit.core.edit import _commit, _plan_weights, record_structure
     from ffnkit.evaluate import count_parameters
 
     start = time.perf_counter()
@@ -414,8 +347,6 @@ def fuse_ffns_(
             model, torch.as_tensor(calibration).long(), batch_size=config.batch_size, progress=progress
         )
     runs = auto_runs(dependency, config.run_length, config.max_runs) if config.runs == "auto" else config.runs
-    from ffnkit.compress.sublayers import _all_blocks
-
     blocks = _all_blocks(model)
     norm_name = FFN_NORM[family]
     plans = []
@@ -436,13 +367,12 @@ def fuse_ffns_(
         plans.append((run, ffns, fused_weights(ffns, gains)))
     # commit: widen the first FFN of each run, then remove the others (undo everything on failure)
     meta = _records(model)
-    saved = []  # (ffn, its old canonical state) to undo widening
+    widened = []  # undo functions of the widenings (ffnkit.core.edit's transaction)
     replaced = []  # (owner, attr, old module)
     try:
         for _, ffns, w in plans:
-            first = ffns[0]
-            saved.append((first, _state(first)))
-            set_ffn_weights_(first, w["W_in"], w["W_out"], w["W_gate"], w["b_in"], w["b_gate"], w["b_out"])
+            with torch.no_grad():
+                widened.append(_commit(_plan_weights(ffns[0], w)))  # what set_ffn_weights_ does
         removed_rows = []
         for _, ffns, _ in plans:
             for f in ffns[1:]:
@@ -457,8 +387,8 @@ def fuse_ffns_(
     except BaseException:
         for owner, attr, old in reversed(replaced):
             setattr(owner, attr, old)
-        for ffn, state in reversed(saved):
-            _restore(ffn, state)
+        for undo in reversed(widened):
+            undo()
         _set_records(model, meta)
         raise
     after = count_parameters(model, find_ffns(model))
@@ -481,29 +411,6 @@ def fuse_ffns_(
     )
     model.ffnkit_reports = [*list(getattr(model, "ffnkit_reports", []) or []), report.to_dict()]
     return report
-
-
-def _state(ffn: FFN) -> dict[str, Any]:
-    """Everything set_ffn_weights_ swaps, to put it back."""
-    keep = {}
-    for mod in {id(m): m for m in (ffn.in_proj, ffn.gate_proj, ffn.out_proj) if m is not None}.values():
-        keep[id(mod)] = (mod, mod.weight, mod.bias, mod.in_features, mod.out_features)
-    handle = {
-        k: getattr(ffn, k) for k in ("w_in", "w_gate", "w_out", "bias_in", "bias_gate", "bias_out", "d_ff")
-    }
-    inter = getattr(ffn.module, "intermediate_size", None)
-    return {"mods": keep, "handle": handle, "inter": inter}
-
-
-def _restore(ffn: FFN, state: dict[str, Any]) -> None:
-    for mod, w, b, fin, fout in state["mods"].values():
-        mod.weight, mod.in_features, mod.out_features = w, fin, fout
-        if b is not None or getattr(mod, "bias", None) is not None:
-            mod.bias = b
-    for k, v in state["handle"].items():
-        setattr(ffn, k, v)
-    if isinstance(state["inter"], int):
-        ffn.module.intermediate_size = state["inter"]
 
 
 # ----- `ffnkit compress` method (registered by ffnkit.cli.compress) -------------------------------

@@ -3,15 +3,13 @@
 Each chosen matrix W [m, n] (canonical orientation: [out, in]) becomes two Linears, A [k, n] then
 B [m, k] (a :class:`LowRankLinear` in the module's place), so the FFN computes B·A·x (+ bias).
 
-- ``svd``: truncated SVD of W (the best rank-k approximation of the weights).
-- ``asvd`` (ASVD, github hahnyuan/ASVD4LLM): S = diag(mean|x_j|)^α (α = 0.5), SVD of W·S, then
-  V ← S⁻¹V; the columns the inputs use most are kept best.
-- ``svd-llm`` (SVD-LLM, github AIoT-MLSys-Lab/SVD-LLM): S = chol(E[x xᵀ]) (regularised if not
-  positive definite), truncated SVD of W·S = U Σ Vᵀ, factors B = U_k √Σ_k and A = √Σ_k V_kᵀ S⁻¹: the
-  best rank-k approximation of the *outputs* W·X on the calibration data.
+Methods (the maths: :mod:`ffnkit.compress.lowrank_factors`): ``svd`` (truncated SVD of W), ``asvd``
+(ASVD: SVD of W·diag(mean|x|)^α), ``svd-llm`` (SVD-LLM: SVD of W·chol(E[xxᵀ]), the best rank-k
+approximation of the outputs W·X on the calibration data).
 
 x is what the matrix reads: the FFN input (site ``in``) for W_in and W_gate, the neuron activations
-(site ``post``) for W_out. SVD and Cholesky run in float64; the factors take the model's dtype.
+(site ``post``) for W_out (:mod:`ffnkit.compress.lowrank_stats`). SVD and Cholesky run in float64;
+the factors take the model's dtype. The public names of both modules are importable from here too.
 
 ``ratio`` ρ is the share of each matrix's parameters removed: k = ⌊(1−ρ)·m·n/(m+n)⌋ (≥ 1), so the FFN
 loses the share ρ of its weights when all its matrices are factorised; ``rank`` gives k directly.
@@ -36,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,6 +41,18 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from ffnkit.compress.lowrank_factors import (
+    METHODS,
+    Decomposition,
+    LowRankLinear,
+    _linalg_threads,
+    build_lowrank,
+    decompose,
+    factorize,
+    global_ranks,
+    rank_for_ratio,
+)
+from ffnkit.compress.lowrank_stats import collect_lowrank_stats
 from ffnkit.core.archs import find_ffns
 from ffnkit.core.config import JsonConfig
 from ffnkit.core.errors import InvalidArgumentError
@@ -65,85 +74,8 @@ __all__ = [
     "replay_lowrank",
 ]
 
-METHODS = ("svd", "asvd", "svd-llm")
 MATRICES = ("in", "gate", "out")
 CHANGE_KIND = "ffn_lowrank"
-
-
-def _plain(w: Tensor) -> Tensor:
-    """A plain tensor: quantised factors (torchao tensor subclasses) are dequantised."""
-    if type(w) not in (Tensor, nn.Parameter) and hasattr(w, "dequantize"):
-        return w.dequantize()
-    return w
-
-
-# ----- the factorised module ----------------------------------------------------------------------
-class LowRankLinear(nn.Module):
-    """y = B(A(x)): A = Linear(n → k, no bias), B = Linear(k → m, the original bias).
-
-    ``weight`` gives the product B·A [out, in] (like ``nn.Linear.weight``) and ``bias`` the bias, so
-    FFN handles and hooks read it like the Linear it replaces. The product is a fresh copy: writing
-    into it does not change the model; pruning a factorised matrix raises a clear error.
-
-    Example:
-        >>> lr = LowRankLinear(576, 1536, rank=200)
-        >>> lr.weight.shape, lr(torch.randn(2, 576)).shape
-        (torch.Size([1536, 576]), torch.Size([2, 1536]))
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        bias: bool = False,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__()
-        self.A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
-        self.B = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.B(self.A(x))  # [..., n] -> [..., k] -> [..., m]
-
-    @property
-    def weight(self) -> Tensor:  # [out, in]
-        return _plain(self.B.weight) @ _plain(self.A.weight)
-
-    @property
-    def bias(self) -> Tensor | None:  # [out]
-        return self.B.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.A.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.B.out_features
-
-    @property
-    def rank(self) -> int:
-        return self.A.out_features
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "bias" and "B" in self._modules:
-            self.B.bias = value  # an added output bias (FLAP's compensation) lives on B
-            return
-        if name in ("weight", "in_features", "out_features", "nx", "nf") and "B" in self._modules:
-            raise InvalidArgumentError(
-                f"this matrix is factorised (rank {self.rank}); its shape cannot be edited — prune "
-                "before lowrank_, or edit the factors .A / .B"
-            )
-        super().__setattr__(name, value)
-
-    def extra_repr(self) -> str:
-        bias = self.B.bias is not None
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={bias}"
-        )
 
 
 # ----- configuration and report -------------------------------------------------------------------
@@ -227,252 +159,6 @@ class LowRankReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# ----- the maths ----------------------------------------------------------------------------------
-def rank_for_ratio(m: int, n: int, ratio: float) -> int:
-    """The rank k whose factors A [k, n] and B [m, k] keep the share 1−ratio of the m·n parameters.
-
-    Example:
-        >>> rank_for_ratio(1536, 576, 0.3)   # ⌊0.7·1536·576/2112⌋
-        293
-    """
-    return max(1, min(min(m, n), int((1.0 - ratio) * m * n / (m + n))))
-
-
-def _cholesky(gram: Tensor) -> tuple[Tensor, bool]:
-    """Lower Cholesky factor of a (float64) E[xxᵀ]; adds a growing ridge when it is not positive definite."""
-    scale = float(gram.diagonal().mean().clamp_min(1e-30))
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    for i, ridge in enumerate((0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1.0)):
-        chol, info = torch.linalg.cholesky_ex(gram + ridge * scale * eye)
-        if int(info) == 0:
-            return chol, i > 0
-    raise InvalidArgumentError("E[xxᵀ] is not positive definite even with a ridge; use more calibration")
-
-
-@dataclass
-class Decomposition:
-    """W = B·A for every rank k ≤ min(m, n): W·S = U Σ Vᵀ in the method's input space, ``right``
-    maps V_kᵀ back (V_kᵀ S⁻¹). Truncate with :meth:`factors`."""
-
-    u: Tensor  # [m, r] float64
-    s: Tensor  # [r]
-    vh: Tensor  # [r, n]
-    right: Any  # Tensor [k, n] -> Tensor [k, n]
-    regularised: bool = False
-
-    def factors(self, rank: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        """(A [k, n], B [m, k], info) at rank k: A = √Σ_k V_kᵀ S⁻¹, B = U_k √Σ_k."""
-        k = int(min(rank, self.s.numel()))
-        root = self.s[:k].sqrt()  # [k]
-        a = self.right(root[:, None] * self.vh[:k])  # [k, n]
-        b = self.u[:, :k] * root[None, :]  # [m, k]
-        energy = self.s.square()
-        kept = float(energy[:k].sum() / energy.sum().clamp_min(1e-300))
-        return a, b, {"regularised": self.regularised, "energy_kept": kept}
-
-
-def decompose(
-    weight: Tensor,
-    method: str = "svd",
-    *,
-    mean_abs: Tensor | None = None,
-    gram: Tensor | None = None,
-    alpha: float = 0.5,
-) -> Decomposition:
-    """The SVD of W [m, n] in the method's input space (float64), ready to truncate at any rank.
-
-    Example:
-        >>> d = decompose(W, "svd-llm", gram=(X.T @ X) / len(X))
-        >>> A, B, info = d.factors(64)
-    """
-    w = weight.detach().to(torch.float64)
-    regularised = False
-    if method == "svd":
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        right = lambda v: v  # noqa: E731
-    elif method == "asvd":
-        if mean_abs is None:
-            raise InvalidArgumentError("asvd needs the inputs' mean |x| (mean_abs=)")
-        scale = mean_abs.detach().to(torch.float64).abs()
-        # dead inputs: a tiny positive scale keeps S invertible (their columns matter least anyway)
-        scale = scale.clamp_min(float(scale.max().clamp_min(1e-12)) * 1e-6) ** alpha  # [n]
-        u, s, vh = torch.linalg.svd(w * scale[None, :], full_matrices=False)
-        right = lambda v: v / scale[None, :]  # noqa: E731  V_kᵀ S⁻¹
-    elif method == "svd-llm":
-        if gram is None:
-            raise InvalidArgumentError("svd-llm needs the inputs' E[xxᵀ] (gram=)")
-        chol, regularised = _cholesky(gram.detach().to(torch.float64))  # S, S Sᵀ = E[xxᵀ]
-        u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
-        # V_kᵀ S⁻¹: solve Y S = V_kᵀ (S is lower triangular)
-        right = lambda v: torch.linalg.solve_triangular(chol, v, upper=False, left=False)  # noqa: E731
-    else:
-        raise InvalidArgumentError(f"unknown low-rank method {method!r}; use one of {', '.join(METHODS)}")
-    return Decomposition(u, s, vh, right, regularised)
-
-
-def factorize(
-    weight: Tensor,
-    rank: int,
-    method: str = "svd",
-    *,
-    mean_abs: Tensor | None = None,
-    gram: Tensor | None = None,
-    alpha: float = 0.5,
-) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """Factorise W [m, n] ≈ B [m, k] · A [k, n] (float64) with ``method``; returns (A, B, info).
-
-    ``mean_abs`` [n] (E|x_j|) is needed by asvd, ``gram`` [n, n] (E[xxᵀ]) by svd-llm.
-
-    Example:
-        >>> A, B, info = factorize(W, 64, "svd-llm", gram=(X.T @ X) / len(X))
-        >>> (B @ A).shape == W.shape
-        True
-    """
-    return decompose(weight, method, mean_abs=mean_abs, gram=gram, alpha=alpha).factors(rank)
-
-
-def global_ranks(spectra: list[Tensor], shapes: list[tuple[int, int]], ratio: float) -> list[int]:
-    """Ranks that keep the share 1−ratio of the parameters of all matrices together, chosen greedily by
-    relative energy per parameter: singular value i of matrix j is worth σ_i²/Σσ² (its share of that
-    matrix's output energy) and costs m_j + n_j parameters. Each matrix keeps at least rank 1 and at most
-    the rank where its factors stop being smaller than it.
-
-    Example:
-        >>> global_ranks([d.s for d in decs], [(1536, 576)] * len(decs), 0.3)
-    """
-    budget = (1.0 - ratio) * sum(m * n for m, n in shapes)
-    ranks = [1] * len(spectra)
-    used = sum(m + n for m, n in shapes)
-    cand_gain, cand_mat = [], []
-    for j, (s, (m, n)) in enumerate(zip(spectra, shapes, strict=True)):
-        e = s.double().square()
-        rel = e / e.sum().clamp_min(1e-300)
-        cap = max(1, min(s.numel(), (m * n) // (m + n)))
-        cand_gain.append(rel[1:cap] / (m + n))
-        cand_mat.append(torch.full((max(0, cap - 1),), j, dtype=torch.long))
-    gains, mats = torch.cat(cand_gain), torch.cat(cand_mat)
-    # within a matrix gains fall with i, so taking the best first keeps each matrix's ranks a prefix
-    for j in mats[torch.argsort(gains, descending=True, stable=True)].tolist():
-        m, n = shapes[j]
-        if used + m + n > budget:
-            continue
-        ranks[j] += 1
-        used += m + n
-    return ranks
-
-
-@contextmanager
-def _linalg_threads(n: int):
-    """Run mid-size LAPACK calls (SVD, Cholesky) on ``n`` threads: on a busy machine, OpenMP threads
-    waiting for a core can make a 1536×576 SVD 80× slower, while one thread loses little."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(min(n, old))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-# ----- calibration statistics ---------------------------------------------------------------------
-class _InputStats:
-    """Streaming E|x| [n] and (optionally) E[xxᵀ] [n, n] in float64 of what one module reads."""
-
-    def __init__(self, gram: bool) -> None:
-        self.count = 0
-        self.abs_sum: Tensor | None = None
-        self.gram_sum: Tensor | None = None
-        self.want_gram = gram
-
-    def update(self, x: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()  # [N, n]
-        if self.abs_sum is None:
-            self.abs_sum = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
-            if self.want_gram:
-                self.gram_sum = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
-        self.abs_sum += x.abs().sum(0, dtype=torch.float64)
-        if self.gram_sum is not None:
-            self.gram_sum += (x.T @ x).double()  # per-batch product in float32, accumulated in float64
-        self.count += x.shape[0]
-
-    def result(self) -> dict[str, Tensor]:
-        n = max(self.count, 1)
-        out = {"mean_abs": self.abs_sum / n}
-        if self.gram_sum is not None:
-            out["gram"] = self.gram_sum / n
-        return out
-
-
-def _forward(model: nn.Module, ids: Tensor) -> None:
-    kwargs: dict[str, Any] = {"input_ids": ids}
-    if getattr(model.config, "is_encoder_decoder", False):
-        kwargs["decoder_input_ids"] = ids
-    model(**kwargs)
-
-
-@torch.no_grad()
-def collect_lowrank_stats(
-    model: nn.Module,
-    calibration: Tensor,
-    ffns: list[FFN] | None = None,
-    *,
-    sites: tuple[str, ...] = ("in", "post"),
-    gram: bool = True,
-    batch_size: int = 4,
-    memory_budget: int = 1 << 30,
-    progress: bool = False,
-) -> dict[tuple[int, str], dict[str, Tensor]]:
-    """E|x| and E[xxᵀ] (float64) of each FFN's matrix inputs: ``{(ffn.index, site): {"mean_abs", "gram"}}``.
-
-    Sites: ``in`` (read by W_in/W_gate) and ``post`` (read by W_out). Layers are grouped so that the
-    float64 accumulators of one pass stay under ``memory_budget`` bytes (one calibration pass per group).
-
-    Example:
-        >>> stats = collect_lowrank_stats(model, calibration_batches(load_corpus(), tok, 32, 256))
-        >>> stats[(0, "post")]["gram"].shape
-        torch.Size([1536, 1536])
-    """
-    from tqdm.auto import tqdm
-
-    from ffnkit.core.capture import site_hooks
-
-    ffns = [f for f in (ffns if ffns is not None else find_ffns(model)) if f.kind != "moe"]
-    width = {"in": lambda f: f.d_model, "post": lambda f: f.d_ff}
-    jobs = [(f, s) for f in ffns for s in sites]
-    groups: list[list[tuple[FFN, str]]] = [[]]
-    used = 0
-    for f, s in jobs:
-        cost = 8 * width[s](f) ** 2 if gram else 8 * width[s](f)
-        if groups[-1] and used + cost > memory_budget:
-            groups.append([])
-            used = 0
-        groups[-1].append((f, s))
-        used += cost
-    device = next(model.parameters()).device
-    out: dict[tuple[int, str], dict[str, Tensor]] = {}
-    for g, group in enumerate(groups):
-        accs = {(f.index, s): _InputStats(gram) for f, s in group}
-        handles = []
-        try:
-            for f, s in group:
-                module, kind, extract = site_hooks(f, s)
-                acc = accs[(f.index, s)]
-                if kind == "pre":
-                    hook = lambda mod, args, acc=acc, ex=extract: acc.update(ex(args, None))  # noqa: E731
-                    handles.append(module.register_forward_pre_hook(hook))
-                else:
-                    hook = lambda mod, args, o, acc=acc, ex=extract: acc.update(ex(args, o))  # noqa: E731
-                    handles.append(module.register_forward_hook(hook))
-            steps = range(0, calibration.shape[0], batch_size)
-            desc = "low-rank statistics" + (f" {g + 1}/{len(groups)}" if len(groups) > 1 else "")
-            for i in tqdm(steps, desc=desc, disable=not progress):
-                _forward(model, calibration[i : i + batch_size].to(device))
-        finally:
-            for h in handles:
-                h.remove()
-        out.update({key: acc.result() for key, acc in accs.items()})
-    return out
 
 
 # ----- planning the swaps -------------------------------------------------------------------------
@@ -559,21 +245,6 @@ def _calibration(config: LowRankConfig, calibration: Tensor | None, tokenizer: A
     from ffnkit.data import calibration_ids
 
     return calibration_ids(config, calibration, tokenizer, what=f"method {config.method!r}")
-
-
-def _build(mod: nn.Module, a: Tensor, b: Tensor) -> LowRankLinear:
-    """A LowRankLinear with factors a [k, n], b [m, k] and ``mod``'s bias, dtype, device, requires_grad."""
-    w = mod.weight
-    bias = getattr(mod, "bias", None)
-    new = LowRankLinear(a.shape[1], b.shape[0], a.shape[0], bias is not None, dtype=w.dtype, device=w.device)
-    with torch.no_grad():
-        new.A.weight.copy_(a)
-        new.B.weight.copy_(b)
-        if bias is not None:
-            new.B.bias.copy_(bias)
-    new.requires_grad_(w.requires_grad)
-    new.train(mod.training)
-    return new
 
 
 # ----- the transform ------------------------------------------------------------------------------
@@ -665,7 +336,7 @@ def lowrank_(
             k = min(ranks[i], m, n)
             a, b, info = d.factors(k)
             regularised += int(info["regularised"])
-            new = _build(mod, a, b)
+            new = build_lowrank(mod, a, b)
             path = paths[id(mod)]
             swaps.append((path, new))
             bias = getattr(mod, "bias", None) is not None
@@ -701,20 +372,16 @@ def lowrank_(
 
 def _commit(model: nn.Module, swaps: list[tuple[str, nn.Module]], records: list[dict]) -> None:
     """Swap the modules in and record the change, or (on any failure) leave the model as it was."""
-    from ffnkit.core.edit import record_change
+    from ffnkit.core.edit import _commit as commit_swaps
+    from ffnkit.core.edit import _Swap, record_change
 
     old_meta = copy.deepcopy(getattr(model.config, "ffnkit", None))
-    done: list[tuple[nn.Module, str, nn.Module]] = []
+    undo = commit_swaps([_Swap(*_parent(model, path), new) for path, new in swaps])  # all or none
     try:
-        for path, new in swaps:
-            parent, child = _parent(model, path)
-            done.append((parent, child, getattr(parent, child)))
-            setattr(parent, child, new)
         if records:
             record_change(model, {"kind": CHANGE_KIND, "modules": records})
     except BaseException:
-        for parent, child, old in reversed(done):
-            setattr(parent, child, old)
+        undo()
         if old_meta is None:
             if hasattr(model.config, "ffnkit"):
                 delattr(model.config, "ffnkit")

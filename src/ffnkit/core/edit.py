@@ -8,6 +8,8 @@ Every edit is planned first (all new tensors computed), then committed as a list
 if any swap fails, the swaps already made are undone, so the model is exactly as it was. New parameters
 take the dtype, device and ``requires_grad`` of what they replace.
 
+:func:`set_ffn_weights_` replaces a dense FFN's weights by new ones of any width (FFN fusion widens with it).
+
 The handle stays valid: :func:`keep_neurons_` updates the given ``FFN`` in place (``d_ff`` and its weight
 references), so ``ffn.W_in`` etc. read the new, smaller weights. Pass ``model=`` (or call
 :func:`record_structure`) to also record the per-layer widths in ``model.config.ffnkit``, which is what
@@ -42,6 +44,7 @@ __all__ = [
     "replay_structure",
     "resize_neurons_",
     "set_bias_out_",
+    "set_ffn_weights_",
     "structure_of",
 ]
 
@@ -142,27 +145,38 @@ def _check_idx(ffn: FFN, idx: Tensor, expert_dim: bool = False) -> Tensor:
     return idx
 
 
+def _plan_fused_refs(ffn: FFN, k: int, has_bias: bool) -> list[_Swap]:
+    """Point the handle at rows [0, k) (gate) and [k, 2k) (up) of a fused gate_up of width k."""
+    gate, up = slice(0, k), slice(k, 2 * k)
+    return [
+        _Swap(ffn, "w_gate", replace(ffn.w_gate, rows=gate)),
+        _Swap(ffn, "w_in", replace(ffn.w_in, rows=up)),
+        _Swap(ffn, "bias_gate", LinearBias(ffn.in_proj, gate) if has_bias else None),
+        _Swap(ffn, "bias_in", LinearBias(ffn.in_proj, up) if has_bias else None),
+    ]
+
+
+def _plan_width(ffn: FFN, k: int) -> list[_Swap]:
+    """The handle's ``d_ff`` and the module's cosmetic ``intermediate_size`` (Llama MLP) become k."""
+    swaps = [_Swap(ffn, "d_ff", k)]
+    if isinstance(getattr(ffn.module, "intermediate_size", None), int):
+        swaps.insert(0, _Swap(ffn.module, "intermediate_size", k))
+    return swaps
+
+
 def _plan_dense(ffn: FFN, idx: Tensor, w_out: Tensor | None = None) -> list[_Swap]:
     k = int(idx.numel())
     swaps: list[_Swap] = []
     if ffn.fused_gate_up:
         rows = torch.cat([idx, idx + ffn.d_ff])  # [gate | up] keep their neuron order
         swaps += _plan_rows(ffn.in_proj, rows)
-        has_bias = getattr(ffn.in_proj, "bias", None) is not None
-        for attr, sl in (("w_gate", slice(0, k)), ("w_in", slice(k, 2 * k))):
-            swaps.append(_Swap(ffn, attr, replace(getattr(ffn, attr), rows=sl)))
-        if has_bias:
-            swaps.append(_Swap(ffn, "bias_gate", LinearBias(ffn.in_proj, slice(0, k))))
-            swaps.append(_Swap(ffn, "bias_in", LinearBias(ffn.in_proj, slice(k, 2 * k))))
+        swaps += _plan_fused_refs(ffn, k, getattr(ffn.in_proj, "bias", None) is not None)
     else:
         swaps += _plan_rows(ffn.in_proj, idx)
         if ffn.gate_proj is not None:
             swaps += _plan_rows(ffn.gate_proj, idx)
     swaps += _plan_cols(ffn.out_proj, idx, w_out)
-    if isinstance(getattr(ffn.module, "intermediate_size", None), int):
-        swaps.append(_Swap(ffn.module, "intermediate_size", k))  # cosmetic attribute (Llama MLP)
-    swaps.append(_Swap(ffn, "d_ff", k))
-    return swaps
+    return swaps + _plan_width(ffn, k)
 
 
 def _plan_moe(ffn: FFN, idx: Tensor) -> list[_Swap]:
@@ -201,6 +215,49 @@ def _plan_moe(ffn: FFN, idx: Tensor) -> list[_Swap]:
         ]
     swaps.append(_Swap(ffn, "d_ff", k))
     return swaps
+
+
+def _plan_weights(ffn: FFN, weights: Mapping[str, Tensor | None]) -> list[_Swap]:
+    """Swaps that give a dense ``nn.Linear`` FFN these canonical weights (keys: the arguments of
+    :func:`set_ffn_weights_`; ``fusion.fused_weights`` returns such a dict)."""
+    W_in, W_out, W_gate = weights["W_in"], weights["W_out"], weights.get("W_gate")  # noqa: N806
+    b_in, b_gate, b_out = weights.get("b_in"), weights.get("b_gate"), weights.get("b_out")
+    if ffn.kind == "moe":
+        raise InvalidArgumentError(f"{ffn.name}: set_ffn_weights_ takes dense FFNs, not experts")
+    n, d = W_in.shape
+    if W_out.shape != (ffn.d_model, n) or d != ffn.d_model:
+        raise InvalidArgumentError(
+            f"{ffn.name}: W_in must be [n, {ffn.d_model}] and W_out [{ffn.d_model}, n]; got "
+            f"{tuple(W_in.shape)} and {tuple(W_out.shape)}"
+        )
+    if (W_gate is None) != (ffn.kind != "gated") or (W_gate is not None and W_gate.shape != W_in.shape):
+        raise InvalidArgumentError(
+            f"{ffn.name}: W_gate must be given exactly for gated FFNs, shaped like W_in"
+        )
+    mods = [ffn.in_proj, ffn.out_proj] + ([ffn.gate_proj] if ffn.gate_proj is not None else [])
+    if not all(type(m) is nn.Linear for m in mods):
+        raise InvalidArgumentError(f"{ffn.name}: set_ffn_weights_ handles nn.Linear layouts only")
+    swaps: list[_Swap] = []
+
+    def linear(mod: nn.Linear, w: Tensor, b: Tensor | None) -> None:  # w [out, in], b [out]
+        swaps.append(_Swap(mod, "weight", _param(mod.weight, w)))
+        if b is not None or mod.bias is not None:
+            if b is None:
+                raise InvalidArgumentError(f"{ffn.name}: the module has a bias; give its new value")
+            swaps.append(_Swap(mod, "bias", _param(mod.weight, b)))
+        swaps.append(_Swap(mod, "out_features", int(w.shape[0])))
+        swaps.append(_Swap(mod, "in_features", int(w.shape[1])))
+
+    if ffn.fused_gate_up:  # one Linear: rows [gate | up]
+        bias = None if b_in is None and b_gate is None else torch.cat([b_gate, b_in])
+        linear(ffn.in_proj, torch.cat([W_gate, W_in]), bias)
+        swaps += _plan_fused_refs(ffn, n, bias is not None)
+    else:
+        linear(ffn.in_proj, W_in, b_in)
+        if ffn.gate_proj is not None:
+            linear(ffn.gate_proj, W_gate, b_gate)
+    linear(ffn.out_proj, W_out, b_out)
+    return swaps + _plan_width(ffn, n)
 
 
 def _plan_keep(ffn: FFN, idx: Tensor, w_out: Tensor | None = None) -> list[_Swap]:
@@ -315,6 +372,31 @@ def set_bias_out_(ffn: FFN, b: Tensor, *, model: nn.Module | None = None) -> FFN
         torch.Size([576])
     """
     edit_ffns_(model, bias_out=[(ffn, b)])
+    return ffn
+
+
+def set_ffn_weights_(
+    ffn: FFN,
+    W_in: Tensor,  # noqa: N803  (canonical names)
+    W_out: Tensor,  # noqa: N803
+    W_gate: Tensor | None = None,  # noqa: N803
+    b_in: Tensor | None = None,
+    b_gate: Tensor | None = None,
+    b_out: Tensor | None = None,
+) -> FFN:
+    """Replace a dense FFN's parameters by these canonical tensors (any width); atomic; handle updated.
+
+    W_in, W_gate: [n, d]; W_out: [d, n]; biases [n] / [d] (None: the module keeps none, or has
+    none). Layouts: ``nn.Linear`` and Phi-3's fused gate_up. The change is not recorded: call
+    :func:`record_structure` afterwards (FFN fusion does).
+
+    Example:
+        >>> set_ffn_weights_(ffn, torch.cat([a.W_in, b.W_in]), torch.cat([a.W_out, b.W_out], 1),
+        ...                  torch.cat([a.W_gate, b.W_gate])).d_ff
+    """
+    weights = {"W_in": W_in, "W_out": W_out, "W_gate": W_gate, "b_in": b_in, "b_gate": b_gate, "b_out": b_out}
+    with torch.no_grad():
+        _commit(_plan_weights(ffn, weights))
     return ffn
 
 
