@@ -12,7 +12,9 @@ each unit loses:
   units then lose neurons greedily where the measured marginal cost (piecewise linear through the
   points, linear beyond) per parameter is lowest, hitting the same total. Dense FFNs only.
 
-Every unit keeps at least ``max(1, protect_min × d_ff)`` neurons. FLAP's bias compensation
+Every unit keeps at least ``max(1, protect_min × d_ff)`` neurons. LoRAP (``keep_lowest``, default 1%
+for ``lorap``) also keeps the ⌊keep_lowest × d_ff⌋ lowest-scored neurons of each unit and removes the
+lowest of the rest, as its reference code does (``scores.lowest_protected``). FLAP's bias compensation
 (``bias_compensation``, default on for ``flap``) adds W_out[:, P] · E[m_P] of the pruned neurons P to
 b_out, adding a bias where the model has none. MoE experts keep a common width (v5 stores them as one
 3-D tensor), rounded to a multiple of 8 (the grouped matmul kernels need 16-byte strides); bias
@@ -36,11 +38,13 @@ from torch import Tensor, nn
 
 from ffnkit.compress.scores import (
     DATA_FREE,
+    KEEP_LOWEST,
     SCORES,
     UnitKey,
     UnitStats,
     _forward,
     collect_stats,
+    lowest_protected,
     neuron_scores,
     taylor_scores,
     units,
@@ -77,6 +81,7 @@ class PruneConfig(JsonConfig):
     seq_len: int = 256
     seed: int = 0
     protect_min: float = 0.05  # every unit keeps at least this share of its neurons (and ≥ 1)
+    keep_lowest: float | None = None  # share of each unit's lowest-scored neurons kept (None: 0.01 lorap)
     corpus: str = "shakespeare"  # calibration corpus when none is given
     taylor_samples: int = 8  # calibration windows used for gradients
     sensitivity_samples: int = 2  # windows on which per-layer sensitivity (KL) is measured
@@ -98,6 +103,8 @@ class PruneConfig(JsonConfig):
             )
         if not 0.0 <= self.protect_min < 1.0:
             raise InvalidArgumentError(f"protect_min must be in [0, 1), got {self.protect_min}")
+        if self.keep_lowest is not None and not 0.0 <= self.keep_lowest < 1.0:
+            raise InvalidArgumentError(f"keep_lowest must be in [0, 1), got {self.keep_lowest}")
         if self.samples < 1 or self.seq_len < 2:
             raise InvalidArgumentError("samples must be >= 1 and seq_len >= 2")
         self.ratio = float(self.ratio)
@@ -107,6 +114,11 @@ class PruneConfig(JsonConfig):
         if self.reconstruct:
             return True  # the refit's intercept is the bias compensation
         return self.method == "flap" if self.bias_compensation is None else bool(self.bias_compensation)
+
+    @property
+    def lowest_share(self) -> float:
+        """Share of each unit's lowest-scored neurons never removed (LoRAP: 1%, others: 0)."""
+        return KEEP_LOWEST.get(self.method, 0.0) if self.keep_lowest is None else float(self.keep_lowest)
 
 
 @dataclass
@@ -146,17 +158,20 @@ def allocate(
     allocation: str,
     protect_min: float = 0.0,
     curves: dict[UnitKey, tuple[list[float], list[float]]] | None = None,
+    protected: dict[UnitKey, Tensor] | None = None,
 ) -> dict[UnitKey, int]:
     """How many neurons each unit keeps so that the removed parameters reach ``target``.
 
     ``uniform``: the same share per unit; ``global``: lowest z-scored neurons first, weighted by cost;
     ``sensitivity``: greedy by the marginal cost of the measured curves (ratio → loss increase).
+    ``protected``: per unit, a bool mask [n] of neurons that stay whatever their score (LoRAP's bottom 1%).
 
     Example:
         >>> allocate({(0, None): s0, (1, None): s1}, {(0, None): 1728, (1, None): 1728}, 1e6, "global")
     """
     sizes = {k: s.numel() for k, s in scores.items()}
-    mins = {k: _min_keep(n, protect_min) for k, n in sizes.items()}
+    prot = {k: (protected or {}).get(k, torch.zeros(n, dtype=torch.bool)) for k, n in sizes.items()}  # [n]
+    mins = {k: max(_min_keep(n, protect_min), int(prot[k].sum())) for k, n in sizes.items()}
     prunable = sum(costs[k] * n for k, n in sizes.items())
     share = min(1.0, target / prunable) if prunable else 0.0
     if allocation == "uniform":
@@ -166,7 +181,7 @@ def allocate(
         for k, s in scores.items():
             s = s.double()
             z = (s - s.mean()) / (s.std() + 1e-12) if s.numel() > 1 else torch.zeros_like(s)
-            z = torch.sort(z).values[: sizes[k] - mins[k]]  # the protected top never leaves
+            z = torch.sort(z[~prot[k]]).values[: sizes[k] - mins[k]]  # the top and the protected stay
             pool += [(float(v), k) for v in z]
         pool.sort(key=lambda t: t[0])
         keep, removed = dict(sizes), 0.0
@@ -229,10 +244,15 @@ def _calibration(config: PruneConfig, calibration: Tensor | None, tokenizer: Any
     return calibration_ids(config, calibration, tokenizer, what=f"method {config.method!r}")
 
 
-def _keep_index(score: Tensor, k: int) -> Tensor:
-    """Indices of the k best neurons, in their original order (so k = n changes nothing)."""
+def _keep_index(score: Tensor, k: int, protected: Tensor | None = None) -> Tensor:
+    """Indices of the k best neurons, in their original order (so k = n changes nothing).
+
+    ``protected`` (bool [n]): neurons kept first whatever their score (LoRAP's lowest 1%).
+    """
     if k >= score.numel():
         return torch.arange(score.numel())
+    if protected is not None and bool(protected.any()):
+        score = torch.where(protected, torch.inf, score.double())  # [n]
     return torch.sort(torch.topk(score, k).indices).values
 
 
@@ -262,6 +282,7 @@ def _sensitivity_curves(
     compensate: bool,
     ids: Tensor,
     ratios: list[float],
+    protected: dict[UnitKey, Tensor] | None = None,
 ) -> dict[UnitKey, tuple[list[float], list[float]]]:
     """KL(unpruned ‖ one layer pruned at ratio r) per layer and ratio, simulated with a mask on m."""
     from ffnkit.core.capture import site_hooks
@@ -276,7 +297,7 @@ def _sensitivity_curves(
         ys = []
         for r in ratios:
             k = max(1, n - round(r * n))
-            kept = _keep_index(scores[key], k)
+            kept = _keep_index(scores[key], k, (protected or {}).get(key))
             mask = torch.zeros(n, dtype=ffn.W_out.dtype, device=device)
             mask[kept.to(device)] = 1
             comp = None
@@ -351,6 +372,8 @@ def prune_(
             grads = taylor_scores(model, ids[: config.taylor_samples], all_ffns)
         scores = {k: neuron_scores(config.method, u, stats, k, grads).cpu() for k, u in unit_list}
         costs = {k: _neuron_cost(u) for k, u in unit_list}
+        share = config.lowest_share
+        protected = {k: lowest_protected(s, share) for k, s in scores.items()} if share > 0 else None
         target = config.ratio * sum(f.num_parameters() for f in ffns)
         if config.compensate:  # a b_out added for the compensation is paid for with more neurons
             target += sum(f.d_model for f in ffns if f.kind != "moe" and f.b_out is None)
@@ -359,11 +382,18 @@ def prune_(
             r = config.ratio
             grid = sorted({min(0.95, x) for x in (0.5 * r, r, 1.5 * r)})
             curves = _sensitivity_curves(
-                model, ffns, scores, stats, config.compensate, ids[: config.sensitivity_samples], grid
+                model,
+                ffns,
+                scores,
+                stats,
+                config.compensate,
+                ids[: config.sensitivity_samples],
+                grid,
+                protected,
             )
             sens = {"ratios": grid, "kl": {str(k[0]): c[1] for k, c in curves.items()}}
-        kept = allocate(scores, costs, target, config.allocation, config.protect_min, curves)
-        keep, biases, w_out = _plan(ffns, scores, kept, stats, config)
+        kept = allocate(scores, costs, target, config.allocation, config.protect_min, curves, protected)
+        keep, biases, w_out = _plan(ffns, scores, kept, stats, config, protected)
     edit_ffns_(model, keep, biases, w_out=w_out)
     after = count_parameters(model, find_ffns(model))
     layers = [
@@ -423,8 +453,10 @@ def _plan(
     kept: dict[UnitKey, int],
     stats: dict[UnitKey, UnitStats] | None,
     config: PruneConfig,
+    protected: dict[UnitKey, Tensor] | None = None,
 ) -> tuple[dict[FFN, Tensor], dict[FFN, Tensor], dict[FFN, Tensor]]:
     """Neuron indices per handle (experts: one common width), compensated b_out, refit W_out."""
+    prot = protected or {}
     keep: dict[FFN, Tensor] = {}
     biases: dict[FFN, Tensor] = {}
     w_new: dict[FFN, Tensor] = {}
@@ -435,14 +467,15 @@ def _plan(
             if f.d_ff >= _MOE_MULTIPLE:  # grouped-matmul kernels need 16-byte strides
                 k = min(f.d_ff, max(_MOE_MULTIPLE, _MOE_MULTIPLE * round(k / _MOE_MULTIPLE)))
             if k < f.d_ff:
-                keep[f] = torch.stack([_keep_index(scores[e], k) for e in ekeys])  # [E, k]
+                keep[f] = torch.stack([_keep_index(scores[e], k, prot.get(e)) for e in ekeys])  # [E, k]
             if f.shared is not None and kept[(f.index, "shared")] < f.shared.d_ff:
-                keep[f.shared] = _keep_index(scores[(f.index, "shared")], kept[(f.index, "shared")])
+                sk = (f.index, "shared")
+                keep[f.shared] = _keep_index(scores[sk], kept[sk], prot.get(sk))
             continue
         key = (f.index, None)
         if kept[key] >= f.d_ff:
             continue
-        idx = _keep_index(scores[key], kept[key])
+        idx = _keep_index(scores[key], kept[key], prot.get(key))
         keep[f] = idx
         if not config.compensate or stats is None:
             continue

@@ -14,7 +14,11 @@ Scores (n = d_ff, per unit, float64 [n]):
   output scales with each of the three).
 - ``wanda-sp``   mean_r |W_out[r, i]| · ‖m_i‖₂ (‖m_i‖₂ as √E[m_i²]: a per-unit constant factor apart).
 - ``flap``       Var(m_i) · ‖v_i‖² — the fluctuation of what neuron i writes (its mean is compensable).
-- ``lorap``      ‖(|W_in| · √E[x²])[i]‖ + ‖(|W_gate| · √E[x²])[i]‖ + ‖|v_i|‖ · √E[m_i²].
+- ``lorap``      ‖(|W_in| · √E[x²])[i]‖ + ‖(|W_gate| · √E[x²])[i]‖ + ‖|v_i|‖ · √E[m_i²]. LoRAP also
+  never removes the lowest-scored 1% of each layer's neurons (:data:`KEEP_LOWEST`,
+  :func:`lowest_protected`): its reference code (github lihuang258/LoRAP, ``utils/prune.py``
+  ``prune_mlp``, ``--mlp_least_save_ratio 0.01``) sorts the scores ascending and removes
+  ``sorted[⌊0.01·n⌋ : ⌊(s + 0.01)·n⌋]``, skipping the bottom 1%.
 - ``taylor``     Σ over neuron i's weights (row of W_in, W_gate, b_in, b_gate; column of W_out) of
   |W ⊙ ∂L/∂W|, gradients of the LM loss summed over a few calibration samples (LLM-Pruner's first order).
 - ``frequency``  share of tokens where the neuron is active, relative to its layer on that token:
@@ -42,7 +46,9 @@ __all__ = [
     "SCORES",
     "RelativeFiring",
     "UnitStats",
+    "KEEP_LOWEST",
     "collect_stats",
+    "lowest_protected",
     "neuron_scores",
     "taylor_scores",
     "units",
@@ -50,6 +56,8 @@ __all__ = [
 
 SCORES = ("magnitude", "wanda-sp", "flap", "lorap", "taylor", "frequency")
 DATA_FREE = ("magnitude",)
+# share of each unit's LOWEST-scored neurons a method never removes (LoRAP keeps its bottom 1%)
+KEEP_LOWEST = {"lorap": 0.01}
 UnitKey = tuple[int, int | str | None]
 
 
@@ -269,6 +277,25 @@ def neuron_scores(
         s = (w_in.abs() * xs).norm(dim=1) + w_out.abs().norm(dim=0) * st.m_sq.sqrt()
         return s + (w_gate.abs() * xs).norm(dim=1) if w_gate is not None else s
     return st.firing.clone()  # frequency
+
+
+def lowest_protected(score: Tensor, share: float) -> Tensor:
+    """Mask [n] of the ⌊share·n⌋ lowest-scored neurons, which pruning must keep (LoRAP's bottom 1%).
+
+    LoRAP's reference (github lihuang258/LoRAP, ``utils/prune.py`` ``prune_mlp``) sorts its scores
+    ascending and removes ``sorted_indices[int(n·0.01) : int((sparsity + 0.01)·n)]``: the lowest 1%
+    stay, the next ``sparsity`` share goes.
+
+    Example:
+        >>> lowest_protected(torch.arange(300.0), 0.01).nonzero().flatten()
+        tensor([0, 1, 2])
+    """
+    n = score.numel()
+    p = int(n * share)  # floor, as the reference's int(...)
+    mask = torch.zeros(n, dtype=torch.bool)
+    if p > 0:
+        mask[torch.sort(score.detach().cpu(), stable=True).indices[:p]] = True
+    return mask
 
 
 # ----- first-order Taylor -------------------------------------------------------------------------
