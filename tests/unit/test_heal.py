@@ -108,3 +108,45 @@ def test_config_validation():
     model, reference = _pruned_pair()
     with pytest.raises(InvalidArgumentError, match="tokenizer"):
         heal_(model, reference, HealConfig(steps=1), progress=False)
+
+
+def test_heal_blocks_trains_attention_but_not_embeddings_or_head():
+    model, reference = _pruned_pair("gpt2")  # gpt2 ties the head to the embeddings
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    heal_(model, reference, HealConfig(steps=3, lr=1e-2, params="blocks"), calibration=_ids(), progress=False)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(".attn." in n for n in changed) and any(".mlp." in n for n in changed)
+    assert not any(n.endswith(("wte.weight", "wpe.weight")) for n in changed)
+
+
+def test_hidden_state_matching_adds_to_the_loss_and_still_heals():
+    from ffnkit.compress.heal import hidden_state_loss
+
+    model, reference = _pruned_pair()
+    ids = _ids()[:4]
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        ref = reference(input_ids=ids, output_hidden_states=True)
+    assert float(hidden_state_loss(ref.hidden_states[1:], ref.hidden_states[1:])) == 0.0
+    assert float(hidden_state_loss(out.hidden_states[1:], ref.hidden_states[1:])) > 0.0
+    held_out = _ids(seed=7)
+    kl_before = _kl(model, reference, held_out)
+    config = HealConfig(steps=15, lr=3e-3, hidden_weight=1.0)
+    report = heal_(model, reference, config, calibration=_ids(), progress=False)
+    assert _kl(model, reference, held_out) < kl_before and report.steps == 15
+
+
+def test_learning_rate_decays_with_time_when_the_budget_is_shorter_than_the_steps():
+    from ffnkit.compress.heal import _lr_factor
+
+    config = HealConfig(steps=1000, warmup=0, final_lr=0.1)
+    assert _lr_factor(10, config, time_progress=0.0) == pytest.approx(1.0, abs=1e-3)
+    assert _lr_factor(10, config, time_progress=0.5) == pytest.approx(0.55)
+    assert _lr_factor(10, config, time_progress=1.0) == pytest.approx(0.1)
+    assert _lr_factor(1000, config, time_progress=0.0) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("bad", [{"params": "everything"}, {"final_lr": 1.5}, {"hidden_weight": -1.0}])
+def test_bad_heal_options_are_refused(bad):
+    with pytest.raises(InvalidArgumentError):
+        HealConfig(**bad)

@@ -1,11 +1,16 @@
 """Healing: a short distillation of a compressed model towards the original, ``heal_(model, reference)``.
 
 The loss is KL(reference ‖ model) of the next-token distributions (temperature 1) on calibration text,
-averaged over tokens. By default only the FFN parameters train (the factors of low-rank matrices, the
-remaining neurons of pruned FFNs, expert tensors); everything else stays frozen. With ``lora=True``
-the FFN Linears get peft LoRA adapters instead, merged back into the weights at the end (needs
-``pip install peft``). A time budget (``max_minutes``) stops the loop early; the report says why it
-stopped and keeps the loss curve.
+averaged over tokens, optionally plus a matching of every layer's hidden state (``hidden_weight``: mean
+squared error over the reference's mean square, averaged over layers — a denser signal per token, which
+matters when a CPU budget allows only a hundred steps). By default only the FFN parameters train (the
+factors of low-rank matrices, the remaining neurons of pruned FFNs, expert tensors); ``params="blocks"``
+trains every layer's weights (attention and norms too; the embedding tables and the output head stay
+frozen).
+With ``lora=True`` the FFN Linears get peft LoRA adapters instead, merged back into the weights at the
+end (needs ``pip install peft``). The learning rate warms up, then follows a cosine to ``final_lr``×lr
+over whichever runs out first, the steps or the time budget (``max_minutes``), so a short budget still
+ends with a decayed learning rate; the report says why it stopped and keeps the loss curve.
 
 Example:
     >>> reference = copy.deepcopy(model)
@@ -29,7 +34,9 @@ from ffnkit.core.archs import find_ffns
 from ffnkit.core.config import JsonConfig
 from ffnkit.core.errors import FFNKitError, InvalidArgumentError
 
-__all__ = ["HealConfig", "HealReport", "ffn_trainable_parameters", "heal_", "kl_to_reference"]
+HEAL_PARAMS = ("ffn", "blocks")
+
+__all__ = ["HEAL_PARAMS", "HealConfig", "HealReport", "ffn_trainable_parameters", "heal_", "kl_to_reference"]
 
 
 @dataclass
@@ -42,12 +49,15 @@ class HealConfig(JsonConfig):
     """
 
     steps: int = 200  # optimiser steps (fewer if max_minutes runs out first)
-    lr: float = 1e-4
-    samples: int = 256  # calibration windows drawn (cycled through)
+    lr: float = 3e-4  # best of 1e-4 / 3e-4 / 1e-3 in benchmarks/results/heal_sweep_h200.json
+    samples: int = 512  # calibration windows drawn (cycled through; 512 × 256 tokens ≈ 10 CPU minutes)
     seq_len: int = 256
     batch_size: int = 4
-    warmup: int = 5  # linear warm-up steps, then a cosine decay to lr/10 over ``steps``
+    warmup: int = 5  # linear warm-up steps, then a cosine decay to final_lr × lr
+    final_lr: float = 0.1  # share of lr left at the end of the cosine
     weight_decay: float = 0.0
+    params: str = "ffn"  # what trains: "ffn" (FFN weights) or "blocks" (all but embeddings and head)
+    hidden_weight: float = 0.0  # weight of the per-layer hidden-state matching added to the KL
     lora: bool = False  # peft LoRA adapters on the FFN Linears instead of training them
     lora_r: int = 8
     lora_alpha: int = 16
@@ -63,6 +73,12 @@ class HealConfig(JsonConfig):
             raise InvalidArgumentError(f"lr and max_minutes must be > 0, got {self.lr}, {self.max_minutes}")
         if self.lora_r < 1:
             raise InvalidArgumentError(f"lora_r must be >= 1, got {self.lora_r}")
+        if self.params not in HEAL_PARAMS:
+            raise InvalidArgumentError(f"params must be one of {', '.join(HEAL_PARAMS)}, got {self.params!r}")
+        if not 0.0 <= self.final_lr <= 1.0 or self.hidden_weight < 0:
+            raise InvalidArgumentError(
+                f"final_lr must be in [0, 1] and hidden_weight >= 0, got {self.final_lr}, {self.hidden_weight}"
+            )
 
 
 @dataclass
@@ -82,12 +98,29 @@ class HealReport:
         return asdict(self)
 
 
-def _forward(model: nn.Module, ids: Tensor) -> Tensor:
-    kwargs: dict[str, Any] = {"input_ids": ids}
-    if getattr(model.config, "is_encoder_decoder", False):
+def _forward(model: nn.Module, ids: Tensor, hidden: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Logits [B, T, V] and, when asked, the hidden states after each layer (decoder side for T5)."""
+    kwargs: dict[str, Any] = {"input_ids": ids, "output_hidden_states": hidden}
+    encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
+    if encoder_decoder:
         kwargs["decoder_input_ids"] = ids
     out = model(**kwargs)
-    return out.logits  # [B, T, V]
+    states = (out.decoder_hidden_states if encoder_decoder else out.hidden_states) if hidden else None
+    return out.logits, tuple(states[1:]) if states else ()
+
+
+def hidden_state_loss(states: tuple[Tensor, ...], ref_states: tuple[Tensor, ...]) -> Tensor:
+    """Mean over layers of ‖h − h_ref‖² / ‖h_ref‖² (each averaged over tokens): scale-free per layer, so
+    late layers with large residual norms do not drown the early ones.
+
+    Example:
+        >>> hidden_state_loss(out.hidden_states[1:], ref_out.hidden_states[1:])
+    """
+    terms = [
+        (h.float() - r.float()).pow(2).mean() / r.float().pow(2).mean().clamp_min(1e-12)
+        for h, r in zip(states, ref_states, strict=True)
+    ]
+    return torch.stack(terms).mean()
 
 
 def kl_to_reference(logits: Tensor, ref_logits: Tensor) -> Tensor:
@@ -149,11 +182,27 @@ def _calibration(config: HealConfig, calibration: Tensor | None, tokenizer: Any)
     return calibration_ids(config, calibration, tokenizer, what="healing")
 
 
-def _lr_factor(step: int, config: HealConfig) -> float:
+def _lr_factor(step: int, config: HealConfig, time_progress: float = 0.0) -> float:
+    """Warm-up, then a cosine to ``final_lr`` driven by the steps or the time used, whichever is further."""
     if step < config.warmup:
         return (step + 1) / (config.warmup + 1)
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = max((step - config.warmup) / max(1, config.steps - config.warmup), time_progress)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.final_lr + (1 - config.final_lr) * cosine
+
+
+def block_trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter but the embeddings (token and position tables) and the output head (shared or
+    not): what ``params="blocks"`` trains.
+
+    Example:
+        >>> sum(p.numel() for p in block_trainable_parameters(model))
+    """
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    frozen = {
+        id(p) for mod in (*tables, model.get_output_embeddings()) if mod is not None for p in mod.parameters()
+    }
+    return [p for p in model.parameters() if id(p) not in frozen]
 
 
 def _add_lora(model: nn.Module, config: HealConfig):
@@ -216,14 +265,17 @@ def heal_(
             _add_lora(model, config)
             params = [p for n, p in model.named_parameters() if "lora_" in n]
         else:
-            params = ffn_trainable_parameters(model)
+            params = (
+                ffn_trainable_parameters(model)
+                if config.params == "ffn"
+                else block_trainable_parameters(model)
+            )
             snapshot = [(p, p.detach().clone()) for p in params]
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(
             params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95)
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
         model.eval()  # no dropout: the reference runs without it too
         gen = torch.Generator().manual_seed(config.seed)
         order = torch.randperm(ids.shape[0], generator=gen)
@@ -231,24 +283,30 @@ def heal_(
         stopped_by, tokens, cursor = "steps", 0, 0
         bar = tqdm(range(config.steps), desc="healing", disable=not progress)
         budget, step_s = 60 * config.max_minutes, 0.0
-        for _ in bar:
+        hidden = config.hidden_weight > 0
+        for step in bar:
             # stop before a step that would end past the budget (the slowest step so far as its estimate)
             if time.perf_counter() - start + step_s > budget:
                 stopped_by = "time"
                 break
             t_step = time.perf_counter()
+            # the time progress counts the step about to run, so the last step runs at the final lr
+            factor = _lr_factor(step, config, (t_step - start + step_s) / budget)
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * factor
             pick = order[(cursor + torch.arange(config.batch_size)) % ids.shape[0]]
             cursor += config.batch_size
             batch = ids[pick].to(device)  # [B, T]
             with torch.no_grad():
-                ref_logits = _forward(reference, batch)
-            loss = kl_to_reference(_forward(model, batch), ref_logits)
+                ref_logits, ref_states = _forward(reference, batch, hidden)
+            logits, states = _forward(model, batch, hidden)
+            kl = kl_to_reference(logits, ref_logits)
+            loss = kl + config.hidden_weight * hidden_state_loss(states, ref_states) if hidden else kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            scheduler.step()
-            curve.append(float(loss.detach()))
+            curve.append(float(kl.detach()))
             step_s = max(step_s, time.perf_counter() - t_step)
             tokens += batch.numel()
             bar.set_postfix(kl=f"{curve[-1]:.4f}")
