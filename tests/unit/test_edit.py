@@ -152,7 +152,11 @@ def test_atomicity_failure_in_recording_restores_everything(monkeypatch):
     model = tiny_model("llama")
     inputs = tiny_inputs(model)
     ref = _out(model, inputs)
-    monkeypatch.setattr(edit, "record_change", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    from ffnkit.core import structure
+
+    monkeypatch.setattr(
+        structure, "record_change", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    )
     ffn = find_ffns(model)[0]
     with pytest.raises(RuntimeError, match="boom"):
         keep_neurons_(ffn, torch.arange(5), model=model)
