@@ -100,3 +100,16 @@ def test_bad_input_is_one_line_and_exit_2(saved, args, fragment):
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("ffnkit: error: ") and fragment in lines[-1]
     assert "Traceback" not in run.stderr
+
+
+def test_compress_with_heal_reports_the_distillation_and_saves(saved):
+    out = saved["root"] / "healed"
+    args = ["compress", str(saved["model"]), "--method", "wanda-sp", "--ratio", "0.3", "-o", str(out)]
+    args += ["--corpus", str(saved["corpus"]), "--samples", "4", "--seq-len", "16", "--heal"]
+    run = ffnkit(*args, "--heal-minutes", "0.05", "--heal-lr", "1e-3", "--json", cache=saved["cache"])
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["heal"]["steps"] >= 1 and doc["heal"]["config"]["lr"] == 1e-3
+    assert doc["heal"]["config"]["max_minutes"] == 0.05 and (out / "config.json").exists()
+    bad = ffnkit(*args, "--heal-minutes", "0", "--json", cache=saved["cache"])
+    assert bad.returncode == 2 and "max_minutes" in bad.stderr.strip().splitlines()[-1]

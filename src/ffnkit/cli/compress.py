@@ -165,6 +165,8 @@ def compress(
     heal: Annotated[
         bool, typer.Option("--heal", help="Then distil towards the original on calibration text (≤10 min).")
     ] = False,
+    heal_minutes: Annotated[float, typer.Option(help="Time budget of --heal, minutes.")] = 10.0,
+    heal_lr: Annotated[float, typer.Option(help="Peak learning rate of --heal.")] = 3e-4,
     json: JsonOpt = False,
 ) -> None:
     """Compress MODEL's FFNs with METHOD at RATIO, save it to DIR, print sizes and perplexity."""
@@ -181,6 +183,10 @@ def compress(
         raise InvalidArgumentError(
             f"--ratio must be in [0, 1) (share of FFN parameters removed), got {ratio}"
         )
+    if heal:  # bad healing options fail now, not after the compression
+        from ffnkit.compress.heal import HealConfig
+
+        HealConfig(max_minutes=heal_minutes, lr=heal_lr)
     net, tok = load_model(model)
     before = count_parameters(net, find_ffns(net))
     doc: dict[str, Any] = {"model": model, "method": method, "ratio": ratio, "output": output}
@@ -196,6 +202,7 @@ def compress(
         doc["protocol"] = {**ppl_before.protocol, "corpus": text.name, "split": "evaluation"}
     start = time.perf_counter()
     opts = CompressOptions(method, ratio, allocation, samples, seq_len, corpus, progress=not json)
+    opts.extra["heal"] = {"max_minutes": heal_minutes, "lr": heal_lr}
     reference = copy.deepcopy(net) if heal else None  # the teacher for healing: the model before compression
     report = entry.run(net, tok, opts)
     if heal:
