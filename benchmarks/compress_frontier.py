@@ -44,6 +44,9 @@ CANDIDATES = {
     "wanda-sp/global+refit": dict(method="wanda-sp", allocation="global", reconstruct=True),
     "wanda-sp/sensitivity": dict(method="wanda-sp", allocation="sensitivity"),
     "flap/sensitivity+refit": dict(method="flap", allocation="sensitivity", reconstruct=True),
+    "flap/sensitivity8+refit": dict(
+        method="flap", allocation="sensitivity", reconstruct=True, sensitivity_samples=8
+    ),
 }
 
 DEFAULT = [

@@ -190,3 +190,14 @@ def test_cli_unknown_method_lists_the_available_ones():
     result = CliRunner().invoke(app, ["compress", "smollm2-135m", "--method", "bogus", "-o", "x"])
     assert result.exit_code != 0
     assert "wanda-sp" in str(result.exception) and "flap" in str(result.exception)
+
+
+def test_sensitivity_allocation_stops_at_the_last_measured_ratio():
+    from ffnkit.compress.prune import allocate
+
+    a, b = (0, None), (1, None)
+    scores = {a: torch.rand(100), b: torch.rand(100)}
+    curves = {a: ([0.1, 0.2, 0.3], [0.0, 0.0, 0.0]), b: ([0.1, 0.2, 0.3], [1.0, 2.0, 3.0])}
+    keep = allocate(scores, {a: 1.0, b: 1.0}, 40.0, "sensitivity", 0.05, curves)
+    # layer a costs nothing as far as measured, but is not extrapolated past 30%: b pays the rest
+    assert keep == {a: 70, b: 90}

@@ -8,9 +8,10 @@ each unit loses:
 - ``global``: scores standardised per unit (z-scores), one global threshold (FLAP); each neuron counts
   with its parameter cost.
 - ``sensitivity``: the loss increase (KL to the unpruned model on ``sensitivity_samples`` calibration
-  windows) of pruning each layer *alone* (simulated by masking m) is measured at ratios r/2, r and 1.5r;
+  windows) of pruning each layer *alone* (simulated by masking m) is measured at ratios r/2 … 2.5r;
   units then lose neurons greedily where the measured marginal cost (piecewise linear through the
-  points, linear beyond) per parameter is lowest, hitting the same total. Dense FFNs only.
+  points) per parameter is lowest, hitting the same total, never past a unit's last measured ratio.
+  Dense FFNs only.
 
 Every unit keeps at least ``max(1, protect_min × d_ff)`` neurons. LoRAP (``keep_lowest``, default 1%
 for ``lorap``) also keeps the ⌊keep_lowest × d_ff⌋ lowest-scored neurons of each unit and removes the
@@ -194,12 +195,15 @@ def allocate(
     if allocation == "sensitivity":
         if curves is None:
             raise InvalidArgumentError("sensitivity allocation needs measured curves")
+        # never past the last measured ratio: a linear extrapolation underestimates the (convex) loss
+        # and sent layers down to protect_min (5%) on SmolLM2 (compress_frontier_sensitivity_h200.json)
+        mins = {k: max(m, sizes[k] - math.floor(max(curves[k][0]) * sizes[k])) for k, m in mins.items()}
         return _greedy(curves, sizes, costs, mins, target)
     raise InvalidArgumentError(f"unknown allocation {allocation!r}; use one of {', '.join(ALLOCATIONS)}")
 
 
 def _interp(curve: tuple[list[float], list[float]], r: float) -> float:
-    """Piecewise-linear loss increase at ratio r through (0, 0) and the measured points; linear beyond."""
+    """Piecewise-linear loss increase at ratio r through (0, 0) and the measured points."""
     xs, ys = [0.0, *curve[0]], [0.0, *curve[1]]
     for i in range(1, len(xs)):
         if r <= xs[i] or i == len(xs) - 1:
@@ -380,7 +384,8 @@ def prune_(
         curves = None
         if config.allocation == "sensitivity":
             r = config.ratio
-            grid = sorted({min(0.95, x) for x in (0.5 * r, r, 1.5 * r)})
+            # up to 2.5 r: a layer is never pruned past its last measured point (see allocate)
+            grid = sorted({min(0.95, x) for x in (0.5 * r, r, 1.5 * r, 2 * r, 2.5 * r)})
             curves = _sensitivity_curves(
                 model,
                 ffns,
