@@ -45,6 +45,7 @@ REPLAYS: dict[str, Callable[[nn.Module, dict], None] | str] = {
     "ffn_lowrank": "ffnkit.compress.lowrank:replay_lowrank",
     "sublayers_removed": "ffnkit.compress.sublayers:replay_sublayers",
     "blocks_removed": "ffnkit.compress.sublayers:replay_blocks",
+    "ffn_quantized": "ffnkit.compress.quantize:replay_quantized",
 }
 
 
@@ -215,6 +216,8 @@ def _from_pretrained_replayed(cls: type, path: Path, config: Any, changes: list[
         rebuilt = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
     dtype = getattr(config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    from safetensors import SafetensorError  # a truncated or garbled model.safetensors
+
     from ffnkit.models import _quiet_progress
 
     restore = _quiet_progress()  # transformers' "Loading weights" bar on every load
@@ -222,7 +225,7 @@ def _from_pretrained_replayed(cls: type, path: Path, config: Any, changes: list[
         model, info = rebuilt.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
     except SavedModelError:
         raise
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise SavedModelError(
             f"{path}: the weights do not load into the rebuilt model ({first}); save the model again"

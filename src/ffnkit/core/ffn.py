@@ -251,6 +251,9 @@ class FFN:
             # the modules' own parameters: right for fused gate_up (counted once) and for factorised
             # low-rank projections, whose canonical W is a product of two smaller matrices
             unique = {id(p): p for m in modules for p in m.parameters()}
+            for m in modules:  # a quantised matrix keeps packed buffers: count the weights it stands for
+                if isinstance(getattr(m, "qweight", None), Tensor):
+                    unique[id(m)] = torch.empty(m.out_features, m.in_features, device="meta")
             return list(unique.values())
         refs = (self.w_in, self.w_gate, self.w_out, self.bias_in, self.bias_gate, self.bias_out)
         return [r.get() for r in refs if r is not None]
