@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from ffnkit.compress.heal import HealConfig, heal_
-    from ffnkit.compress.prune import PruneConfig, prune_
+    from ffnkit.compress.prune import BEST, PruneConfig, prune_
     from ffnkit.core.archs import find_ffns
     from ffnkit.data import evaluation_tokens, load_corpus
     from ffnkit.evaluate import count_parameters, environment, perplexity
@@ -49,10 +49,10 @@ def main() -> None:
     tokens = evaluation_tokens(load_corpus("austen"), tok)
     dense = perplexity(model, tokens, progress=False)
     reference = copy.deepcopy(model).eval()
-    prune_config = PruneConfig(
-        method="flap", ratio=args.ratio, allocation="global", reconstruct=True, corpus=args.corpus
-    )
+    prune_config = PruneConfig(**BEST, ratio=args.ratio, corpus=args.corpus)
+    t_prune = time.time()
     prune_(model, prune_config, tokenizer=tok)
+    prune_seconds = time.time() - t_prune
     pruned = perplexity(model, tokens, progress=False)
     heal_config = HealConfig(
         steps=100_000,  # the time budget ends it; the learning rate decays over that budget
@@ -84,6 +84,7 @@ def main() -> None:
         "goal_reached": healed.perplexity <= 1.15 * dense.perplexity,
         "heal": heal_report.to_dict(),
         "heal_wall_seconds": time.time() - t0,
+        "prune_seconds": prune_seconds,
         "parameters": count_parameters(model, find_ffns(model)),
         "threads": torch.get_num_threads(),
         "load_average_1m_end": os.getloadavg()[0],

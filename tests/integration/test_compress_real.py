@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ffnkit.compress import PruneConfig, collect_stats, prune_
+from ffnkit.compress.prune import BEST
 from ffnkit.data import calibration_batches, evaluation_tokens, load_corpus
 from ffnkit.evaluate import perplexity
 from ffnkit.models import load_model
@@ -35,7 +36,7 @@ def test_best_recipe_beats_uniform_wanda_sp_at_30_percent(setup):
     ppl = {}
     for name, cfg in {
         "wanda-sp": PruneConfig("wanda-sp", 0.3),
-        "best": PruneConfig("flap", 0.3, allocation="global", reconstruct=True),
+        "best": PruneConfig(**BEST, ratio=0.3),
     }.items():
         m = copy.deepcopy(model)
         report = prune_(m, cfg, calibration=calib, stats=stats)

@@ -64,6 +64,12 @@ def _prune_with(method: str, **fixed: Any) -> Callable[[Any, Any, CompressOption
     return run
 
 
+def _best(model: Any, tokenizer: Any, opts: CompressOptions) -> Any:
+    from ffnkit.compress.prune import BEST  # imported when it runs: `ffnkit --help` stays fast
+
+    return _prune_with(**BEST)(model, tokenizer, opts)
+
+
 METHODS: dict[str, MethodEntry] = {
     "magnitude": MethodEntry(_prune_with("magnitude"), "neuron pruning by weight norms (data-free)"),
     "wanda-sp": MethodEntry(_prune_with("wanda-sp"), "neuron pruning: mean |W_out| · ‖m‖ (Wanda-sp)"),
@@ -71,11 +77,9 @@ METHODS: dict[str, MethodEntry] = {
     "lorap": MethodEntry(_prune_with("lorap"), "neuron pruning: LoRAP's activation-weighted norms"),
     "taylor": MethodEntry(_prune_with("taylor"), "neuron pruning: first-order Taylor |W ⊙ ∂L/∂W|"),
     "frequency": MethodEntry(_prune_with("frequency"), "neuron pruning by activation frequency"),
-    # the frontier's best at 20-50% (benchmarks/results/compress_frontier_cpu.json): FLAP scores, one
-    # global threshold over z-scores, and the least-squares refit of the kept W_out columns and b_out
     "best": MethodEntry(
-        _prune_with("flap", allocation="global", reconstruct=True),
-        "the published frontier's best: FLAP scores, global allocation, least-squares W_out refit",
+        _best,
+        "the published frontier's best: FLAP scores, per-layer sensitivity, least-squares W_out refit",
     ),
 }
 
@@ -116,7 +120,7 @@ METHODS.update(
         ),
         "quantize": MethodEntry(
             _lazy("ffnkit.compress.quantize:cli_run"),
-            "4-bit weight-only FFN quantisation (torchao; not savable)",
+            "4-bit weight-only FFN quantisation (torchao integers, packed; saves and reloads exactly)",
         ),
     }
 )

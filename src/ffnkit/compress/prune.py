@@ -56,10 +56,13 @@ from ffnkit.core.edit import edit_ffns_
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.core.ffn import FFN
 
-__all__ = ["ALLOCATIONS", "METHODS", "PruneConfig", "PruneReport", "allocate", "prune_"]
+__all__ = ["ALLOCATIONS", "BEST", "METHODS", "PruneConfig", "PruneReport", "allocate", "prune_"]
 
 METHODS = SCORES
 ALLOCATIONS = ("uniform", "global", "sensitivity")
+# the published frontier's best at 20-50% (benchmarks/results/compress_frontier_sensitivity_h200.json):
+# FLAP scores, measured per-layer sensitivity, least-squares refit of the kept W_out columns and b_out
+BEST = {"method": "flap", "allocation": "sensitivity", "reconstruct": True}
 _MOE_MULTIPLE = 8
 
 

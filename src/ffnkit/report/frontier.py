@@ -14,7 +14,8 @@ from pathlib import Path
 from ffnkit.report import html
 
 RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results"  # the source tree's results
-FILES = ("compress_frontier_cpu.json", "compress_lowrank.json")
+# same protocol in each (perplexity does not depend on the device); a label's first file wins
+FILES = ("compress_frontier_cpu.json", "compress_frontier_sensitivity_h200.json", "compress_lowrank.json")
 
 
 def _curves() -> tuple[dict[str, dict[float, float]], dict | None, list[str]]:
@@ -28,10 +29,10 @@ def _curves() -> tuple[dict[str, dict[float, float]], dict | None, list[str]]:
         doc = json.loads(path.read_text())
         read.append(name)
         for row in doc.get("results", []):
-            curves[row["label"]][row["ratio"]] = row["perplexity"]
+            curves[row["label"]].setdefault(row["ratio"], row["perplexity"])
         for row in doc.get("lowrank", []):
-            curves[row["method"]][row["ratio"]] = row["perplexity"]
-        if isinstance(doc.get("dense"), dict):
+            curves[row["method"]].setdefault(row["ratio"], row["perplexity"])
+        if isinstance(doc.get("dense"), dict) and dense is None:
             dense = doc["dense"]
     return dict(curves), dense, read
 
