@@ -1,7 +1,7 @@
 """Benchmark: CPU latency of every shape in the compression frontier, measured on an idle machine.
 
 Latency depends only on the shapes (FFN widths, low-rank ranks, an added b_out), not on the weights, so
-each distinct shape of the perplexity frontiers (compress_frontier_cpu.json: per-layer d_ff of each row;
+each distinct shape of the perplexity frontiers (compress_frontier_cpu.json and compress_frontier_sensitivity_h200.json: per-layer d_ff of each row;
 compress_lowrank.json: the uniform rank at each ratio) is rebuilt on the dense model without any
 calibration and timed against the dense model in the same process, the two alternated in every round:
 a 1×512 forward (no cache) and greedy decode tokens/s at batch 1 (32 new tokens after the default prompt).
@@ -25,6 +25,13 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FRONTIERS = ("compress_frontier_cpu.json", "compress_frontier_sensitivity_h200.json")
+
+
+def _pruned_key(row: dict) -> str:
+    """Rows with the same widths and the same added bias share one shape (and one measurement)."""
+    bias = bool(row.get("bias_compensation") or row.get("reconstruct"))
+    return f"widths:{','.join(map(str, row['d_ff']))}:bias={bias}"
 
 
 def forward_s(model: torch.nn.Module, ids: torch.Tensor) -> float:
@@ -98,15 +105,19 @@ def main() -> None:
     dense, tok = load_model("smollm2-135m")
     dense.eval()
     ids = torch.randint(100, 40_000, (1, 512), generator=torch.Generator().manual_seed(0))  # [1, 512]
-    frontier_path, lowrank_path = RESULTS / "compress_frontier_cpu.json", RESULTS / "compress_lowrank.json"
-    frontier, lowrank = json.loads(frontier_path.read_text()), json.loads(lowrank_path.read_text())
+    frontier_paths = [RESULTS / f for f in FRONTIERS]
+    frontiers = [json.loads(p.read_text()) for p in frontier_paths]
+    lowrank_path = RESULTS / "compress_lowrank.json"
+    lowrank = json.loads(lowrank_path.read_text())
 
     shapes: dict[str, dict] = {}
-    for row in frontier["results"]:
-        bias = bool(row.get("bias_compensation") or row.get("reconstruct"))
-        key = f"widths:{','.join(map(str, row['d_ff']))}:bias={bias}"
-        shapes.setdefault(key, {"kind": "pruned", "widths": row["d_ff"], "bias": bias, "rows": []})
-        shapes[key]["rows"].append(f"frontier {row['label']} {row['ratio']}")
+    for path, frontier in zip(frontier_paths, frontiers, strict=True):
+        for row in frontier["results"]:
+            key = _pruned_key(row)
+            shapes.setdefault(
+                key, {"kind": "pruned", "widths": row["d_ff"], "bias": "bias=True" in key, "rows": []}
+            )
+            shapes[key]["rows"].append(f"{path.stem} {row['label']} {row['ratio']}")
     for row in lowrank["lowrank"]:
         key = f"lowrank:{row['ratio']}"
         shapes.setdefault(key, {"kind": "lowrank", "ratio": row["ratio"], "rows": []})
@@ -151,11 +162,12 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(doc, indent=1, default=str) + "\n")
     if args.update:
         pointer = {**record, "file": Path(args.out).name}
-        for row in frontier["results"]:
-            bias = bool(row.get("bias_compensation") or row.get("reconstruct"))
-            row["latency"] = measured[f"widths:{','.join(map(str, row['d_ff']))}:bias={bias}"]
-        frontier["latency_remeasured"] = pointer
-        frontier_path.write_text(json.dumps(frontier, indent=2, default=str) + "\n")
+        for path, frontier in zip(frontier_paths, frontiers, strict=True):
+            for row in frontier["results"]:
+                row["latency"] = measured[_pruned_key(row)]
+            frontier["latency_remeasured"] = pointer
+            path.write_text(json.dumps(frontier, indent=2, default=str) + "\n")
+        frontier = frontiers[0]
         for row in lowrank["lowrank"]:
             lat = measured[f"lowrank:{row['ratio']}"]
             row.update(
