@@ -340,6 +340,7 @@ def test_cli_compress_quantize_then_eval(tmp_path):
     assert ev["perplexity"] > 1
 
 
+@needs_torchao
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
 def test_quantising_keeps_the_parameter_count(family):
     from ffnkit.evaluate import count_parameters
