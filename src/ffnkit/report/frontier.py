@@ -44,10 +44,18 @@ def _plot(curves: dict[str, dict[float, float]], dense_ppl: float, path: Path) -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4))
-    for label, points in sorted(curves.items()):
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: more curves than the default cycle has
+    for i, (label, points) in enumerate(sorted(curves.items())):
         xs = sorted(points)
+        best = label == "flap/sensitivity+refit"  # ffnkit's ``best`` (compress.prune.BEST)
         ax.plot(
-            [100 * x for x in xs], [points[x] for x in xs], "o-", label=label, lw=2 if "refit" in label else 1
+            [100 * x for x in xs],
+            [points[x] for x in xs],
+            marker="os^Dv<>p"[i % 8],
+            color="black" if best else colors[i % len(colors)],
+            label=f"{label} (best)" if best else label,
+            lw=2.5 if best else 1.2,
+            ms=4,
         )
     ax.axhline(dense_ppl, color="black", ls=":", label=f"dense ({dense_ppl:.1f})")
     ax.set_yscale("log")
