@@ -335,7 +335,21 @@ def test_cli_compress_quantize_then_eval(tmp_path):
         "compress", str(tmp_path / "tiny"), "--method", "quantize", "-o", str(out), "--no-eval", "--json"
     )
     assert doc["report"]["transform"] == "quantize" and doc["report"]["stored_bits_per_weight"] < 8
+    assert doc["report"]["config"]["mapping"] == QuantizeConfig().mapping  # the library's default
     assert _weights_size(out) < _weights_size(tmp_path / "tiny")
+    doc8 = ffnkit(
+        "compress",
+        str(tmp_path / "tiny"),
+        "--method",
+        "quantize",
+        "--bits",
+        "8",
+        "-o",
+        str(tmp_path / "q8"),
+        "--no-eval",
+        "--json",
+    )
+    assert doc8["report"]["config"]["bits"] == 8 and _weights_size(out) < _weights_size(tmp_path / "q8")
     ev = ffnkit("eval", str(out), "--corpus", str(tmp_path / "corpus.txt"), "--window", "32", "--json")
     assert ev["perplexity"] > 1
 

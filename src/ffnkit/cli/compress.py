@@ -169,6 +169,7 @@ def compress(
     heal: Annotated[
         bool, typer.Option("--heal", help="Then distil towards the original on calibration text (≤10 min).")
     ] = False,
+    bits: Annotated[int, typer.Option(help="Bits per FFN weight (method quantize), 2-8.")] = 4,
     heal_minutes: Annotated[float, typer.Option(help="Time budget of --heal, minutes.")] = 10.0,
     heal_lr: Annotated[float, typer.Option(help="Peak learning rate of --heal.")] = 3e-4,
     json: JsonOpt = False,
@@ -207,6 +208,7 @@ def compress(
     start = time.perf_counter()
     opts = CompressOptions(method, ratio, allocation, samples, seq_len, corpus, progress=not json)
     opts.extra["heal"] = {"max_minutes": heal_minutes, "lr": heal_lr}
+    opts.extra["bits"] = bits
     reference = copy.deepcopy(net) if heal else None  # the teacher for healing: the model before compression
     report = entry.run(net, tok, opts)
     if heal:

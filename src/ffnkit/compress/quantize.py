@@ -437,7 +437,7 @@ def cli_run(model: nn.Module, tokenizer: Any, opts: Any) -> QuantizeReport:
         bits=int(extra.get("bits", 4)),
         group_size=extra.get("group_size", 64),
         layers=extra.get("layers"),
-        mapping=extra.get("mapping", "symmetric"),
+        mapping=extra.get("mapping", QuantizeConfig.mapping),
     )
     note = None
     if "group_size" not in extra and not _groups_fit(model, config):
