@@ -4,6 +4,6 @@
 # where no GPU is present.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
-FFNKIT_EXTRAS=test,quantize bash "$here/scripts/setup.sh"  # quantisation is tested too
+FFNKIT_EXTRAS=test,quantize,lora bash "$here/scripts/setup.sh"  # quantisation and LoRA healing are tested too
 cd "$here"
 exec .venv/bin/python -m pytest -q "$@"

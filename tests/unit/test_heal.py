@@ -150,3 +150,58 @@ def test_learning_rate_decays_with_time_when_the_budget_is_shorter_than_the_step
 def test_bad_heal_options_are_refused(bad):
     with pytest.raises(InvalidArgumentError):
         HealConfig(**bad)
+
+
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
+
+
+@needs_peft
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # nn.Linear and GPT-2's Conv1D
+def test_lora_heals_merges_and_leaves_a_plain_model(family, tmp_path):
+    from ffnkit import io
+
+    model, reference = _pruned_pair(family)
+    names = [n for n, _ in model.named_parameters()]
+    kinds = [type(m) for m in model.modules()]
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "mlp" not in n}
+    held_out = _ids(seed=7)
+    kl_before = _kl(model, reference, held_out)
+    config = HealConfig(steps=20, lr=3e-3, lora=True, lora_r=4)
+    report = heal_(model, reference, config, calibration=_ids(), progress=False)
+    assert _kl(model, reference, held_out) < kl_before
+    assert 0 < report.trainable_parameters < sum(p.numel() for p in ffn_trainable_parameters(model))
+    # merged: the same parameters and module types as before, no adapter left, only FFN weights moved
+    assert [n for n, _ in model.named_parameters()] == names and [type(m) for m in model.modules()] == kinds
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    io.save(model, None, tmp_path / "healed")
+    loaded, _ = io.load(tmp_path / "healed")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=held_out).logits, model(input_ids=held_out).logits)
+
+
+@needs_peft
+def test_lora_failure_leaves_the_model_as_it_was(monkeypatch):
+    from ffnkit.compress import heal as heal_module
+
+    model, reference = _pruned_pair()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    kinds = [type(m) for m in model.modules()]
+    real = heal_module._remove_lora
+
+    def failing_merge(m, merge):
+        if merge:
+            for mod in m.modules():  # merge one adapter for real, then fail
+                if hasattr(mod, "merge") and hasattr(mod, "lora_A"):
+                    mod.merge()
+                    break
+            raise RuntimeError("merge failed")
+        return real(m, merge)
+
+    monkeypatch.setattr(heal_module, "_remove_lora", failing_merge)
+    with pytest.raises(RuntimeError, match="merge failed"):
+        heal_(model, reference, HealConfig(steps=3, lr=1e-2, lora=True), calibration=_ids(), progress=False)
+    assert [type(m) for m in model.modules()] == kinds
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n

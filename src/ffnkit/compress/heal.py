@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -163,7 +164,10 @@ def ffn_trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _linear_paths(model: nn.Module) -> list[str]:
-    """Full module paths of the nn.Linear leaves inside FFN modules (peft LoRA targets)."""
+    """Full module paths of the nn.Linear / GPT-2 Conv1D leaves inside FFN modules (peft LoRA targets;
+    v5 3-D expert tensors and quantised matrices are not Linears and get no adapter)."""
+    from transformers.pytorch_utils import Conv1D
+
     wanted = {id(m) for m in _ffn_modules(model)}
     paths = []
     for name, mod in model.named_modules():
@@ -171,7 +175,7 @@ def _linear_paths(model: nn.Module) -> list[str]:
             paths += [
                 f"{name}.{sub}" if sub else name
                 for sub, leaf in mod.named_modules()
-                if isinstance(leaf, nn.Linear)
+                if isinstance(leaf, (nn.Linear, Conv1D))
             ]
     return paths
 
@@ -212,17 +216,34 @@ def _add_lora(model: nn.Module, config: HealConfig):
         raise FFNKitError(
             "LoRA healing needs peft: pip install peft (or heal without lora: HealConfig(lora=False))"
         ) from None
+    from transformers.pytorch_utils import Conv1D
+
     targets = _linear_paths(model)
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=targets, lora_dropout=0.0)
+    if not targets:
+        raise InvalidArgumentError(
+            "LoRA healing found no FFN Linear to adapt (expert tensors and quantised matrices take no "
+            "adapter): heal with lora=False, or heal before quantize_"
+        )
+    conv1d = any(isinstance(model.get_submodule(t), Conv1D) for t in targets)  # GPT-2 stores W as [in, out]
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        target_modules=targets,
+        lora_dropout=0.0,
+        fan_in_fan_out=conv1d,
+    )
     return inject_adapter_in_model(lora, model)
 
 
-def _merge_lora(model: nn.Module) -> None:
+def _remove_lora(model: nn.Module, merge: bool) -> None:
+    """Put the base layers back in place of peft's LoRA wrappers, merging the adapters into the
+    weights first when ``merge`` (the end of healing) and dropping them otherwise (a failed run)."""
     from peft.tuners.lora import LoraLayer
 
     for name, mod in list(model.named_modules()):
         if isinstance(mod, LoraLayer):
-            mod.merge()
+            if merge:
+                mod.merge()
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, mod.get_base_layer())
@@ -262,6 +283,8 @@ def heal_(
         for p in model.parameters():
             p.requires_grad_(False)
         if config.lora:
+            # the merge at the end writes into these: kept so that a failure anywhere undoes it
+            snapshot = [(p, p.detach().clone()) for p in ffn_trainable_parameters(model)]
             _add_lora(model, config)
             params = [p for n, p in model.named_parameters() if "lora_" in n]
         else:
@@ -312,11 +335,13 @@ def heal_(
             bar.set_postfix(kl=f"{curve[-1]:.4f}")
         bar.close()
         if config.lora:
-            _merge_lora(model)
+            _remove_lora(model, merge=True)
     except BaseException:
         with torch.no_grad():
             for p, old in snapshot:
                 p.copy_(old)
+        if config.lora and "peft" in sys.modules:
+            _remove_lora(model, merge=False)  # drop the adapters; the weights are restored above
         raise
     finally:
         for p in model.parameters():
