@@ -9,6 +9,8 @@ With ``--update`` the rows of those files get the new numbers (their old latenci
 jobs shared the two cores) and a ``latency_remeasured`` record pointing here.
 
 Run:  python benchmarks/compress_latency.py --rounds 5 --update --out benchmarks/results/compress_latency_cpu.json
+      python benchmarks/compress_latency.py --sublayers --rounds 5 --update \
+          --out benchmarks/results/compress_latency_sublayers_cpu.json   # FinerCut / ShortGPT removals
 """
 
 from __future__ import annotations
@@ -88,12 +90,37 @@ def lowrank_shape(dense, ratio: float):
     return model
 
 
+def sublayer_shape(dense, removed: list[str]):
+    """The dense model with the named sublayers / blocks removed for real (as in the result row)."""
+    from ffnkit.compress.sublayers import SublayerConfig, remove_sublayers_
+
+    model = copy.deepcopy(dense)
+    remove_sublayers_(model, SublayerConfig("manual", remove=list(removed)))
+    return model
+
+
+# sublayer-removal rows: (file, path of the row list inside it)
+SUBLAYER_ROWS = (
+    ("compress_structure_finercut_h200.json", ("parts", "finercut", "finercut-ffn")),
+    ("compress_structure.json", ("parts", "sublayers", "shortgpt-blocks")),
+)
+
+
+def _rows(doc: dict, keys: tuple[str, ...]) -> list[dict]:
+    for k in keys:
+        doc = doc[k]
+    return doc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--update", action="store_true", help="write the numbers into the frontier files")
     ap.add_argument("--limit", type=int, default=0, help="only the first N shapes (a smoke test)")
+    ap.add_argument(
+        "--sublayers", action="store_true", help="instead: the FinerCut and ShortGPT removal rows"
+    )
     ap.add_argument("--out", default=str(RESULTS / "compress_latency_cpu.json"))
     args = ap.parse_args()
 
@@ -111,6 +138,14 @@ def main() -> None:
     lowrank = json.loads(lowrank_path.read_text())
 
     shapes: dict[str, dict] = {}
+    if args.sublayers:
+        sub_docs = {name: json.loads((RESULTS / name).read_text()) for name, _ in SUBLAYER_ROWS}
+        for name, keys in SUBLAYER_ROWS:
+            for row in _rows(sub_docs[name], keys):
+                key = "removed:" + ",".join(row["removed"])
+                shapes.setdefault(key, {"kind": "sublayers", "removed": row["removed"], "rows": []})
+                shapes[key]["rows"].append(f"{name} {keys[-1]} {row['ratio']}")
+        frontier_paths, frontiers = [], []
     for path, frontier in zip(frontier_paths, frontiers, strict=True):
         for row in frontier["results"]:
             key = _pruned_key(row)
@@ -118,7 +153,7 @@ def main() -> None:
                 key, {"kind": "pruned", "widths": row["d_ff"], "bias": "bias=True" in key, "rows": []}
             )
             shapes[key]["rows"].append(f"{path.stem} {row['label']} {row['ratio']}")
-    for row in lowrank["lowrank"]:
+    for row in [] if args.sublayers else lowrank["lowrank"]:
         key = f"lowrank:{row['ratio']}"
         shapes.setdefault(key, {"kind": "lowrank", "ratio": row["ratio"], "rows": []})
         shapes[key]["rows"].append(f"lowrank {row['method']} {row['ratio']}")
@@ -130,6 +165,8 @@ def main() -> None:
     for i, (key, shape) in enumerate(shapes.items()):
         if shape["kind"] == "pruned":
             model = pruned_shape(dense, shape["widths"], shape["bias"])
+        elif shape["kind"] == "sublayers":
+            model = sublayer_shape(dense, shape["removed"])
         else:
             model = lowrank_shape(dense, shape["ratio"])
         model.eval()
@@ -160,7 +197,14 @@ def main() -> None:
         "seconds": time.perf_counter() - t0,
     }
     Path(args.out).write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    if args.update:
+    if args.update and args.sublayers:
+        pointer = {**record, "file": Path(args.out).name}
+        for name, keys in SUBLAYER_ROWS:
+            for row in _rows(sub_docs[name], keys):
+                row["latency"] = measured["removed:" + ",".join(row["removed"])]
+            sub_docs[name]["latency_remeasured_" + keys[-1]] = pointer
+            (RESULTS / name).write_text(json.dumps(sub_docs[name], indent=1, default=str) + "\n")
+    elif args.update:
         pointer = {**record, "file": Path(args.out).name}
         for path, frontier in zip(frontier_paths, frontiers, strict=True):
             for row in frontier["results"]:
