@@ -549,7 +549,13 @@ def calibration_ids(
     """
     if calibration is not None:
         ids = torch.as_tensor(calibration).long()
-        return ids[None] if ids.dim() == 1 else ids
+        ids = ids[None] if ids.dim() == 1 else ids
+        if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
+            raise InvalidArgumentError(
+                f"{what} needs calibration token ids of shape [windows, tokens] with at least one window of "
+                f"2+ tokens, got shape {list(ids.shape)}; pass more text (or tokenizer= to draw it from a corpus)"
+            )
+        return ids
     if tokenizer is None:
         raise InvalidArgumentError(
             f"{what} needs calibration text: pass tokenizer= (to draw {config.samples}×{config.seq_len} "

