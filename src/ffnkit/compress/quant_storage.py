@@ -30,7 +30,7 @@ __all__ = [
     "PackedExperts",
     "QuantizedLinear",
     "pack_ints",
-    "quantized_weights",
+    "quantized_numel",
     "tensor_bytes",
     "unpack_ints",
 ]
@@ -297,25 +297,17 @@ def _unparametrize_experts(mod: nn.Module, name: str, old: nn.Parameter) -> None
     mod._parameters[name] = old
 
 
-def quantized_weights(model: nn.Module) -> tuple[int, set[int]]:
-    """(number of weights the quantised matrices stand for, ids of the tensors that store them): parameter
-    counts use the first and skip the second, so quantising changes bytes, not the parameter count.
+def quantized_numel(model: nn.Module) -> int:
+    """How many weights the quantised matrices stand for. Their packed values live in buffers, which
+    ``model.parameters()`` does not list, so parameter counts add this to stay what they were.
 
     Example:
-        >>> logical, stored = quantized_weights(model)
+        >>> quantized_numel(model)  # 0 before quantize_
     """
-    logical, stored = 0, set()
+    total = 0
     for mod in model.modules():
         if isinstance(mod, QuantizedLinear):
-            logical += mod.in_features * mod.out_features
-            stored |= {
-                id(t) for t in (mod.qweight, mod.scale, getattr(mod, "zero_point", None)) if t is not None
-            }
+            total += mod.in_features * mod.out_features
         elif isinstance(mod, PackedExperts):
-            logical += int(torch.Size(mod.stored_shape).numel())
-    for mod in model.modules():  # the packed originals of parametrized expert tensors
-        for plist in (getattr(mod, "parametrizations", None) or {}).values():
-            if any(isinstance(p, PackedExperts) for p in plist):
-                stored |= {id(t) for n, t in plist.named_buffers() if n.startswith("original")}
-                stored |= {id(t) for n, t in plist.named_parameters() if n.startswith("original")}
-    return logical, stored
+            total += int(torch.Size(mod.stored_shape).numel())
+    return total
