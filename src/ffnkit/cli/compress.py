@@ -192,6 +192,10 @@ def compress(
         from ffnkit.compress.heal import HealConfig
 
         HealConfig(max_minutes=heal_minutes, lr=heal_lr)
+    if method == "quantize":  # like the healing options: a bad --bits fails before the model loads
+        from ffnkit.compress.quantize import QuantizeConfig
+
+        QuantizeConfig(bits=bits)
     net, tok = load_model(model)
     before = count_parameters(net, find_ffns(net))
     doc: dict[str, Any] = {"model": model, "method": method, "ratio": ratio, "output": output}
