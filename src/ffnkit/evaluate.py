@@ -28,15 +28,17 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from ffnkit.core.config import Result
 from ffnkit.core.errors import InvalidArgumentError
+from ffnkit.core.progress import ProgressLike, track
+from ffnkit.core.runner import check_causal_lm, device_of, evaluating, logits
 
 __all__ = [
     "PerplexityResult",
@@ -57,7 +59,7 @@ SCORING_RULE = (
 
 
 @dataclass
-class PerplexityResult:
+class PerplexityResult(Result):
     """Perplexity, mean NLL (nats/token), how many tokens were scored, and the protocol used."""
 
     perplexity: float
@@ -65,30 +67,8 @@ class PerplexityResult:
     n_scored_tokens: int
     protocol: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
-
 
 # --- helpers ------------------------------------------------------------------------------------------
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _check_causal_lm(model: nn.Module, what: str) -> None:
-    config = getattr(model, "config", None)
-    is_causal = (
-        getattr(model, "get_output_embeddings", lambda: None)() is not None
-        and getattr(model, "can_generate", lambda: True)()
-        and not getattr(config, "is_encoder_decoder", False)
-    )
-    if not is_causal:
-        raise InvalidArgumentError(
-            f"{what} needs a causal LM with a LM head (e.g. AutoModelForCausalLM), got {type(model).__name__}"
-        )
-
-
 def _as_tokens(tokens: Tensor | Sequence[int]) -> Tensor:
     t = torch.as_tensor(tokens, dtype=torch.long)
     if t.dim() == 2 and t.shape[0] == 1:
@@ -126,36 +106,6 @@ def _batches(wins: list[tuple[int, int, int]], batch_size: int) -> Iterable[list
         yield batch
 
 
-def _logits(model: nn.Module, ids: Tensor) -> Tensor:
-    kwargs = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) else {}
-    out = model(input_ids=ids, **kwargs)
-    logits = getattr(out, "logits", None)
-    if logits is None:
-        raise InvalidArgumentError(
-            f"perplexity needs a causal LM whose output has .logits, got {type(model).__name__}"
-        )
-    return logits  # [B, L, V]
-
-
-class _eval_mode:
-    """Switch modules to eval (no dropout) and inference mode; restore training flags afterwards."""
-
-    def __init__(self, *models: nn.Module) -> None:
-        self.models = models
-
-    def __enter__(self) -> None:
-        self.flags = [m.training for m in self.models]
-        for m in self.models:
-            m.eval()
-        self.inference = torch.inference_mode()
-        self.inference.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self.inference.__exit__(*exc)
-        for m, flag in zip(self.models, self.flags, strict=True):
-            m.train(flag)
-
-
 # --- perplexity and agreement -------------------------------------------------------------------------
 def perplexity(
     model: nn.Module,
@@ -164,7 +114,7 @@ def perplexity(
     window: int = 512,
     stride: int | None = None,
     batch_size: int = 4,
-    progress: bool = True,
+    progress: ProgressLike = True,
 ) -> PerplexityResult:
     """Perplexity of a causal LM on ``tokens`` [T] under the protocol in this module's docstring.
 
@@ -172,7 +122,7 @@ def perplexity(
         >>> r = perplexity(model, tokens, window=512)  # non-overlapping windows
         >>> r.perplexity, r.n_scored_tokens, r.protocol["stride"]
     """
-    _check_causal_lm(model, "perplexity")
+    check_causal_lm(model, "perplexity")
     tokens = _as_tokens(tokens)
     stride = window if stride is None else stride
     if window < 2:
@@ -183,12 +133,12 @@ def perplexity(
         raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
 
     wins = _windows(tokens.numel(), window, stride)
-    device, nll_sum, n_scored = _device(model), 0.0, 0
-    with _eval_mode(model):
-        for batch in tqdm(list(_batches(wins, batch_size)), desc="perplexity", disable=not progress):
+    device, nll_sum, n_scored = device_of(model), 0.0, 0
+    with evaluating(model):
+        for batch in track(list(_batches(wins, batch_size)), progress, "perplexity", unit="batch"):
             ids = torch.stack([tokens[b:e] for b, e, _ in batch]).to(device)  # [B, L]
-            logits = _logits(model, ids)[:, :-1].float()  # [B, L-1, V]: position j predicts token j+1
-            nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, L-1]
+            pred = logits(model, ids)[:, :-1].float()  # [B, L-1, V]: position j predicts token j+1
+            nll = F.cross_entropy(pred.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, L-1]
             for row, (b, e, first) in enumerate(batch):
                 nll_sum += nll[row, first - b - 1 :].double().sum().item()  # targets first..e-1
                 n_scored += e - first
@@ -209,7 +159,7 @@ def agreement(
     tokens: Tensor | Sequence[int],
     *,
     window: int = 512,
-    progress: bool = False,
+    progress: ProgressLike = False,
 ) -> dict[str, Any]:
     """Top-1 next-token agreement and mean KL(reference ‖ model) per token, over non-overlapping windows.
 
@@ -219,18 +169,17 @@ def agreement(
         >>> agreement(pruned, original, tokens, window=256)
         {'top1_agreement': 0.97, 'mean_kl': 0.021, 'n_tokens': 4080, 'window': 256}
     """
-    _check_causal_lm(model, "agreement")
-    _check_causal_lm(reference, "agreement")
+    check_causal_lm(model, "agreement")
+    check_causal_lm(reference, "agreement")
     tokens = _as_tokens(tokens)
     if window < 2:
         raise InvalidArgumentError(f"window must be >= 2, got {window}")
     agree, kl_sum, n = 0, 0.0, 0
-    dev_m, dev_r = _device(model), _device(reference)
-    with _eval_mode(model, reference):
-        for b, e, _ in tqdm(_windows(tokens.numel(), window, window), desc="agreement", disable=not progress):
+    with evaluating(model, reference):
+        for b, e, _ in track(_windows(tokens.numel(), window, window), progress, "agreement", unit="window"):
             ids = tokens[b:e][None]  # [1, L]
-            lm = _logits(model, ids.to(dev_m))[0, :-1].double()  # [L-1, V]; last position predicts nothing
-            lr = _logits(reference, ids.to(dev_r))[0, :-1].to(lm.device, torch.float64)  # [L-1, V]
+            lm = logits(model, ids)[0, :-1].double()  # [L-1, V]; last position predicts nothing
+            lr = logits(reference, ids)[0, :-1].to(lm.device, torch.float64)  # [L-1, V]
             agree += (lm.argmax(-1) == lr.argmax(-1)).sum().item()
             logp_m, logp_r = lm.log_softmax(-1), lr.log_softmax(-1)
             kl_sum += (logp_r.exp() * (logp_r - logp_m)).sum().item()  # Σ_tokens KL(ref ‖ model)
@@ -257,14 +206,14 @@ def decode_speed(
         >>> decode_speed(model, tokenizer, new_tokens=32)["tokens_per_s"]
         41.7
     """
-    _check_causal_lm(model, "decode_speed")
+    check_causal_lm(model, "decode_speed")
     if new_tokens < 1 or repeats < 1 or warmup < 0:
         raise InvalidArgumentError("decode_speed needs new_tokens >= 1, repeats >= 1 and warmup >= 0")
     if input_ids is None:
         if tokenizer is None:
             raise InvalidArgumentError("decode_speed needs a tokenizer (with a prompt) or input_ids")
         input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    device = _device(model)
+    device = device_of(model)
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1).to(device)  # [1, T]
     config = getattr(model, "config", None)
     pad = getattr(config, "pad_token_id", None)
@@ -320,7 +269,7 @@ def _peak_rss_bytes() -> int:
 def _find_device(objs: Iterable[Any]) -> torch.device:
     for o in objs:
         if isinstance(o, nn.Module):
-            return _device(o)
+            return device_of(o)
         if isinstance(o, Tensor):
             return o.device
     return torch.device("cpu")

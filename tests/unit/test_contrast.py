@@ -48,19 +48,20 @@ def test_forced_neuron_ranks_first(family, rank_by):
     prompts = _prompts()
     ffn = find_ffns(model)[-1]  # the last FFN: nothing downstream changes, only this neuron differs
     neuron = 11
-    with _force_neuron(ffn, neuron, -5.0):
+    with _force_neuron(ffn, neuron, 0.0):  # never active
         a = set_stats(model, prompts)
-    with _force_neuron(ffn, neuron, 5.0):
+    with _force_neuron(ffn, neuron, 5.0):  # always active: far above 0.1 × the layer's mean |m|
         b = set_stats(model, prompts)
     res = contrast_stats(a, b, top=5, rank_by=rank_by)
-    first = res["neurons"][0]
+    first = res.neurons[0]
     assert (first["layer"], first["neuron"]) == (ffn.index, neuron)
     assert first["p_a"] == 0.0 and first["p_b"] == 1.0 and first["delta"] == -1.0
-    assert first["mean_a"] == pytest.approx(-5.0) and first["mean_b"] == pytest.approx(5.0)
-    assert first["cohens_d"] == pytest.approx(-10.0 / 1e-6)  # constant in both sets: floored s_pooled
-    assert all(r["delta"] == 0.0 and r["cohens_d"] == 0.0 for r in res["neurons"][1:])
-    assert len(res["neurons"]) <= 5 * len(a.neurons)
-    assert res["tokens"]["a"] == res["tokens"]["b"] == sum(p.numel() for p in prompts)
+    assert first["mean_a"] == 0.0 and first["mean_b"] == pytest.approx(5.0)
+    assert first["cohens_d"] == pytest.approx(-5.0 / 1e-6)  # constant in both sets: floored s_pooled
+    # the other neurons' m is the same in both sets (their active share may move with the layer's mean)
+    assert all(r["cohens_d"] == 0.0 and r["mean_a"] == r["mean_b"] for r in res.neurons[1:])
+    assert len(res.neurons) <= 5 * len(a.neurons)
+    assert res.tokens["a"] == res.tokens["b"] == sum(p.numel() for p in prompts)
 
 
 def test_scores_by_hand():
@@ -74,14 +75,19 @@ def test_scores_by_hand():
                 model(input_ids=p[None])
         return {i: cap["post", i].double() for i in (0, 1)}
 
+    def rate(m, i):  # the active-neuron rule written out: |m_i| > 0.1 × mean_j |m_j| on each token
+        return float((m[:, i].abs() > 0.1 * m.abs().mean(1)).double().mean())
+
     ra, rb = raw(pa), raw(pb)
-    for row in res["neurons"]:
+    for row in res.neurons:
         xa, xb = ra[row["layer"]][:, row["neuron"]], rb[row["layer"]][:, row["neuron"]]
-        assert row["delta"] == pytest.approx(float((xa > 0).double().mean() - (xb > 0).double().mean()))
+        assert row["delta"] == pytest.approx(
+            rate(ra[row["layer"]], row["neuron"]) - rate(rb[row["layer"]], row["neuron"])
+        )
         na, nb = xa.numel(), xb.numel()
         pooled = ((na * xa.var(unbiased=False) + nb * xb.var(unbiased=False)) / (na + nb)).sqrt()
         assert row["cohens_d"] == pytest.approx(float((xa.mean() - xb.mean()) / pooled), rel=1e-6)
-    deltas = [abs(r["delta"]) for r in res["neurons"]]
+    deltas = [abs(r["delta"]) for r in res.neurons]
     assert deltas == sorted(deltas, reverse=True)
 
 
@@ -111,7 +117,7 @@ def test_forced_expert_ranks_first(family):
     with force(-1):
         b = set_stats(model, prompts)
     res = contrast_stats(a, b, top=3)
-    first = res["experts"][0]
+    first = res.experts[0]
     assert (first["layer"], first["expert"]) == (ffn.index, expert)
     assert first["p_a"] == 1.0 and first["p_b"] == 0.0 and first["delta"] == 1.0
     shares = a.experts[ffn.index]
@@ -129,13 +135,16 @@ def test_contrast_from_files(tmp_path):
     fb.write_text("quantum flux\nzebra\n")
     assert read_prompts(fa) == ["hello world", "the cat sat"]
     res = contrast(tiny_model("gpt2"), _Tok(), fa, fb, top=4, threshold=0.1)
-    assert res["prompts"] == {"a": 2, "b": 2}
-    assert res["tokens"] == {
+    assert res.prompts == {"a": 2, "b": 2}
+    assert res.tokens == {
         "a": len("hello world") + len("the cat sat"),
         "b": len("quantum flux") + len("zebra"),
     }
-    assert len(res["neurons"]) == 4 and res["threshold"] == 0.1
-    assert res["experts"] == []
+    assert len(res.neurons) == 4 and res.threshold == 0.1
+    assert res.experts == []
+    doc = res.to_dict()  # the CLI's JSON shape
+    keys = ["rank_by", "scores", "tokens", "prompts", "neurons", "experts", "threshold"]
+    assert list(doc) == keys and doc["neurons"] == res.neurons
 
 
 def test_errors(tmp_path):
@@ -148,3 +157,5 @@ def test_errors(tmp_path):
     s = set_stats(model, _prompts(2))
     with pytest.raises(InvalidArgumentError, match="rank_by"):
         contrast_stats(s, s, rank_by="magic")
+    with pytest.raises(InvalidArgumentError, match="same"):
+        contrast_stats(s, set_stats(model, _prompts(2), threshold=0.5))

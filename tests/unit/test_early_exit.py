@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -43,16 +45,16 @@ def test_rule_extremes_on_synthetic_trajectory():
     prob = torch.tensor([[0.2, 0.9, 0.5], [0.6, 0.3, 0.95], [0.99, 0.99, 0.99]])
     traj = LensTrajectory(top1, prob, final=torch.tensor([4, 5, 6]))
     zero = apply_exit_rule(traj, 0.0)
-    assert zero["mean_exit_layer"] == 1.0 and zero["layers_saved"] == pytest.approx(2 / 3)
-    assert zero["agreement"] == 0.0
+    assert zero.mean_exit_layer == 1.0 and zero.layers_saved == pytest.approx(2 / 3)
+    assert zero.agreement == 0.0
     never = apply_exit_rule(traj, NEVER)
-    assert never["layers_saved"] == 0.0 and never["agreement"] == 1.0 and never["mean_exit_layer"] == 3.0
+    assert never.layers_saved == 0.0 and never.agreement == 1.0 and never.mean_exit_layer == 3.0
     mid = apply_exit_rule(traj, 0.55)  # exits at layers 2, 1, 2 → predictions 4, 2, 3
-    assert mid["mean_exit_layer"] == pytest.approx(5 / 3)
-    assert mid["agreement"] == pytest.approx(1 / 3)
-    assert mid["layers_saved"] == pytest.approx(((3 - 2) + (3 - 1) + (3 - 2)) / 3 / 3)
+    assert mid.mean_exit_layer == pytest.approx(5 / 3)
+    assert mid.agreement == pytest.approx(1 / 3)
+    assert mid.layers_saved == pytest.approx(((3 - 2) + (3 - 1) + (3 - 2)) / 3 / 3)
     cal = calibrate_threshold(traj, target=1.0)
-    assert cal["agreement"] == 1.0 and cal["threshold"] == pytest.approx(0.96)  # first grid value > 0.95
+    assert cal.agreement == 1.0 and cal.threshold == pytest.approx(0.96)  # first grid value > 0.95
     with pytest.raises(InvalidArgumentError, match="target"):
         calibrate_threshold(traj, target=1.5)
 
@@ -75,10 +77,10 @@ def test_lens_trajectory_on_models(family):
         torch.testing.assert_close(traj.prob[layer], p.max(-1).values)
     assert torch.equal(traj.final, out.logits.argmax(-1).reshape(-1))
     zero = apply_exit_rule(traj, 0.0)
-    assert zero["mean_exit_layer"] == 1.0
-    assert zero["agreement"] == pytest.approx(float((traj.top1[0] == traj.final).double().mean()))
+    assert zero.mean_exit_layer == 1.0
+    assert zero.agreement == pytest.approx(float((traj.top1[0] == traj.final).double().mean()))
     never = apply_exit_rule(traj, NEVER)
-    assert never["agreement"] == 1.0 and never["layers_saved"] == 0.0
+    assert never.agreement == 1.0 and never.layers_saved == 0.0
     assert traj.saturation().max() <= L
 
 
@@ -86,30 +88,36 @@ def test_min_layer_and_stable_rules():
     top1 = torch.tensor([[9, 9, 3], [4, 5, 3], [4, 5, 6]])
     prob = torch.tensor([[0.9, 0.9, 0.9], [0.9, 0.9, 0.1], [0.9, 0.9, 0.9]])
     traj = LensTrajectory(top1, prob, final=torch.tensor([4, 5, 6]))
-    assert apply_exit_rule(traj, 0.5)["agreement"] == 0.0  # everyone exits at layer 1, wrongly
+    assert apply_exit_rule(traj, 0.5).agreement == 0.0  # everyone exits at layer 1, wrongly
     later = apply_exit_rule(traj, 0.5, min_layer=2)  # exits at 2, 2, 3
-    assert later["agreement"] == 1.0 and later["mean_exit_layer"] == pytest.approx(7 / 3)
+    assert later.agreement == 1.0 and later.mean_exit_layer == pytest.approx(7 / 3)
     stable = apply_exit_rule(traj, 0.5, stable=True)  # layer 1 is never stable: exits at 3, 3, 3
-    assert stable["mean_exit_layer"] == 3.0 and stable["agreement"] == 1.0
+    assert stable.mean_exit_layer == 3.0 and stable.agreement == 1.0
     best = calibrate_threshold(traj, target=1.0, search_min_layer=True)
-    assert best["min_layer"] == 2 and best["agreement"] == 1.0
-    assert best["layers_saved"] == pytest.approx(later["layers_saved"])
+    assert best.min_layer == 2 and best.agreement == 1.0
+    assert best.layers_saved == pytest.approx(later.layers_saved)
 
 
 def test_early_exit_end_to_end():
     model = tiny_model("llama")
     res = early_exit(model, _ids(4, 8, 1), _ids(3, 8, 2), target=0.9)
-    assert set(res["rules"]) == {"confidence", "confidence_min_layer", "confidence_min_layer_stable"}
-    for rule in res["rules"].values():
-        assert rule["calibration"]["agreement"] >= 0.9
-        assert 0.0 <= rule["evaluation"]["layers_saved"] <= (L - 1) / L
-        assert rule["evaluation"]["threshold"] == rule["threshold"]
+    assert set(res.rules) == {"confidence", "confidence_min_layer", "confidence_min_layer_stable"}
+    for rule in res.rules.values():
+        assert rule.calibration.agreement >= 0.9
+        assert 0.0 <= rule.evaluation.layers_saved <= (L - 1) / L
+        assert rule.evaluation.threshold == rule.threshold
     # a wider search can only save as much or more on the calibration split
-    saved = [res["rules"][n]["calibration"]["layers_saved"] for n in res["rules"]]
+    saved = [res.rules[n].calibration.layers_saved for n in res.rules]
     assert saved == sorted(saved)
-    dist = res["saturation"]["distribution"]
+    dist = res.saturation.distribution
     assert sum(r["tokens"] for r in dist) == 24
-    assert res["saturation"]["oracle_layers_saved"] >= 0
+    assert res.saturation.oracle_layers_saved >= 0
+    # the JSON shape: nested results become plain dicts, strict JSON
+    doc = json.loads(json.dumps(res.to_dict(), allow_nan=False))
+    assert list(doc) == ["target_agreement", "rules", "saturation", "saturation_calibration", "anchor"]
+    rule = doc["rules"]["confidence"]
+    assert list(rule) == ["description", "threshold", "min_layer", "stable", "calibration", "evaluation"]
+    assert rule["evaluation"]["layers_saved"] == res.rules["confidence"].evaluation.layers_saved
 
 
 def test_not_applicable_models_fail_clearly():

@@ -10,15 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from ffnkit import find_ffns
+from ffnkit.core.blocks import blocks, sublayers
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.inspect.importance import (
     block_influence,
-    blocks,
     finercut,
     js_divergence,
     plot_importance,
     remove_sublayers,
-    sublayers,
 )
 from tests.tiny_models import L, V, tiny_model
 
@@ -59,14 +58,14 @@ def test_finercut_order_covers_every_candidate_and_is_reversible(family, tmp_pat
     ids = _ids()
     before, hooks = _logits(model, ids), _hooks(model)
     res = finercut(model, ids, batch_size=2)
-    assert res["js_nothing_removed"] == pytest.approx(0.0, abs=1e-7)
-    names = [r["name"] for r in res["order"]]
+    assert res.js_nothing_removed == pytest.approx(0.0, abs=1e-7)
+    names = [r["name"] for r in res.order]
     assert sorted(names) == sorted(s.name for s in sublayers(model))
     assert len(names) == len(set(names)) == 2 * L
-    assert [r["step"] for r in res["order"]] == list(range(1, 2 * L + 1))
-    assert all(r["js"] >= 0 for r in res["order"])
+    assert [r["step"] for r in res.order] == list(range(1, 2 * L + 1))
+    assert all(r["js"] >= 0 for r in res.order)
     # removing everything leaves embeddings → final norm → head: far from the full model
-    assert res["order"][-1]["js"] > res["js_nothing_removed"]
+    assert res.order[-1]["js"] > res.js_nothing_removed
     assert _hooks(model) == hooks
     torch.testing.assert_close(_logits(model, ids), before, atol=0, rtol=0)
     assert plot_importance(res, tmp_path / "fc.png").stat().st_size > 0
@@ -81,9 +80,9 @@ def test_finercut_greedy_first_step_is_the_least_harmful_single_removal():
         with remove_sublayers(model, [s]):
             single[s.name] = float(js_divergence(ref, F.log_softmax(_logits(model, ids), -1)).mean())
     res = finercut(model, ids, steps=1)
-    assert res["order"][0]["name"] == min(single, key=single.get)
-    assert res["order"][0]["js"] == pytest.approx(single[res["order"][0]["name"]], rel=1e-6)
-    assert len(res["order"]) == 1
+    assert res.order[0]["name"] == min(single, key=single.get)
+    assert res.order[0]["js"] == pytest.approx(single[res.order[0]["name"]], rel=1e-6)
+    assert len(res.order) == 1
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "phi3", "gpt_neox"])
@@ -135,15 +134,15 @@ def test_block_influence_matches_hidden_states(family, tmp_path):
     assert _hooks(model) == hooks
     with torch.no_grad():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states  # L + 1 entries
-    assert [r["layer"] for r in res["layers"]] == list(range(L))
+    assert [r["layer"] for r in res.layers] == list(range(L))
     # hidden_states[l] is block l's input; the last entry has the final norm applied (decoder models),
     # so the hand computation covers every block but the last
     for layer in range(L - 1):
         cos = F.cosine_similarity(hs[layer].double(), hs[layer + 1].double(), dim=-1)
-        assert res["layers"][layer]["bi"] == pytest.approx(1 - float(cos.mean()), abs=1e-6)
-    assert sorted(res["ranking"]) == list(range(L))
-    bis = [r["bi"] for r in res["layers"]]
-    assert [bis[i] for i in res["ranking"]] == sorted(bis)
+        assert res.layers[layer]["bi"] == pytest.approx(1 - float(cos.mean()), abs=1e-6)
+    assert sorted(res.ranking) == list(range(L))
+    bis = [r["bi"] for r in res.layers]
+    assert [bis[i] for i in res.ranking] == sorted(bis)
     assert plot_importance(res, tmp_path / "bi.png").stat().st_size > 0
 
 

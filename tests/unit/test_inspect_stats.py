@@ -47,7 +47,7 @@ def test_top_contexts_equal_brute_force(family):
 def test_stats_equal_raw(family):
     model = tiny_model(family)
     ids = _ids(1)
-    res = neuron_stats(model, ids, threshold=0.01, batch_size=3)
+    res = neuron_stats(model, ids, threshold=0.5, batch_size=3)
     ffns = [f for f in find_ffns(model) if f.kind != "moe"]
     assert sorted(res.layers) == [f.index for f in ffns]
     for f in ffns:
@@ -55,9 +55,14 @@ def test_stats_equal_raw(family):
         s = res.layers[f.index]
         torch.testing.assert_close(s["mean"], raw.mean(0), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(s["var"], raw.var(0, unbiased=False), atol=1e-6, rtol=1e-4)
-        torch.testing.assert_close(s["firing_rate"], (raw > 0.01).double().mean(0))
+        # the active-neuron rule written out: |m_i| > 0.5 × mean_j |m_j| on each token
+        active = raw.abs() > 0.5 * raw.abs().mean(1, keepdim=True)  # [N, d_ff]
+        torch.testing.assert_close(s["firing_rate"], active.double().mean(0))
     assert res.n_tokens == N_SEQ * T
     assert len(res.summary()) == len(ffns)
+    doc = res.to_dict()  # the CLI's JSON fields
+    assert list(doc) == ["site", "threshold", "tokens", "layers"] and doc["threshold"] == 0.5
+    assert doc["layers"] == res.summary()
 
 
 def test_streaming_topk_many_chunks_and_bounded_memory():
@@ -87,10 +92,11 @@ class _Tok:
 def test_decode_context_marks_token():
     ids = torch.arange(10, 30)
     ctx = decode_context(_Tok(), ids, position=5, window=2)
-    assert ctx["token_id"] == 15
-    assert ctx["text"] == f"w13 w14 {MARK_OPEN}w15 {MARK_CLOSE}w16 w17 "
+    assert ctx.token_id == 15 and ctx.token == "w15 "
+    assert ctx.text == f"w13 w14 {MARK_OPEN}w15 {MARK_CLOSE}w16 w17 "
+    assert ctx.to_dict() == {"token": "w15 ", "token_id": 15, "text": ctx.text}
     edge = decode_context(_Tok(), ids, position=0, window=3)
-    assert edge["text"].startswith(MARK_OPEN + "w10 ")
+    assert edge.text.startswith(MARK_OPEN + "w10 ")
 
 
 def test_contexts_rows_are_decoded():

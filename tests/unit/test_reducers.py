@@ -72,11 +72,19 @@ def test_variance_float16_input_accumulates_in_float64() -> None:
     assert close(r.var, x.double().var(0, correction=0))
 
 
-@pytest.mark.parametrize("threshold,absolute", [(0.0, False), (50.5, False), (51.0, True)])
-def test_firing_rate(threshold: float, absolute: bool) -> None:
-    x = raw()
-    ref = ((x.abs() if absolute else x) > threshold).double().mean(0)
-    assert close(feed(FiringRate(threshold, absolute), chunks()).result(), ref)
+@pytest.mark.parametrize("threshold", [0.0, 0.1, 1.5])
+def test_firing_rate(threshold: float) -> None:
+    x = raw()  # [tokens, n]
+    # the one definition (ffnkit.core.criteria), written out: |x_i| > threshold * mean_j |x_j| per token
+    scale = x.abs().mean(1, keepdim=True)  # [tokens, 1]
+    ref = (x.abs() > threshold * scale).double().mean(0)
+    assert close(feed(FiringRate(threshold), chunks()).result(), ref)
+
+
+def test_firing_rate_default_threshold_on_known_values() -> None:
+    # per token mean |x| = 1.525 and 1.0: active above 0.1525 and 0.1
+    x = torch.tensor([[4.0, -2.0, 0.1, 0.0], [0.05, 0.0, -3.9, 0.05]])
+    assert FiringRate().update(x).result().tolist() == [0.5, 0.5, 0.5, 0.0]
 
 
 def test_covariance() -> None:

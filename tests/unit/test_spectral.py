@@ -17,21 +17,21 @@ def test_known_spectrum_by_hand():
     lam = torch.tensor([1.0, 4.0, 0.0, 2.0, 1.0] + [0.0] * 195)  # n = 200, any order
     m = spectral_metrics(lam)
     p = [0.5, 0.25, 0.125, 0.125]  # 4, 2, 1, 1 over 8
-    assert m["d"] == 200 and m["total_variance"] == pytest.approx(8.0)
-    assert m["hard_rank"] == pytest.approx(64 / 22)  # (Σλ)² / Σλ² = 8² / (16 + 4 + 1 + 1)
-    assert m["soft_rank"] == pytest.approx(math.exp(-sum(q * math.log(q) for q in p)))  # 2^1.75
-    assert m["soft_rank"] == pytest.approx(2**1.75)
-    assert m["top1pct_share"] == pytest.approx((4 + 2) / 8)  # ceil(200 / 100) = 2 directions
-    assert m["lambda_max_share"] == pytest.approx(0.5)
-    assert m["utilisation"] == pytest.approx(2**1.75 / 200)
-    assert m["hard_utilisation"] == pytest.approx(64 / 22 / 200)
-    assert m["hard_soft_ratio"] == pytest.approx(64 / 22 / 2**1.75)
+    assert m.d == 200 and m.total_variance == pytest.approx(8.0)
+    assert m.hard_rank == pytest.approx(64 / 22)  # (Σλ)² / Σλ² = 8² / (16 + 4 + 1 + 1)
+    assert m.soft_rank == pytest.approx(math.exp(-sum(q * math.log(q) for q in p)))  # 2^1.75
+    assert m.soft_rank == pytest.approx(2**1.75)
+    assert m.top1pct_share == pytest.approx((4 + 2) / 8)  # ceil(200 / 100) = 2 directions
+    assert m.lambda_max_share == pytest.approx(0.5)
+    assert m.utilisation == pytest.approx(2**1.75 / 200)
+    assert m.hard_utilisation == pytest.approx(64 / 22 / 200)
+    assert m.hard_soft_ratio == pytest.approx(64 / 22 / 2**1.75)
 
 
 @pytest.mark.parametrize("r", [1, 3, 7])
 def test_flat_spectrum_gives_rank_r(r):
     m = spectral_metrics(torch.cat([torch.full((r,), 2.5), torch.zeros(10)]))
-    assert m["hard_rank"] == pytest.approx(r) and m["soft_rank"] == pytest.approx(r)
+    assert m.hard_rank == pytest.approx(r) and m.soft_rank == pytest.approx(r)
 
 
 @pytest.mark.parametrize("r", [1, 2, 5])
@@ -42,8 +42,8 @@ def test_rank_r_covariance_bounds(r):
     )
     eig = torch.linalg.eigvalsh(torch.cov(x.T, correction=0))  # tiny negative round-off included
     m = spectral_metrics(eig)
-    assert 1.0 - 1e-9 <= m["hard_rank"] <= m["soft_rank"] + 1e-9
-    assert m["soft_rank"] <= r + 1e-6
+    assert 1.0 - 1e-9 <= m.hard_rank <= m.soft_rank + 1e-9
+    assert m.soft_rank <= r + 1e-6
 
 
 def test_no_variance_is_an_error():
@@ -59,15 +59,15 @@ def test_spectral_utilisation_matches_raw_covariance(family, tmp_path):
     kwargs = {"input_ids": ids, **({"decoder_input_ids": ids} if family == "t5" else {})}
     with torch.no_grad(), capture(model, sites="post") as cap:
         model(**kwargs)
-    assert [r["layer"] for r in res["layers"]] == cap.layers
-    for row in res["layers"]:
+    assert [r["layer"] for r in res.layers] == cap.layers
+    for row in res.layers:
         raw = cap["post", row["layer"]].double()  # [N, d_ff]
         want = spectral_metrics(torch.linalg.eigvalsh(torch.cov(raw.T, correction=0)))
-        assert row["hard_rank"] == pytest.approx(want["hard_rank"], rel=1e-6)
-        assert row["soft_rank"] == pytest.approx(want["soft_rank"], rel=1e-6)
+        assert row["hard_rank"] == pytest.approx(want.hard_rank, rel=1e-6)
+        assert row["soft_rank"] == pytest.approx(want.soft_rank, rel=1e-6)
         assert row["tokens"] == 66 and row["d_ff"] == F
         assert 1.0 <= row["hard_rank"] <= row["soft_rank"] <= min(F, 66)
-    assert "hard_rank" in res["formulas"]
+    assert "hard_rank" in res.formulas
     png = plot_spectral(res, tmp_path / "s.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

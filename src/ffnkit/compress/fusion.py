@@ -210,9 +210,10 @@ def dependency_matrix(
     Example:
         >>> dep = dependency_matrix(model, batches); dep["pairs"][0]    # {'i': 0, 'j': 1, 'score': …}
     """
+    from ffnkit.core.blocks import zero_output
     from ffnkit.core.capture import site_hooks
-    from ffnkit.inspect.importance import _zero_output
-    from ffnkit.inspect.stats import iter_batches, model_forward
+    from ffnkit.core.progress import track
+    from ffnkit.core.runner import run as run_batches
 
     ffns = sorted(_dense_by_layer(model).values(), key=lambda f: f.layer)
     layers = [f.layer for f in ffns]
@@ -227,8 +228,8 @@ def dependency_matrix(
 
     def run() -> dict[int, Tensor]:
         outs.clear()
-        for _, ids in iter_batches(batches, batch_size):
-            model_forward(model, ids)
+        for _ in run_batches(model, batches, batch_size=batch_size):
+            pass
         return {k: torch.cat([t.reshape(-1, t.shape[-1]) for t in v]) for k, v in outs.items()}  # [N, d]
 
     try:
@@ -238,14 +239,9 @@ def dependency_matrix(
         base = run()
         n = len(ffns)
         dep = torch.full((n, n), float("nan"), dtype=torch.float64)
-        rows = range(n)
-        if progress:
-            from tqdm.auto import tqdm
-
-            rows = tqdm(rows, desc="ffn dependency", leave=False)
-        for a in rows:
+        for a in track(range(n), progress, "ffn dependency", unit="layer"):
             module, _, _ = site_hooks(ffns[a], "out")
-            h = module.register_forward_hook(_zero_output, prepend=True)  # zero FFN a, read the later ones
+            h = module.register_forward_hook(zero_output, prepend=True)  # zero FFN a, read the later ones
             try:
                 cut = run()
             finally:
@@ -321,12 +317,12 @@ def fuse_ffns_(
     from ffnkit.compress.sublayer_removal import (
         SUBLAYERS_KIND,
         ZeroFFN,
-        _all_blocks,
         _append_change,
         _records,
         _set_records,
     )
     from ffnkit.core.archs import find_ffns
+    from ffnkit.core.blocks import block_modules
     from ffnkit.core.edit import _commit, _plan_weights, record_structure
     from ffnkit.evaluate import count_parameters
 
@@ -347,7 +343,7 @@ def fuse_ffns_(
             model, torch.as_tensor(calibration).long(), batch_size=config.batch_size, progress=progress
         )
     runs = auto_runs(dependency, config.run_length, config.max_runs) if config.runs == "auto" else config.runs
-    blocks = _all_blocks(model)
+    blocks = block_modules(model)
     norm_name = FFN_NORM[family]
     plans = []
     for run in runs:

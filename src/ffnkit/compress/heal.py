@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from ffnkit.core.archs import find_ffns
 from ffnkit.core.config import JsonConfig
 from ffnkit.core.errors import FFNKitError, InvalidArgumentError
+from ffnkit.core.runner import forward, layer_states
 
 HEAL_PARAMS = ("ffn", "blocks")
 
@@ -97,17 +98,6 @@ class HealReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _forward(model: nn.Module, ids: Tensor, hidden: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """Logits [B, T, V] and, when asked, the hidden states after each layer (decoder side for T5)."""
-    kwargs: dict[str, Any] = {"input_ids": ids, "output_hidden_states": hidden}
-    encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
-    if encoder_decoder:
-        kwargs["decoder_input_ids"] = ids
-    out = model(**kwargs)
-    states = (out.decoder_hidden_states if encoder_decoder else out.hidden_states) if hidden else None
-    return out.logits, tuple(states[1:]) if states else ()
 
 
 def hidden_state_loss(states: tuple[Tensor, ...], ref_states: tuple[Tensor, ...]) -> Tensor:
@@ -321,8 +311,10 @@ def heal_(
             cursor += config.batch_size
             batch = ids[pick].to(device)  # [B, T]
             with torch.no_grad():
-                ref_logits, ref_states = _forward(reference, batch, hidden)
-            logits, states = _forward(model, batch, hidden)
+                ref_out = forward(reference, batch, hidden_states=hidden)
+            out = forward(model, batch, hidden_states=hidden)
+            ref_logits, ref_states = ref_out.logits, layer_states(reference, ref_out)
+            logits, states = out.logits, layer_states(model, out)
             kl = kl_to_reference(logits, ref_logits)
             loss = kl + config.hidden_weight * hidden_state_loss(states, ref_states) if hidden else kl
             optimizer.zero_grad(set_to_none=True)

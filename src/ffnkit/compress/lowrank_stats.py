@@ -70,10 +70,8 @@ def collect_lowrank_stats(
         >>> stats[(0, "post")]["gram"].shape
         torch.Size([1536, 1536])
     """
-    from tqdm.auto import tqdm
-
     from ffnkit.core.capture import site_hooks
-    from ffnkit.inspect.stats import model_forward
+    from ffnkit.core.runner import run
 
     ffns = [f for f in (ffns if ffns is not None else find_ffns(model)) if f.kind != "moe"]
     width = {"in": lambda f: f.d_model, "post": lambda f: f.d_ff}
@@ -101,10 +99,9 @@ def collect_lowrank_stats(
                 else:
                     hook = lambda mod, args, o, acc=acc, ex=extract: acc.update(ex(args, o))  # noqa: E731
                     handles.append(module.register_forward_hook(hook))
-            steps = range(0, calibration.shape[0], batch_size)
             desc = "low-rank statistics" + (f" {g + 1}/{len(groups)}" if len(groups) > 1 else "")
-            for i in tqdm(steps, desc=desc, disable=not progress):
-                model_forward(model, calibration[i : i + batch_size])  # on the model's device
+            for _ in run(model, calibration, batch_size=batch_size, progress=progress, stage=desc):
+                pass
         finally:
             for h in handles:
                 h.remove()

@@ -269,7 +269,7 @@ def mixnmatch_widths(
         >>> mm = mixnmatch_widths(model, 0.75, calibration_batches(corpus, tok, 4, 256))
         >>> slice_widths_(model, mm["widths"])
     """
-    from ffnkit.compress.prune import _neuron_cost, _sensitivity_curves, allocate
+    from ffnkit.compress.prune import allocate, neuron_cost, sensitivity_curves
     from ffnkit.core.archs import find_ffns
 
     if not 0.0 < keep <= 1.0:
@@ -290,11 +290,11 @@ def mixnmatch_widths(
         }
     else:
         ids = torch.as_tensor(calibration).long()
-        curves = _sensitivity_curves(model, ffns, scores, None, False, ids, list(ratios))
+        curves = sensitivity_curves(model, ffns, scores, None, False, ids, list(ratios))
     # no layer is cut deeper than the deepest measured cut: beyond it the curve would be a linear
     # extrapolation, which underestimates the (convex) damage and sends whole layers to the floor
     protect_min = max(protect_min, 1.0 - max(ratios))
-    costs = {(f.index, None): _neuron_cost(f) for f in ffns}
+    costs = {(f.index, None): neuron_cost(f) for f in ffns}
     target = (1.0 - keep) * sum(f.num_parameters() for f in ffns)
     kept = allocate(scores, costs, target, "sensitivity", protect_min, curves)
     return {

@@ -43,7 +43,6 @@ from ffnkit.compress.scores import (
     SCORES,
     UnitKey,
     UnitStats,
-    _forward,
     collect_stats,
     lowest_protected,
     neuron_scores,
@@ -55,8 +54,19 @@ from ffnkit.core.config import JsonConfig
 from ffnkit.core.edit import edit_ffns_
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.core.ffn import FFN
+from ffnkit.core.runner import forward, to_log_probs
 
-__all__ = ["ALLOCATIONS", "BEST", "METHODS", "PruneConfig", "PruneReport", "allocate", "prune_"]
+__all__ = [
+    "ALLOCATIONS",
+    "BEST",
+    "METHODS",
+    "PruneConfig",
+    "PruneReport",
+    "allocate",
+    "neuron_cost",
+    "prune_",
+    "sensitivity_curves",
+]
 
 METHODS = SCORES
 ALLOCATIONS = ("uniform", "global", "sensitivity")
@@ -145,8 +155,13 @@ class PruneReport:
 
 
 # ----- costs and allocation -----------------------------------------------------------------------
-def _neuron_cost(unit: FFN) -> int:
-    """Parameters one neuron of this unit owns: its rows/column and its own biases."""
+def neuron_cost(unit: FFN) -> int:
+    """Parameters one neuron of this unit owns: its rows/column and its own biases.
+
+    Example:
+        >>> neuron_cost(find_ffns(model)[0])    # gated SmolLM2: 3 × 576
+        1728
+    """
     mats = 3 if unit.kind == "gated" else 2
     return mats * unit.d_model + (unit.b_in is not None) + (unit.b_gate is not None)
 
@@ -266,11 +281,11 @@ def _keep_index(score: Tensor, k: int, protected: Tensor | None = None) -> Tenso
 # ----- sensitivity --------------------------------------------------------------------------------
 def _log_probs(model: nn.Module, ids: Tensor) -> Tensor:
     """Next-token log-probabilities [B, T, V]; encoders without an LM head give their last hidden state."""
-    out = _forward(model, ids)
+    out = forward(model, ids)
     logits = getattr(out, "logits", None)
     if logits is None:
         return out.last_hidden_state.float()  # compared by relative squared error below
-    return torch.log_softmax(logits.float(), -1)
+    return to_log_probs(logits)
 
 
 def _divergence(ref: Tensor, new: Tensor) -> float:
@@ -281,7 +296,7 @@ def _divergence(ref: Tensor, new: Tensor) -> float:
 
 
 @torch.no_grad()
-def _sensitivity_curves(
+def sensitivity_curves(
     model: nn.Module,
     ffns: list[FFN],
     scores: dict[UnitKey, Tensor],
@@ -291,7 +306,14 @@ def _sensitivity_curves(
     ratios: list[float],
     protected: dict[UnitKey, Tensor] | None = None,
 ) -> dict[UnitKey, tuple[list[float], list[float]]]:
-    """KL(unpruned ‖ one layer pruned at ratio r) per layer and ratio, simulated with a mask on m."""
+    """KL(unpruned ‖ one layer pruned at ratio r) per layer and ratio, simulated with a mask on m.
+
+    Neurons are kept by ``scores`` (highest first; ``protected`` ones always); ``compensate`` adds the
+    removed neurons' mean contribution to the bias (needs ``stats``). Returns {unit: (ratios, KL per ratio)}.
+
+    Example:
+        >>> curves = sensitivity_curves(model, ffns, scores, None, False, ids, [0.25, 0.5])
+    """
     from ffnkit.core.capture import site_hooks
 
     device = next(model.parameters()).device
@@ -378,7 +400,7 @@ def prune_(
         if taylor:
             grads = taylor_scores(model, ids[: config.taylor_samples], all_ffns)
         scores = {k: neuron_scores(config.method, u, stats, k, grads).cpu() for k, u in unit_list}
-        costs = {k: _neuron_cost(u) for k, u in unit_list}
+        costs = {k: neuron_cost(u) for k, u in unit_list}
         share = config.lowest_share
         protected = {k: lowest_protected(s, share) for k, s in scores.items()} if share > 0 else None
         target = config.ratio * sum(f.num_parameters() for f in ffns)
@@ -389,7 +411,7 @@ def prune_(
             r = config.ratio
             # up to 2.5 r: a layer is never pruned past its last measured point (see allocate)
             grid = sorted({min(0.95, x) for x in (0.5 * r, r, 1.5 * r, 2 * r, 2.5 * r)})
-            curves = _sensitivity_curves(
+            curves = sensitivity_curves(
                 model,
                 ffns,
                 scores,

@@ -21,8 +21,8 @@ Scores (n = d_ff, per unit, float64 [n]):
   ``sorted[⌊0.01·n⌋ : ⌊(s + 0.01)·n⌋]``, skipping the bottom 1%.
 - ``taylor``     Σ over neuron i's weights (row of W_in, W_gate, b_in, b_gate; column of W_out) of
   |W ⊙ ∂L/∂W|, gradients of the LM loss summed over a few calibration samples (LLM-Pruner's first order).
-- ``frequency``  share of tokens where the neuron is active, relative to its layer on that token:
-  |m_i(t)| ≥ 0.1 · mean_j |m_j(t)| (scale-free, so it works for SiLU/GELU as well as ReLU).
+- ``frequency``  share of tokens on which the neuron is active (:mod:`ffnkit.core.criteria`: |m_i(t)| >
+  0.1 · mean_j |m_j(t)|, scale-free, so it works for SiLU/GELU as well as ReLU).
 
 Example:
     >>> stats = collect_stats(model, calibration_batches(load_corpus(), tok))
@@ -33,18 +33,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.core.ffn import FFN, ExpertWeight, LinearBias, LinearWeight, WeightRef
-from ffnkit.core.reducers import Covariance, MeanSquare, Reducer, Variance, _MeanOf
+from ffnkit.core.reducers import Covariance, FiringRate, MeanSquare, Reducer, Variance
+from ffnkit.core.runner import forward, run
 
 __all__ = [
     "SCORES",
-    "RelativeFiring",
     "UnitStats",
     "KEEP_LOWEST",
     "collect_stats",
@@ -59,23 +58,6 @@ DATA_FREE = ("magnitude",)
 # share of each unit's LOWEST-scored neurons a method never removes (LoRAP keeps its bottom 1%)
 KEEP_LOWEST = {"lorap": 0.01}
 UnitKey = tuple[int, int | str | None]
-
-
-class RelativeFiring(_MeanOf):
-    """Share of tokens where |m_i| ≥ ``alpha`` × the layer's mean |m| on that token, per neuron."""
-
-    name = "relative_firing"
-
-    def __init__(self, alpha: float = 0.1) -> None:
-        self.alpha = float(alpha)
-        super().__init__()
-
-    def _config(self) -> tuple:
-        return (self.alpha,)
-
-    def _f(self, x: Tensor) -> Tensor:  # x [N, n] float64
-        a = x.abs()
-        return (a >= self.alpha * a.mean(-1, keepdim=True)).to(torch.float64)
 
 
 class Covariance32(Covariance):
@@ -100,7 +82,7 @@ class UnitStats:
     m_mean: Tensor  # [n] E[m]
     m_var: Tensor  # [n] Var(m) (population)
     m_sq: Tensor  # [n] E[m²]
-    firing: Tensor  # [n] relative firing rate
+    firing: Tensor  # [n] firing rate (ffnkit.core.criteria's active neurons)
     x_sq: Tensor  # [d] E[x²] of the unit's input tokens
     m_cov: Tensor | None = None  # [n, n] Cov(m) (population), when collected (least-squares refit)
 
@@ -117,7 +99,7 @@ def units(ffn: FFN) -> Iterator[tuple[UnitKey, FFN]]:
 
 
 def _reducers() -> dict[str, Reducer]:
-    return {"var": Variance(), "mean_sq": MeanSquare(), "firing": RelativeFiring()}
+    return {"var": Variance(), "mean_sq": MeanSquare(), "firing": FiringRate()}
 
 
 def _result(m: dict[str, Reducer], x: Reducer) -> UnitStats:
@@ -153,8 +135,6 @@ def collect_stats(
         >>> stats[(3, None)].m_var.shape
         torch.Size([1536])
     """
-    from tqdm.auto import tqdm
-
     from ffnkit.core.archs import find_ffns
     from ffnkit.core.capture import capture, site_hooks
 
@@ -188,11 +168,9 @@ def collect_stats(
     for ffn in moe:
         module, _, _ = site_hooks(ffn, "in")
         handles.append(module.register_forward_pre_hook(moe_hook(ffn)))
-    m_reducers: list[Reducer] = [Variance(), MeanSquare(), RelativeFiring()]
+    m_reducers: list[Reducer] = [Variance(), MeanSquare(), FiringRate()]
     if covariance:
         m_reducers.append(Covariance32())
-    device = next(model.parameters()).device
-    steps = range(0, calibration.shape[0], batch_size)
     cap = xcap = None
     try:
         if dense:
@@ -201,11 +179,13 @@ def collect_stats(
                 capture(model, "post", layers, reducers=m_reducers, ffns=ffns) as cap,
                 capture(model, "in", layers, reducers=[MeanSquare()], ffns=ffns) as xcap,
             ):
-                for i in tqdm(steps, desc="statistics", disable=not progress):
-                    _forward(model, calibration[i : i + batch_size].to(device))
+                for _ in run(
+                    model, calibration, batch_size=batch_size, progress=progress, stage="statistics"
+                ):
+                    pass
         else:
-            for i in tqdm(steps, desc="statistics", disable=not progress):
-                _forward(model, calibration[i : i + batch_size].to(device))
+            for _ in run(model, calibration, batch_size=batch_size, progress=progress, stage="statistics"):
+                pass
     finally:
         for h in handles:
             h.remove()
@@ -213,23 +193,13 @@ def collect_stats(
     for f in dense:
         m = cap.reducers("post", f.index)
         x = xcap.reducers("in", f.index)
-        red = {"var": m["var"], "mean_sq": m["mean_sq"], "firing": m["relative_firing"]}
+        red = {"var": m["var"], "mean_sq": m["mean_sq"], "firing": m["firing_rate"]}
         if covariance:
             red["cov"] = m["cov"]
         stats[(f.index, None)] = _result(red, x["mean_sq"])
     for key, (reds, xr) in moe_red.items():
         stats[key] = _result(reds, xr)
     return stats
-
-
-def _forward(model: nn.Module, ids: Tensor, labels: bool = False) -> Any:
-    """Run the model on token ids [B, T] (seq2seq models get the ids as decoder input too)."""
-    kwargs: dict[str, Any] = {"input_ids": ids}
-    if getattr(model.config, "is_encoder_decoder", False):
-        kwargs["decoder_input_ids"] = ids
-    if labels:
-        kwargs["labels"] = ids
-    return model(**kwargs)
 
 
 def _need(stats: dict[UnitKey, UnitStats] | None, key: UnitKey, method: str) -> UnitStats:
@@ -348,9 +318,8 @@ def taylor_scores(
             p.requires_grad_(id(p) in params)
             p.grad = None
         model.eval()  # no dropout: the gradient of the function being pruned
-        device = next(model.parameters()).device
         for i in range(0, calibration.shape[0], batch_size):
-            out = _forward(model, calibration[i : i + batch_size].to(device), labels=True)
+            out = forward(model, calibration[i : i + batch_size], labels=True)
             if getattr(out, "loss", None) is None:
                 raise InvalidArgumentError(
                     "taylor needs a model that returns an LM loss (causal LM or seq2seq); "

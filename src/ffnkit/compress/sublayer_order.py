@@ -16,8 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ffnkit.compress.sublayer_removal import ZeroAttention, ZeroFFN, _all_blocks
+from ffnkit.compress.sublayer_removal import ZeroAttention, ZeroFFN
+from ffnkit.core.blocks import block_modules, sublayers
 from ffnkit.core.errors import InvalidArgumentError
+from ffnkit.core.progress import ProgressLike, Stage
+from ffnkit.core.runner import check_causal_lm, device_of, log_probs, to_log_probs
 
 __all__ = ["finercut_order"]
 
@@ -34,7 +37,7 @@ class _SuffixRunner:
         from ffnkit.core.archs import resolve_spec
 
         self.model = model
-        self.blocks = _all_blocks(model)
+        self.blocks = block_modules(model)
         spec = resolve_spec(model)
         self.norm = None
         for name, mod in model.named_modules():
@@ -45,8 +48,6 @@ class _SuffixRunner:
 
     def capture(self, ids: Tensor) -> tuple[Tensor, list[tuple[tuple, dict]]]:
         """Full forward: (log-probs [b, T, V], every block's (args, kwargs))."""
-        from ffnkit.inspect.stats import model_forward
-
         inputs: list[tuple[tuple, dict]] = [((), {})] * len(self.blocks)
 
         def pre(i: int):
@@ -57,8 +58,8 @@ class _SuffixRunner:
 
         handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
         try:
-            # no KV cache: a cache object in the captured kwargs would grow on every re-run
-            logp = torch.log_softmax(model_forward(self.model, ids, use_cache=False).logits.float(), dim=-1)
+            # no KV cache (runner.forward): a cache object in the captured kwargs would grow on every re-run
+            logp = log_probs(self.model, ids)
         finally:
             for h in handles:
                 h.remove()
@@ -77,7 +78,7 @@ class _SuffixRunner:
             h = out[0] if isinstance(out, tuple) else out
         if self.norm is not None:
             h = self.norm(h)
-        return torch.log_softmax(self.head(h).float(), dim=-1)
+        return to_log_probs(self.head(h))
 
     def works(self, ids: Tensor) -> bool:
         if self.norm is None or self.head is None:
@@ -97,7 +98,7 @@ def finercut_order(
     ffn_target: int | None = None,
     steps: int | None = None,
     batch_size: int = 4,
-    progress: bool = False,
+    progress: ProgressLike = False,
     on_step: Any = None,
     resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -111,10 +112,10 @@ def finercut_order(
     Example:
         >>> finercut_order(model, batches, kind="ffn", steps=3)["order"][0]["name"]
     """
-    from ffnkit.inspect.importance import _check_lm, _log_probs, js_divergence, remove_sublayers, sublayers
-    from ffnkit.inspect.stats import iter_batches
+    from ffnkit.core.runner import iter_batches
+    from ffnkit.inspect.importance import js_divergence, remove_sublayers
 
-    _check_lm(model, "FinerCut")
+    check_causal_lm(model, "FinerCut")
     cands = [c for c in sublayers(model) if kind == "all" or c.kind == kind]
     cands = [c for c in cands if not isinstance(c.module, ZeroAttention | ZeroFFN)]
     n_ffn = sum(c.kind == "ffn" for c in cands)
@@ -123,7 +124,7 @@ def finercut_order(
     limit = len(cands) if steps is None else int(steps)
     if not 0 <= limit <= len(cands):
         raise InvalidArgumentError(f"steps must be in 0..{len(cands)} (the candidates), got {steps}")
-    device = next(model.parameters()).device
+    device = device_of(model)
     chunks = [ids.to(device) for _, ids in iter_batches(batches, batch_size)]
     order: list[dict[str, Any]] = []
     result = {
@@ -135,7 +136,7 @@ def finercut_order(
         "order": order,
     }
     with torch.no_grad():
-        reference = [_log_probs(model, ids) for ids in chunks]  # [b, T, V] each
+        reference = [log_probs(model, ids) for ids in chunks]  # [b, T, V] each
         runner = _SuffixRunner(model)
         fast = runner.works(chunks[0][:1]) if chunks else False
         result["suffix_reuse"] = fast
@@ -148,11 +149,7 @@ def finercut_order(
                     raise InvalidArgumentError(f"cannot resume: {r['name']} is not a candidate of this model")
                 removed.append(by_name[r["name"]])
                 order.append(dict(r))
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(desc="finercut", leave=False)
+        stage = Stage(progress, "finercut", unit="trial")
         while len(removed) < limit:
             if ffn_target is not None and sum(c.kind == "ffn" for c in removed) >= ffn_target:
                 break
@@ -164,18 +161,16 @@ def finercut_order(
                 total, count = 0.0, 0
                 with remove_sublayers(model, [*removed, c]):
                     for k, (ids, ref) in enumerate(zip(chunks, reference, strict=True)):
-                        logq = runner.run_from(c.layer, inputs[k]) if fast else _log_probs(model, ids)
+                        logq = runner.run_from(c.layer, inputs[k]) if fast else log_probs(model, ids)
                         js = js_divergence(ref, logq)  # [b, T]
                         total += float(js.double().sum())
                         count += js.numel()
                 trials.append(total / count)
-                if bar is not None:
-                    bar.update(1)
+                stage.advance()
             best = min(range(len(left)), key=lambda i: trials[i])  # first minimum: deterministic
             removed.append(left[best])
             order.append({"step": len(removed), **left[best].to_dict(), "js": trials[best]})
             if on_step is not None:
                 on_step(result)
-        if bar is not None:
-            bar.close()
+        stage.close()
     return result

@@ -28,7 +28,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ffnkit.core.blocks import (
+    attn_path,
+    block_modules,
+    blocks,
+    ffn_path,
+    layer_list,
+    num_blocks,
+    parameter_count,
+)
 from ffnkit.core.errors import InvalidArgumentError, LayerIndexError
+from ffnkit.core.hf import text_config
 
 __all__ = [
     "BLOCKS_KIND",
@@ -36,6 +46,7 @@ __all__ = [
     "ZeroAttention",
     "ZeroFFN",
     "apply_sublayer_removal_",
+    "check_block_deletion",
     "delete_blocks_",
     "removed_sublayers",
     "replay_blocks",
@@ -99,73 +110,6 @@ class ZeroAttention(nn.Module):
         return f"layer_idx={self.layer_idx}, removed by ffnkit"
 
 
-# ----- helpers ------------------------------------------------------------------------------------
-def _blocks(model: nn.Module):
-    from ffnkit.inspect.importance import blocks
-
-    return blocks(model)
-
-
-def _layer_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
-    """(owner, attribute, ModuleList) of the model's single stack of blocks."""
-    from ffnkit.core.archs import _find_layer_lists, resolve_spec
-
-    found = _find_layer_lists(model, resolve_spec(model))
-    if len(found) != 1:
-        raise InvalidArgumentError("sublayer removal needs a single stack of blocks (a decoder-only model)")
-    _, path, mlist = found[0]
-    owner_path, _, attr = path.rpartition(".")
-    return model.get_submodule(owner_path) if owner_path else model, attr, mlist
-
-
-def _all_blocks(model: nn.Module) -> list[nn.Module]:
-    return list(_layer_list(model)[2])
-
-
-def _text_config(model: nn.Module) -> Any:
-    return getattr(model.config, "text_config", None) or model.config
-
-
-def _num_layers(model: nn.Module) -> int:
-    return len(_layer_list(model)[2])
-
-
-def _nparams(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _attn_path(model: nn.Module) -> str:
-    from ffnkit.core.archs import resolve_spec
-
-    attn = resolve_spec(model).attn
-    if not attn:
-        raise InvalidArgumentError(f"no attention path known for {model.config.model_type!r}")
-    return attn
-
-
-def _ffn_rel_path(model: nn.Module) -> str:
-    """The FFN container's path inside a block; "" (OPT, BERT: the FFN is the block itself) is refused."""
-    from ffnkit.core.archs import resolve_spec
-
-    spec = resolve_spec(model)
-    block0 = _all_blocks(model)[0]
-    for p in spec.ffn:
-        if p and _has(block0, p):
-            return p
-    raise InvalidArgumentError(
-        f"{model.config.model_type!r} keeps its FFN inside the block (no FFN module of its own), so an FFN "
-        "sublayer cannot be removed alone; remove whole blocks (method 'shortgpt', kind 'all') instead"
-    )
-
-
-def _has(root: nn.Module, path: str) -> bool:
-    try:
-        root.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
 def removed_sublayers(model: nn.Module) -> list[dict[str, Any]]:
     """The sublayers this model has lost (scanned from its modules): path, kind, layer.
 
@@ -192,14 +136,14 @@ def _swap_all(swaps: list[tuple[Any, str, Any]]) -> Callable[[], None]:
 
 def _plan_sublayers(model: nn.Module, items: list[tuple[int, str]]) -> list[tuple[Any, str, Any]]:
     """Swaps that replace (block index, "attn"|"ffn") by zero modules."""
-    blocks = _all_blocks(model)
+    mods = block_modules(model)
     swaps = []
     for layer, kind in items:
-        if not 0 <= layer < len(blocks):
-            raise LayerIndexError(f"layer {layer} is out of range: this model has {len(blocks)} blocks")
-        rel = _attn_path(model) if kind == "attn" else _ffn_rel_path(model)
+        if not 0 <= layer < len(mods):
+            raise LayerIndexError(f"layer {layer} is out of range: this model has {len(mods)} blocks")
+        rel = attn_path(model) if kind == "attn" else ffn_path(model)
         owner_rel, _, attr = rel.rpartition(".")
-        owner = blocks[layer].get_submodule(owner_rel) if owner_rel else blocks[layer]
+        owner = mods[layer].get_submodule(owner_rel) if owner_rel else mods[layer]
         current = getattr(owner, attr, None)
         if current is None:
             raise InvalidArgumentError(f"block {layer} has no {kind} sublayer at {rel!r}")
@@ -245,8 +189,8 @@ def apply_sublayer_removal_(model: nn.Module, items: list[tuple[int, str]]) -> l
     swaps = _plan_sublayers(model, items)
     rows = []
     for (layer, kind), (owner, attr, _) in zip(items, swaps, strict=True):
-        rows.append({"layer": layer, "kind": kind, "parameters": _nparams(getattr(owner, attr))})
-    n_ffn_left = len(_blocks(model)) - sum(k == "ffn" for _, k in items)
+        rows.append({"layer": layer, "kind": kind, "parameters": parameter_count(getattr(owner, attr))})
+    n_ffn_left = len(blocks(model)) - sum(k == "ffn" for _, k in items)
     if n_ffn_left < 1:
         raise InvalidArgumentError("removal would leave no FFN in the model; keep at least one")
     meta = _records(model)
@@ -283,9 +227,9 @@ def replay_sublayers(model: nn.Module, change: dict) -> None:
 def replay_blocks(model: nn.Module, change: dict) -> None:
     """Nothing to rebuild: the saved config already has the smaller number of blocks."""
     n = change.get("num_layers_after")
-    if n is not None and _num_layers(model) != int(n):
+    if n is not None and num_blocks(model) != int(n):
         raise InvalidArgumentError(
-            f"the saved model has {n} blocks but its config builds {_num_layers(model)}"
+            f"the saved model has {n} blocks but its config builds {num_blocks(model)}"
         )
 
 
@@ -293,9 +237,14 @@ def _remap_list(values: list, keep: list[int]) -> list:
     return [values[i] for i in keep]
 
 
-def _check_block_deletion(model: nn.Module, layers: list[int]) -> list[int]:
-    """The sorted block numbers to delete, or a clear error (before anything changes)."""
-    n = _num_layers(model)
+def check_block_deletion(model: nn.Module, layers: list[int]) -> list[int]:
+    """The sorted block numbers to delete, or a clear error (checked before anything changes).
+
+    Example:
+        >>> check_block_deletion(model, [5, 3, 5])
+        [3, 5]
+    """
+    n = num_blocks(model)
     drop = sorted({int(i) for i in layers})
     for i in drop:
         if not 0 <= i < n:
@@ -321,9 +270,9 @@ def delete_blocks_(model: nn.Module, layers: list[int]) -> dict[str, Any]:
     """
     from ffnkit.core.edit import structure_of
 
-    owner, attr, mlist = _layer_list(model)
+    owner, attr, mlist = layer_list(model)
     n = len(mlist)
-    drop = _check_block_deletion(model, layers)
+    drop = check_block_deletion(model, layers)
     if not drop:
         return {"deleted": [], "num_layers_before": n, "num_layers_after": n}
     meta = _records(model)
@@ -336,7 +285,7 @@ def delete_blocks_(model: nn.Module, layers: list[int]) -> dict[str, Any]:
                 swaps.append((mod, "layer_idx", new_i))
             if isinstance(mod, ZeroFFN) and mod.layer != new_i:
                 swaps.append((mod, "layer", new_i))
-    cfg = _text_config(model)
+    cfg = text_config(model)
     swaps.append((cfg, "num_hidden_layers", len(keep)))
     if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == n:
         swaps.append((cfg, "layer_types", _remap_list(cfg.layer_types, keep)))

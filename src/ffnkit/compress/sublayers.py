@@ -40,18 +40,15 @@ from ffnkit.compress.sublayer_removal import (
     SUBLAYERS_KIND,
     ZeroAttention,
     ZeroFFN,
-    _all_blocks,
-    _blocks,
-    _check_block_deletion,
-    _nparams,
-    _num_layers,
     apply_sublayer_removal_,
+    check_block_deletion,
     delete_blocks_,
     removed_sublayers,
     replay_blocks,
     replay_sublayers,
 )
-from ffnkit.core.config import JsonConfig
+from ffnkit.core.blocks import block_modules, blocks, num_blocks, parameter_count
+from ffnkit.core.config import JsonConfig, Result, as_dict
 from ffnkit.core.errors import InvalidArgumentError, LayerIndexError
 from ffnkit.io import register_replay
 
@@ -193,7 +190,7 @@ def remove_sublayers_(
     *,
     calibration: Tensor | None = None,
     tokenizer: Any = None,
-    order: dict[str, Any] | None = None,
+    order: dict[str, Any] | Result | None = None,
     progress: bool = False,
 ) -> SublayerReport:
     """Remove attention / FFN sublayers or whole blocks for real (parameters drop); atomic.
@@ -211,9 +208,8 @@ def remove_sublayers_(
 
     start = time.perf_counter()
     before = count_parameters(model, find_ffns(model))
-    n_blocks = _num_layers(model)
-    blocks = _blocks(model)
-    n_ffn = len(blocks)
+    n_blocks = num_blocks(model)
+    n_ffn = len(blocks(model))
     scores: dict[str, Any] | None = None
     items: list[tuple[int, str]] = []
     drop_blocks: list[int] = []
@@ -272,7 +268,7 @@ def remove_sublayers_(
                 if k > 0
                 else {"method": "shortgpt", "layers": [], "ranking": []}
             )
-        scores = order
+        scores = order = as_dict(order)  # a BlockInfluence result, or its dict read back from JSON
         lowest = [int(i) for i in order["ranking"][:k]]
         bi = {int(r["layer"]): float(r["bi"]) for r in order.get("layers", [])}
         if config.kind == "all":
@@ -283,13 +279,13 @@ def remove_sublayers_(
             score_of = {(i, config.kind): bi.get(i, float("nan")) for i in lowest}
         notes.append("BI = block influence of the whole block (ShortGPT); lowest first")
     if drop_blocks:
-        _check_block_deletion(model, drop_blocks)  # fail before the sublayers change
+        check_block_deletion(model, drop_blocks)  # fail before the sublayers change
     removed = apply_sublayer_removal_(model, items)
     for r in removed:
         r["name"] = f"layers.{r['layer']}.{r['kind']}"
         r["score"] = score_of.get((r["layer"], r["kind"]))
     if drop_blocks:
-        block_params = {i: _nparams(_all_blocks(model)[i]) for i in drop_blocks}
+        block_params = {i: parameter_count(block_modules(model)[i]) for i in drop_blocks}
         delete_blocks_(model, drop_blocks)
         removed += [
             {
@@ -312,7 +308,7 @@ def remove_sublayers_(
         parameters_after=after,
         ffn_ratio_removed=1 - after["ffn"] / before["ffn"] if before["ffn"] else 0.0,
         num_layers_before=n_blocks,
-        num_layers_after=_num_layers(model),
+        num_layers_after=num_blocks(model),
         seconds=time.perf_counter() - start,
         notes=notes,
     )

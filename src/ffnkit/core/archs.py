@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ffnkit.core.errors import LayerIndexError, UnsupportedArchitectureError
 from ffnkit.core.ffn import FFN, ExpertWeight, LinearBias, LinearWeight, Router
+from ffnkit.core.hf import text_config
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,12 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def _find_layer_lists(model: nn.Module, spec: ArchSpec) -> list[tuple[str, str, nn.ModuleList]]:
-    """(stack, path, ModuleList) for each stack; within a stack the first pattern that matches wins."""
+def find_layer_lists(model: nn.Module, spec: ArchSpec) -> list[tuple[str, str, nn.ModuleList]]:
+    """(stack, path, ModuleList) for each stack of blocks; within a stack the first pattern that matches wins.
+
+    Example:
+        >>> find_layer_lists(model, resolve_spec(model))   # [('', 'model.layers', ModuleList(...))]
+    """
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
     found = []
     patterns = spec.layers
@@ -363,9 +368,9 @@ def find_ffns(model: nn.Module, *, spec: ArchSpec | None = None) -> list[FFN]:
     """
     spec = resolve_spec(model, spec)
     config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config if spec.family == "gemma3" else config
+    config = text_config(config) if spec.family == "gemma3" else config
     ffns: list[FFN] = []
-    for stack, list_name, blocks in _find_layer_lists(model, spec):
+    for stack, list_name, blocks in find_layer_lists(model, spec):
         for layer, block in enumerate(blocks):
             for ffn_path in spec.ffn:
                 container = _get(block, ffn_path)

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ffnkit.core.criteria import ACTIVE_THRESHOLD, active
 from ffnkit.core.errors import InvalidArgumentError
 
 __all__ = [
@@ -172,19 +173,25 @@ class MeanSquare(_MeanOf):
 
 
 class FiringRate(_MeanOf):
-    """Fraction of tokens with x > threshold (or |x| > threshold if ``absolute``), per neuron."""
+    """Share of tokens on which each neuron is active, under ffnkit's one definition
+    (:mod:`ffnkit.core.criteria`: |x_i| > threshold · mean_j |x_j| on the token), per neuron.
+
+    Example:
+        >>> FiringRate().update(torch.tensor([[4.0, -2.0, 0.1, 0.0]])).result()
+        tensor([1., 1., 0., 0.], dtype=torch.float64)
+    """
 
     name = "firing_rate"
 
-    def __init__(self, threshold: float = 0.0, absolute: bool = False) -> None:
-        self.threshold, self.absolute = float(threshold), bool(absolute)
+    def __init__(self, threshold: float = ACTIVE_THRESHOLD) -> None:
+        self.threshold = float(threshold)
         super().__init__()
 
     def _config(self) -> tuple:
-        return (self.threshold, self.absolute)
+        return (self.threshold,)
 
-    def _f(self, x: Tensor) -> Tensor:
-        return ((x.abs() if self.absolute else x) > self.threshold).to(torch.float64)
+    def _f(self, x: Tensor) -> Tensor:  # x [N, n]
+        return active(x, self.threshold).to(torch.float64)
 
 
 @dataclass

@@ -13,11 +13,11 @@ Example:
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 from torch import nn
 
 from ffnkit.core.ffn import FFN
+from ffnkit.core.hf import text_config
 
 __all__ = ["config_snapshot", "record_change", "record_structure", "restore_config", "structure_of"]
 
@@ -27,16 +27,11 @@ _EXPERT_KEY = {"qwen2_moe": "moe_intermediate_size", "qwen3_moe": "moe_intermedi
 _SHARED_KEY = "shared_expert_intermediate_size"
 
 
-def _width_config(model: nn.Module) -> Any:
-    config = model.config
-    return getattr(config, "text_config", None) or config
-
-
 def config_snapshot(model: nn.Module) -> dict:
     """The config's width keys and ``config.ffnkit`` (deep-copied), for :func:`restore_config` after a
     failed edit."""
 
-    wc = _width_config(model)
+    wc = text_config(model)
     names = (*_DENSE_KEY.values(), "intermediate_size", *_EXPERT_KEY.values(), _SHARED_KEY)
     keys = {k: getattr(wc, k) for k in names if hasattr(wc, k)}
     return {"ffnkit": copy.deepcopy(getattr(model.config, "ffnkit", None)), "keys": keys}
@@ -49,7 +44,7 @@ def restore_config(model: nn.Module, snap: dict) -> None:
             delattr(model.config, "ffnkit")
     else:
         model.config.ffnkit = snap["ffnkit"]
-    wc = _width_config(model)
+    wc = text_config(model)
     for k, v in snap["keys"].items():
         setattr(wc, k, v)
 
@@ -94,7 +89,7 @@ def record_structure(model: nn.Module) -> dict:
     model.config.ffnkit = meta
     record_change(model, {"kind": "ffn_structure", **now})
     family = getattr(model.config, "model_type", "")
-    wc = _width_config(model)
+    wc = text_config(model)
     dense = {f.d_ff for f in ffns if f.kind != "moe"}
     expert = {f.d_ff for f in ffns if f.kind == "moe"}
     shared = {f.shared.d_ff for f in ffns if f.kind == "moe" and f.shared is not None}

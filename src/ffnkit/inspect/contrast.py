@@ -1,7 +1,8 @@
 """Contrast two prompt sets: the neurons (and experts) whose activation differs most between them.
 
-For each set, one streaming pass records per neuron (``post`` site, m_i) the firing rate
-p = P(m_i > threshold) and the mean and population variance of m_i; per expert of MoE layers, the share
+For each set, one streaming pass records per neuron (``post`` site, m_i) the firing rate p = P(neuron
+active) (:mod:`ffnkit.core.criteria`: |m_i| > threshold · mean_j |m_j| on the token) and the mean and
+population variance of m_i; per expert of MoE layers, the share
 of tokens routed to it (top-k recomputed from the ``router`` site's logits), a 0/1 indicator per token.
 Scores per unit, for sets a and b with token counts n_a, n_b:
 
@@ -13,7 +14,7 @@ Prompts are run one at a time (no padding enters the statistics).
 
 Example:
     >>> res = contrast(model, tok, ["I love it."], ["I hate it."], top=10)
-    >>> res["neurons"][0]          # {'layer': 4, 'neuron': 17, 'delta': 0.5, 'cohens_d': 1.9, ...}
+    >>> res.neurons[0]             # {'layer': 4, 'neuron': 17, 'delta': 0.5, 'cohens_d': 1.9, ...}
 """
 
 from __future__ import annotations
@@ -29,13 +30,23 @@ from torch import Tensor, nn
 
 from ffnkit.core.archs import find_ffns, select_ffns
 from ffnkit.core.capture import capture
+from ffnkit.core.config import Result
+from ffnkit.core.criteria import ACTIVE_RULE, ACTIVE_THRESHOLD
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.core.reducers import FiringRate, Mean, Variance
-from ffnkit.inspect.stats import model_forward
+from ffnkit.core.runner import evaluating, forward
 
 POOLED_FLOOR = 1e-6  # s_pooled is floored here, so d stays finite (0 when the means are equal)
 
-__all__ = ["RoutedShare", "SetStats", "contrast", "contrast_stats", "read_prompts", "set_stats"]
+__all__ = [
+    "ContrastResult",
+    "RoutedShare",
+    "SetStats",
+    "contrast",
+    "contrast_stats",
+    "read_prompts",
+    "set_stats",
+]
 
 
 class RoutedShare(Mean):
@@ -56,14 +67,29 @@ class RoutedShare(Mean):
 
 
 @dataclass
-class SetStats:
+class SetStats(Result):
     """Statistics of one prompt set: per dense layer {firing_rate, mean, var} [d_ff]; per MoE layer
-    {routed_share} [E]; and the number of tokens seen."""
+    {routed_share} [E]; the number of tokens seen, and the active-neuron threshold used."""
 
     neurons: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     experts: dict[int, Tensor] = field(default_factory=dict)
     n_tokens: int = 0
     n_prompts: int = 0
+    threshold: float = ACTIVE_THRESHOLD
+
+
+@dataclass
+class ContrastResult(Result):
+    """The neurons and experts that differ most between two prompt sets (rows: layer, neuron or expert,
+    p_a, p_b, delta, cohens_d; neurons also mean_a, mean_b), and how they were scored."""
+
+    rank_by: str
+    scores: dict[str, str]
+    tokens: dict[str, int]
+    prompts: dict[str, int]
+    neurons: list[dict[str, Any]]
+    experts: list[dict[str, Any]]
+    threshold: float
 
 
 def read_prompts(source: str | Path | Sequence[str]) -> list[str]:
@@ -87,7 +113,7 @@ def set_stats(
     model: nn.Module,
     prompts: Iterable[Tensor],
     *,
-    threshold: float = 0.0,
+    threshold: float = ACTIVE_THRESHOLD,
     layers: int | Iterable[int] | None = None,
 ) -> SetStats:
     """Stream one prompt set (token id tensors [T] or [1, T]) through the model and collect its statistics.
@@ -100,8 +126,8 @@ def set_stats(
     chosen = select_ffns(ffns, layers if layers is None or isinstance(layers, int) else list(layers))
     dense = [f.index for f in chosen if f.kind != "moe"]
     moe = [f for f in chosen if f.kind == "moe"]
-    stats = SetStats()
-    with torch.no_grad(), ExitStack() as stack:
+    stats = SetStats(threshold=float(threshold))
+    with evaluating(model), ExitStack() as stack:
         cap = None
         if dense:
             reducers = [Variance(), FiringRate(threshold)]
@@ -116,7 +142,7 @@ def set_stats(
             ids = ids.reshape(1, -1)  # one prompt at a time: no padding in the statistics
             if ids.numel() == 0:
                 continue
-            model_forward(model, ids)
+            forward(model, ids)
             stats.n_tokens += ids.numel()
             stats.n_prompts += 1
     if stats.n_tokens == 0:
@@ -135,12 +161,17 @@ def _cohens_d(mean_a: Tensor, var_a: Tensor, n_a: int, mean_b: Tensor, var_b: Te
     return (mean_a - mean_b) / pooled.clamp_min(POOLED_FLOOR)
 
 
-def contrast_stats(a: SetStats, b: SetStats, *, top: int = 20, rank_by: str = "delta") -> dict[str, Any]:
+def contrast_stats(a: SetStats, b: SetStats, *, top: int = 20, rank_by: str = "delta") -> ContrastResult:
     """Rank neurons and experts by |Δ| (``rank_by="delta"``) or |Cohen's d| (``"cohens_d"``).
 
     Example:
-        >>> contrast_stats(set_stats(model, ids_a), set_stats(model, ids_b), top=5)["neurons"][0]
+        >>> contrast_stats(set_stats(model, ids_a), set_stats(model, ids_b), top=5).neurons[0]
     """
+    if a.threshold != b.threshold:
+        raise InvalidArgumentError(
+            f"the two sets were measured with different thresholds ({a.threshold}, {b.threshold}); "
+            "measure both with the same one"
+        )
     if rank_by not in ("delta", "cohens_d"):
         raise InvalidArgumentError(f"rank_by must be 'delta' or 'cohens_d', got {rank_by!r}")
     if top < 1:
@@ -190,18 +221,19 @@ def contrast_stats(a: SetStats, b: SetStats, *, top: int = 20, rank_by: str = "d
         items = sorted(items, key=lambda r: -r["_key"])[:top]
         return [{k: v for k, v in r.items() if k != "_key"} for r in items]
 
-    return {
-        "rank_by": rank_by,
-        "scores": {
-            "delta": "p_a - p_b: firing rate (m_i > threshold) or share of tokens routed to the expert",
+    return ContrastResult(
+        rank_by=rank_by,
+        scores={
+            "delta": f"p_a - p_b: firing rate ({ACTIVE_RULE}) or share of tokens routed to the expert",
             "cohens_d": "(mean_a - mean_b) / max(sqrt((n_a var_a + n_b var_b) / (n_a + n_b)), 1e-6), "
             "population variances",
         },
-        "tokens": {"a": a.n_tokens, "b": b.n_tokens},
-        "prompts": {"a": a.n_prompts, "b": b.n_prompts},
-        "neurons": best(rows),
-        "experts": best(experts),
-    }
+        tokens={"a": a.n_tokens, "b": b.n_tokens},
+        prompts={"a": a.n_prompts, "b": b.n_prompts},
+        neurons=best(rows),
+        experts=best(experts),
+        threshold=a.threshold,
+    )
 
 
 def contrast(
@@ -211,17 +243,17 @@ def contrast(
     b: str | Path | Sequence[str],
     *,
     top: int = 20,
-    threshold: float = 0.0,
+    threshold: float = ACTIVE_THRESHOLD,
     rank_by: str = "delta",
     layers: int | Iterable[int] | None = None,
-) -> dict[str, Any]:
+) -> ContrastResult:
     """Neurons and experts whose activation differs most between prompt sets ``a`` and ``b``.
 
     ``a`` / ``b``: lists of prompts, or text files with one prompt per line.
 
     Example:
         >>> res = contrast(model, tok, "happy.txt", "sad.txt", top=10)
-        >>> [(r["layer"], r["neuron"], round(r["delta"], 2)) for r in res["neurons"]]
+        >>> [(r["layer"], r["neuron"], round(r["delta"], 2)) for r in res.neurons]
     """
 
     def encode(prompts: list[str]) -> list[Tensor]:
@@ -229,6 +261,4 @@ def contrast(
 
     sa = set_stats(model, encode(read_prompts(a)), threshold=threshold, layers=layers)
     sb = set_stats(model, encode(read_prompts(b)), threshold=threshold, layers=layers)
-    out = contrast_stats(sa, sb, top=top, rank_by=rank_by)
-    out["threshold"] = threshold
-    return out
+    return contrast_stats(sa, sb, top=top, rank_by=rank_by)

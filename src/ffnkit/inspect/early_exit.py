@@ -18,24 +18,37 @@ each block l = 1 … L (the residual stream leaving block l, taken by a hook bef
 
 Example:
     >>> res = early_exit(model, calibration_batches(corpus, tok, 8, 128), eval_batches, target=0.95)
-    >>> rule = res["rules"]["confidence_min_layer"]
-    >>> rule["evaluation"]["agreement"], rule["evaluation"]["layers_saved"]
+    >>> rule = res.rules["confidence_min_layer"]
+    >>> rule.evaluation.agreement, rule.evaluation.layers_saved
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ffnkit.core.blocks import blocks
+from ffnkit.core.config import Result
 from ffnkit.core.errors import InvalidArgumentError
-from ffnkit.inspect.importance import _check_lm, blocks
+from ffnkit.core.progress import ProgressLike
+from ffnkit.core.runner import check_causal_lm, run
 from ffnkit.inspect.lens import Lens
-from ffnkit.inspect.stats import iter_batches, model_forward
 
-__all__ = ["LensTrajectory", "apply_exit_rule", "calibrate_threshold", "early_exit", "lens_trajectory"]
+__all__ = [
+    "CalibratedRule",
+    "EarlyExitResult",
+    "ExitRule",
+    "LensTrajectory",
+    "Saturation",
+    "apply_exit_rule",
+    "calibrate_threshold",
+    "early_exit",
+    "lens_trajectory",
+    "saturation_report",
+]
 
 NEVER = 1.01  # a threshold no probability reaches: every token runs all layers
 # the rules early_exit calibrates and reports (all searched on the calibration split only)
@@ -54,7 +67,57 @@ RULE_TEXT = {
 
 
 @dataclass
-class LensTrajectory:
+class ExitRule(Result):
+    """One exit rule's parameters and what it gives on a trajectory: top-1 agreement with the full model,
+    the share of layers saved mean(L − exit layer) / L, the mean exit layer (1 … L), tokens measured."""
+
+    threshold: float
+    min_layer: int
+    stable: bool
+    agreement: float
+    layers_saved: float
+    mean_exit_layer: float
+    tokens: int
+
+
+@dataclass
+class Saturation(Result):
+    """Saturation layers: their distribution over layers ({layer, tokens, share}, "never" last), mean
+    and median (tokens that saturate), and the oracle saving."""
+
+    n_layers: int
+    tokens: int
+    mean_saturation_layer: float | None
+    median_saturation_layer: float | None
+    oracle_layers_saved: float
+    distribution: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class CalibratedRule(Result):
+    """A rule calibrated on the calibration split: its parameters, and its numbers on both splits."""
+
+    description: str
+    threshold: float
+    min_layer: int
+    stable: bool
+    calibration: ExitRule
+    evaluation: ExitRule
+
+
+@dataclass
+class EarlyExitResult(Result):
+    """What :func:`early_exit` found: the calibrated rules by name and the saturation layers."""
+
+    target_agreement: float
+    rules: dict[str, CalibratedRule]
+    saturation: Saturation
+    saturation_calibration: Saturation
+    anchor: str
+
+
+@dataclass
+class LensTrajectory(Result):
     """Per token: lens top-1 id and its probability after each block, and the model's final top-1.
 
     ``top1`` and ``prob`` are [L, N]; ``final`` is [N] (N = tokens).
@@ -78,7 +141,7 @@ class LensTrajectory:
 
 
 def lens_trajectory(
-    model: nn.Module, batches: Tensor, *, batch_size: int = 4, progress: bool = False
+    model: nn.Module, batches: Tensor, *, batch_size: int = 4, progress: ProgressLike = False
 ) -> LensTrajectory:
     """Run ``batches`` [n, T] and read the logit lens after every block, for every token.
 
@@ -86,7 +149,7 @@ def lens_trajectory(
         >>> traj = lens_trajectory(model, batches)
         >>> traj.top1.shape        # [n_layers, n * T]
     """
-    _check_lm(model, "early exit")
+    check_causal_lm(model, "early exit")
     lens = Lens.of(model)
     blks = blocks(model)
     tops: list[list[Tensor]] = [[] for _ in blks]
@@ -106,10 +169,8 @@ def lens_trajectory(
 
     handles = [b.module.register_forward_hook(hook(i)) for i, b in enumerate(blks)]
     try:
-        with torch.no_grad():
-            for _, ids in iter_batches(batches, batch_size, progress, "logit lens"):
-                logits = model_forward(model, ids).logits  # [b, T, V]
-                finals.append(logits.argmax(-1).reshape(-1).cpu())
+        for _, _, out in run(model, batches, batch_size=batch_size, progress=progress, stage="logit lens"):
+            finals.append(out.logits.argmax(-1).reshape(-1).cpu())  # logits [b, T, V]
     finally:
         for h in handles:
             h.remove()
@@ -153,23 +214,23 @@ def _score(traj: LensTrajectory, first: Tensor) -> tuple[float, float, float]:
 
 def apply_exit_rule(
     traj: LensTrajectory, threshold: float, *, min_layer: int = 1, stable: bool = False
-) -> dict[str, Any]:
+) -> ExitRule:
     """Exit at the first layer l ≥ ``min_layer`` whose lens top-1 probability is ≥ ``threshold`` (and, with
     ``stable``, whose top-1 equals layer l − 1's); no such layer: run all L. Agreement and layers saved.
 
     Example:
-        >>> apply_exit_rule(traj, 0.0)["mean_exit_layer"]     # 1.0: every token exits after block 1
+        >>> apply_exit_rule(traj, 0.0).mean_exit_layer       # 1.0: every token exits after block 1
     """
     agreement, saved, mean_exit = _score(traj, _exit_index(traj, threshold, min_layer, stable))
-    return {
-        "threshold": float(threshold),
-        "min_layer": int(min_layer),
-        "stable": bool(stable),
-        "agreement": agreement,
-        "layers_saved": saved,
-        "mean_exit_layer": mean_exit,
-        "tokens": int(traj.final.numel()),
-    }
+    return ExitRule(
+        threshold=float(threshold),
+        min_layer=int(min_layer),
+        stable=bool(stable),
+        agreement=agreement,
+        layers_saved=saved,
+        mean_exit_layer=mean_exit,
+        tokens=int(traj.final.numel()),
+    )
 
 
 def calibrate_threshold(
@@ -179,7 +240,7 @@ def calibrate_threshold(
     *,
     search_min_layer: bool = False,
     search_stable: bool = False,
-) -> dict[str, Any]:
+) -> ExitRule:
     """The rule that saves most layers with agreement ≥ ``target`` on this trajectory.
 
     Searches thresholds in ``grid`` (default 0, 0.01, …, 1), and optionally every ``min_layer`` 1 … L and
@@ -187,7 +248,7 @@ def calibrate_threshold(
     1.01: agreement 1, nothing saved) when no rule reaches the target.
 
     Example:
-        >>> calibrate_threshold(traj, target=0.95)["threshold"]
+        >>> calibrate_threshold(traj, target=0.95).threshold
     """
     if not 0.0 <= target <= 1.0:
         raise InvalidArgumentError(f"target agreement must be in [0, 1], got {target}")
@@ -224,19 +285,23 @@ def _distribution(sat: Tensor, L: int) -> list[dict[str, Any]]:
     return rows
 
 
-def saturation_report(traj: LensTrajectory) -> dict[str, Any]:
-    """Saturation-layer distribution, its mean and median, and the oracle saving."""
+def saturation_report(traj: LensTrajectory) -> Saturation:
+    """Saturation-layer distribution, its mean and median, and the oracle saving.
+
+    Example:
+        >>> saturation_report(lens_trajectory(model, batches)).oracle_layers_saved
+    """
     L = traj.n_layers
     sat = traj.saturation()
     ok = sat[sat <= L].double()
-    return {
-        "n_layers": L,
-        "tokens": int(sat.numel()),
-        "mean_saturation_layer": float(ok.mean()) if ok.numel() else None,
-        "median_saturation_layer": float(ok.median()) if ok.numel() else None,
-        "oracle_layers_saved": float(((L - ok) / L).sum() / max(1, sat.numel())),
-        "distribution": _distribution(sat, L),
-    }
+    return Saturation(
+        n_layers=L,
+        tokens=int(sat.numel()),
+        mean_saturation_layer=float(ok.mean()) if ok.numel() else None,
+        median_saturation_layer=float(ok.median()) if ok.numel() else None,
+        oracle_layers_saved=float(((L - ok) / L).sum() / max(1, sat.numel())),
+        distribution=_distribution(sat, L),
+    )
 
 
 def early_exit(
@@ -246,8 +311,8 @@ def early_exit(
     *,
     target: float = 0.95,
     batch_size: int = 4,
-    progress: bool = False,
-) -> dict[str, Any]:
+    progress: ProgressLike = False,
+) -> EarlyExitResult:
     """Saturation layers on the evaluation split, and the confidence exit rule calibrated on calibration.
 
     Args:
@@ -256,26 +321,25 @@ def early_exit(
 
     Example:
         >>> res = early_exit(model, cal, ev, target=0.95)
-        >>> {name: r["evaluation"]["layers_saved"] for name, r in res["rules"].items()}
+        >>> {name: r.evaluation.layers_saved for name, r in res.rules.items()}
     """
     cal = lens_trajectory(model, calibration, batch_size=batch_size, progress=progress)
     ev = lens_trajectory(model, evaluation, batch_size=batch_size, progress=progress)
     rules = {}
     for name, kwargs in RULES.items():
         c = calibrate_threshold(cal, target, **kwargs)
-        rule = {k: c[k] for k in ("threshold", "min_layer", "stable")}
-        rules[name] = {
-            "description": RULE_TEXT[name],
-            **rule,
-            "calibration": c,
-            "evaluation": apply_exit_rule(
-                ev, rule["threshold"], min_layer=rule["min_layer"], stable=rule["stable"]
-            ),
-        }
-    return {
-        "target_agreement": target,
-        "rules": rules,
-        "saturation": saturation_report(ev),
-        "saturation_calibration": saturation_report(cal),
-        "anchor": "Geva et al. 2022 (GPT-2, 16 layers): 94.9% top-1 agreement, ~21% of layers saved",
-    }
+        rules[name] = CalibratedRule(
+            description=RULE_TEXT[name],
+            threshold=c.threshold,
+            min_layer=c.min_layer,
+            stable=c.stable,
+            calibration=c,
+            evaluation=apply_exit_rule(ev, c.threshold, min_layer=c.min_layer, stable=c.stable),
+        )
+    return EarlyExitResult(
+        target_agreement=target,
+        rules=rules,
+        saturation=saturation_report(ev),
+        saturation_calibration=saturation_report(cal),
+        anchor="Geva et al. 2022 (GPT-2, 16 layers): 94.9% top-1 agreement, ~21% of layers saved",
+    )

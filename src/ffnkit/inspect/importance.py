@@ -21,17 +21,19 @@ each block.
 x_in / x_out the hidden state entering / leaving block l (read by hooks on the block, so the last block's
 output is taken before the model's final norm). Low BI = the block barely turns the residual stream.
 
+The candidates (:class:`~ffnkit.core.blocks.Sublayer`) and blocks come from :mod:`ffnkit.core.blocks`.
+
 Example:
     >>> res = finercut(model, calibration_batches(load_corpus(), tok, 4, 128), steps=10)
-    >>> res["order"][0]                  # {'step': 1, 'name': 'layers.27.attn', 'js': 0.0012, ...}
-    >>> block_influence(model, batches)["layers"][0]["bi"]
+    >>> res.order[0]                     # {'step': 1, 'name': 'layers.27.attn', 'js': 0.0012, ...}
+    >>> block_influence(model, batches).layers[0]["bi"]
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,125 +41,52 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ffnkit.core.archs import find_ffns, resolve_spec
-from ffnkit.core.capture import site_hooks
+from ffnkit.core.blocks import Sublayer, blocks, sublayers, zero_output
+from ffnkit.core.config import Result, as_dict
 from ffnkit.core.errors import InvalidArgumentError
-from ffnkit.core.ffn import FFN
-from ffnkit.inspect.stats import iter_batches, model_forward
+from ffnkit.core.progress import ProgressLike, Stage
+from ffnkit.core.runner import check_causal_lm, evaluating, iter_batches, log_probs, run
 
 __all__ = [
-    "Block",
-    "Sublayer",
+    "BlockInfluence",
+    "FinerCutResult",
     "block_influence",
-    "blocks",
     "finercut",
     "js_divergence",
     "plot_importance",
     "remove_sublayers",
-    "sublayers",
 ]
 
 
-@dataclass(eq=False)
-class Block:
-    """One transformer block: its module path, the FFN handle inside it, and its attention sublayer."""
+@dataclass
+class FinerCutResult(Result):
+    """FinerCut's greedy removal order: one row per step {step, layer, kind, name, module, js}."""
 
-    layer: int
-    name: str
-    module: nn.Module
-    ffn: FFN
-    attn_name: str | None
-    attn: nn.Module | None
-
-
-@dataclass(eq=False)
-class Sublayer:
-    """A removable sublayer: ``kind`` is "attn" or "ffn"; ``name`` like "layers.3.ffn"."""
-
-    layer: int
-    kind: str
-    name: str
-    module: nn.Module  # where the zeroing hook goes
-    path: str  # the module's path in the model
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "kind": self.kind, "name": self.name, "module": self.path}
+    method: str
+    metric: str
+    removal: str
+    n_candidates: int
+    steps: int
+    js_nothing_removed: float
+    calibration: dict[str, int]
+    order: list[dict[str, Any]] = field(default_factory=list)
+    attn_removed: int = 0
+    ffn_removed: int = 0
 
 
-def _single_stack(model: nn.Module, what: str) -> list[FFN]:
-    ffns = find_ffns(model)
-    if getattr(model.config, "is_encoder_decoder", False) or len({f.stack for f in ffns}) > 1:
-        raise InvalidArgumentError(
-            f"{what} needs a single stack of blocks (a decoder-only model); "
-            f"this {model.config.model_type!r} model is an encoder-decoder — use a decoder model"
-        )
-    return ffns
+@dataclass
+class BlockInfluence(Result):
+    """ShortGPT's block influence: one row per block {layer, name, bi}; ``ranking`` = layers, lowest BI first."""
 
-
-def blocks(model: nn.Module) -> list[Block]:
-    """Every block of a single-stack model, from its FFN handles (the block is the FFN's parent, or
-    the FFN container itself for OPT / BERT).
-
-    Example:
-        >>> [b.name for b in blocks(model)][:2]       # ['model.layers.0', 'model.layers.1']
-    """
-    spec = resolve_spec(model)
-    out = []
-    for ffn in _single_stack(model, "this analysis"):
-        name = ffn.name
-        for path in spec.ffn:
-            if path == "":
-                break
-            if name.endswith("." + path):
-                name = name[: -len(path) - 1]
-                break
-        module = model.get_submodule(name)
-        attn = None
-        if spec.attn:
-            try:
-                attn = module.get_submodule(spec.attn)
-            except AttributeError:
-                attn = None
-        attn_name = f"{name}.{spec.attn}" if attn is not None else None
-        out.append(Block(ffn.layer, name, module, ffn, attn_name, attn))
-    return out
-
-
-def sublayers(model: nn.Module) -> list[Sublayer]:
-    """FinerCut's candidates in execution order: attention then FFN of each block.
-
-    Example:
-        >>> [s.name for s in sublayers(model)][:2]    # ['layers.0.attn', 'layers.0.ffn']
-    """
-    cands = []
-    for b in blocks(model):
-        if b.attn is None:
-            raise InvalidArgumentError(
-                f"no attention sublayer at {b.name}.{resolve_spec(model).attn}; "
-                "pass an ArchSpec with the right `attn` path"
-            )
-        cands.append(Sublayer(b.layer, "attn", f"layers.{b.layer}.attn", b.attn, b.attn_name))
-        module, _, _ = site_hooks(b.ffn, "out")  # "out" is a forward-output site on every kind
-        path = next(n for n, m in model.named_modules() if m is module)
-        cands.append(Sublayer(b.layer, "ffn", f"layers.{b.layer}.ffn", module, path))
-    return cands
-
-
-def _zero_output(module: nn.Module, args: Any, out: Any) -> Any:
-    """Zeros in place of a module's main output, keeping its structure (tuples keep their extras)."""
-    if isinstance(out, Tensor):
-        return torch.zeros_like(out)
-    if isinstance(out, tuple):
-        return (torch.zeros_like(out[0]), *out[1:])
-    if hasattr(out, "to_tuple"):  # a ModelOutput: zero its first field
-        key = next(iter(out.keys()))
-        out[key] = torch.zeros_like(out[key])
-        return out
-    raise InvalidArgumentError(f"cannot zero an output of type {type(out).__name__}")
+    method: str
+    metric: str
+    calibration: dict[str, int]
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    ranking: list[int] = field(default_factory=list)
 
 
 @contextmanager
-def remove_sublayers(model: nn.Module, removed: Iterable[Sublayer]):
+def remove_sublayers(model: nn.Module, removed: Iterable[Sublayer]) -> Iterator[None]:
     """Run the model with these sublayers' outputs zeroed; the hooks are removed on exit (reversible).
 
     Example:
@@ -168,7 +97,7 @@ def remove_sublayers(model: nn.Module, removed: Iterable[Sublayer]):
     handles = []
     try:
         for s in removed:
-            handles.append(s.module.register_forward_hook(_zero_output))
+            handles.append(s.module.register_forward_hook(zero_output))
         yield
     finally:
         for h in handles:
@@ -189,27 +118,14 @@ def js_divergence(logp: Tensor, logq: Tensor) -> Tensor:
     return (0.5 * (kl_pm + kl_qm)).clamp_min(0.0)
 
 
-def _check_lm(model: nn.Module, what: str) -> None:
-    _single_stack(model, what)
-    if getattr(model, "get_output_embeddings", lambda: None)() is None:
-        raise InvalidArgumentError(
-            f"{what} compares next-token distributions, and this {model.config.model_type!r} model has no "
-            "language-modelling head; load a causal LM"
-        )
-
-
-def _log_probs(model: nn.Module, ids: Tensor) -> Tensor:
-    return F.log_softmax(model_forward(model, ids).logits.float(), dim=-1)  # [b, T, V]
-
-
 def finercut(
     model: nn.Module,
     batches: Tensor,
     *,
     steps: int | None = None,
     batch_size: int = 4,
-    progress: bool = False,
-) -> dict[str, Any]:
+    progress: ProgressLike = False,
+) -> FinerCutResult:
     """FinerCut's greedy removal order with the JS divergence after each step (see module docstring).
 
     Args:
@@ -218,22 +134,22 @@ def finercut(
 
     Example:
         >>> res = finercut(model, batches, steps=5)
-        >>> [(r["name"], round(r["js"], 4)) for r in res["order"]]
+        >>> [(r["name"], round(r["js"], 4)) for r in res.order]
     """
-    _check_lm(model, "FinerCut")
+    check_causal_lm(model, "FinerCut")
     cands = sublayers(model)
     n_steps = len(cands) if steps is None else int(steps)
     if not 0 <= n_steps <= len(cands):
         raise InvalidArgumentError(f"steps must be in 0..{len(cands)} (the number of sublayers), got {steps}")
     chunks = [ids for _, ids in iter_batches(batches, batch_size)]
-    with torch.no_grad():
-        reference = [_log_probs(model, ids) for ids in chunks]  # [b, T, V] each
+    with evaluating(model):
+        reference = [log_probs(model, ids) for ids in chunks]  # [b, T, V] each
 
         def score(removed: list[Sublayer]) -> float:
             total, count = 0.0, 0
             with remove_sublayers(model, removed):
                 for ids, ref in zip(chunks, reference, strict=True):
-                    js = js_divergence(ref, _log_probs(model, ids))  # [b, T]
+                    js = js_divergence(ref, log_probs(model, ids))  # [b, T]
                     total += float(js.double().sum())
                     count += js.numel()
             return total / count
@@ -241,45 +157,39 @@ def finercut(
         removed: list[Sublayer] = []
         order = []
         baseline = score([])  # removing nothing: 0 up to round-off
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=sum(len(cands) - i for i in range(n_steps)), desc="finercut", leave=False)
-        for step in range(n_steps):
-            left = [c for c in cands if c not in removed]
-            trials = []
-            for c in left:
-                trials.append(score([*removed, c]))
-                if bar is not None:
-                    bar.update(1)
-            best = min(range(len(left)), key=lambda i: trials[i])  # first minimum: deterministic
-            removed.append(left[best])
-            order.append({"step": step + 1, **left[best].to_dict(), "js": trials[best]})
-        if bar is not None:
-            bar.close()
-    return {
-        "method": "finercut",
-        "metric": "mean over tokens of JS(original, pruned) next-token distributions, nats",
-        "removal": "sublayer output zeroed by a forward hook",
-        "n_candidates": len(cands),
-        "steps": n_steps,
-        "js_nothing_removed": baseline,
-        "calibration": {"samples": int(batches.shape[0]), "seq_len": int(batches.shape[1])},
-        "order": order,
-        "attn_removed": sum(r["kind"] == "attn" for r in order),
-        "ffn_removed": sum(r["kind"] == "ffn" for r in order),
-    }
+        total = sum(len(cands) - i for i in range(n_steps))
+        with Stage(progress, "finercut", total=total, unit="trial") as stage:
+            for step in range(n_steps):
+                left = [c for c in cands if c not in removed]
+                trials = []
+                for c in left:
+                    trials.append(score([*removed, c]))
+                    stage.advance()
+                best = min(range(len(left)), key=lambda i: trials[i])  # first minimum: deterministic
+                removed.append(left[best])
+                order.append({"step": step + 1, **left[best].to_dict(), "js": trials[best]})
+    return FinerCutResult(
+        method="finercut",
+        metric="mean over tokens of JS(original, pruned) next-token distributions, nats",
+        removal="sublayer output zeroed by a forward hook",
+        n_candidates=len(cands),
+        steps=n_steps,
+        js_nothing_removed=baseline,
+        calibration={"samples": int(batches.shape[0]), "seq_len": int(batches.shape[1])},
+        order=order,
+        attn_removed=sum(r["kind"] == "attn" for r in order),
+        ffn_removed=sum(r["kind"] == "ffn" for r in order),
+    )
 
 
 def block_influence(
-    model: nn.Module, batches: Tensor, *, batch_size: int = 8, progress: bool = False
-) -> dict:
+    model: nn.Module, batches: Tensor, *, batch_size: int = 8, progress: ProgressLike = False
+) -> BlockInfluence:
     """ShortGPT's BI_l = 1 − mean_t cos(x_in, x_out) for every block, lowest first in ``ranking``.
 
     Example:
         >>> res = block_influence(model, batches)
-        >>> res["ranking"][:3]        # the three blocks that change the residual stream least
+        >>> res.ranking[:3]           # the three blocks that change the residual stream least
     """
     blks = blocks(model)
     sums = torch.zeros(len(blks), dtype=torch.float64)
@@ -306,29 +216,32 @@ def block_influence(
         for i, b in enumerate(blks):
             handles.append(b.module.register_forward_pre_hook(pre(i), with_kwargs=True))
             handles.append(b.module.register_forward_hook(post(i)))
-        with torch.no_grad():
-            for _, ids in iter_batches(batches, batch_size, progress, "block influence"):
-                model_forward(model, ids)
+        for _ in run(model, batches, batch_size=batch_size, progress=progress, stage="block influence"):
+            pass
     finally:
         for h in handles:
             h.remove()
     bi = 1.0 - sums / counts.clamp_min(1)
     rows = [{"layer": b.layer, "name": b.name, "bi": float(bi[i])} for i, b in enumerate(blks)]
-    return {
-        "method": "shortgpt",
-        "metric": "BI = 1 - mean over tokens of cos(block input, block output)",
-        "calibration": {"samples": int(batches.shape[0]), "seq_len": int(batches.shape[1])},
-        "layers": rows,
-        "ranking": [r["layer"] for r in sorted(rows, key=lambda r: r["bi"])],
-    }
+    return BlockInfluence(
+        method="shortgpt",
+        metric="BI = 1 - mean over tokens of cos(block input, block output)",
+        calibration={"samples": int(batches.shape[0]), "seq_len": int(batches.shape[1])},
+        layers=rows,
+        ranking=[r["layer"] for r in sorted(rows, key=lambda r: r["bi"])],
+    )
 
 
-def plot_importance(result: dict[str, Any], path: str | Path) -> Path:
+def plot_importance(result: FinerCutResult | BlockInfluence | dict[str, Any], path: str | Path) -> Path:
     """PNG: JS divergence vs sublayers removed (FinerCut) or BI per layer (ShortGPT).
+
+    ``result``: a result of :func:`finercut` / :func:`block_influence`, or its ``to_dict()`` (read back
+    from JSON).
 
     Example:
         >>> plot_importance(finercut(model, batches, steps=10), "finercut.png")
     """
+    result = as_dict(result)
     import matplotlib
 
     matplotlib.use("Agg")

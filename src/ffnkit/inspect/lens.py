@@ -47,8 +47,13 @@ def _is_layernorm(norm: nn.Module | None) -> bool:
     return isinstance(norm, nn.LayerNorm)
 
 
-def _gain(norm: nn.Module | None, d: int, like: Tensor) -> Tensor:
-    """g [d] in float32: the norm's weight, with Gemma's (1 + w) convention; ones if no weight."""
+def norm_gain(norm: nn.Module | None, d: int, like: Tensor) -> Tensor:
+    """g [d] in float32: a norm's weight, with Gemma's (1 + w) convention; ones (on ``like``'s device)
+    if there is no weight.
+
+    Example:
+        >>> norm_gain(model.model.norm, 576, hidden)        # [576]
+    """
     weight = getattr(norm, "weight", None) if norm is not None else None
     if weight is None:
         return torch.ones(d, dtype=torch.float32, device=like.device)
@@ -100,7 +105,7 @@ class Lens:
             norm=norm,
             E=weight.detach(),
             bias=None if bias is None else bias.detach(),
-            gain=_gain(norm, d, weight),
+            gain=norm_gain(norm, d, weight),
             layernorm=_is_layernorm(norm),
             scale=scale,
             softcap=softcap,

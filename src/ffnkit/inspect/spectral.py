@@ -16,7 +16,7 @@ Ordering: 1/Σp² = exp(Rényi-2 entropy) ≤ exp(Shannon entropy), so 1 ≤ har
 
 Example:
     >>> res = spectral_utilisation(model, calibration_batches(load_corpus(), tok, 16, 128))
-    >>> res["layers"][0]["soft_rank"], res["layers"][0]["hard_rank"]
+    >>> res.layers[0]["soft_rank"], res.layers[0]["hard_rank"]
     >>> plot_spectral(res, "spectral.png")
 """
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,21 @@ import torch
 from torch import Tensor, nn
 
 from ffnkit.core.capture import capture
+from ffnkit.core.config import Result, as_dict
 from ffnkit.core.errors import InvalidArgumentError
+from ffnkit.core.progress import ProgressLike
 from ffnkit.core.reducers import Covariance
-from ffnkit.inspect.stats import dense_ffns, iter_batches, model_forward
+from ffnkit.core.runner import run
+from ffnkit.inspect.stats import dense_ffns
 
-__all__ = ["FORMULAS", "plot_spectral", "spectral_metrics", "spectral_utilisation"]
+__all__ = [
+    "FORMULAS",
+    "SpectralMetrics",
+    "SpectralResult",
+    "plot_spectral",
+    "spectral_metrics",
+    "spectral_utilisation",
+]
 
 FORMULAS = {
     "matrix": "population covariance (ddof=0) of the post-activation m [d_ff], per layer, float64",
@@ -50,11 +61,35 @@ FORMULAS = {
 }
 
 
-def spectral_metrics(eigenvalues: Tensor) -> dict[str, float]:
+@dataclass
+class SpectralMetrics(Result):
+    """The spectral numbers of one covariance (formulas in the module docstring); ``d`` = its width."""
+
+    d: int
+    total_variance: float
+    hard_rank: float
+    soft_rank: float
+    top1pct_share: float
+    lambda_max_share: float
+    utilisation: float
+    hard_utilisation: float
+    hard_soft_ratio: float
+
+
+@dataclass
+class SpectralResult(Result):
+    """Per dense layer {layer, name, d_ff, tokens, and the :class:`SpectralMetrics` fields}; the formulas."""
+
+    formulas: dict[str, str]
+    site: str = "post"
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+
+def spectral_metrics(eigenvalues: Tensor) -> SpectralMetrics:
     """The spectral numbers of one covariance from its eigenvalues [n] (any order); formulas above.
 
     Example:
-        >>> spectral_metrics(torch.tensor([1.0, 1.0, 0.0, 0.0]))["soft_rank"]   # 2.0
+        >>> spectral_metrics(torch.tensor([1.0, 1.0, 0.0, 0.0])).soft_rank   # 2.0
     """
     lam = eigenvalues.detach().to(torch.float64).flatten().clamp_min(0.0)
     n = lam.numel()
@@ -69,17 +104,17 @@ def spectral_metrics(eigenvalues: Tensor) -> dict[str, float]:
     hard = total**2 / float((lam**2).sum())
     soft = math.exp(float(-(nz * nz.log()).sum()))
     top = max(1, math.ceil(n / 100))
-    return {
-        "d": n,
-        "total_variance": total,
-        "hard_rank": hard,
-        "soft_rank": soft,
-        "top1pct_share": float(p[:top].sum()),
-        "lambda_max_share": float(p[0]),
-        "utilisation": soft / n,
-        "hard_utilisation": hard / n,
-        "hard_soft_ratio": hard / soft,
-    }
+    return SpectralMetrics(
+        d=n,
+        total_variance=total,
+        hard_rank=hard,
+        soft_rank=soft,
+        top1pct_share=float(p[:top].sum()),
+        lambda_max_share=float(p[0]),
+        utilisation=soft / n,
+        hard_utilisation=hard / n,
+        hard_soft_ratio=hard / soft,
+    )
 
 
 def spectral_utilisation(
@@ -89,8 +124,8 @@ def spectral_utilisation(
     layers: int | Iterable[int] | None = None,
     batch_size: int = 8,
     layers_per_pass: int | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
+    progress: ProgressLike = False,
+) -> SpectralResult:
     """Spectral numbers of the post-activation covariance of each dense FFN layer (see module docstring).
 
     Args:
@@ -100,7 +135,7 @@ def spectral_utilisation(
 
     Example:
         >>> res = spectral_utilisation(model, batches, layers=[0, 5])
-        >>> [(r["layer"], round(r["soft_rank"])) for r in res["layers"]]
+        >>> [(r["layer"], round(r["soft_rank"])) for r in res.layers]
     """
     ffns = dense_ffns(model, layers, "spectral utilisation")
     group = layers_per_pass or len(ffns)
@@ -109,24 +144,27 @@ def spectral_utilisation(
     rows = []
     for g in range(0, len(ffns), group):
         part = [f.index for f in ffns[g : g + group]]
-        with torch.no_grad(), capture(model, sites="post", layers=part, reducers=[Covariance()]) as cap:
-            for _, ids in iter_batches(batches, batch_size, progress, "covariance"):
-                model_forward(model, ids)
+        with capture(model, sites="post", layers=part, reducers=[Covariance()]) as cap:
+            for _ in run(model, batches, batch_size=batch_size, progress=progress, stage="covariance"):
+                pass
         for ffn in ffns[g : g + group]:
             cov = cap.stats("post", ffn.index)["cov"]
             eig = torch.linalg.eigvalsh(cov.cov)  # ascending, float64
             row = {"layer": ffn.index, "name": ffn.name, "d_ff": ffn.d_ff, "tokens": cov.count}
-            row.update(spectral_metrics(eig))
+            row.update(spectral_metrics(eig).to_dict())
             rows.append(row)
-    return {"formulas": dict(FORMULAS), "site": "post", "layers": rows}
+    return SpectralResult(formulas=dict(FORMULAS), site="post", layers=rows)
 
 
-def plot_spectral(result: dict[str, Any], path: str | Path) -> Path:
+def plot_spectral(result: SpectralResult | dict[str, Any], path: str | Path) -> Path:
     """A PNG of hard and soft rank (left) and utilisation / concentration (right) across layers.
+
+    ``result``: a :func:`spectral_utilisation` result or its ``to_dict()``.
 
     Example:
         >>> plot_spectral(spectral_utilisation(model, batches), "spectral.png")
     """
+    result = as_dict(result)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -2,9 +2,10 @@
 
 Two things come out of one streaming pass over token batches (the calibration split by default):
 
-- per layer and neuron: firing rate (share of tokens with m_i > threshold), mean and population variance
-  of m_i (the ``post`` site, what W_out reads), accumulated by :mod:`ffnkit.core.reducers` so memory does
-  not grow with the number of tokens;
+- per layer and neuron: firing rate (share of tokens on which the neuron is active, as
+  :mod:`ffnkit.core.criteria` defines it), mean and population variance of m_i (the ``post`` site, what
+  W_out reads), accumulated by :mod:`ffnkit.core.reducers` so memory does not grow with the number of
+  tokens;
 - for chosen neurons: the top-k (value, sequence, position) triples by m_i — Geva et al. (2021)'s
   "trigger examples" of a key — kept by :class:`StreamingTopK` whose memory is bounded by k, then decoded
   into a window of text around each position with the token itself marked ``[[like this]]``.
@@ -18,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,44 +28,27 @@ from torch import Tensor, nn
 
 from ffnkit.core.archs import find_ffns, select_ffns
 from ffnkit.core.capture import capture, site_hooks
+from ffnkit.core.config import Result
+from ffnkit.core.criteria import ACTIVE_THRESHOLD
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.core.ffn import FFN
+from ffnkit.core.progress import ProgressLike
 from ffnkit.core.reducers import FiringRate, Variance
+from ffnkit.core.runner import evaluating, forward, iter_batches
 
-__all__ = ["NeuronStats", "StreamingTopK", "iter_batches", "model_forward", "neuron_stats"]
+__all__ = ["NeuronStats", "StreamingTopK", "TokenContext", "decode_context", "dense_ffns", "neuron_stats"]
 
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
 
 
 # --- shared by the inspect modules of this corpus group ------------------------------------------------
-def model_forward(model: nn.Module, ids: Tensor, **kwargs: Any) -> Any:
-    """One forward pass on ``ids`` [B, T]; encoder-decoder models (T5) get the same ids as decoder input."""
-    device = next(model.parameters()).device
-    ids = ids.to(device)
-    if getattr(model.config, "is_encoder_decoder", False):
-        kwargs.setdefault("decoder_input_ids", ids)
-    return model(input_ids=ids, **kwargs)
-
-
-def iter_batches(
-    batches: Tensor, batch_size: int, progress: bool = False, desc: str = "forward"
-) -> Iterator[tuple[int, Tensor]]:
-    """(first sequence index, ids [b, T]) slices of ``batches`` [n, T], with a tqdm bar on stderr."""
-    if batches.dim() != 2:
-        raise InvalidArgumentError(f"token batches must be [n_samples, seq_len], got {tuple(batches.shape)}")
-    if batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
-    starts = range(0, batches.shape[0], batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
-    for s in starts:
-        yield s, batches[s : s + batch_size]
-
-
 def dense_ffns(model: nn.Module, layers: int | Iterable[int] | None, what: str) -> list[FFN]:
-    """The chosen FFNs that have neurons (MoE layers have none to read); a clear error if none is left."""
+    """The chosen FFNs that have neurons (MoE layers have none to read); a clear error if none is left.
+
+    Example:
+        >>> [f.index for f in dense_ffns(model, [0, 1], "neuron statistics")]
+        [0, 1]
+    """
     ffns = find_ffns(model)
     chosen = select_ffns(ffns, layers if layers is None or isinstance(layers, int) else list(layers))
     dense = [f for f in chosen if f.kind != "moe"]
@@ -124,8 +108,21 @@ class StreamingTopK:
         return self.values.numel() + self.sequence.numel() + self.position.numel()
 
 
-def decode_context(tokenizer: Any, ids: Tensor, position: int, window: int) -> dict[str, Any]:
-    """Text of ``ids[position - window : position + window + 1]`` with the token at ``position`` marked."""
+@dataclass
+class TokenContext(Result):
+    """One token in its context: the token's text and id, and the window around it with the token marked."""
+
+    token: str
+    token_id: int
+    text: str
+
+
+def decode_context(tokenizer: Any, ids: Tensor, position: int, window: int) -> TokenContext:
+    """Text of ``ids[position - window : position + window + 1]`` with the token at ``position`` marked.
+
+    Example:
+        >>> decode_context(tok, ids, position=5, window=2).text      # 'a b [[c]] d e'
+    """
     lo, hi = max(0, position - window), min(ids.numel(), position + window + 1)
 
     def dec(t: Tensor) -> str:
@@ -133,17 +130,20 @@ def decode_context(tokenizer: Any, ids: Tensor, position: int, window: int) -> d
 
     token = dec(ids[position : position + 1])
     text = dec(ids[lo:position]) + MARK_OPEN + token + MARK_CLOSE + dec(ids[position + 1 : hi])
-    return {"token": token, "token_id": int(ids[position]), "text": text}
+    return TokenContext(token, int(ids[position]), text)
 
 
 # --- the pass over the corpus ----------------------------------------------------------------------------
 @dataclass
-class NeuronStats:
-    """What :func:`neuron_stats` found. ``layers[i]`` = {firing_rate, mean, var} tensors [d_ff]."""
+class NeuronStats(Result):
+    """What :func:`neuron_stats` found. ``layers[i]`` = {firing_rate, mean, var} tensors [d_ff].
+
+    ``to_dict()`` gives the per-layer summary (:meth:`summary`); :meth:`contexts` decodes the top contexts.
+    """
 
     layers: dict[int, dict[str, Tensor]]
     top: dict[int, tuple[list[int], StreamingTopK]] = field(default_factory=dict)
-    threshold: float = 0.0
+    threshold: float = ACTIVE_THRESHOLD
     n_tokens: int = 0
     n_sequences: int = 0
     seq_len: int = 0
@@ -156,7 +156,7 @@ class NeuronStats:
                 ctx = []
                 for v, s, p in zip(top.values[j], top.sequence[j], top.position[j], strict=True):
                     row = {"value": float(v), "sequence": int(s), "position": int(p)}
-                    row.update(decode_context(tokenizer, batches[int(s)], int(p), window))
+                    row.update(decode_context(tokenizer, batches[int(s)], int(p), window).to_dict())
                     ctx.append(row)
                 rows.append({"layer": layer, "neuron": neuron, "contexts": ctx})
         return rows
@@ -181,24 +181,34 @@ class NeuronStats:
             )
         return rows
 
+    def to_dict(self, top_n: int = 10) -> dict[str, Any]:
+        """JSON: the site, the threshold, the tokens seen and one :meth:`summary` row per layer."""
+        return {
+            "site": "post",
+            "threshold": self.threshold,
+            "tokens": self.n_tokens,
+            "layers": self.summary(top_n),
+        }
+
 
 def neuron_stats(
     model: nn.Module,
     batches: Tensor,
     *,
     layers: int | Iterable[int] | None = None,
-    threshold: float = 0.0,
+    threshold: float = ACTIVE_THRESHOLD,
     contexts: dict[int, list[int]] | None = None,
     k: int = 10,
     batch_size: int = 8,
-    progress: bool = False,
+    progress: ProgressLike = False,
 ) -> NeuronStats:
     """Firing rate, mean and variance of every neuron's m_i, plus the top-k contexts of chosen neurons.
 
     Args:
         batches: token ids [n_samples, seq_len] (e.g. ``calibration_batches``).
         layers: FFN indices to measure (None = every dense layer; MoE layers have no neurons and are skipped).
-        threshold: a neuron "fires" on a token when m_i > threshold.
+        threshold: of the active-neuron rule (:mod:`ffnkit.core.criteria`): a neuron fires on a token
+            when |m_i| > threshold · mean_j |m_j|.
         contexts: {layer: [neuron, ...]} whose top-k activating positions to keep (by signed m_i).
         k: contexts kept per neuron.
 
@@ -241,10 +251,10 @@ def neuron_stats(
                 handles.append(module.register_forward_pre_hook(lambda m, a, _h=hook: _h(m, a)))
             else:
                 handles.append(module.register_forward_hook(hook))
-        with torch.no_grad(), capture(model, sites="post", layers=stat_layers, reducers=reducers) as cap:
+        with evaluating(model), capture(model, sites="post", layers=stat_layers, reducers=reducers) as cap:
             for start, ids in iter_batches(batches, batch_size, progress, "neuron stats"):
                 current["offset"], current["shape"] = start, tuple(ids.shape)
-                model_forward(model, ids)
+                forward(model, ids)
     finally:
         for h in handles:
             h.remove()

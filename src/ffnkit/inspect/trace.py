@@ -38,11 +38,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ffnkit.core.archs import find_ffns, resolve_spec, select_ffns
+from ffnkit.core.archs import find_ffns, select_ffns
+from ffnkit.core.blocks import block_of
 from ffnkit.core.capture import capture
+from ffnkit.core.config import Result
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.core.ffn import FFN
-from ffnkit.inspect.lens import Lens, _gain, decode_tokens
+from ffnkit.core.runner import logits as run_logits
+from ffnkit.inspect.lens import Lens, decode_tokens, norm_gain
 
 DIRECT_EFFECT_RULE = (
     "effect_i = m_i * (E (g ⊙ c(v_i)))[target] / s: the linearised direct effect on the final logit with "
@@ -57,17 +60,6 @@ def _first(x):
 
 
 # ----- where the residual stream is ----------------------------------------------------------------
-def _block_of(model: nn.Module, ffn: FFN) -> nn.Module:
-    """The block (element of the layer list) that holds this FFN."""
-    spec = resolve_spec(model)
-    for path in spec.ffn:
-        if path == "":
-            return model.get_submodule(ffn.name)
-        if ffn.name.endswith("." + path):
-            return model.get_submodule(ffn.name[: -len(path) - 1])
-    raise InvalidArgumentError(f"cannot find the block of {ffn.name}; trace needs the adapter's ffn path")
-
-
 def _residual_rule(model: nn.Module, block: nn.Module) -> str:
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
@@ -88,7 +80,7 @@ def _residual_rule(model: nn.Module, block: nn.Module) -> str:
 
 # ----- results ---------------------------------------------------------------------------------------
 @dataclass
-class LayerTrace:
+class LayerTrace(Result):
     """One FFN at the traced position. Tensors are float32, on CPU; ``to_dict`` drops them."""
 
     layer: int
@@ -124,7 +116,7 @@ class LayerTrace:
 
 
 @dataclass
-class Trace:
+class Trace(Result):
     prompt: str
     tokens: list[str]
     position: int
@@ -214,7 +206,7 @@ def trace(
     lens = Lens.of(model)
     ffns = find_ffns(model)
     chosen = select_ffns(ffns, layers)
-    blocks = {f.index: _block_of(model, f) for f in chosen}
+    blocks = {f.index: block_of(model, f)[1] for f in chosen}
     rules = {i: _residual_rule(model, b) for i, b in blocks.items()}
     if isinstance(prompt, str):
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
@@ -251,7 +243,7 @@ def trace(
             )
         sites = ["in", "out"] + (["post"] if any(f.kind != "moe" for f in chosen) else [])
         with torch.no_grad(), capture(model, sites=sites, layers=[f.index for f in chosen], ffns=ffns) as cap:
-            logits = model(input_ids=ids).logits[0, p]  # [V]
+            logits = run_logits(model, ids)[0, p]  # [V]
     finally:
         for h in handles:
             h.remove()
@@ -275,7 +267,7 @@ def trace(
             if rules[i] == "post_ffn_norm":
                 pn = blocks[i].post_feedforward_layernorm
                 eps = getattr(pn, "eps", 1e-6)
-                post_scale = _gain(pn, ffn.d_model, out) / torch.sqrt(out.pow(2).mean() + eps)  # [d]
+                post_scale = norm_gain(pn, ffn.d_model, out) / torch.sqrt(out.pow(2).mean() + eps)  # [d]
             subs, scores, effects = [], [], []
             for expert, m, handle in units:
                 W = handle.W_out.float()  # [d, n]

@@ -28,8 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from ffnkit.core.archs import find_ffns, select_ffns
+from ffnkit.core.config import Result
 from ffnkit.core.errors import InvalidArgumentError, LayerIndexError
 from ffnkit.core.ffn import FFN
+from ffnkit.core.progress import ProgressLike, Stage
 from ffnkit.inspect.lens import Lens, decode_tokens
 
 Expert = int | str | None  # None: dense layer; int: expert number; "shared": the shared expert
@@ -104,7 +106,7 @@ class UnitProjection:
 
 
 @dataclass
-class Projection:
+class Projection(Result):
     """What :func:`project_neurons` returns: per unit tensors, plus ``to_dict`` with decoded tokens."""
 
     basis: str
@@ -184,7 +186,7 @@ def project_neurons(
     vocab_chunk: int | None = None,
     tokenizer=None,
     ffns: list[FFN] | None = None,
-    progress: bool = False,
+    progress: ProgressLike = False,
 ) -> Projection:
     """Top-k promoted and suppressed tokens of value vectors, streamed in chunks of neurons.
 
@@ -211,8 +213,8 @@ def project_neurons(
     units = units_of(chosen, experts)
     E = lens.E.float()  # [V, d]; no copy for float32 models
     result = Projection(lens.basis(use_gain), k, chunk_size, vocab_chunk, tokenizer=tokenizer)
-    bar = _progress(units, neurons, progress)
-    with torch.no_grad():
+    total = sum(u.W_out.shape[1] if neurons is None else len(neurons) for u in units)
+    with torch.no_grad(), Stage(progress, "projecting neurons", total, unit="neuron") as stage:
         for unit in units:
             ids = _check_neurons(unit, neurons)
             W = unit.W_out  # [d, n] view
@@ -220,20 +222,12 @@ def project_neurons(
             for chunk in _chunks(ids, chunk_size):
                 V = lens.direction(W[:, chunk.to(W.device)], use_gain=use_gain)  # [d, c]
                 parts.append(topk_streaming(E, V, k, vocab_chunk))
-                bar.update(chunk.numel())
+                stage.advance(chunk.numel())
             top_v, top_i, bot_v, bot_i = (torch.cat([p[j] for p in parts]).cpu() for j in range(4))
             result.units.append(
                 UnitProjection(unit.layer, unit.name, unit.expert, ids, top_i, top_v, bot_i, bot_v)
             )
-    bar.close()
     return result
-
-
-def _progress(units: list[Unit], neurons: Sequence[int] | None, enabled: bool):
-    from tqdm.auto import tqdm
-
-    total = sum(u.W_out.shape[1] if neurons is None else len(neurons) for u in units)
-    return tqdm(total=total, desc="projecting neurons", unit="neuron", disable=not enabled)
 
 
 # ----- search --------------------------------------------------------------------------------------
@@ -253,7 +247,7 @@ def word_token_ids(tokenizer, word: str) -> list[int]:
 
 
 @dataclass
-class SearchResult:
+class SearchResult(Result):
     """Neurons ranked by how strongly their projection promotes a word list."""
 
     words: list[str]
