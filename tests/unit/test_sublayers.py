@@ -17,8 +17,9 @@ from ffnkit.compress.sublayers import (
     removed_sublayers,
 )
 from ffnkit.core.archs import find_ffns
+from ffnkit.core.blocks import sublayers
 from ffnkit.core.errors import InvalidArgumentError, LayerIndexError
-from ffnkit.inspect.importance import finercut, remove_sublayers, sublayers
+from ffnkit.inspect.importance import finercut, remove_sublayers
 from ffnkit.io import load, save
 from tests.tiny_models import DEC, tiny_inputs, tiny_model
 
@@ -149,8 +150,8 @@ def test_finercut_order_matches_inspect_importance():
     ours = finercut_order(model, ids, kind="all", steps=3)
     theirs = finercut(model, ids, steps=3)
     assert ours["suffix_reuse"]  # the shortcut (trial forwards from the candidate's block) was used
-    assert [r["name"] for r in ours["order"]] == [r["name"] for r in theirs["order"]]
-    for a, b in zip(ours["order"], theirs["order"], strict=True):
+    assert [r["name"] for r in ours["order"]] == [r["name"] for r in theirs.order]
+    for a, b in zip(ours["order"], theirs.order, strict=True):
         assert a["js"] == pytest.approx(b["js"], rel=1e-4, abs=1e-9)
 
 
@@ -160,7 +161,7 @@ def test_finercut_shortcut_or_fallback_gives_the_same_order(family):
     ids = tiny_inputs(model, batch=2, seq=9)["input_ids"]
     ours = finercut_order(model, ids, kind="all", steps=2)
     theirs = finercut(model, ids, steps=2)
-    assert [r["name"] for r in ours["order"]] == [r["name"] for r in theirs["order"]]
+    assert [r["name"] for r in ours["order"]] == [r["name"] for r in theirs.order]
 
 
 def test_finercut_ffn_ratio_removes_that_share_of_ffn_parameters():
