@@ -28,7 +28,7 @@ from ffnkit.compress.scores import collect_stats, taylor_scores
 from ffnkit.core.archs import find_ffns
 from ffnkit.data import calibration_batches, evaluation_tokens, load_corpus
 from ffnkit.evaluate import count_parameters, decode_speed, environment, perplexity
-from ffnkit.models import load_model
+from ffnkit.sources.models import load_model
 
 # (label, PruneConfig fields); ratio is filled in per run
 CANDIDATES = {

@@ -125,7 +125,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from ffnkit.evaluate import environment
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     t0 = time.perf_counter()
     load_start = os.getloadavg()

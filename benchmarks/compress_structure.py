@@ -42,7 +42,7 @@ from ffnkit.compress.sublayers import SublayerConfig, finercut_order, remove_sub
 from ffnkit.data import calibration_batches, evaluation_tokens, load_corpus
 from ffnkit.evaluate import decode_speed, environment, perplexity
 from ffnkit.inspect.importance import block_influence
-from ffnkit.models import load_model
+from ffnkit.sources.models import load_model
 
 RATIOS = (0.2, 0.3, 0.4, 0.5)
 

@@ -29,7 +29,7 @@ def main() -> None:
     from ffnkit.data import calibration_batches, load_corpus
     from ffnkit.evaluate import environment
     from ffnkit.inspect.importance import block_influence, finercut
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     model, tok = load_model(args.model, device=args.device)
     batches = calibration_batches(load_corpus(args.corpus), tok, n_samples=args.samples, seq_len=args.seq_len)

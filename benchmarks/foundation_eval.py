@@ -25,7 +25,7 @@ def main() -> None:
     from ffnkit.core.archs import find_ffns
     from ffnkit.data import evaluation_tokens, load_corpus
     from ffnkit.evaluate import count_parameters, decode_speed, environment, peak_memory, perplexity
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     start = time.time()
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)

@@ -43,7 +43,7 @@ def main() -> None:
     from ffnkit.core.archs import find_ffns
     from ffnkit.data import evaluation_tokens, load_corpus
     from ffnkit.evaluate import count_parameters, environment, perplexity
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     model, tok = load_model(args.model)
     tokens = evaluation_tokens(load_corpus("austen"), tok)

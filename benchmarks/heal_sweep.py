@@ -55,7 +55,7 @@ def main() -> None:
     from ffnkit.compress.prune import PruneConfig, prune_
     from ffnkit.data import evaluation_tokens, load_corpus
     from ffnkit.evaluate import environment, perplexity
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     recipes = dict(RECIPES)
     recipes.update({k: tuple(v) for k, v in json.loads(args.extra or "{}").items()})

@@ -62,7 +62,7 @@ def main() -> None:
     from ffnkit.evaluate import environment
     from ffnkit.inspect.lens import Lens
     from ffnkit.inspect.vocab import project_neurons
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     load_start = os.getloadavg()[0]
     model, tok = load_model(args.model, device=args.device)

@@ -64,7 +64,7 @@ def main() -> None:
     from ffnkit.data import evaluation_tokens, load_corpus
     from ffnkit.evaluate import environment, perplexity
     from ffnkit.io import load, save
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     t0 = time.perf_counter()
     dense, tok = load_model("smollm2-135m")

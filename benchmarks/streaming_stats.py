@@ -30,7 +30,7 @@ from ffnkit.core.capture import capture
 from ffnkit.core.reducers import Covariance, FiringRate, Histogram, Variance
 from ffnkit.data import calibration_tokens, load_corpus
 from ffnkit.evaluate import environment
-from ffnkit.models import load_model
+from ffnkit.sources.models import load_model
 
 
 def rss_mib() -> dict[str, float]:

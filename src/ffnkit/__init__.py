@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # models and data
-    "load_model": "ffnkit.models",
-    "builtin_models": "ffnkit.models",
+    "load_model": "ffnkit.sources.models",
+    "builtin_models": "ffnkit.sources.models",
     "load_corpus": "ffnkit.data",
     "Corpus": "ffnkit.data",
     "evaluation_tokens": "ffnkit.data",

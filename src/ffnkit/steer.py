@@ -32,8 +32,11 @@ from torch import Tensor, nn
 
 from ffnkit.core.archs import find_ffns, select_ffns
 from ffnkit.core.capture import site_hooks
+from ffnkit.core.config import Result
 from ffnkit.core.errors import InvalidArgumentError, LayerIndexError
 from ffnkit.core.ffn import FFN
+from ffnkit.core.progress import ProgressLike
+from ffnkit.core.runner import device_of, evaluating, logits
 
 Positions = str | Sequence[int]  # "all" | "last" | absolute positions
 OPS = ("set", "scale", "zero", "add")
@@ -286,21 +289,33 @@ def steer(model: nn.Module, edits: NeuronEdit | ExpertEdit | Sequence[NeuronEdit
 
 
 # ----- generation with and without steering ------------------------------------------------------
+@dataclass
+class GenerationPair(Result):
+    """Greedy continuations of one prompt without (``plain``) and with (``steered``) the edits."""
+
+    prompt: str
+    edits: list[NeuronEdit | ExpertEdit]
+    max_new_tokens: int
+    decoding: str
+    plain: str
+    steered: str
+
+
 def generate_pair(
     model: nn.Module,
     tokenizer,
     prompt: str,
     edits: Sequence[NeuronEdit | ExpertEdit],
     max_new_tokens: int = 20,
-) -> dict:
+) -> GenerationPair:
     """Greedy continuations of ``prompt`` without and with the edits (what ``ffnkit steer`` prints).
 
     Example:
-        >>> generate_pair(model, tok, "My favourite day is", [NeuronEdit(20, [1337], "set", 3.0)])["steered"]
+        >>> generate_pair(model, tok, "My favourite day is", [NeuronEdit(20, [1337], "set", 3.0)]).steered
     """
     if max_new_tokens < 1:
         raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    device = next(model.parameters()).device
+    device = device_of(model)
     enc = tokenizer(prompt, return_tensors="pt").to(device)
     n = enc["input_ids"].shape[1]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -310,13 +325,7 @@ def generate_pair(
         with torch.no_grad(), steer(model, active):
             out = model.generate(**enc, **kwargs)
         texts[name] = tokenizer.decode(out[0, n:], skip_special_tokens=True)
-    return {
-        "prompt": prompt,
-        "edits": [e.to_dict() for e in edits],
-        "max_new_tokens": max_new_tokens,
-        "decoding": "greedy",
-        **texts,
-    }
+    return GenerationPair(prompt, list(edits), max_new_tokens, "greedy", texts["plain"], texts["steered"])
 
 
 # ----- concept promotion / suppression -----------------------------------------------------------
@@ -337,7 +346,7 @@ class ConceptConfig:
 
 
 @dataclass
-class ConceptReport:
+class ConceptReport(Result):
     config: ConceptConfig
     neurons: list[dict]  # the search hits that were steered
     edits: list[NeuronEdit]
@@ -373,26 +382,30 @@ class ConceptReport:
 def word_mass(
     model: nn.Module, tokens: Tensor, word_ids: Sequence[int], window: int = 128
 ) -> tuple[float, int]:
-    """Mean next-token probability mass on ``word_ids`` over every position of non-overlapping windows."""
-    device = next(model.parameters()).device
+    """Mean next-token probability mass on ``word_ids`` over every position of non-overlapping windows.
+
+    Example:
+        >>> word_mass(model, tokens, word_token_ids(tok, "Monday"))       # (mass, positions)
+    """
+    device = device_of(model)
     ids = torch.as_tensor(word_ids, device=device)
     n_win = tokens.numel() // window
     if n_win < 1:
         raise InvalidArgumentError(f"need at least {window} tokens for one window, got {tokens.numel()}")
     total, count = 0.0, 0
-    with torch.no_grad():
+    with evaluating(model):
         for start in range(0, n_win, 4):
             batch = torch.stack(
                 [tokens[w * window : (w + 1) * window] for w in range(start, min(start + 4, n_win))]
             ).to(device)  # [B, window]
-            probs = torch.softmax(model(input_ids=batch).logits.float(), dim=-1)  # [B, T, V]
+            probs = torch.softmax(logits(model, batch).float(), dim=-1)  # [B, T, V]
             total += probs[..., ids].sum(-1).double().sum().item()
             count += batch.numel()
     return total / count, count
 
 
 def steer_concept(
-    model: nn.Module, tokenizer, tokens: Tensor, config: ConceptConfig, *, progress: bool = False
+    model: nn.Module, tokenizer, tokens: Tensor, config: ConceptConfig, *, progress: ProgressLike = False
 ) -> ConceptReport:
     """Pick the neurons that project most onto a word list, set (or scale) them, and measure the shift of
     probability mass on the words and the perplexity cost, on the same evaluation tokens.

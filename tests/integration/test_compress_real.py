@@ -17,7 +17,7 @@ from ffnkit.compress import PruneConfig, collect_stats, prune_
 from ffnkit.compress.prune import BEST
 from ffnkit.data import calibration_batches, evaluation_tokens, load_corpus
 from ffnkit.evaluate import perplexity
-from ffnkit.models import load_model
+from ffnkit.sources.models import load_model
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     return load_model("smollm2-135m")[1]
 

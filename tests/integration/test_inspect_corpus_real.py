@@ -16,7 +16,7 @@ from ffnkit.inspect.early_exit import early_exit
 from ffnkit.inspect.importance import block_influence
 from ffnkit.inspect.spectral import spectral_utilisation
 from ffnkit.inspect.stats import MARK_CLOSE, MARK_OPEN, neuron_stats
-from ffnkit.models import load_model
+from ffnkit.sources.models import load_model
 
 pytestmark = pytest.mark.integration
 

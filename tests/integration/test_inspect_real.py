@@ -18,7 +18,7 @@ DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sun
 
 @pytest.fixture(scope="module")
 def model_tok():
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     return load_model("smollm2-135m")
 
@@ -77,8 +77,8 @@ def test_concept_steering_moves_mass(model_tok):
         mass_down, _ = word_mass(model, tokens, rep.word_token_ids, window=128)
     assert mass_down < rep.mass_plain
     gen = generate_pair(model, tok, "The meeting is on", rep.edits, max_new_tokens=6)
-    assert gen["steered"] != gen["plain"]
-    n_days = {k: sum(gen[k].count(d) for d in DAYS) for k in ("plain", "steered")}
+    assert gen.steered != gen.plain
+    n_days = {k: sum(getattr(gen, k).count(d) for d in DAYS) for k in ("plain", "steered")}
     assert n_days["steered"] >= 2 and n_days["steered"] > n_days["plain"]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ffnkit.models import load_model, model_dir
+from ffnkit.sources.models import load_model, model_dir
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +19,7 @@ def _logits(model, tokenizer) -> torch.Tensor:
 
 
 def test_smollm2_loads_twice_identically_and_second_load_uses_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ffnkit.models as models
+    import ffnkit.sources.models as models
 
     model, tok = load_model("smollm2-135m")  # converts on first use, else reads the cache
     cfg = model.config

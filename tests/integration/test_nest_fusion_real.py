@@ -13,7 +13,7 @@ from ffnkit.compress.sublayers import SublayerConfig, remove_sublayers_
 from ffnkit.core.archs import find_ffns
 from ffnkit.data import calibration_batches, evaluation_tokens, load_corpus
 from ffnkit.evaluate import perplexity
-from ffnkit.models import load_model
+from ffnkit.sources.models import load_model
 
 pytestmark = pytest.mark.integration
 

@@ -137,7 +137,7 @@ def test_evaluation_tokens_is_tail(tmp_path: Path, tokenizer) -> None:
 
 
 def test_token_cache_is_used_for_named_tokenizers(tmp_path: Path, tokenizer) -> None:
-    from ffnkit.fetch import cache_dir
+    from ffnkit.sources.fetch import cache_dir
 
     path = tmp_path / "book.txt"
     path.write_text(_lines(300))
@@ -154,7 +154,7 @@ def test_token_cache_is_used_for_named_tokenizers(tmp_path: Path, tokenizer) -> 
 
 
 def test_unknown_model_raises() -> None:
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     for name in ["definitely not a model!", "./no/such/folder"]:
         with pytest.raises(UnknownModelError, match="smollm2-135m"):
@@ -162,7 +162,7 @@ def test_unknown_model_raises() -> None:
 
 
 def test_local_folder_without_config_is_unknown(tmp_path: Path) -> None:
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     with pytest.raises(UnknownModelError, match="config.json"):
         load_model(str(tmp_path))
@@ -171,7 +171,7 @@ def test_local_folder_without_config_is_unknown(tmp_path: Path) -> None:
 def test_pip_download_cache_hit_needs_no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     import subprocess
 
-    from ffnkit import fetch
+    from ffnkit.sources import fetch
 
     folder = fetch.cache_dir() / "downloads" / "some-pkg"
     folder.mkdir(parents=True)
@@ -189,8 +189,8 @@ def test_pip_download_cache_hit_needs_no_network(monkeypatch: pytest.MonkeyPatch
 def test_pip_download_failure_is_fetch_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import subprocess
 
-    from ffnkit import fetch
     from ffnkit.core.errors import FetchError
+    from ffnkit.sources import fetch
 
     monkeypatch.setattr(
         subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "ERROR: no network\n")
@@ -202,7 +202,7 @@ def test_pip_download_failure_is_fetch_error(monkeypatch: pytest.MonkeyPatch) ->
 def test_extract_archive_once_and_redo_half_done(tmp_path: Path) -> None:
     import zipfile
 
-    from ffnkit.fetch import MARKER, extract_archive
+    from ffnkit.sources.fetch import MARKER, extract_archive
 
     wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:

@@ -76,7 +76,7 @@ def test_flap_global_round_trip_and_reports(tmp_path):
 
 
 def test_load_model_delegates_to_io(tmp_path):
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     model = tiny_model("llama")
     inputs = tiny_inputs(model)

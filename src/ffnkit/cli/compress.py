@@ -179,7 +179,7 @@ def compress(
     from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.evaluate import count_parameters, environment
     from ffnkit.io import save
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     entry = _method(method)
     if not output:

@@ -22,7 +22,7 @@ def eval_(
     from ffnkit.core.archs import find_ffns
     from ffnkit.data import evaluation_tokens, load_corpus
     from ffnkit.evaluate import count_parameters, decode_speed, environment, perplexity
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     net, tok = load_model(model)
     text = load_corpus(corpus)

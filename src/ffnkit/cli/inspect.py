@@ -71,7 +71,7 @@ def neurons(
 ) -> None:
     """Top-k tokens each neuron's value vector promotes and suppresses (vocabulary projection)."""
     from ffnkit.inspect.vocab import project_neurons
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     net, tok = load_model(model)
     proj = project_neurons(
@@ -119,7 +119,7 @@ def search(
 ) -> None:
     """Neurons whose vocabulary projection promotes the given words most."""
     from ffnkit.inspect.vocab import search_neurons
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     net, tok = load_model(model)
     res = search_neurons(
@@ -165,7 +165,7 @@ def trace_cmd(
     """Per layer: logit-lens tokens before/after the FFN, dominant sub-updates, effects on a target."""
     from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.inspect.trace import trace
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     if not prompt:
         raise InvalidArgumentError("give a prompt: --prompt 'The capital of France is'")

@@ -13,11 +13,18 @@ import typer
 
 from ffnkit.cli.common import CorpusOpt, JsonOpt, ModelArg, print_json, print_table
 from ffnkit.cli.inspect import inspect_app
+from ffnkit.core.criteria import ACTIVE_THRESHOLD
 
 SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration windows (sequences).")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")]
 PlotOpt = Annotated[str | None, typer.Option("--plot", help="Write a PNG plot to this file.")]
+ThresholdOpt = Annotated[
+    float,
+    typer.Option(
+        "--threshold", help="A neuron fires on a token when |m_i| > this × the layer's mean |m| on it."
+    ),
+]
 
 
 def _ints(text: str | None) -> list[int] | None:
@@ -33,7 +40,7 @@ def _ints(text: str | None) -> list[int] | None:
 
 def _setup(model: str, corpus: str, samples: int, seq_len: int, seed: int = 0):
     from ffnkit.data import calibration_batches, load_corpus
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     net, tok = load_model(model)
     text = load_corpus(corpus)
@@ -64,7 +71,7 @@ def stats(
     ] = None,
     top_contexts: Annotated[int, typer.Option("--top-contexts", help="Contexts kept per neuron.")] = 5,
     window: Annotated[int, typer.Option("--window", help="Tokens of context each side.")] = 8,
-    threshold: Annotated[float, typer.Option("--threshold", help="A neuron fires when m_i > this.")] = 0.0,
+    threshold: ThresholdOpt = ACTIVE_THRESHOLD,
     samples: SamplesOpt = 32,
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 8,
@@ -90,7 +97,7 @@ def stats(
         progress=True,
     )
     doc = _base(model, text, batches)
-    doc.update(site="post", threshold=threshold, tokens=res.n_tokens, layers=res.summary())
+    doc.update(res.to_dict())
     if chosen:
         doc["neurons"] = [
             {
@@ -133,14 +140,14 @@ def spectral(
 
     net, _, text, batches = _setup(model, corpus, samples, seq_len)
     res = spectral_utilisation(net, batches, layers=_ints(layer), batch_size=batch_size, progress=True)
-    doc = {**_base(model, text, batches), **res}
+    doc = {**_base(model, text, batches), **res.to_dict()}
     if plot:
         doc["plot"] = str(plot_spectral(res, plot))
     if json:
         print_json(doc)
         return
     cols = ["layer", "d_ff", "hard_rank", "soft_rank", "utilisation", "top1pct_share", "hard_soft_ratio"]
-    print_table("spectral utilisation of the post-activation covariance", res["layers"], cols)
+    print_table("spectral utilisation of the post-activation covariance", res.layers, cols)
     if plot:
         print(f"plot: {doc['plot']}")
 
@@ -170,16 +177,16 @@ def importance(
         res = finercut(net, batches, steps=steps, batch_size=batch_size, progress=True)
     else:
         res = block_influence(net, batches, batch_size=batch_size, progress=True)
-    doc = {**_base(model, text, batches), **res}
+    doc = {**_base(model, text, batches), **res.to_dict()}
     if plot:
         doc["plot"] = str(plot_importance(res, plot))
     if json:
         print_json(doc)
         return
     if method == "finercut":
-        print_table("FinerCut greedy removal order", res["order"], ["step", "name", "kind", "js"])
+        print_table("FinerCut greedy removal order", res.order, ["step", "name", "kind", "js"])
     else:
-        print_table("ShortGPT block influence", res["layers"], ["layer", "name", "bi"])
+        print_table("ShortGPT block influence", res.layers, ["layer", "name", "bi"])
     if plot:
         print(f"plot: {doc['plot']}")
 
@@ -190,30 +197,28 @@ def contrast(
     a: Annotated[str, typer.Option("--a", help="Text file, one prompt per line (set a).")] = ...,
     b: Annotated[str, typer.Option("--b", help="Text file, one prompt per line (set b).")] = ...,
     top: Annotated[int, typer.Option("--top", help="Neurons (and experts) to report.")] = 20,
-    threshold: Annotated[float, typer.Option("--threshold", help="A neuron fires when m_i > this.")] = 0.0,
+    threshold: ThresholdOpt = ACTIVE_THRESHOLD,
     rank_by: Annotated[str, typer.Option("--rank-by", help="delta or cohens_d.")] = "delta",
     json: JsonOpt = False,
 ) -> None:
     """Neurons (and MoE experts) whose activation differs most between two prompt sets."""
     from ffnkit.evaluate import environment
     from ffnkit.inspect.contrast import contrast as run
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     net, tok = load_model(model)
     res = run(net, tok, a, b, top=top, threshold=threshold, rank_by=rank_by)
-    doc = {"model": model, "a": a, "b": b, **res, "environment": environment()}
+    doc = {"model": model, "a": a, "b": b, **res.to_dict(), "environment": environment()}
     if json:
         print_json(doc)
         return
     cols = ["layer", "neuron", "p_a", "p_b", "delta", "cohens_d"]
     print_table(
-        f"neurons that differ most ({res['tokens']['a']} vs {res['tokens']['b']} tokens)",
-        res["neurons"],
-        cols,
+        f"neurons that differ most ({res.tokens['a']} vs {res.tokens['b']} tokens)", res.neurons, cols
     )
-    if res["experts"]:
+    if res.experts:
         cols = ["layer", "expert", "p_a", "p_b", "delta", "cohens_d"]
-        print_table("experts that differ most", res["experts"], cols)
+        print_table("experts that differ most", res.experts, cols)
 
 
 @inspect_app.command("early-exit")
@@ -241,13 +246,13 @@ def early_exit(
     else:
         ev_batches = ev[: n * seq_len].reshape(n, seq_len)  # [n, seq_len]
     res = run(net, batches, ev_batches, target=target, batch_size=batch_size, progress=True)
-    doc = {**_base(model, text, batches), "evaluation_tokens": int(ev_batches.numel()), **res}
+    doc = {**_base(model, text, batches), "evaluation_tokens": int(ev_batches.numel()), **res.to_dict()}
     if json:
         print_json(doc)
         return
     rows = [
-        {"rule": name, "split": split, **r[split]}
-        for name, r in res["rules"].items()
+        {"rule": name, "split": split, **getattr(r, split).to_dict()}
+        for name, r in res.rules.items()
         for split in ("calibration", "evaluation")
     ]
     cols = [
@@ -261,8 +266,9 @@ def early_exit(
         "mean_exit_layer",
     ]
     print_table(f"early-exit rules (target agreement {target}, calibrated on calibration)", rows, cols)
-    sat = res["saturation"]
+    sat = res.saturation
+    mean = "n/a" if sat.mean_saturation_layer is None else f"{sat.mean_saturation_layer:.2f}"
     print(
-        f"saturation layer on evaluation: mean {sat['mean_saturation_layer']:.2f} of {sat['n_layers']}, "
-        f"oracle saving {sat['oracle_layers_saved']:.1%}"
+        f"saturation layer on evaluation: mean {mean} of {sat.n_layers}, "
+        f"oracle saving {sat.oracle_layers_saved:.1%}"
     )

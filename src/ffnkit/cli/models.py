@@ -9,7 +9,7 @@ def models(model: ModelArg = "smollm2-135m", json: JsonOpt = False) -> None:
     """List every FFN block: layer, kind, widths, activation, parameters and FLOPs per token."""
     from ffnkit.core.archs import find_ffns
     from ffnkit.evaluate import count_parameters
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     net, _ = load_model(model)
     ffns = find_ffns(net)

@@ -49,7 +49,7 @@ def neurons(
 ) -> None:
     """Generate with and without setting/scaling/zeroing neurons' activations."""
     from ffnkit.core.errors import InvalidArgumentError
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
     from ffnkit.steer import NeuronEdit, generate_pair
 
     chosen = [
@@ -67,7 +67,7 @@ def neurons(
     edit = NeuronEdit(
         layer=layer, neurons=ids, op=op, value=value, positions=_positions(positions), site=site
     )
-    doc = {"model": model, **generate_pair(net, tok, prompt, [edit], max_new_tokens)}
+    doc = {"model": model, **generate_pair(net, tok, prompt, [edit], max_new_tokens).to_dict()}
     if json:
         print_json(doc)
         return
@@ -87,7 +87,7 @@ def experts(
 ) -> None:
     """Generate with and without forcing MoE experts on/off (SteerMoE: edit the router logits)."""
     from ffnkit.core.errors import InvalidArgumentError
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
     from ffnkit.steer import ExpertEdit, generate_pair
 
     if not prompt:
@@ -101,7 +101,7 @@ def experts(
     if not edit.on and not edit.off:
         raise InvalidArgumentError("give experts to force: --on 3 and/or --off 1,2")
     net, tok = load_model(model)
-    doc = {"model": model, **generate_pair(net, tok, prompt, [edit], max_new_tokens)}
+    doc = {"model": model, **generate_pair(net, tok, prompt, [edit], max_new_tokens).to_dict()}
     if json:
         print_json(doc)
         return
@@ -128,7 +128,7 @@ def concept(
     """Promote (or suppress) a concept: set the neurons that project onto the words, report the shift of
     next-token probability mass on the words and the perplexity cost."""
     from ffnkit.data import evaluation_tokens, load_corpus
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
     from ffnkit.steer import ConceptConfig, generate_pair, steer_concept
 
     net, tok = load_model(model)
@@ -145,7 +145,7 @@ def concept(
     report = steer_concept(net, tok, tokens, cfg, progress=not json)
     doc = {"model": model, "corpus": text.name, **report.to_dict()}
     if prompt:
-        doc["generation"] = generate_pair(net, tok, prompt, report.edits, max_new_tokens)
+        doc["generation"] = generate_pair(net, tok, prompt, report.edits, max_new_tokens).to_dict()
     if json:
         print_json(doc)
         return

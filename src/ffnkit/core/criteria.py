@@ -22,8 +22,10 @@ Example:
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads ACTIVE_THRESHOLD at start-up
+    from torch import Tensor
 
 __all__ = ["ACTIVE_RULE", "ACTIVE_THRESHOLD", "active", "relative_magnitude"]
 
@@ -43,6 +45,8 @@ def relative_magnitude(m: Tensor) -> Tensor:
         >>> relative_magnitude(torch.tensor([[2.0, -2.0, 0.0, 0.0]]))
         tensor([[2., 2., 0., 0.]], dtype=torch.float64)
     """
+    import torch
+
     a = m.detach().double().abs()  # [..., d_ff]
     scale = a.mean(-1, keepdim=True)  # [..., 1]
     return torch.where(scale > 0, a / scale.clamp_min(torch.finfo(torch.float64).tiny), 0.0)

@@ -18,7 +18,10 @@ import torch
 from torch import nn
 
 from ffnkit.core.archs import find_ffns, resolve_spec
+from ffnkit.core.criteria import ACTIVE_RULE
 from ffnkit.core.ffn import FFN
+from ffnkit.core.progress import ProgressLike
+from ffnkit.core.runner import is_causal_lm
 from ffnkit.report import html, plots
 from ffnkit.report.frontier import section_frontier
 from ffnkit.report.inspect_sections import section_concept_neurons, section_importance, section_spectral
@@ -35,16 +38,8 @@ class ReportContext:
     out_dir: Path
     samples: int
     seq_len: int
-    progress: bool
+    progress: ProgressLike
     json: dict = field(default_factory=dict)
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    return (
-        hasattr(model, "get_output_embeddings")
-        and model.get_output_embeddings() is not None
-        and not getattr(model.config, "is_encoder_decoder", False)
-    )
 
 
 def section_overview(ctx: ReportContext) -> tuple[str, str]:
@@ -100,10 +95,10 @@ def section_activations(ctx: ReportContext) -> tuple[str, str]:
     ctx.json["activations"] = {
         "calibration": {"samples": ctx.samples, "seq_len": ctx.seq_len, "tokens": ctx.samples * ctx.seq_len},
         "definitions": {
-            "firing": "a neuron fires on a token when the input of its nonlinearity is > 0 "
-            "(gate pre-activation for gated FFNs, up pre-activation otherwise)",
-            "activation_sparsity[eps]": "share of entries of m (the input of W_out) with |m| < eps * mean|m| "
-            "of the layer, read off a log10|m| histogram",
+            "firing": f"a neuron fires on a token when it is active: {ACTIVE_RULE}, threshold 0.1",
+            "activation_sparsity[eps]": "share of entries of m (the input of W_out) that are not active at "
+            "threshold eps: |m_i| <= eps * mean_j |m_j| on their token, read off a histogram of "
+            "log10(|m_i| / mean_j |m_j|)",
         },
         "layers": rows,
     }
@@ -120,8 +115,8 @@ def section_activations(ctx: ReportContext) -> tuple[str, str]:
     cols += [f"sparsity@{e:g}" for e in SPARSITY_EPS]
     body = (
         f"<p class='note'>{ctx.samples} × {ctx.seq_len} calibration tokens of <b>{ctx.corpus.name}</b>. "
-        "A neuron <i>fires</i> when its nonlinearity's input is positive; sparsity@ε is the share of "
-        "|m| below ε times the layer's mean |m|.</p>"
+        "A neuron <i>fires</i> on a token when |m<sub>i</sub>| exceeds 0.1 × the layer's mean |m| on that "
+        "token; sparsity@ε is the share of entries of m at most ε × that mean.</p>"
         + html.image(plots.sparsity_by_layer(dense, ctx.out_dir / "sparsity.png"), "sparsity by layer")
         + html.image(
             plots.firing_rate_heatmap(dense, ctx.out_dir / "firing_rates.png"), "firing-rate histograms"
@@ -135,7 +130,7 @@ def section_perplexity(ctx: ReportContext) -> tuple[str, str]:
     from ffnkit.data import evaluation_tokens
     from ffnkit.evaluate import perplexity
 
-    if not _is_causal_lm(ctx.model):
+    if not is_causal_lm(ctx.model):
         ctx.json["perplexity"] = None
         return "Perplexity", "<p class='note'>Not a causal language model: perplexity does not apply.</p>"
     tokens = evaluation_tokens(ctx.corpus, ctx.tokenizer)
@@ -169,7 +164,7 @@ def build_report(
     seq_len: int = 256,
     model: nn.Module | None = None,
     tokenizer=None,
-    progress: bool = True,
+    progress: ProgressLike = True,
 ) -> dict:
     """Write ``report.html`` and ``report.json`` (plus the PNGs) into out_dir; return the JSON.
 
@@ -177,7 +172,7 @@ def build_report(
         >>> build_report("smollm2-135m", "ffnkit-report")["perplexity"]["perplexity"]
     """
     from ffnkit.data import load_corpus
-    from ffnkit.models import load_model
+    from ffnkit.sources.models import load_model
 
     start = time.time()
     out = Path(out_dir)

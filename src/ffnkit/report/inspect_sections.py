@@ -112,11 +112,9 @@ def section_spectral(ctx) -> tuple[str, str]:
     except FFNKitError as err:
         ctx.json["spectral"] = {"skipped": str(err)}
         return title, _note(f"skipped: {err}")
-    ctx.json["spectral"] = result
+    ctx.json["spectral"] = result.to_dict()
     img = plot_spectral(result, ctx.out_dir / "spectral.png")
-    formulas = "".join(
-        f"<li><b>{html._esc(k)}</b>: {html._esc(v)}</li>" for k, v in result["formulas"].items()
-    )
+    formulas = "".join(f"<li><b>{html._esc(k)}</b>: {html._esc(v)}</li>" for k, v in result.formulas.items())
     cols = ["layer", "hard_rank", "soft_rank", "utilisation", "lambda_max_share", "top1pct_share"]
     return title, (
         _note(
@@ -125,7 +123,7 @@ def section_spectral(ctx) -> tuple[str, str]:
         )
         + html.image(img, "spectral utilisation")
         + f"<ul class='note'>{formulas}</ul>"
-        + html.table(result["layers"], cols)
+        + html.table(result.layers, cols)
     )
 
 
@@ -142,15 +140,15 @@ def section_importance(ctx) -> tuple[str, str]:
         return title, _note(f"skipped: {err}")
     body = _note("ShortGPT block influence BI = 1 − mean cos(x_in, x_out) per block (low = removable).")
     body += html.image(plot_importance(bi, ctx.out_dir / "block_influence.png"), "block influence")
-    entry = {"shortgpt": bi}
+    entry = {"shortgpt": bi.to_dict()}
     try:
         fc = finercut(ctx.model, batches[:1], steps=FINERCUT_STEPS)
-        entry["finercut"] = fc
+        entry["finercut"] = fc.to_dict()
         body += _note(
             f"FinerCut's first {FINERCUT_STEPS} greedy removals (JS divergence of next-token distributions, "
             "nats); the full order: ffnkit inspect importance MODEL --method finercut."
         )
-        body += html.table(fc["order"], ["step", "name", "js"])
+        body += html.table(fc.order, ["step", "name", "js"])
     except FFNKitError as err:
         entry["finercut"] = {"skipped": str(err)}
         body += _note(f"FinerCut skipped: {err}")

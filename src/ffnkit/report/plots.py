@@ -40,7 +40,12 @@ def sparsity_by_layer(rows: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.plot(x, [r["mean_firing_rate"] for r in rows], "o-", color="black", label="mean firing rate")
     for eps in rows[0]["activation_sparsity"]:
-        ax.plot(x, [r["activation_sparsity"][eps] for r in rows], ".--", label=f"share |m| < {eps}·mean|m|")
+        ax.plot(
+            x,
+            [r["activation_sparsity"][eps] for r in rows],
+            ".--",
+            label=f"share inactive at {eps} (|m| ≤ {eps}·mean|m|)",
+        )
     ax.set_xlabel("FFN (layer)")
     ax.set_ylabel("share")
     ax.set_ylim(0, 1)

