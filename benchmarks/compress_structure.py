@@ -76,8 +76,8 @@ def part_sublayers(base, tok, ev, dense, args) -> dict:
     cal = calibration_batches(load_corpus("shakespeare"), tok, args.bi_samples, 128, seed=0)
     t = time.perf_counter()
     bi = block_influence(base, cal)
-    log(f"block influence {time.perf_counter() - t:.0f} s; ranking {bi['ranking'][:8]}")
-    out["shortgpt_bi"] = {**bi, "seconds": time.perf_counter() - t}
+    log(f"block influence {time.perf_counter() - t:.0f} s; ranking {bi.ranking[:8]}")
+    out["shortgpt_bi"] = {**bi.to_dict(), "seconds": time.perf_counter() - t}
     variants = [("all", "shortgpt-blocks", RATIOS)]
     if args.with_extras:
         variants.append(("ffn", "shortgpt-ffn", (0.3,)))

@@ -37,29 +37,27 @@ def main() -> None:
     order = finercut(model, batches, steps=args.steps, progress=True)
     seconds = time.time() - t0
     bi = block_influence(model, batches)
-    quarter = order["order"][: len(order["order"]) // 4]
+    quarter = order.order[: len(order.order) // 4]
     doc = {
         "benchmark": "FinerCut greedy sublayer removal order (JS divergence of next-token distributions)",
         "command": "python " + " ".join(sys.argv),
         "model": args.model,
         "calibration": {"corpus": args.corpus, "samples": args.samples, "seq_len": args.seq_len},
         "seconds": seconds,
-        "finercut": order,
+        "finercut": order.to_dict(),
         "first_quarter": {
             "removed": [r["name"] for r in quarter],
             "attention": sum(r["kind"] == "attn" for r in quarter),
             "ffn": sum(r["kind"] == "ffn" for r in quarter),
             "js_after": quarter[-1]["js"] if quarter else 0.0,
         },
-        "shortgpt": bi,
+        "shortgpt": bi.to_dict(),
         "environment": environment(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2, default=str))
     print(
-        json.dumps(
-            {"seconds": seconds, "first": [(r["name"], round(r["js"], 4)) for r in order["order"][:15]]}
-        )
+        json.dumps({"seconds": seconds, "first": [(r["name"], round(r["js"], 4)) for r in order.order[:15]]})
     )
 
 

@@ -75,7 +75,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats(device)
     base_mem = rss_mib()
     base_cuda = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-    reducers = [Variance(), FiringRate(0.0), Histogram(bins=128, range=(-8.0, 8.0))]
+    reducers = [Variance(), FiringRate(), Histogram(bins=128, range=(-8.0, 8.0))]
     rows = []
     seen = 0
     t0 = time.perf_counter()
@@ -120,7 +120,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "reducers": [
             "var (mean, M2)",
-            "firing_rate(>0)",
+            "firing_rate (ffnkit.core.criteria: |m_i| > 0.1 mean_j |m_j|)",
             "hist(128 bins, [-8, 8])",
             f"cov on layers {cov_layers}",
         ],
