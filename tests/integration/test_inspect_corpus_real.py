@@ -33,7 +33,7 @@ def test_spectral_ranks_are_sane(real):
     batches = calibration_batches(corpus, tok, n_samples=4, seq_len=128)
     res = spectral_utilisation(model, batches, layers=[3, 15, 24])
     n_tokens = batches.numel()
-    for row in res["layers"]:
+    for row in res.layers:
         assert row["d_ff"] == 1536 and row["tokens"] == n_tokens
         # 1 ≤ hard ≤ soft ≤ min(d_ff, tokens − 1): a covariance of N centred tokens has rank ≤ N − 1
         assert 1.0 <= row["hard_rank"] <= row["soft_rank"] <= n_tokens - 1
@@ -46,13 +46,13 @@ def test_shortgpt_block_influence_first_and_last(real):
     model, tok, corpus = real
     batches = calibration_batches(corpus, tok, n_samples=2, seq_len=128)
     res = block_influence(model, batches)
-    bi = [r["bi"] for r in res["layers"]]
+    bi = [r["bi"] for r in res.layers]
     assert len(bi) == 30 and all(0 <= b <= 2 for b in bi)
     middle = sorted(bi[5:25])[len(bi[5:25]) // 2]
     # ShortGPT's observation: the first block (and the last) turn the residual stream far more than
     # a typical middle block, which is why middle blocks are the ones that get dropped
     assert bi[0] > middle and bi[-1] > middle
-    assert res["ranking"][0] not in (0, 29)
+    assert res.ranking[0] not in (0, 29)
 
 
 def test_early_exit_on_real_model(real):
@@ -60,17 +60,17 @@ def test_early_exit_on_real_model(real):
     cal = calibration_batches(corpus, tok, n_samples=2, seq_len=128)
     ev = evaluation_tokens(corpus, tok, max_tokens=256).reshape(2, 128)
     res = early_exit(model, cal, ev, target=0.9)
-    best = res["rules"]["confidence_min_layer_stable"]
-    e = best["evaluation"]
-    assert best["calibration"]["agreement"] >= 0.9
+    best = res.rules["confidence_min_layer_stable"]
+    e = best.evaluation
+    assert best.calibration.agreement >= 0.9
     # held-out agreement stays near the target, and the rule saves something real
-    assert e["agreement"] >= 0.75 and e["tokens"] == 256
-    assert 0.01 < e["layers_saved"] < 1
-    sat = res["saturation"]
-    assert sum(r["tokens"] for r in sat["distribution"]) == 256
-    assert 1 <= sat["mean_saturation_layer"] <= 30
+    assert e.agreement >= 0.75 and e.tokens == 256
+    assert 0.01 < e.layers_saved < 1
+    sat = res.saturation
+    assert sum(r["tokens"] for r in sat.distribution) == 256
+    assert 1 <= sat.mean_saturation_layer <= 30
     # a perfect rule could save something: some tokens settle before the last layer
-    assert sat["oracle_layers_saved"] > 0.02
+    assert sat.oracle_layers_saved > 0.02
 
 
 def test_top_contexts_are_text(real):
