@@ -9,7 +9,6 @@ import torch
 
 from ffnkit.compress.lowrank import (
     LowRankConfig,
-    LowRankLinear,
     factorize,
     ffn_parameter_count,
     lowrank_,
@@ -18,6 +17,7 @@ from ffnkit.compress.lowrank import (
 from ffnkit.core.archs import find_ffns
 from ffnkit.core.capture import capture
 from ffnkit.core.errors import InvalidArgumentError
+from ffnkit.modules.lowrank import LowRankLinear
 from tests.tiny_models import FAMILIES, tiny_inputs, tiny_model
 
 MOE = {"mixtral", "qwen2_moe", "olmoe", "qwen3_moe"}
@@ -139,13 +139,13 @@ def test_atomic_on_failure(monkeypatch):
     before = _logits(model, inputs)
     mods = [type(f.in_proj) for f in find_ffns(model)]
     calls = {"n": 0}
-    from ffnkit.core import edit
+    from ffnkit.core import structure
 
     def boom(model, change):
         calls["n"] += 1
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(edit, "record_change", boom)
+    monkeypatch.setattr(structure, "record_change", boom)
     with pytest.raises(RuntimeError):
         lowrank_(model, LowRankConfig("svd", ratio=0.5))
     assert calls["n"] == 1

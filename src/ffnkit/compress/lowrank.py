@@ -3,24 +3,27 @@
 Each chosen matrix W [m, n] (canonical orientation: [out, in]) becomes two Linears, A [k, n] then
 B [m, k] (a :class:`LowRankLinear` in the module's place), so the FFN computes B·A·x (+ bias).
 
-Methods (the maths: :mod:`ffnkit.compress.lowrank_factors`): ``svd`` (truncated SVD of W), ``asvd``
+Methods (the maths: :mod:`ffnkit.compress.lowrank_factors`; the module:
+:mod:`ffnkit.modules.lowrank`): ``svd`` (truncated SVD of W), ``asvd``
 (ASVD: SVD of W·diag(mean|x|)^α), ``svd-llm`` (SVD-LLM: SVD of W·chol(E[xxᵀ]), the best rank-k
 approximation of the outputs W·X on the calibration data).
 
 x is what the matrix reads: the FFN input (site ``in``) for W_in and W_gate, the neuron activations
 (site ``post``) for W_out (:mod:`ffnkit.compress.lowrank_stats`). SVD and Cholesky run in float64;
-the factors take the model's dtype. The public names of both modules are importable from here too.
+the factors take the model's dtype. The public names of the maths module are importable from here too.
 
 ``ratio`` ρ is the share of each matrix's parameters removed: k = ⌊(1−ρ)·m·n/(m+n)⌋ (≥ 1), so the FFN
 loses the share ρ of its weights when all its matrices are factorised; ``rank`` gives k directly.
 ``allocation="global"`` instead shares one budget over all chosen matrices (:func:`global_ranks`:
 singular values ranked by their share of their matrix's energy per parameter).
-GPT-2's Conv1D becomes a LowRankLinear like the others; Phi-3's fused gate_up is factorised as one
-[2·d_ff, d_model] matrix (choose ``in`` and ``gate`` together). v5 expert tensors (MoE) are not
-factorised: a clear error says to select dense layers.
+Every dense layout (:mod:`ffnkit.core.layouts`: GPT-2's transposed matrices too) becomes a
+LowRankLinear; Phi-3's fused gate-and-up projection is factorised as one [2·d_ff, d_model] matrix (choose
+``in`` and ``gate`` together). v5 expert tensors (MoE) are not factorised: a clear error says to select
+dense layers.
 
-The FFN handle still reads the weights (``find_ffns(model)[i].W_in`` is the product B·A, a read-only
-copy: edit ``module.A.weight`` / ``module.B.weight`` to change the model), hooks at every site keep
+The FFN handle still reads the weights (``find_ffns(model)[i].W_in`` is the product B·A, read-only: a
+write raises; edit ``module.A.weight`` / ``module.B.weight`` to change the model; handles taken before
+``lowrank_`` raise when used), hooks at every site keep
 working, and the change is recorded in ``model.config.ffnkit`` so that ``ffnkit.save``/``load``
 rebuild the factor shapes and reproduce the logits exactly.
 
@@ -32,24 +35,20 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
 from ffnkit.compress.lowrank_factors import (
     METHODS,
     Decomposition,
-    LowRankLinear,
-    _linalg_threads,
-    build_lowrank,
     decompose,
     factorize,
     global_ranks,
+    linalg_threads,
     rank_for_ratio,
 )
 from ffnkit.compress.lowrank_stats import collect_lowrank_stats
@@ -57,11 +56,14 @@ from ffnkit.core.archs import find_ffns
 from ffnkit.core.config import JsonConfig
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.core.ffn import FFN
+from ffnkit.core.layouts import find_layout, layout_of
+from ffnkit.core.transaction import Transaction
+from ffnkit.modules.base import packed_numel
+from ffnkit.modules.lowrank import LowRankLinear, build_lowrank
 
 __all__ = [
     "METHODS",
     "LowRankConfig",
-    "LowRankLinear",
     "LowRankReport",
     "Decomposition",
     "collect_lowrank_stats",
@@ -75,7 +77,7 @@ __all__ = [
 ]
 
 MATRICES = ("in", "gate", "out")
-CHANGE_KIND = "ffn_lowrank"
+CHANGE_KIND = LowRankLinear.change_kind  # "ffn_lowrank"
 
 
 # ----- configuration and report -------------------------------------------------------------------
@@ -163,8 +165,8 @@ class LowRankReport:
 
 # ----- planning the swaps -------------------------------------------------------------------------
 def _dense(mod: nn.Module) -> Tensor:
-    """A Linear / Conv1D / LowRankLinear weight in [out, in] orientation."""
-    return mod.weight.T if isinstance(mod, Conv1D) else mod.weight
+    """The matrix W [out, in], whatever its layout."""
+    return layout_of(mod).weight(mod)
 
 
 def _targets(ffn: FFN, matrices: list[str]) -> list[tuple[str, nn.Module, str]]:
@@ -179,7 +181,7 @@ def _targets(ffn: FFN, matrices: list[str]) -> list[tuple[str, nn.Module, str]]:
         both = {"in", "gate"} <= set(matrices)
         if not both and ({"in", "gate"} & set(matrices)):
             raise InvalidArgumentError(
-                f"{ffn.name} keeps W_gate and W_in in one fused matrix (gate_up_proj): factorise "
+                f"{ffn.name} keeps W_gate and W_in in one fused matrix (a fused gate-and-up projection): factorise "
                 "'in' and 'gate' together (matrices=('in', 'gate', ...)) or neither"
             )
         if both:
@@ -192,9 +194,10 @@ def _targets(ffn: FFN, matrices: list[str]) -> list[tuple[str, nn.Module, str]]:
     if "out" in matrices:
         out.append(("out", ffn.out_proj, "post"))
     for label, mod, _ in out:
-        if isinstance(mod, LowRankLinear):
-            raise InvalidArgumentError(f"{ffn.name}: matrix {label!r} is already factorised")
-        if not isinstance(mod, nn.Linear | Conv1D):
+        layout = find_layout(mod)
+        if layout is not None and not layout.dense:
+            raise InvalidArgumentError(f"{ffn.name}: matrix {label!r} is already {layout.describe(mod)}")
+        if layout is None:
             raise InvalidArgumentError(
                 f"{ffn.name}: matrix {label!r} is a {type(mod).__name__}, not a Linear; cannot factorise it"
             )
@@ -202,7 +205,8 @@ def _targets(ffn: FFN, matrices: list[str]) -> list[tuple[str, nn.Module, str]]:
 
 
 def _module_params(mod: nn.Module) -> int:
-    return sum(p.numel() for p in mod.parameters())
+    """Weights the module stands for: parameters plus packed (quantised) values."""
+    return sum(p.numel() for p in mod.parameters()) + packed_numel(mod)
 
 
 def ffn_parameter_count(ffns: list[FFN]) -> int:
@@ -234,11 +238,6 @@ def _counts(model: nn.Module) -> dict[str, Any]:
 
 def _paths(model: nn.Module) -> dict[int, str]:
     return {id(m): name for name, m in model.named_modules()}
-
-
-def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parent, _, child = path.rpartition(".")
-    return (model.get_submodule(parent) if parent else model), child
 
 
 def _calibration(config: LowRankConfig, calibration: Tensor | None, tokenizer: Any) -> Tensor:
@@ -305,7 +304,7 @@ def lowrank_(
                 "collect_lowrank_stats on this model, or calibration="
             )
     by_index: dict[int, dict[str, Any]] = {}
-    with torch.no_grad(), _linalg_threads(1):
+    with torch.no_grad(), linalg_threads(1):
 
         def dec(ffn: FFN, mod: nn.Module, site: str) -> Decomposition:
             st = (stats or {}).get((ffn.index, site), {})
@@ -339,8 +338,7 @@ def lowrank_(
             new = build_lowrank(mod, a, b)
             path = paths[id(mod)]
             swaps.append((path, new))
-            bias = getattr(mod, "bias", None) is not None
-            records.append({"path": path, "in_features": n, "out_features": m, "rank": k, "bias": bias})
+            records.append(new.to_record(path))
             row = by_index.setdefault(ffn.index, {"index": ffn.index, "name": ffn.name, "matrices": {}})
             row["matrices"][label] = {
                 "shape": [m, n],
@@ -372,22 +370,11 @@ def lowrank_(
 
 def _commit(model: nn.Module, swaps: list[tuple[str, nn.Module]], records: list[dict]) -> None:
     """Swap the modules in and record the change, or (on any failure) leave the model as it was."""
-    from ffnkit.core.edit import _commit as commit_swaps
-    from ffnkit.core.edit import _Swap, record_change
-
-    old_meta = copy.deepcopy(getattr(model.config, "ffnkit", None))
-    undo = commit_swaps([_Swap(*_parent(model, path), new) for path, new in swaps])  # all or none
-    try:
+    with Transaction(model) as tx:
+        for path, new in swaps:
+            tx.replace(path, new)
         if records:
-            record_change(model, {"kind": CHANGE_KIND, "modules": records})
-    except BaseException:
-        undo()
-        if old_meta is None:
-            if hasattr(model.config, "ffnkit"):
-                delattr(model.config, "ffnkit")
-        else:
-            model.config.ffnkit = old_meta
-        raise
+            tx.record({"kind": CHANGE_KIND, "modules": records})
 
 
 def replay_lowrank(model: nn.Module, change: dict) -> None:
@@ -397,18 +384,7 @@ def replay_lowrank(model: nn.Module, change: dict) -> None:
         >>> replay_lowrank(fresh_model, model.config.ffnkit["changes"][-1])
     """
     for rec in change.get("modules", []):
-        parent, child = _parent(model, rec["path"])
-        old = getattr(parent, child)
-        like = old.weight if not isinstance(old, LowRankLinear) else old.A.weight
-        new = LowRankLinear(
-            int(rec["in_features"]),
-            int(rec["out_features"]),
-            int(rec["rank"]),
-            bool(rec["bias"]),
-            dtype=like.dtype,
-            device=like.device,
-        )
-        setattr(parent, child, new)
+        LowRankLinear.replay(model, rec)
 
 
 def _register() -> None:

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ffnkit.compress.sublayer_removal import ZeroAttention, ZeroFFN, _all_blocks
+from ffnkit.compress.sublayer_removal import _all_blocks
 from ffnkit.core.errors import InvalidArgumentError
+from ffnkit.modules.zero import ZeroAttention, ZeroFFN
 
 __all__ = ["finercut_order"]
 
