@@ -310,7 +310,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None) -> Quantiz
             else:
                 tx.call(
                     lambda t=t, new=new: new.attach(t.module, t.tensor),
-                    lambda old, t=t: PackedExperts.detach(t.module, t.tensor, old),
+                    lambda old, t=t, new=new: new.detach(t.module, t.tensor, old),
                     touched=[t.module],
                 )
         if built:

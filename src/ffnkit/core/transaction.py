@@ -141,17 +141,13 @@ class Transaction:
             >>> tx.swap(model.config, "num_hidden_layers", 28)
         """
         self._check_open()
-        old = _apply_swap(Swap(obj, attr, new))
+        old = getattr(obj, attr)
         touched = (obj,) if isinstance(obj, nn.Module) else ()
         retired = (old,) if isinstance(old, nn.Module) and old is not new else ()
-        self._add(
-            _Step(
-                lambda: setattr(obj, attr, old),
-                touched,
-                retired,
-                obj if isinstance(obj, FFN) else None,
-            )
-        )
+        handle = obj if isinstance(obj, FFN) else None
+        # the undo is logged first: a swap interrupted half-way is put back too
+        self._add(_Step(lambda: setattr(obj, attr, old), touched, retired, handle))
+        _apply_swap(Swap(obj, attr, new))
         return old
 
     def apply(self, swaps: Iterable[Swap]) -> None:
@@ -190,7 +186,7 @@ class Transaction:
 
         Example:
             >>> tx.call(lambda: pz.attach(experts, "down_proj"),
-            ...         lambda old: PackedExperts.detach(experts, "down_proj", old), touched=[experts])
+            ...         lambda old: pz.detach(experts, "down_proj", old), touched=[experts])
         """
         self._check_open()
         result = do()

@@ -332,6 +332,7 @@ class PackedExperts(RuntimeModule):
         Example:
             >>> old = pz.attach(experts, "gate_up_proj")
         """
+        self._position = list(module._parameters).index(name)  # detach puts it back in its place
         old = module._parameters.pop(name)
         try:
             module.register_buffer(name, old.detach())  # a buffer: the packed originals take no grad
@@ -348,16 +349,19 @@ class PackedExperts(RuntimeModule):
             module._ffnkit_cache_hooks = True
         return old
 
-    @staticmethod
-    def detach(module: nn.Module, name: str, old: nn.Parameter) -> None:
-        """Undo :meth:`attach`: the original Parameter ``old`` comes back (an atomic quantize_ fails).
+    def detach(self, module: nn.Module, name: str, old: nn.Parameter) -> None:
+        """Undo :meth:`attach`: the original Parameter ``old`` comes back, in its place among the module's
+        parameters (an atomic quantize_ that fails).
 
         Example:
-            >>> PackedExperts.detach(experts, "gate_up_proj", old)
+            >>> pz.detach(experts, "gate_up_proj", old)
         """
         P.remove_parametrizations(module, name, leave_parametrized=True)
         module._buffers.pop(name, None)
-        module._parameters[name] = old
+        items = [(k, v) for k, v in module._parameters.items() if k != name]
+        items.insert(getattr(self, "_position", len(items)), (name, old))
+        module._parameters.clear()
+        module._parameters.update(items)
 
     def to_record(self, path: str, tensor: str) -> dict[str, Any]:
         """The change record that rebuilds this parametrization on ``<path>.<tensor>``.
