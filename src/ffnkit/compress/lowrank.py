@@ -14,9 +14,11 @@ the factors take the model's dtype. The public names of the maths module are imp
 
 ``ratio`` ρ is the share of each matrix's parameters removed: k = ⌊(1−ρ)·m·n/(m+n)⌋ (≥ 1), so the FFN
 loses the share ρ of its weights when all its matrices are factorised; ``rank`` gives k directly.
-ρ = 0 changes nothing: a matrix is left as it is wherever its factors would not be smaller than it
-(even the break-even rank m·n/(m+n) drops ~27% of a 1536×576 matrix's singular directions, which
-plain SVD cannot afford: SmolLM2's perplexity goes from 54 to ~9·10⁴).
+ρ = 0 changes nothing: a matrix is left as it is wherever its factors would not be smaller than it.
+(The break-even rank m·n/(m+n) still drops 27% of a 1536×576 matrix's singular directions: plain SVD
+of every SmolLM2-135M FFN matrix at rank 418 keeps 91–95% of each one's energy, and perplexity on 4096
+tokens of the default corpus goes from 24.6 to 29,756 — the same to 4 digits when the truncated
+matrices are written into the plain Linears, so it is the truncation, not the low-rank module.)
 ``allocation="global"`` instead shares one budget over all chosen matrices (:func:`global_ranks`:
 singular values ranked by their share of their matrix's energy per parameter).
 Every dense layout (:mod:`ffnkit.core.layouts`: GPT-2's transposed matrices too) becomes a
@@ -284,7 +286,7 @@ def lowrank_(
     plan = [(f, _targets(f, list(config.matrices))) for f in ffns]  # validates before any work
     before = _counts(model)
     # ratio 0 asks to remove nothing: every matrix stays as it is (the rank where factors stop saving
-    # parameters, m·n/(m+n), would still cut ~27% of a 1536×576 matrix's singular directions)
+    # parameters, m·n/(m+n), would still cut 27% of a 1536×576 matrix's singular directions)
     nothing = config.ratio == 0.0
     if config.needs_data and stats is None and not nothing:
         ids = _calibration(config, calibration, tokenizer)
