@@ -372,10 +372,10 @@ def count_parameters(model: nn.Module, ffns: Iterable[Any] | None = None) -> dic
         >>> count_parameters(model, find_ffns(model))["ffn_share"]
         0.64
     """
-    from ffnkit.compress.quant_storage import quantized_numel
+    from ffnkit.modules.base import packed_numel
 
     # quantised FFN matrices (packed buffers) count as the weights they stand for
-    total = _unique_numel(model.parameters()) + quantized_numel(model)
+    total = _unique_numel(model.parameters()) + packed_numel(model)
     emb_modules = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     out_emb = getattr(model, "get_output_embeddings", lambda: None)()
     if out_emb is not None:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from ffnkit import calibration_batches, evaluation_tokens, find_ffns, load_corpus, load_model, perplexity
-from ffnkit.compress.lowrank import LowRankConfig, LowRankLinear, collect_lowrank_stats, lowrank_
+from ffnkit.compress.lowrank import LowRankConfig, collect_lowrank_stats, lowrank_
+from ffnkit.modules.lowrank import LowRankLinear
 
 pytestmark = pytest.mark.integration
 LAYERS = list(range(10))

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from ffnkit import evaluation_tokens, find_ffns, load_corpus, load_model, perplexity
-from ffnkit.compress.quantize import QuantizeConfig, QuantizedLinear, quantize_
+from ffnkit.compress.quantize import QuantizeConfig, quantize_
 from ffnkit.io import load, save
+from ffnkit.modules.quantized import QuantizedLinear
 
 pytestmark = [
     pytest.mark.integration,

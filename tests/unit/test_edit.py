@@ -9,7 +9,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from ffnkit import find_ffns
-from ffnkit.core import edit
+from ffnkit.core import edit, transaction
 from ffnkit.core.edit import keep_neurons_, permute_neurons_, set_bias_out_
 from ffnkit.core.errors import InvalidArgumentError
 from tests.tiny_models import FAMILIES, H, tiny_inputs, tiny_model
@@ -23,7 +23,7 @@ def _out(model, inputs):
 
 def _fail_swap_at(monkeypatch, n: int) -> tuple[dict, object]:
     """Make the n-th attribute swap of core.edit's transaction raise; returns (call counter, real swap)."""
-    calls, real = {"n": 0}, edit._apply_swap
+    calls, real = {"n": 0}, transaction._apply_swap
 
     def flaky(swap):
         calls["n"] += 1
@@ -31,7 +31,7 @@ def _fail_swap_at(monkeypatch, n: int) -> tuple[dict, object]:
             raise RuntimeError("injected failure")
         return real(swap)
 
-    monkeypatch.setattr(edit, "_apply_swap", flaky)
+    monkeypatch.setattr(transaction, "_apply_swap", flaky)
     return calls, real
 
 
@@ -140,7 +140,7 @@ def test_atomicity_failure_mid_edit_leaves_model_unchanged(family, monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         edit.edit_ffns_(model, keep, bias)
     assert calls["n"] == 5
-    monkeypatch.setattr(edit, "_apply_swap", real)
+    monkeypatch.setattr(transaction, "_apply_swap", real)
     assert [f.d_ff for f in ffns] == widths  # the handles too
     now = model.state_dict()
     assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
@@ -208,7 +208,7 @@ def test_set_ffn_weights_widens_exactly_and_atomically(family, monkeypatch):
     _, real = _fail_swap_at(monkeypatch, 4)
     with pytest.raises(RuntimeError, match="injected"):
         edit.set_ffn_weights_(ffn, W_out=torch.cat([w["W_out"], w["W_out"]], 1) / 2, b_out=w["b_out"], **two)
-    monkeypatch.setattr(edit, "_apply_swap", real)
+    monkeypatch.setattr(transaction, "_apply_swap", real)
     assert ffn.d_ff == 48 and torch.equal(_out(model, inputs), ref)
     edit.set_ffn_weights_(ffn, W_out=torch.cat([w["W_out"], w["W_out"]], 1) / 2, b_out=w["b_out"], **two)
     assert ffn.d_ff == 96 and torch.equal(ffn.W_in[48:], w["W_in"])

@@ -16,10 +16,11 @@ from ffnkit.compress.fusion import (
     fuse_ffns_,
     set_ffn_weights_,
 )
-from ffnkit.compress.sublayers import ZeroFFN, removed_sublayers
+from ffnkit.compress.sublayers import removed_sublayers
 from ffnkit.core.archs import find_ffns
 from ffnkit.core.errors import InvalidArgumentError, LayerIndexError, UnsupportedArchitectureError
 from ffnkit.io import load, save
+from ffnkit.modules.zero import ZeroFFN
 from tests.tiny_models import DEC, tiny_inputs, tiny_model
 
 FUSION_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "phi3")
@@ -174,14 +175,16 @@ def test_cli_fuse_maps_the_ratio_to_runs():
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])
 def test_failure_after_widening_leaves_the_model_as_it_was(family, monkeypatch):
-    from ffnkit.core import edit
+    from ffnkit.core import structure
 
     model = deep("llama", 4) if family == "llama" else tiny_model(family)
     runs = [[0, 1], [2, 3]] if family == "llama" else [[0, 1]]
     x = tiny_inputs(model)
     with torch.no_grad():
         ref = model(**x).logits
-    monkeypatch.setattr(edit, "record_structure", lambda m: (_ for _ in ()).throw(RuntimeError("injected")))
+    monkeypatch.setattr(
+        structure, "record_structure", lambda m: (_ for _ in ()).throw(RuntimeError("injected"))
+    )
     with pytest.raises(RuntimeError, match="injected"):
         fuse_ffns_(model, FusionConfig(runs=runs))
     with torch.no_grad():

@@ -9,7 +9,6 @@ import torch
 
 from ffnkit.compress.lowrank import (
     LowRankConfig,
-    LowRankLinear,
     factorize,
     ffn_parameter_count,
     lowrank_,
@@ -18,6 +17,7 @@ from ffnkit.compress.lowrank import (
 from ffnkit.core.archs import find_ffns
 from ffnkit.core.capture import capture
 from ffnkit.core.errors import InvalidArgumentError
+from ffnkit.modules.lowrank import LowRankLinear
 from tests.tiny_models import FAMILIES, tiny_inputs, tiny_model
 
 MOE = {"mixtral", "qwen2_moe", "olmoe", "qwen3_moe"}
@@ -139,13 +139,13 @@ def test_atomic_on_failure(monkeypatch):
     before = _logits(model, inputs)
     mods = [type(f.in_proj) for f in find_ffns(model)]
     calls = {"n": 0}
-    from ffnkit.core import edit
+    from ffnkit.core import structure
 
     def boom(model, change):
         calls["n"] += 1
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(edit, "record_change", boom)
+    monkeypatch.setattr(structure, "record_change", boom)
     with pytest.raises(RuntimeError):
         lowrank_(model, LowRankConfig("svd", ratio=0.5))
     assert calls["n"] == 1
@@ -267,3 +267,40 @@ def test_global_allocation_keeps_the_budget_and_more_energy():
     r_flat, r_peaked = global_ranks([flat, peaked], [(10, 10), (10, 10)], 0.5)
     assert r_flat > r_peaked >= 1
     assert (r_flat + r_peaked) * 20 <= 0.5 * 200
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+@pytest.mark.parametrize("method", ["svd", "svd-llm"])
+def test_ratio_zero_changes_nothing(family, method):
+    """Issue 11: ``--ratio 0`` factorised every matrix at the break-even rank m·n/(m+n) (on SmolLM2 that
+    cut 27% of the singular directions: perplexity 54 -> 89,652). Ratio 0 now leaves the model as it is."""
+    model = tiny_model(family)
+    inputs = tiny_inputs(model)
+    before = _logits(model, inputs)
+    report = lowrank_(model, LowRankConfig(method, ratio=0.0))  # no calibration needed: nothing to do
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert torch.equal(_logits(model, inputs), before)
+    assert report.ffn_ratio_removed == 0.0 and not (getattr(model.config, "ffnkit", None) or {}).get(
+        "changes"
+    )
+    assert all(not m["factorised"] for row in report.layers for m in row["matrices"].values())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def test_svd_near_ratio_zero_reproduces_low_rank_weights(family):
+    """The factorised path is exact where truncation loses nothing: matrices of rank 4 (8 for a fused
+    gate-and-up matrix), factorised at ratio 0.05 (rank 18 of 32), give the same logits (float32 noise)."""
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(3)
+    for f in find_ffns(model):
+        for ref in (f.w_in, f.w_gate, f.w_out):
+            if ref is not None:
+                out, n = ref.get().shape
+                ref.set(torch.randn(out, 4, generator=g) @ torch.randn(4, n, generator=g) / 4)
+    inputs = tiny_inputs(model)
+    before = _logits(model, inputs)
+    report = lowrank_(model, LowRankConfig("svd", ratio=0.05))
+    assert all(m["factorised"] and m["rank"] >= 8 for row in report.layers for m in row["matrices"].values())
+    assert all(isinstance(f.out_proj, LowRankLinear) for f in find_ffns(model))
+    after = _logits(model, inputs)
+    assert float((after - before).abs().max()) < 1e-4 * float(before.abs().max())

@@ -161,12 +161,12 @@ def test_global_allocation_prefers_low_z_scores():
 
 
 def test_failure_midway_leaves_model_unchanged(monkeypatch):
-    from ffnkit.core import edit
+    from ffnkit.core import transaction
 
     model = tiny_model("phi3")
     inputs = tiny_inputs(model)
     ref = _out(model, inputs)
-    real, calls = edit._apply_swap, {"n": 0}
+    real, calls = transaction._apply_swap, {"n": 0}
 
     def flaky(swap):
         calls["n"] += 1
@@ -174,10 +174,10 @@ def test_failure_midway_leaves_model_unchanged(monkeypatch):
             raise RuntimeError("injected")
         return real(swap)
 
-    monkeypatch.setattr(edit, "_apply_swap", flaky)
+    monkeypatch.setattr(transaction, "_apply_swap", flaky)
     with pytest.raises(RuntimeError, match="injected"):
         prune_(model, PruneConfig("flap", 0.3), calibration=CALIB)
-    monkeypatch.setattr(edit, "_apply_swap", real)
+    monkeypatch.setattr(transaction, "_apply_swap", real)
     assert torch.equal(_out(model, inputs), ref)
     assert [f.d_ff for f in find_ffns(model)] == [48, 48]
 

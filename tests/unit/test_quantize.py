@@ -7,10 +7,13 @@ import importlib.util
 import pytest
 import torch
 
-from ffnkit.compress.lowrank import LowRankConfig, LowRankLinear, lowrank_
-from ffnkit.compress.quantize import QuantizeConfig, QuantizedLinear, quantize_, tensor_bytes
+from ffnkit.compress.lowrank import LowRankConfig, lowrank_
+from ffnkit.compress.quantize import QuantizeConfig, quantize_
 from ffnkit.core.archs import find_ffns
 from ffnkit.core.errors import FFNKitError, InvalidArgumentError
+from ffnkit.modules.base import tensor_bytes
+from ffnkit.modules.lowrank import LowRankLinear
+from ffnkit.modules.quantized import QuantizedLinear
 from tests.tiny_models import tiny_inputs, tiny_model
 
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None

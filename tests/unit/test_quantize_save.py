@@ -10,17 +10,12 @@ import torch
 from safetensors import safe_open
 
 from ffnkit import find_ffns, io
-from ffnkit.compress.lowrank import LowRankConfig, LowRankLinear, lowrank_
-from ffnkit.compress.quantize import (
-    QuantizeConfig,
-    QuantizedLinear,
-    pack_ints,
-    quantize_,
-    replay_quantized,
-    unpack_ints,
-)
+from ffnkit.compress.lowrank import LowRankConfig, lowrank_
+from ffnkit.compress.quantize import QuantizeConfig, quantize_, replay_quantized
 from ffnkit.core.edit import keep_neurons_
 from ffnkit.core.errors import InvalidArgumentError, SavedModelError
+from ffnkit.modules.lowrank import LowRankLinear
+from ffnkit.modules.quantized import PackedExperts, QuantizedLinear, pack_ints, unpack_ints
 from tests.tiny_models import tiny_inputs, tiny_model
 
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
@@ -188,8 +183,6 @@ def test_moe_expert_tensors_quantise_save_and_load(family, tmp_path):
 
 @needs_torchao
 def test_experts_dequantise_once_per_forward_and_refuse_pruning(monkeypatch):
-    from ffnkit.compress.quantize import PackedExperts
-
     model = tiny_model("mixtral")
     inputs = tiny_inputs(model)
     quantize_(model, QuantizeConfig(bits=4, group_size=8))

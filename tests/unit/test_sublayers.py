@@ -10,8 +10,6 @@ import transformers as tf
 
 from ffnkit.compress.sublayers import (
     SublayerConfig,
-    ZeroAttention,
-    ZeroFFN,
     finercut_order,
     remove_sublayers_,
     removed_sublayers,
@@ -21,6 +19,7 @@ from ffnkit.core.blocks import sublayers
 from ffnkit.core.errors import InvalidArgumentError, LayerIndexError
 from ffnkit.inspect.importance import finercut, remove_sublayers
 from ffnkit.io import load, save
+from ffnkit.modules.zero import ZeroAttention, ZeroFFN
 from tests.tiny_models import DEC, tiny_inputs, tiny_model
 
 SUBLAYER_FAMILIES = (
@@ -276,18 +275,20 @@ def test_finercut_resume_continues_the_same_greedy_order():
     assert [r["name"] for r in resumed["order"]] == [r["name"] for r in full["order"]]
 
 
-@pytest.mark.parametrize("target", ["_append_change", "removed_sublayers"])
+@pytest.mark.parametrize("target", ["record_change", "removed_sublayers"])
 def test_failure_while_recording_undoes_the_removal(target, monkeypatch):
     """A failure after the modules are swapped (recording the change) puts every module back."""
     from ffnkit.compress import sublayer_removal
+    from ffnkit.core import structure
 
     model = deep_llama(4)
     x = tiny_inputs(model)
     ref = logits(model, x)
     before = [type(m).__name__ for m in model.modules()]
     idx = [m.self_attn.layer_idx for m in model.model.layers]
-    monkeypatch.setattr(sublayer_removal, target, lambda *a: (_ for _ in ()).throw(RuntimeError("injected")))
-    remove = ["layers.1.attn", "layers.2.ffn"] if target == "_append_change" else ["layers.1"]
+    owner = structure if target == "record_change" else sublayer_removal
+    monkeypatch.setattr(owner, target, lambda *a: (_ for _ in ()).throw(RuntimeError("injected")))
+    remove = ["layers.1.attn", "layers.2.ffn"] if target == "record_change" else ["layers.1"]
     with pytest.raises(RuntimeError, match="injected"):
         remove_sublayers_(model, SublayerConfig("manual", remove=remove))
     assert [type(m).__name__ for m in model.modules()] == before

@@ -5,7 +5,7 @@ For consecutive blocks the sequential FFNs ``x + f1(x) + f2(x + f1(x) + …)`` a
 concatenation of the originals, reading ONE input — the first block's normed FFN input. Each original
 FFN had its own RMSNorm; norm_j(x) = g_j ⊙ x / rms(x), so FFN j's rows of W_in and W_gate are
 multiplied by g_j / g_first (exact when the norms differ only by their gain: same eps). The later
-FFNs of the run are then removed (:class:`ffnkit.compress.sublayers.ZeroFFN`). Given the same input,
+FFNs of the run are then removed (:class:`ffnkit.modules.zero.ZeroFFN`). Given the same input,
 the fused FFN is exactly the sum of the originals (tested).
 
 Which runs: the **dependency score** of blocks i < j is the cosine distance between block j's FFN
@@ -314,17 +314,13 @@ def fuse_ffns_(
         >>> rep = fuse_ffns_(model, FusionConfig(runs=[[26, 27]]))
         >>> rep.widths        # [{'first': 26, 'fused_d_ff': 3072, 'removed': [27]}]
     """
-    from ffnkit.compress.sublayer_removal import (
-        SUBLAYERS_KIND,
-        ZeroFFN,
-        _append_change,
-        _records,
-        _set_records,
-    )
+    from ffnkit.compress.sublayer_removal import SUBLAYERS_KIND
     from ffnkit.core.archs import find_ffns
     from ffnkit.core.blocks import block_modules
-    from ffnkit.core.edit import _commit, _plan_weights, record_structure
+    from ffnkit.core.edit import plan_ffn_weights
+    from ffnkit.core.transaction import Transaction
     from ffnkit.evaluate import count_parameters
+    from ffnkit.modules.zero import ZeroFFN
 
     start = time.perf_counter()
     family = _check_family(model)
@@ -362,31 +358,21 @@ def fuse_ffns_(
         ffns = [by_layer[i] for i in run]
         plans.append((run, ffns, fused_weights(ffns, gains)))
     # commit: widen the first FFN of each run, then remove the others (undo everything on failure)
-    meta = _records(model)
-    widened = []  # undo functions of the widenings (ffnkit.core.edit's transaction)
-    replaced = []  # (owner, attr, old module)
-    try:
-        for _, ffns, w in plans:
-            with torch.no_grad():
-                widened.append(_commit(_plan_weights(ffns[0], w)))  # what set_ffn_weights_ does
+    with torch.no_grad():
+        widenings = [plan_ffn_weights(ffns[0], w) for _, ffns, w in plans]  # what set_ffn_weights_ does
+    with Transaction(model) as tx:
+        for swaps in widenings:
+            tx.apply(swaps)
         removed_rows = []
         for _, ffns, _ in plans:
             for f in ffns[1:]:
-                owner_path, _, attr = f.name.rpartition(".")
-                owner = model.get_submodule(owner_path)
-                replaced.append((owner, attr, getattr(owner, attr)))
-                setattr(owner, attr, ZeroFFN(f.layer))
-                removed_rows.append({"path": f.name, "kind": "ffn", "layer": f.layer})
+                zero = ZeroFFN(f.layer)
+                tx.replace(f.name, zero)
+                removed_rows.append(zero.to_record(f.name))
         if removed_rows:
-            _append_change(model, {"kind": SUBLAYERS_KIND, "removed": removed_rows, "reason": "ffn_fusion"})
-        record_structure(model)  # the widened FFNs (replayed after the removal above)
-    except BaseException:
-        for owner, attr, old in reversed(replaced):
-            setattr(owner, attr, old)
-        for undo in reversed(widened):
-            undo()
-        _set_records(model, meta)
-        raise
+            tx.record({"kind": SUBLAYERS_KIND, "removed": removed_rows, "reason": "ffn_fusion"})
+            tx.record_structure(if_recorded=True)
+        tx.record_structure()  # the widened FFNs (replayed after the removal above)
     after = count_parameters(model, find_ffns(model))
     report = FusionReport(
         transform="fuse_ffns",

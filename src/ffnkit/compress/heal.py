@@ -154,9 +154,9 @@ def ffn_trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _linear_paths(model: nn.Module) -> list[str]:
-    """Full module paths of the nn.Linear / GPT-2 Conv1D leaves inside FFN modules (peft LoRA targets;
-    v5 3-D expert tensors and quantised matrices are not Linears and get no adapter)."""
-    from transformers.pytorch_utils import Conv1D
+    """Full module paths of the dense matrix leaves inside FFN modules (peft LoRA targets; v5 3-D expert
+    tensors and quantised matrices are not dense layouts and get no adapter)."""
+    from ffnkit.core.layouts import find_layout
 
     wanted = {id(m) for m in _ffn_modules(model)}
     paths = []
@@ -165,7 +165,7 @@ def _linear_paths(model: nn.Module) -> list[str]:
             paths += [
                 f"{name}.{sub}" if sub else name
                 for sub, leaf in mod.named_modules()
-                if isinstance(leaf, (nn.Linear, Conv1D))
+                if (layout := find_layout(leaf)) is not None and layout.dense
             ]
     return paths
 
@@ -206,7 +206,7 @@ def _add_lora(model: nn.Module, config: HealConfig):
         raise FFNKitError(
             "LoRA healing needs peft: pip install peft (or heal without lora: HealConfig(lora=False))"
         ) from None
-    from transformers.pytorch_utils import Conv1D
+    from ffnkit.core.layouts import layout_of
 
     targets = _linear_paths(model)
     if not targets:
@@ -214,13 +214,14 @@ def _add_lora(model: nn.Module, config: HealConfig):
             "LoRA healing found no FFN Linear to adapt (expert tensors and quantised matrices take no "
             "adapter): heal with lora=False, or heal before quantize_"
         )
-    conv1d = any(isinstance(model.get_submodule(t), Conv1D) for t in targets)  # GPT-2 stores W as [in, out]
+    # GPT-2 stores W as [in, out]
+    fan_in_fan_out = any(layout_of(model.get_submodule(t)).transposed for t in targets)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         target_modules=targets,
         lora_dropout=0.0,
-        fan_in_fan_out=conv1d,
+        fan_in_fan_out=fan_in_fan_out,
     )
     return inject_adapter_in_model(lora, model)
 

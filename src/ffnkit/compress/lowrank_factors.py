@@ -1,5 +1,5 @@
-"""Low-rank factors of one matrix and the module that holds them: ``LowRankLinear`` (y = B·A·x) and the
-factorisation maths behind ``ffnkit.compress.lowrank`` (the transform, its config and CLI live there).
+"""The factorisation maths behind ``ffnkit.compress.lowrank`` (the transform, its config and CLI live
+there; the module that holds the factors, ``LowRankLinear``, is :mod:`ffnkit.modules.lowrank`).
 
 - ``svd``: truncated SVD of W (the best rank-k approximation of the weights).
 - ``asvd`` (ASVD, github hahnyuan/ASVD4LLM): S = diag(mean|x_j|)^α (α = 0.5), SVD of W·S, then
@@ -8,13 +8,14 @@ factorisation maths behind ``ffnkit.compress.lowrank`` (the transform, its confi
   positive definite), truncated SVD of W·S = U Σ Vᵀ, factors B = U_k √Σ_k and A = √Σ_k V_kᵀ S⁻¹: the
   best rank-k approximation of the *outputs* W·X on the calibration data.
 
-SVD and Cholesky run in float64; :func:`build_lowrank` gives the factors the replaced module's dtype.
+SVD and Cholesky run in float64; ``ffnkit.modules.lowrank.build_lowrank`` gives the factors the replaced
+module's dtype.
 Ranks: :func:`rank_for_ratio` (one matrix) and :func:`global_ranks` (one budget over many).
 
 Example:
     >>> A, B, info = factorize(W, 64, "svd-llm", gram=(X.T @ X) / len(X))
-    >>> LowRankLinear(576, 1536, rank=64)(torch.randn(2, 576)).shape
-    torch.Size([2, 1536])
+    >>> (B @ A).shape == W.shape
+    True
 """
 
 from __future__ import annotations
@@ -24,119 +25,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ffnkit.core.errors import InvalidArgumentError
 
 __all__ = [
     "METHODS",
     "Decomposition",
-    "LowRankLinear",
-    "build_lowrank",
     "decompose",
     "factorize",
     "global_ranks",
+    "linalg_threads",
     "rank_for_ratio",
 ]
 
 METHODS = ("svd", "asvd", "svd-llm")
-
-
-def _plain(w: Tensor) -> Tensor:
-    """A plain tensor: quantised factors (torchao tensor subclasses) are dequantised."""
-    if type(w) not in (Tensor, nn.Parameter) and hasattr(w, "dequantize"):
-        return w.dequantize()
-    return w
-
-
-# ----- the factorised module ----------------------------------------------------------------------
-class LowRankLinear(nn.Module):
-    """y = B(A(x)): A = Linear(n → k, no bias), B = Linear(k → m, the original bias).
-
-    ``weight`` gives the product B·A [out, in] (like ``nn.Linear.weight``) and ``bias`` the bias, so
-    FFN handles and hooks read it like the Linear it replaces. The product is a fresh copy: writing
-    into it does not change the model; pruning a factorised matrix raises a clear error.
-
-    Example:
-        >>> lr = LowRankLinear(576, 1536, rank=200)
-        >>> lr.weight.shape, lr(torch.randn(2, 576)).shape
-        (torch.Size([1536, 576]), torch.Size([2, 1536]))
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        bias: bool = False,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__()
-        self.A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
-        self.B = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.B(self.A(x))  # [..., n] -> [..., k] -> [..., m]
-
-    @property
-    def weight(self) -> Tensor:  # [out, in]
-        return _plain(self.B.weight) @ _plain(self.A.weight)
-
-    @property
-    def bias(self) -> Tensor | None:  # [out]
-        return self.B.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.A.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.B.out_features
-
-    @property
-    def rank(self) -> int:
-        return self.A.out_features
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "bias" and "B" in self._modules:
-            self.B.bias = value  # an added output bias (FLAP's compensation) lives on B
-            return
-        if name in ("weight", "in_features", "out_features", "nx", "nf") and "B" in self._modules:
-            raise InvalidArgumentError(
-                f"this matrix is factorised (rank {self.rank}); its shape cannot be edited — prune "
-                "before lowrank_, or edit the factors .A / .B"
-            )
-        super().__setattr__(name, value)
-
-    def extra_repr(self) -> str:
-        bias = self.B.bias is not None
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={bias}"
-        )
-
-
-def build_lowrank(mod: nn.Module, a: Tensor, b: Tensor) -> LowRankLinear:
-    """A LowRankLinear with factors a [k, n], b [m, k] and ``mod``'s bias, dtype, device, requires_grad.
-
-    Example:
-        >>> A, B, _ = factorize(lin.weight, 64)
-        >>> build_lowrank(lin, A, B).rank
-        64
-    """
-    w = mod.weight
-    bias = getattr(mod, "bias", None)
-    new = LowRankLinear(a.shape[1], b.shape[0], a.shape[0], bias is not None, dtype=w.dtype, device=w.device)
-    with torch.no_grad():
-        new.A.weight.copy_(a)
-        new.B.weight.copy_(b)
-        if bias is not None:
-            new.B.bias.copy_(bias)
-    new.requires_grad_(w.requires_grad)
-    new.train(mod.training)
-    return new
 
 
 # ----- the maths ----------------------------------------------------------------------------------
@@ -274,9 +177,14 @@ def global_ranks(spectra: list[Tensor], shapes: list[tuple[int, int]], ratio: fl
 
 
 @contextmanager
-def _linalg_threads(n: int):
+def linalg_threads(n: int):
     """Run mid-size LAPACK calls (SVD, Cholesky) on ``n`` threads: on a busy machine, OpenMP threads
-    waiting for a core can make a 1536×576 SVD 80× slower, while one thread loses little."""
+    waiting for a core can make a 1536×576 SVD 80× slower, while one thread loses little.
+
+    Example:
+        >>> with linalg_threads(1):
+        ...     d = decompose(W, "svd")
+    """
     old = torch.get_num_threads()
     torch.set_num_threads(min(n, old))
     try:

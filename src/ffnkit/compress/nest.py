@@ -109,6 +109,7 @@ def nest_(
     from ffnkit.compress.scores import DATA_FREE, collect_stats, neuron_scores, units
     from ffnkit.core.archs import find_ffns
     from ffnkit.core.edit import edit_ffns_
+    from ffnkit.core.transaction import Transaction
     from ffnkit.evaluate import count_parameters
 
     config = config or NestConfig()
@@ -155,10 +156,9 @@ def nest_(
         "config": config.to_dict(),
         "d_ff": [f.d_ff for f in ffns],
     }
-    edit_ffns_(model, perms)  # one transaction for every FFN
-    meta = dict(getattr(model.config, "ffnkit", None) or {})
-    meta["nest"] = meta_nest
-    model.config.ffnkit = meta
+    with Transaction(model) as tx:  # the permutations and their record, all or none
+        edit_ffns_(model, perms)  # joins the transaction
+        tx.set_meta("nest", meta_nest)
     after = count_parameters(model, find_ffns(model))
     report = NestReport(
         transform="nest",

@@ -1,13 +1,15 @@
 """Weight-only quantisation of FFN weights (MoQE-style) through torchao: ``quantize_(model, QuantizeConfig(4))``.
 
-Only the FFN matrices change (W_in, W_gate, W_out of every selected dense FFN, GPT-2's Conv1D, Phi-3's
-fused gate_up, the factors of low-rank matrices, MoE experts and shared experts); attention, embeddings
+Only the FFN matrices change (W_in, W_gate, W_out of every selected dense FFN in any dense layout of
+:mod:`ffnkit.core.layouts`, Phi-3's fused gate-and-up projection, the factors of low-rank matrices, MoE
+experts and shared experts); attention, embeddings
 and norms keep their precision. torchao (``IntxUnpackedToInt8Tensor.from_hp``) chooses the integers of
 ``bits`` bits and one scale per group of ``group_size`` inputs (per output row when ``group_size`` is
 None), symmetric or with a zero point per group (``mapping="asymmetric"``). Each matrix then keeps
 those integers *packed* (``bits`` bits per weight) with the scales in plain buffers and dequantises
-them on the fly exactly as torchao does: a :class:`QuantizedLinear` replaces a Linear / Conv1D, and a
-:class:`PackedExperts` parametrization (``torch.nn.utils.parametrize``) a v5 3-D expert tensor.
+them on the fly exactly as torchao does: a ``QuantizedLinear`` replaces a dense matrix module, and a
+``PackedExperts`` parametrization (``torch.nn.utils.parametrize``) a v5 3-D expert tensor (both in
+:mod:`ffnkit.modules.quantized`).
 Plain buffers save to safetensors as they are: ``ffnkit.save`` writes a folder really smaller than the
 float one and records an ``ffn_quantized`` change that ``ffnkit.load`` replays (loading and running
 need no torchao; only quantising does).
@@ -29,39 +31,26 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.nn.utils.parametrize as P
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
-from ffnkit.compress.quant_storage import (
-    PackedExperts,
-    QuantizedLinear,
-    _packed_len,
-    _parametrize_experts,
-    _unparametrize_experts,
-    pack_ints,
-    tensor_bytes,
-    unpack_ints,
-)
 from ffnkit.core.archs import find_ffns, select_ffns
 from ffnkit.core.config import JsonConfig
-from ffnkit.core.errors import FFNKitError, InvalidArgumentError, SavedModelError
+from ffnkit.core.errors import FFNKitError, InvalidArgumentError
 from ffnkit.core.ffn import FFN
+from ffnkit.core.layouts import EXPERTS, find_layout, layout_of
+from ffnkit.core.transaction import Transaction
+from ffnkit.modules.base import tensor_bytes
+from ffnkit.modules.quantized import PackedExperts, QuantizedLinear, pack_ints
 
 __all__ = [
     "CHANGE_KIND",
     "QuantizeConfig",
     "QuantizeReport",
-    "PackedExperts",
-    "QuantizedLinear",
-    "pack_ints",
     "quantize_",
     "replay_quantized",
-    "tensor_bytes",
-    "unpack_ints",
 ]
 
-CHANGE_KIND = "ffn_quantized"
+CHANGE_KIND = QuantizedLinear.change_kind  # "ffn_quantized"
 
 
 @dataclass
@@ -132,7 +121,7 @@ def _torchao():
 # ----- planning -----------------------------------------------------------------------------------
 @dataclass
 class _Target:
-    """One matrix to quantise: a Linear / Conv1D module, or a 3-D expert tensor ``module.<tensor>``."""
+    """One matrix to quantise: a dense matrix module, or a 3-D expert tensor ``module.<tensor>``."""
 
     label: str
     module: nn.Module
@@ -149,8 +138,6 @@ class _Target:
 
 def _targets(ffn: FFN, matrices: list[str]) -> list[_Target]:
     """What to quantise in one FFN: its projections, the factors of low-rank ones, expert tensors."""
-    from ffnkit.compress.lowrank import LowRankLinear
-
     if ffn.kind == "moe":
         out = []
         if ffn.experts:
@@ -159,13 +146,13 @@ def _targets(ffn: FFN, matrices: list[str]) -> list[_Target]:
                     f"{ffn.name} keeps the experts' W_gate and W_in in one tensor: quantise 'in' and 'gate' "
                     "together"
                 )
-            e0, mod = ffn.experts[0], ffn.experts[0].module
-            wanted = [("gate_up", "gate_up_proj", e0.w_gate)] if "in" in matrices else []
-            wanted += [("down", "down_proj", e0.w_out)] if "out" in matrices else []
-            for label, tensor, ref in wanted:
-                if P.is_parametrized(mod, tensor):
-                    raise InvalidArgumentError(f"{ffn.name}: the experts' {tensor} is already quantised")
-                out.append(_Target(f"experts.{label}", mod, tensor, bool(getattr(ref, "transpose", False))))
+            e0 = ffn.experts[0]
+            wanted = [("gate_up", e0.w_gate)] if "in" in matrices else []
+            wanted += [("down", e0.w_out)] if "out" in matrices else []
+            for label, ref in wanted:
+                if not ref.writable:
+                    raise InvalidArgumentError(f"{ffn.name}: the experts' {ref.tensor} is already quantised")
+                out.append(_Target(f"experts.{label}", ref.module, ref.tensor, ref.transpose))
         if ffn.shared is not None:
             out += [replace(t, label=f"shared.{t.label}") for t in _targets(ffn.shared, matrices)]
         return out
@@ -186,32 +173,33 @@ def _targets(ffn: FFN, matrices: list[str]) -> list[_Target]:
         mods.append(("out", ffn.out_proj))
     out = []
     for label, mod in mods:
-        if isinstance(mod, QuantizedLinear):
-            raise InvalidArgumentError(f"{ffn.name}: matrix {label!r} is already quantised")
-        if isinstance(mod, LowRankLinear):
-            for part in ("A", "B"):
-                sub = getattr(mod, part)
-                if isinstance(sub, QuantizedLinear):
-                    raise InvalidArgumentError(f"{ffn.name}: matrix {label}.{part} is already quantised")
-                out.append(_Target(f"{label}.{part}", sub))
-        elif isinstance(mod, nn.Linear | Conv1D):
-            out.append(_Target(label, mod))
-        else:
+        layout = find_layout(mod)
+        if layout is None or layout is EXPERTS:
             raise InvalidArgumentError(
-                f"{ffn.name}: matrix {label!r} is a {type(mod).__name__}, not a Linear or Conv1D"
+                f"{ffn.name}: matrix {label!r} is a {type(mod).__name__}, not a matrix module ffnkit knows"
             )
+        if layout.dense:
+            out.append(_Target(label, mod))
+            continue
+        parts = layout.parts(mod)  # the dense factors of a low-rank matrix; none for a quantised one
+        if not parts:
+            raise InvalidArgumentError(f"{ffn.name}: matrix {label!r} is already {layout.describe(mod)}")
+        for part, sub in parts:
+            if not layout_of(sub).dense:
+                raise InvalidArgumentError(f"{ffn.name}: matrix {label}.{part} is already quantised")
+            out.append(_Target(f"{label}.{part}", sub))
     return out
 
 
 def _canonical(mod: nn.Module) -> Tensor:
-    """The weight as [out, in] (Conv1D stores [in, out])."""
-    return mod.weight.detach().T if isinstance(mod, Conv1D) else mod.weight.detach()
+    """The weight as [out, in], whatever the layout stores."""
+    return layout_of(mod).weight(mod).detach()
 
 
 def _dims(mod: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear or Conv1D."""
-    w = _canonical(mod)
-    return int(w.shape[1]), int(w.shape[0])
+    """(in_features, out_features) of a matrix module."""
+    out, n = layout_of(mod).dims(mod)
+    return int(n), int(out)
 
 
 def _ao_quantise(w: Tensor, bits: int, g: int, mapping: str) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -230,7 +218,7 @@ def _ao_quantise(w: Tensor, bits: int, g: int, mapping: str) -> tuple[Tensor, Te
 
 
 def _quantise(mod: nn.Module, bits: int, group_size: int | None, mapping: str) -> QuantizedLinear:
-    """A QuantizedLinear holding torchao's quantisation of ``mod`` (Linear or Conv1D) and its bias."""
+    """A QuantizedLinear holding torchao's quantisation of ``mod`` (a dense matrix module) and its bias."""
     w = _canonical(mod)  # [out, in]
     g = group_size or w.shape[1]
     qdata, scale, zp = _ao_quantise(w, bits, g, mapping)
@@ -267,11 +255,6 @@ def _quantise_experts(t: _Target, bits: int, group_size: int | None, mapping: st
     return PackedExperts(list(w.shape), bits, g, t.transpose, init)
 
 
-def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parent, _, child = path.rpartition(".")
-    return (model.get_submodule(parent) if parent else model), child
-
-
 def quantize_(model: nn.Module, config: QuantizeConfig | None = None) -> QuantizeReport:
     """Quantise the FFN weights of ``model`` in place (weight-only, torchao); atomic; saveable.
 
@@ -280,8 +263,6 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None) -> Quantiz
         >>> round(report.stored_bits_per_weight, 1)
         8.1
     """
-    from ffnkit.core.edit import record_change
-
     config = config or QuantizeConfig()
     torchao, _, _ = _torchao()
     start = time.perf_counter()
@@ -307,15 +288,12 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None) -> Quantiz
                 b0, stored = tensor_bytes(t.module.weight), [new.qweight, new.scale]
                 stored += [] if new.zero_point is None else [new.zero_point]
                 shape, numel = [new.out_features, new.in_features], new.in_features * new.out_features
-                rec = {"path": path, "in_features": new.in_features, "out_features": new.out_features}
-                rec.update(bits=new.bits, group_size=new.group_size, bias=new.bias is not None)
-                rec["zero_point"] = new.zero_point is not None
+                rec = new.to_record(path)
             else:
                 new = _quantise_experts(t, config.bits, config.group_size, config.mapping)
                 w = getattr(t.module, t.tensor)
-                b0, stored, shape, numel = tensor_bytes(w), list(new._init), list(w.shape), w.numel()
-                rec = {"path": path, "tensor": t.tensor, "shape": shape, "transpose": t.transpose}
-                rec.update(bits=new.bits, group_size=new.group_size, zero_point=len(new._init) == 3)
+                b0, stored, shape, numel = tensor_bytes(w), list(new.stored), list(w.shape), w.numel()
+                rec = new.to_record(path, t.tensor)
             b1 = sum(tensor_bytes(x) for x in stored)
             row["matrices"][t.label] = {"path": path, "shape": shape, "bytes_before": b0, "bytes_after": b1}
             built.append((t, new))
@@ -325,28 +303,18 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None) -> Quantiz
             after += b1
         rows.append(row)
     change = {"kind": CHANGE_KIND, "library": f"torchao {torchao.__version__}", "modules": records}
-    done: list[tuple[_Target, Any]] = []
-    meta = getattr(model.config, "ffnkit", None)
-    try:
+    with Transaction(model) as tx:
         for t, new in built:
             if t.tensor is None:
-                parent, child = _parent(model, paths[id(t.module)])
-                setattr(parent, child, new)
-                done.append((t, (parent, child)))
+                tx.replace(paths[id(t.module)], new)
             else:
-                old = t.module._parameters[t.tensor]
-                _parametrize_experts(t.module, t.tensor, new)
-                done.append((t, old))
+                tx.call(
+                    lambda t=t, new=new: new.attach(t.module, t.tensor),
+                    lambda old, t=t, new=new: new.detach(t.module, t.tensor, old),
+                    touched=[t.module],
+                )
         if built:
-            record_change(model, change)
-    except BaseException:
-        for t, undo in reversed(done):
-            if t.tensor is None:
-                setattr(undo[0], undo[1], t.module)
-            else:
-                _unparametrize_experts(t.module, t.tensor, undo)
-        model.config.ffnkit = meta
-        raise
+            tx.record(change)
     bpw = 8 * after / n_weights if n_weights else 0.0
     return QuantizeReport(
         transform="quantize",
@@ -374,44 +342,7 @@ def replay_quantized(model: nn.Module, change: dict) -> None:
         >>> replay_quantized(fresh_model, model.config.ffnkit["changes"][-1])
     """
     for rec in change.get("modules", []):
-        if rec.get("tensor"):
-            _replay_experts(model, rec)
-            continue
-        parent, child = _parent(model, rec["path"])
-        old = getattr(parent, child)
-        like = next(iter(old.parameters()), None)
-        if like is None or not isinstance(old, nn.Linear | Conv1D):
-            raise SavedModelError(
-                f"{rec['path']} is a {type(old).__name__}, not the Linear or Conv1D that was quantised"
-            )
-        new = QuantizedLinear(
-            int(rec["in_features"]),
-            int(rec["out_features"]),
-            int(rec["bits"]),
-            int(rec["group_size"]),
-            bool(rec["bias"]),
-            zero_point=bool(rec.get("zero_point", False)),
-            dtype=like.dtype,
-            device=like.device,
-        )
-        setattr(parent, child, new)
-
-
-def _replay_experts(model: nn.Module, rec: dict) -> None:
-    mod, name = model.get_submodule(rec["path"]), rec["tensor"]
-    old = mod._parameters.get(name)
-    shape, transpose = [int(x) for x in rec["shape"]], bool(rec["transpose"])
-    if old is None or list(old.shape) != shape:
-        raise SavedModelError(f"{rec['path']}.{name} is not the {shape} expert tensor that was quantised")
-    bits, g = int(rec["bits"]), int(rec["group_size"])
-    e, out, n = (shape[0], shape[2], shape[1]) if transpose else shape
-    init = (
-        torch.zeros(_packed_len(e * out * n, bits), dtype=torch.uint8, device=old.device),
-        torch.zeros(e, out, n // g, dtype=old.dtype, device=old.device),
-    )
-    if rec.get("zero_point"):
-        init += (torch.zeros(_packed_len(e * out * n // g, bits), dtype=torch.uint8, device=old.device),)
-    _parametrize_experts(mod, name, PackedExperts(shape, bits, g, transpose, init))
+        (PackedExperts if rec.get("tensor") else QuantizedLinear).replay(model, rec)
 
 
 def _register() -> None:

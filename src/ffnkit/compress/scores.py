@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ffnkit.core.errors import InvalidArgumentError
-from ffnkit.core.ffn import FFN, ExpertWeight, LinearBias, LinearWeight, WeightRef
+from ffnkit.core.ffn import FFN, WeightRef
 from ffnkit.core.reducers import Covariance, FiringRate, MeanSquare, Reducer, Variance
 from ffnkit.core.runner import forward, run
 
@@ -270,25 +270,12 @@ def lowest_protected(score: Tensor, share: float) -> Tensor:
 
 # ----- first-order Taylor -------------------------------------------------------------------------
 def _ref_params(ref: WeightRef) -> nn.Parameter:
-    if isinstance(ref, LinearWeight):
-        return ref.module.weight
-    if isinstance(ref, LinearBias):
-        return ref.module.bias
-    if isinstance(ref, ExpertWeight):
-        return ref.param
-    raise InvalidArgumentError(f"taylor: unknown weight layout {type(ref).__name__}")
+    return ref.parameter()  # the stored tensor (a factorised or quantised matrix raises)
 
 
 def _view_like(ref: WeightRef, full: Tensor) -> Tensor:
     """The same slice/orientation of ``full`` (a tensor shaped like the parameter) that ``ref`` reads."""
-    if isinstance(ref, LinearWeight):
-        w = full.T if ref.transpose else full
-        return w if ref.rows is None else w[ref.rows]
-    if isinstance(ref, LinearBias):
-        return full if ref.rows is None else full[ref.rows]
-    w = full[ref.expert]
-    w = w.T if ref.transpose else w
-    return w if ref.rows is None else w[ref.rows]
+    return ref.view_of(full)
 
 
 def taylor_scores(

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ffnkit.compress.sublayer_removal import ZeroAttention, ZeroFFN
 from ffnkit.core.blocks import block_modules, sublayers
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.core.progress import ProgressLike, Stage
 from ffnkit.core.runner import check_causal_lm, device_of, log_probs, to_log_probs
+from ffnkit.modules.zero import ZeroAttention, ZeroFFN
 
 __all__ = ["finercut_order"]
 

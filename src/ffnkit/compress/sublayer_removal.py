@@ -1,9 +1,9 @@
 """Sublayer and block removal for real, the structural part of ``ffnkit.compress.sublayers``.
 
-- a removed **FFN sublayer**: its container (``model.layers.3.mlp``) is replaced by :class:`ZeroFFN`,
+- a removed **FFN sublayer**: its container (``model.layers.3.mlp``) is replaced by ``ZeroFFN``,
   a module without parameters that returns zeros shaped like its input — exactly what FinerCut's
   zeroing hook computes, with the FFN's parameters gone;
-- a removed **attention sublayer**: replaced by :class:`ZeroAttention`, which returns
+- a removed **attention sublayer**: replaced by ``ZeroAttention``, which returns
   ``(zeros, None)`` like transformers v5 attention modules, and writes a [B, 1, T, 1] placeholder into
   the KV cache so that the cache's length bookkeeping (``get_seq_length``, used for positions and
   masks during ``generate``) stays right even when layer 0's attention is gone;
@@ -11,8 +11,10 @@
   attributes (KV-cache slots) are renumbered and ``config.num_hidden_layers`` / ``config.layer_types``
   follow, so the result is a plain, smaller architecture that transformers itself rebuilds.
 
-Every removal is atomic and recorded in ``model.config.ffnkit`` (kinds ``sublayers_removed`` and
-``blocks_removed``), which :func:`replay_sublayers` / :func:`replay_blocks` rebuild on ``ffnkit.load``.
+Both modules live in :mod:`ffnkit.modules.zero`. Every removal commits through one
+:class:`~ffnkit.core.transaction.Transaction` (atomic) and is recorded in ``model.config.ffnkit`` (kinds
+``sublayers_removed`` and ``blocks_removed``), which :func:`replay_sublayers` / :func:`replay_blocks`
+rebuild on ``ffnkit.load``.
 
 Example:
     >>> apply_sublayer_removal_(model, [(3, "attn"), (5, "ffn")])
@@ -21,12 +23,9 @@ Example:
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ffnkit.core.blocks import (
     attn_path,
@@ -39,12 +38,12 @@ from ffnkit.core.blocks import (
 )
 from ffnkit.core.errors import InvalidArgumentError, LayerIndexError
 from ffnkit.core.hf import text_config
+from ffnkit.core.transaction import Transaction
+from ffnkit.modules.zero import ZeroAttention, ZeroFFN
 
 __all__ = [
     "BLOCKS_KIND",
     "SUBLAYERS_KIND",
-    "ZeroAttention",
-    "ZeroFFN",
     "apply_sublayer_removal_",
     "check_block_deletion",
     "delete_blocks_",
@@ -53,61 +52,8 @@ __all__ = [
     "replay_sublayers",
 ]
 
-SUBLAYERS_KIND = "sublayers_removed"
+SUBLAYERS_KIND = ZeroFFN.change_kind  # "sublayers_removed"
 BLOCKS_KIND = "blocks_removed"
-_CACHE_KEYS = ("cache", "past_key_values", "past_key_value", "layer_past")
-
-
-# ----- the replacement modules --------------------------------------------------------------------
-class ZeroFFN(nn.Module):
-    """A removed FFN: no parameters, returns zeros shaped like its input (the residual passes unchanged).
-
-    Example:
-        >>> ZeroFFN(layer=3)(torch.ones(1, 2, 8)).abs().sum()
-        tensor(0.)
-    """
-
-    def __init__(self, layer: int) -> None:
-        super().__init__()
-        self.layer = int(layer)
-
-    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return torch.zeros_like(hidden_states)  # [B, T, d]
-
-    def extra_repr(self) -> str:
-        return f"layer={self.layer}, removed by ffnkit"
-
-
-class ZeroAttention(nn.Module):
-    """A removed attention sublayer: returns ``(zeros, None)`` like v5 attention modules.
-
-    It writes a [B, 1, T, 1] zero placeholder into the KV cache (if one is passed) under its
-    ``layer_idx``, so the cache keeps counting tokens for this layer (positions and masks read the
-    length of layer 0's cache). A pre-allocated static cache sized for the full layer does not accept
-    it: use the default dynamic cache.
-
-    Example:
-        >>> out, weights = ZeroAttention(layer_idx=0)(hidden_states=torch.ones(1, 2, 8))
-    """
-
-    def __init__(self, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_idx = int(layer_idx)
-
-    def forward(self, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
-        hidden = kwargs.get("hidden_states", args[0] if args else None)  # [B, T, d]
-        if hidden is None:
-            raise InvalidArgumentError("ZeroAttention needs the hidden states (first argument)")
-        cache = next((kwargs[k] for k in _CACHE_KEYS if kwargs.get(k) is not None), None)
-        cache = getattr(cache, "self_attention_cache", cache)  # encoder-decoder caches
-        if cache is not None and hasattr(cache, "update"):
-            b, t = hidden.shape[0], hidden.shape[1]
-            dummy = hidden.new_zeros(b, 1, t, 1)  # [B, heads=1, T, head_dim=1]
-            cache.update(dummy, dummy, self.layer_idx)
-        return torch.zeros_like(hidden), None
-
-    def extra_repr(self) -> str:
-        return f"layer_idx={self.layer_idx}, removed by ffnkit"
 
 
 def removed_sublayers(model: nn.Module) -> list[dict[str, Any]]:
@@ -127,13 +73,6 @@ def removed_sublayers(model: nn.Module) -> list[dict[str, Any]]:
 
 
 # ----- commit (atomic) ----------------------------------------------------------------------------
-def _swap_all(swaps: list[tuple[Any, str, Any]]) -> Callable[[], None]:
-    """setattr every (obj, name, value), or none (``ffnkit.core.edit``'s transaction); returns the undo."""
-    from ffnkit.core.edit import _commit, _Swap
-
-    return _commit([_Swap(obj, name, value) for obj, name, value in swaps])
-
-
 def _plan_sublayers(model: nn.Module, items: list[tuple[int, str]]) -> list[tuple[Any, str, Any]]:
     """Swaps that replace (block index, "attn"|"ffn") by zero modules."""
     mods = block_modules(model)
@@ -158,26 +97,6 @@ def _plan_sublayers(model: nn.Module, items: list[tuple[int, str]]) -> list[tupl
     return swaps
 
 
-def _records(model: nn.Module) -> dict:
-    return copy.deepcopy(getattr(model.config, "ffnkit", None) or {})
-
-
-def _set_records(model: nn.Module, meta: dict) -> None:
-    if meta:
-        model.config.ffnkit = meta
-    elif hasattr(model.config, "ffnkit"):
-        delattr(model.config, "ffnkit")
-
-
-def _append_change(model: nn.Module, change: dict) -> None:
-    from ffnkit.core.edit import record_change, record_structure
-
-    record_change(model, change)
-    meta = model.config.ffnkit
-    if any(c.get("kind") == "ffn_structure" for c in meta.get("changes", [])):
-        record_structure(model)  # the width list now covers the FFNs left (replayed after this change)
-
-
 def apply_sublayer_removal_(model: nn.Module, items: list[tuple[int, str]]) -> list[dict[str, Any]]:
     """Replace sublayers (block index, "attn"|"ffn") by zero modules, record the change; atomic.
 
@@ -193,23 +112,14 @@ def apply_sublayer_removal_(model: nn.Module, items: list[tuple[int, str]]) -> l
     n_ffn_left = len(blocks(model)) - sum(k == "ffn" for _, k in items)
     if n_ffn_left < 1:
         raise InvalidArgumentError("removal would leave no FFN in the model; keep at least one")
-    meta = _records(model)
     names = {id(m): n for n, m in model.named_modules()}
     paths = [f"{names[id(owner)]}.{attr}" if names[id(owner)] else attr for owner, attr, _ in swaps]
-    undo = _swap_all(swaps)  # all or none
-    try:
-        change = {
-            "kind": SUBLAYERS_KIND,
-            "removed": [
-                {"path": p, "kind": k, "layer": int(new.layer_idx if k == "attn" else new.layer)}
-                for p, (_, k), (_, _, new) in zip(paths, items, swaps, strict=True)
-            ],
-        }
-        _append_change(model, change)
-    except BaseException:
-        undo()
-        _set_records(model, meta)
-        raise
+    with Transaction(model) as tx:  # all or none
+        for owner, attr, new in swaps:
+            tx.swap(owner, attr, new)
+        removed = [new.to_record(p) for p, (_, _, new) in zip(paths, swaps, strict=True)]
+        tx.record({"kind": SUBLAYERS_KIND, "removed": removed})
+        tx.record_structure(if_recorded=True)  # the width list now covers the FFNs left
     for row, p in zip(rows, paths, strict=True):
         row["path"] = p
     return rows
@@ -218,10 +128,7 @@ def apply_sublayer_removal_(model: nn.Module, items: list[tuple[int, str]]) -> l
 def replay_sublayers(model: nn.Module, change: dict) -> None:
     """Replay a ``sublayers_removed`` change on a freshly built model (load)."""
     for row in change.get("removed", []):
-        owner_path, _, attr = row["path"].rpartition(".")
-        owner = model.get_submodule(owner_path) if owner_path else model
-        new = ZeroAttention(row["layer"]) if row["kind"] == "attn" else ZeroFFN(row["layer"])
-        setattr(owner, attr, new)
+        (ZeroAttention if row["kind"] == "attn" else ZeroFFN).replay(model, row)
 
 
 def replay_blocks(model: nn.Module, change: dict) -> None:
@@ -275,7 +182,7 @@ def delete_blocks_(model: nn.Module, layers: list[int]) -> dict[str, Any]:
     drop = check_block_deletion(model, layers)
     if not drop:
         return {"deleted": [], "num_layers_before": n, "num_layers_after": n}
-    meta = _records(model)
+    meta = dict(getattr(model.config, "ffnkit", None) or {})
     keep = [i for i in range(n) if i not in drop]
     new_list = nn.ModuleList([mlist[i] for i in keep])
     swaps: list[tuple[Any, str, Any]] = [(owner, attr, new_list)]
@@ -292,8 +199,9 @@ def delete_blocks_(model: nn.Module, layers: list[int]) -> dict[str, Any]:
     if isinstance(getattr(cfg, "mlp_only_layers", None), list):
         remap = {old: new for new, old in enumerate(keep)}
         swaps.append((cfg, "mlp_only_layers", [remap[i] for i in cfg.mlp_only_layers if i in remap]))
-    undo = _swap_all(swaps)  # all or none
-    try:
+    with Transaction(model) as tx:  # all or none
+        for obj, attr, value in swaps:
+            tx.swap(obj, attr, value)
         # the records name layers by number: rewrite them in the new numbering (a canonical history)
         prior = [c for c in meta.get("changes", []) if c.get("kind") == BLOCKS_KIND]
         change = {
@@ -306,15 +214,9 @@ def delete_blocks_(model: nn.Module, layers: list[int]) -> dict[str, Any]:
         zeros = removed_sublayers(model)
         if zeros:
             changes.append({"kind": SUBLAYERS_KIND, "removed": zeros})
-        new_meta = dict(meta)
         if any(c.get("kind") == "ffn_structure" for c in meta.get("changes", [])):
             structure = structure_of(model)
             changes.append({"kind": "ffn_structure", **structure})
-            new_meta["structure"] = structure
-        new_meta["changes"] = changes
-        model.config.ffnkit = new_meta
-    except BaseException:
-        undo()
-        _set_records(model, meta)
-        raise
+            tx.set_meta("structure", structure)
+        tx.set_meta("changes", changes)
     return change

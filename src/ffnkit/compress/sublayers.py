@@ -3,7 +3,7 @@
 The scores come from :mod:`ffnkit.inspect.importance` (FinerCut's JS divergence with zeroing hooks,
 ShortGPT's BI) and :mod:`ffnkit.compress.sublayer_order` (FinerCut's greedy order); the structural
 change lives in :mod:`ffnkit.compress.sublayer_removal`: a removed FFN or attention sublayer becomes a
-parameter-free :class:`ZeroFFN` / :class:`ZeroAttention`, a removed block (ShortGPT) leaves the
+parameter-free ``ZeroFFN`` / ``ZeroAttention`` (:mod:`ffnkit.modules.zero`), a removed block (ShortGPT) leaves the
 ModuleList and the later blocks are renumbered. This module holds the config, the report, the
 transform ``remove_sublayers_`` and the CLI methods; the other modules' public names import from here.
 
@@ -38,8 +38,6 @@ from ffnkit.compress.sublayer_order import finercut_order
 from ffnkit.compress.sublayer_removal import (
     BLOCKS_KIND,
     SUBLAYERS_KIND,
-    ZeroAttention,
-    ZeroFFN,
     apply_sublayer_removal_,
     check_block_deletion,
     delete_blocks_,
@@ -57,8 +55,6 @@ __all__ = [
     "SUBLAYERS_KIND",
     "SublayerConfig",
     "SublayerReport",
-    "ZeroAttention",
-    "ZeroFFN",
     "apply_sublayer_removal_",
     "delete_blocks_",
     "finercut_order",

@@ -16,11 +16,11 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.pytorch_utils import Conv1D
 
 from ffnkit.core.errors import LayerIndexError, UnsupportedArchitectureError
 from ffnkit.core.ffn import FFN, ExpertWeight, LinearBias, LinearWeight, Router
 from ffnkit.core.hf import text_config
+from ffnkit.core.layouts import EXPERTS, FusedGateUp, find_layout, layout_of
 
 
 @dataclass(frozen=True)
@@ -167,13 +167,12 @@ def find_layer_lists(model: nn.Module, spec: ArchSpec) -> list[tuple[str, str, n
 
 
 def _linear_ref(mod: nn.Module, rows: slice | None = None) -> tuple[LinearWeight, LinearBias | None]:
-    transpose = isinstance(mod, Conv1D)  # Conv1D stores [in, out]
     bias = LinearBias(mod, rows) if getattr(mod, "bias", None) is not None else None
-    return LinearWeight(mod, rows, transpose), bias
+    return LinearWeight(mod, rows), bias
 
 
 def _out_features(mod: nn.Module) -> int:
-    return mod.weight.shape[1] if isinstance(mod, Conv1D) else mod.weight.shape[0]
+    return layout_of(mod).dims(mod)[0]
 
 
 def _activation(container: nn.Module, spec: ArchSpec, config) -> tuple[str, object]:
@@ -211,8 +210,8 @@ def _dense_ffn(container: nn.Module, spec: ArchSpec, config, **common) -> FFN | 
     w_gate_mod = _get(container, w_gate_name) if w_gate_name else None
     if spec.fused_gate_up:
         d_ff = _out_features(w_in_mod) // 2
-        w_gate, b_gate = _linear_ref(w_in_mod, slice(0, d_ff))
-        w_in, b_in = _linear_ref(w_in_mod, slice(d_ff, 2 * d_ff))
+        w_gate, b_gate = _linear_ref(w_in_mod, FusedGateUp.gate(d_ff))
+        w_in, b_in = _linear_ref(w_in_mod, FusedGateUp.up(d_ff))
     else:
         d_ff = _out_features(w_in_mod)
         w_in, b_in = _linear_ref(w_in_mod)
@@ -242,12 +241,11 @@ def _dense_ffn(container: nn.Module, spec: ArchSpec, config, **common) -> FFN | 
 def _moe_ffn(container: nn.Module, spec: ArchSpec, config, **common) -> FFN:
     router_mod, experts_mod = _get(container, spec.router), _get(container, spec.experts)
     d_model = router_mod.weight.shape[1]
-    gate_up, down = experts_mod.gate_up_proj, experts_mod.down_proj
-    n_experts = gate_up.shape[0]
+    n_experts = EXPERTS.num_experts(experts_mod)
     # v5 stores gate_up as [E, 2f, d] and down as [E, d, f]; some models keep the transpose.
-    gu_t = gate_up.shape[1] == d_model
-    down_t = down.shape[1] != d_model
-    d_ff = (gate_up.shape[2] if gu_t else gate_up.shape[1]) // 2
+    gu_t, down_t = EXPERTS.orientation(experts_mod, d_model)
+    d_ff = EXPERTS.d_ff(experts_mod, gu_t)
+    gate_up, down = EXPERTS.gate_up, EXPERTS.down  # tensor names
     activation, act_fn = _activation(experts_mod, spec, config)
     common_expert = dict(
         layer=common["layer"], stack=common["stack"], family=spec.family, d_model=d_model, d_ff=d_ff
@@ -260,9 +258,9 @@ def _moe_ffn(container: nn.Module, spec: ArchSpec, config, **common) -> FFN:
             activation=activation,
             act_fn=act_fn,
             module=experts_mod,
-            w_gate=ExpertWeight(gate_up, e, slice(0, d_ff), gu_t),
-            w_in=ExpertWeight(gate_up, e, slice(d_ff, 2 * d_ff), gu_t),
-            w_out=ExpertWeight(down, e, None, down_t),
+            w_gate=ExpertWeight(experts_mod, gate_up, e, FusedGateUp.gate(d_ff), gu_t),
+            w_in=ExpertWeight(experts_mod, gate_up, e, FusedGateUp.up(d_ff), gu_t),
+            w_out=ExpertWeight(experts_mod, down, e, None, down_t),
             **common_expert,
         )
         for e in range(n_experts)
@@ -295,7 +293,7 @@ def _moe_ffn(container: nn.Module, spec: ArchSpec, config, **common) -> FFN:
 
 def _is_moe_container(container: nn.Module, spec: ArchSpec) -> bool:
     experts = _get(container, spec.experts)
-    return experts is not None and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj")
+    return experts is not None and EXPERTS.matches(experts)
 
 
 def _structural_spec(model: nn.Module) -> ArchSpec | None:
@@ -304,14 +302,17 @@ def _structural_spec(model: nn.Module) -> ArchSpec | None:
     if not lists:
         return None
     name, blocks = max(lists, key=lambda nm: len(nm[1]))
-    linears = {n: m for n, m in blocks[0].named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    linears = {}
+    for n, m in blocks[0].named_modules():
+        layout = find_layout(m)
+        if layout is not None and layout.dense:
+            linears[n] = layout.dims(m)  # (out, in)
     ups, downs = {}, {}
-    for n, m in linears.items():
-        w = m.weight.T if isinstance(m, Conv1D) else m.weight  # [out, in]
-        if w.shape[0] > w.shape[1]:
-            ups[n] = w.shape
-        elif w.shape[0] < w.shape[1]:
-            downs[n] = w.shape
+    for n, shape in linears.items():
+        if shape[0] > shape[1]:
+            ups[n] = shape
+        elif shape[0] < shape[1]:
+            downs[n] = shape
     for d_name, (d_out, d_ff) in downs.items():
         parent = d_name.rpartition(".")[0]
         siblings = [

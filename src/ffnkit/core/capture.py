@@ -10,7 +10,7 @@ Sites (the same names in the API, the CLI and the JSON):
 - ``router`` router logits [..., n_experts] (MoE layers only)
 
 Hooks sit on the projections themselves (the input of W_in, the outputs of W_in / W_gate, the input and
-output of W_out), so ``in`` and ``out`` mean the same on every family, even where the model has no single
+output of W_out; or a runtime module's ``hook_<site>`` HookPoint where it offers one), so ``in`` and ``out`` mean the same on every family, even where the model has no single
 FFN module (OPT, BERT). MoE layers offer ``in``, ``out`` and ``router`` (expert internals run inside one
 fused module in transformers v5).
 
@@ -36,6 +36,7 @@ from ffnkit.core.archs import find_ffns, select_ffns
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.core.ffn import FFN
 from ffnkit.core.reducers import make_reducer
+from ffnkit.modules.base import hook_point
 
 SITES = ("in", "pre", "gate", "post", "out", "router")
 DENSE_SITES = ("in", "pre", "gate", "post", "out")
@@ -50,8 +51,14 @@ def site_hooks(ffn: FFN, site: str) -> tuple[nn.Module, str, callable]:
     """(module, "pre"|"fwd", extract) for one site: where to hook and how to read the tensor there.
 
     ``extract(args, output)`` returns the site's tensor. Shared with steering, so a site means the same
-    thing whether it is read or edited.
+    thing whether it is read or edited. A runtime module that offers the site through a ``HookPoint``
+    child ``hook_<site>`` (:mod:`ffnkit.modules.base`) is hooked there first, so a fused kernel that hides
+    the projections does not blind capture or steering.
     """
+    ffn.check_current()
+    point = hook_point(ffn.module, site)
+    if point is not None:
+        return point, "fwd", lambda args, out: out
     if ffn.kind == "moe":
         if site not in MOE_SITES:
             raise InvalidArgumentError(

@@ -1,19 +1,20 @@
 """The one place that changes FFN shapes, for every family layout.
 
-Layouts handled: ``nn.Linear`` (llama, bert, opt, t5 ``wi``/``wi_0``/``wi_1``/``wo`` …), GPT-2's
-``Conv1D`` (weight [in, out], ``nx``/``nf``), Phi-3's fused ``gate_up_proj`` (rows [gate | up]), and
-transformers v5's 3-D expert tensors (``gate_up_proj`` [E, 2f, d], ``down_proj`` [E, d, f]).
+The weight layouts (``nn.Linear``, GPT-2's transposed Conv1D, a fused gate-and-up projection, v5 3-D
+expert tensors; low-rank and quantised matrices, which refuse) are adapters of
+:mod:`ffnkit.core.layouts`; this module plans which rows and columns each FFN keeps and asks them.
 
-Every edit is planned first (all new tensors computed), then committed as a list of attribute swaps;
-if any swap fails, the swaps already made are undone, so the model is exactly as it was. New parameters
-take the dtype, device and ``requires_grad`` of what they replace.
+Every edit is planned first (all new tensors computed), then committed through one
+:class:`~ffnkit.core.transaction.Transaction`: if anything fails, the model, its config and the handles
+are exactly as they were. New parameters take the dtype, device and ``requires_grad`` of what they
+replace.
 
 :func:`set_ffn_weights_` replaces a dense FFN's weights by new ones of any width (FFN fusion widens with it).
 
 The handle stays valid: :func:`keep_neurons_` updates the given ``FFN`` in place (``d_ff`` and its weight
-references), so ``ffn.W_in`` etc. read the new, smaller weights. Pass ``model=`` (or call
-:func:`record_structure`) to also record the per-layer widths in ``model.config.ffnkit``, which is what
-``ffnkit.io.save``/``load`` replay.
+references), so ``ffn.W_in`` etc. read the new, smaller weights (other handles on the same FFN become
+stale). Pass ``model=`` (or call :func:`record_structure`) to also record the per-layer widths in
+``model.config.ffnkit``, which is what ``ffnkit.io.save``/``load`` replay.
 
 Example:
     >>> ffn = find_ffns(model)[3]
@@ -24,28 +25,25 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.core.ffn import FFN, ExpertWeight, LinearBias
-from ffnkit.core.structure import (
-    config_snapshot,
-    record_change,
-    record_structure,
-    restore_config,
-    structure_of,
-)
+from ffnkit.core.layouts import EXPERTS, FusedGateUp, Swap, layout_of
+from ffnkit.core.structure import record_change, record_structure, structure_of
+from ffnkit.core.transaction import Transaction
 
 __all__ = [
     "edit_ffns_",
     "keep_neurons_",
     "permute_neurons_",
+    "plan_edits",
+    "plan_ffn_weights",
     "record_change",
     "record_structure",
     "replay_structure",
@@ -54,81 +52,6 @@ __all__ = [
     "set_ffn_weights_",
     "structure_of",
 ]
-
-
-# ----- the transaction ----------------------------------------------------------------------------
-@dataclass
-class _Swap:
-    """Set ``obj.name = new`` (a parameter, an int, a weight reference)."""
-
-    obj: Any
-    name: str
-    new: Any
-
-
-def _apply_swap(swap: _Swap) -> Any:
-    old = getattr(swap.obj, swap.name)
-    setattr(swap.obj, swap.name, swap.new)
-    return old
-
-
-def _commit(swaps: list[_Swap]) -> Callable[[], None]:
-    """Apply every swap, or none: on any failure the ones already made are undone, then it re-raises.
-
-    Returns the undo function (for a failure in what follows the swaps, e.g. recording the change).
-    """
-    done: list[tuple[_Swap, Any]] = []
-
-    def undo() -> None:
-        for swap, old in reversed(done):
-            setattr(swap.obj, swap.name, old)
-
-    try:
-        for swap in swaps:
-            done.append((swap, _apply_swap(swap)))
-    except BaseException:
-        undo()
-        raise
-    return undo
-
-
-def _param(like: nn.Parameter, value: Tensor) -> nn.Parameter:
-    return nn.Parameter(
-        value.detach().to(device=like.device, dtype=like.dtype).contiguous(), requires_grad=like.requires_grad
-    )
-
-
-# ----- planning: what to swap for one FFN ---------------------------------------------------------
-def _plan_rows(mod: nn.Module, rows: Tensor) -> list[_Swap]:
-    """Keep output rows ``rows`` of a Linear / Conv1D (its weight and bias)."""
-    rows = rows.to(mod.weight.device)
-    conv = isinstance(mod, Conv1D)
-    w = mod.weight.index_select(1 if conv else 0, rows)  # Conv1D [in, out] / Linear [out, in]
-    swaps = [_Swap(mod, "weight", _param(mod.weight, w))]
-    if getattr(mod, "bias", None) is not None:
-        swaps.append(_Swap(mod, "bias", _param(mod.bias, mod.bias.index_select(0, rows))))
-    swaps.append(_Swap(mod, "nf" if conv else "out_features", int(rows.numel())))
-    return swaps
-
-
-def _plan_cols(mod: nn.Module, cols: Tensor, value: Tensor | None = None) -> list[_Swap]:
-    """Keep input columns ``cols`` of a Linear / Conv1D (the bias is per output: unchanged).
-
-    ``value`` [out, k] (canonical orientation) replaces the kept weights (e.g. a least-squares refit).
-    """
-    cols = cols.to(mod.weight.device)
-    conv = isinstance(mod, Conv1D)
-    if value is not None:
-        expected = (mod.weight.shape[1 if conv else 0], cols.numel())
-        if tuple(value.shape) != expected:
-            raise InvalidArgumentError(f"new W_out must have shape {list(expected)}, got {list(value.shape)}")
-        w = value.T if conv else value
-    else:
-        w = mod.weight.index_select(0 if conv else 1, cols)
-    return [
-        _Swap(mod, "weight", _param(mod.weight, w)),
-        _Swap(mod, "nx" if conv else "in_features", int(cols.numel())),
-    ]
 
 
 def _check_idx(ffn: FFN, idx: Tensor, expert_dim: bool = False) -> Tensor:
@@ -147,41 +70,44 @@ def _check_idx(ffn: FFN, idx: Tensor, expert_dim: bool = False) -> Tensor:
     return idx
 
 
-def _plan_fused_refs(ffn: FFN, k: int, has_bias: bool) -> list[_Swap]:
-    """Point the handle at rows [0, k) (gate) and [k, 2k) (up) of a fused gate_up of width k."""
-    gate, up = slice(0, k), slice(k, 2 * k)
+def _plan_fused_refs(ffn: FFN, k: int, has_bias: bool) -> list[Swap]:
+    """Point the handle at the gate and up rows of a fused gate-and-up projection of width k."""
+    gate, up = FusedGateUp.gate(k), FusedGateUp.up(k)
     return [
-        _Swap(ffn, "w_gate", replace(ffn.w_gate, rows=gate)),
-        _Swap(ffn, "w_in", replace(ffn.w_in, rows=up)),
-        _Swap(ffn, "bias_gate", LinearBias(ffn.in_proj, gate) if has_bias else None),
-        _Swap(ffn, "bias_in", LinearBias(ffn.in_proj, up) if has_bias else None),
+        Swap(ffn, "w_gate", replace(ffn.w_gate, rows=gate)),
+        Swap(ffn, "w_in", replace(ffn.w_in, rows=up)),
+        Swap(ffn, "bias_gate", LinearBias(ffn.in_proj, gate) if has_bias else None),
+        Swap(ffn, "bias_in", LinearBias(ffn.in_proj, up) if has_bias else None),
     ]
 
 
-def _plan_width(ffn: FFN, k: int) -> list[_Swap]:
+def _plan_width(ffn: FFN, k: int) -> list[Swap]:
     """The handle's ``d_ff`` and the module's cosmetic ``intermediate_size`` (Llama MLP) become k."""
-    swaps = [_Swap(ffn, "d_ff", k)]
+    swaps = [Swap(ffn, "d_ff", k)]
     if isinstance(getattr(ffn.module, "intermediate_size", None), int):
-        swaps.insert(0, _Swap(ffn.module, "intermediate_size", k))
+        swaps.insert(0, Swap(ffn.module, "intermediate_size", k))
     return swaps
 
 
-def _plan_dense(ffn: FFN, idx: Tensor, w_out: Tensor | None = None) -> list[_Swap]:
+def _rows(mod: nn.Module, rows: Tensor) -> list[Swap]:
+    return layout_of(mod).plan_keep_rows(mod, rows)
+
+
+def _plan_dense(ffn: FFN, idx: Tensor, w_out: Tensor | None = None) -> list[Swap]:
     k = int(idx.numel())
-    swaps: list[_Swap] = []
+    swaps: list[Swap] = []
     if ffn.fused_gate_up:
-        rows = torch.cat([idx, idx + ffn.d_ff])  # [gate | up] keep their neuron order
-        swaps += _plan_rows(ffn.in_proj, rows)
+        swaps += _rows(ffn.in_proj, FusedGateUp.keep_rows(idx, ffn.d_ff))  # [gate | up] keep their order
         swaps += _plan_fused_refs(ffn, k, getattr(ffn.in_proj, "bias", None) is not None)
     else:
-        swaps += _plan_rows(ffn.in_proj, idx)
+        swaps += _rows(ffn.in_proj, idx)
         if ffn.gate_proj is not None:
-            swaps += _plan_rows(ffn.gate_proj, idx)
-    swaps += _plan_cols(ffn.out_proj, idx, w_out)
+            swaps += _rows(ffn.gate_proj, idx)
+    swaps += layout_of(ffn.out_proj).plan_keep_cols(ffn.out_proj, idx, w_out)
     return swaps + _plan_width(ffn, k)
 
 
-def _plan_moe(ffn: FFN, idx: Tensor) -> list[_Swap]:
+def _plan_moe(ffn: FFN, idx: Tensor) -> list[Swap]:
     """Keep neurons of every expert: idx [k] (same for all) or [E, k] (one row per expert)."""
     if idx.dim() == 1:
         idx = idx[None].expand(ffn.num_experts, -1)
@@ -189,39 +115,32 @@ def _plan_moe(ffn: FFN, idx: Tensor) -> list[_Swap]:
         raise InvalidArgumentError(
             f"{ffn.name}: expert index must be [k] or [{ffn.num_experts}, k], got {tuple(idx.shape)}"
         )
-    k, f = idx.shape[1], ffn.d_ff
+    k = int(idx.shape[1])
     first = ffn.experts[0]
-    gate_up, down = first.w_gate.param, first.w_out.param
-    gu_t, down_t = first.w_gate.transpose, first.w_out.transpose
-    rows = torch.cat([idx, idx + f], dim=1).to(gate_up.device)  # [E, 2k]
-    if gu_t:  # [E, d, 2f]
-        new_gu = torch.gather(gate_up, 2, rows[:, None, :].expand(-1, gate_up.shape[1], -1))
-    else:  # [E, 2f, d]
-        new_gu = torch.gather(gate_up, 1, rows[:, :, None].expand(-1, -1, gate_up.shape[2]))
-    cols = idx.to(down.device)
-    if down_t:  # [E, f, d]
-        new_down = torch.gather(down, 1, cols[:, :, None].expand(-1, -1, down.shape[2]))
-    else:  # [E, d, f]
-        new_down = torch.gather(down, 2, cols[:, None, :].expand(-1, down.shape[1], -1))
-    experts_mod = first.module
-    new_gu, new_down = _param(gate_up, new_gu), _param(down, new_down)
-    swaps = [_Swap(experts_mod, "gate_up_proj", new_gu), _Swap(experts_mod, "down_proj", new_down)]
-    if isinstance(getattr(experts_mod, "intermediate_dim", None), int):
-        swaps.append(_Swap(experts_mod, "intermediate_dim", k))
+    experts_mod, gu_t, down_t = first.module, first.w_gate.transpose, first.w_out.transpose
+    swaps = EXPERTS.plan_keep(experts_mod, idx, gu_t, down_t)
+    gate_up, down = first.w_gate.tensor, first.w_out.tensor
     for e, expert in enumerate(ffn.experts):
         swaps += [
-            _Swap(expert, "w_gate", ExpertWeight(new_gu, e, slice(0, k), gu_t)),
-            _Swap(expert, "w_in", ExpertWeight(new_gu, e, slice(k, 2 * k), gu_t)),
-            _Swap(expert, "w_out", ExpertWeight(new_down, e, None, down_t)),
-            _Swap(expert, "d_ff", k),
+            Swap(expert, "w_gate", ExpertWeight(experts_mod, gate_up, e, FusedGateUp.gate(k), gu_t)),
+            Swap(expert, "w_in", ExpertWeight(experts_mod, gate_up, e, FusedGateUp.up(k), gu_t)),
+            Swap(expert, "w_out", ExpertWeight(experts_mod, down, e, None, down_t)),
+            Swap(expert, "d_ff", k),
         ]
-    swaps.append(_Swap(ffn, "d_ff", k))
+    swaps.append(Swap(ffn, "d_ff", k))
     return swaps
 
 
-def _plan_weights(ffn: FFN, weights: Mapping[str, Tensor | None]) -> list[_Swap]:
-    """Swaps that give a dense ``nn.Linear`` FFN these canonical weights (keys: the arguments of
-    :func:`set_ffn_weights_`; ``fusion.fused_weights`` returns such a dict)."""
+def plan_ffn_weights(ffn: FFN, weights: Mapping[str, Tensor | None]) -> list[Swap]:
+    """Swaps that give a dense FFN these canonical weights, any width (keys: the arguments of
+    :func:`set_ffn_weights_`; ``fusion.fused_weights`` returns such a dict). Apply them with a
+    :class:`~ffnkit.core.transaction.Transaction`.
+
+    Example:
+        >>> with Transaction(model) as tx:
+        ...     tx.apply(plan_ffn_weights(ffn, {"W_in": w1, "W_out": w2, "W_gate": w3}))
+    """
+    ffn.check_current()
     W_in, W_out, W_gate = weights["W_in"], weights["W_out"], weights.get("W_gate")  # noqa: N806
     b_in, b_gate, b_out = weights.get("b_in"), weights.get("b_gate"), weights.get("b_out")
     if ffn.kind == "moe":
@@ -236,33 +155,27 @@ def _plan_weights(ffn: FFN, weights: Mapping[str, Tensor | None]) -> list[_Swap]
         raise InvalidArgumentError(
             f"{ffn.name}: W_gate must be given exactly for gated FFNs, shaped like W_in"
         )
-    mods = [ffn.in_proj, ffn.out_proj] + ([ffn.gate_proj] if ffn.gate_proj is not None else [])
-    if not all(type(m) is nn.Linear for m in mods):
-        raise InvalidArgumentError(f"{ffn.name}: set_ffn_weights_ handles nn.Linear layouts only")
-    swaps: list[_Swap] = []
+    swaps: list[Swap] = []
 
-    def linear(mod: nn.Linear, w: Tensor, b: Tensor | None) -> None:  # w [out, in], b [out]
-        swaps.append(_Swap(mod, "weight", _param(mod.weight, w)))
-        if b is not None or mod.bias is not None:
-            if b is None:
-                raise InvalidArgumentError(f"{ffn.name}: the module has a bias; give its new value")
-            swaps.append(_Swap(mod, "bias", _param(mod.weight, b)))
-        swaps.append(_Swap(mod, "out_features", int(w.shape[0])))
-        swaps.append(_Swap(mod, "in_features", int(w.shape[1])))
+    def matrix(mod: nn.Module, w: Tensor, b: Tensor | None) -> None:  # w [out, in], b [out]
+        try:
+            swaps.extend(layout_of(mod).plan_set(mod, w, b))
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"{ffn.name}: {exc}") from None
 
-    if ffn.fused_gate_up:  # one Linear: rows [gate | up]
-        bias = None if b_in is None and b_gate is None else torch.cat([b_gate, b_in])
-        linear(ffn.in_proj, torch.cat([W_gate, W_in]), bias)
+    if ffn.fused_gate_up:  # one matrix: rows [gate | up]
+        bias = None if b_in is None and b_gate is None else FusedGateUp.join(b_gate, b_in)
+        matrix(ffn.in_proj, FusedGateUp.join(W_gate, W_in), bias)
         swaps += _plan_fused_refs(ffn, n, bias is not None)
     else:
-        linear(ffn.in_proj, W_in, b_in)
+        matrix(ffn.in_proj, W_in, b_in)
         if ffn.gate_proj is not None:
-            linear(ffn.gate_proj, W_gate, b_gate)
-    linear(ffn.out_proj, W_out, b_out)
+            matrix(ffn.gate_proj, W_gate, b_gate)
+    matrix(ffn.out_proj, W_out, b_out)
     return swaps + _plan_width(ffn, n)
 
 
-def _plan_keep(ffn: FFN, idx: Tensor, w_out: Tensor | None = None) -> list[_Swap]:
+def _plan_keep(ffn: FFN, idx: Tensor, w_out: Tensor | None = None) -> list[Swap]:
     if ffn.kind == "moe":
         if w_out is not None:
             raise InvalidArgumentError(f"{ffn.name}: new W_out values are for dense FFNs only")
@@ -270,7 +183,7 @@ def _plan_keep(ffn: FFN, idx: Tensor, w_out: Tensor | None = None) -> list[_Swap
     return _plan_dense(ffn, _check_idx(ffn, idx), w_out)
 
 
-def _plan_bias_out(ffn: FFN, b: Tensor) -> list[_Swap]:
+def _plan_bias_out(ffn: FFN, b: Tensor) -> list[Swap]:
     if ffn.kind == "moe":
         raise InvalidArgumentError(
             f"{ffn.name}: v5 expert tensors have no output bias; set it on a dense FFN (or ffn.shared)"
@@ -279,11 +192,35 @@ def _plan_bias_out(ffn: FFN, b: Tensor) -> list[_Swap]:
     b = torch.as_tensor(b)
     if b.shape != (ffn.d_model,):
         raise InvalidArgumentError(f"{ffn.name}: b_out must have shape [{ffn.d_model}], got {tuple(b.shape)}")
-    new = nn.Parameter(
-        b.detach().to(device=mod.weight.device, dtype=mod.weight.dtype).clone(),
-        requires_grad=mod.weight.requires_grad,
-    )
-    return [_Swap(mod, "bias", new), _Swap(ffn, "bias_out", LinearBias(mod))]
+    return [*layout_of(mod).plan_bias(mod, b), Swap(ffn, "bias_out", LinearBias(mod))]
+
+
+def plan_edits(
+    keep: Mapping[FFN, Tensor] | Iterable[tuple[FFN, Tensor]] = (),
+    bias_out: Mapping[FFN, Tensor] | Iterable[tuple[FFN, Tensor]] = (),
+    *,
+    w_out: Mapping[FFN, Tensor] | None = None,
+) -> list[Swap]:
+    """The swaps of :func:`edit_ffns_` (nothing applied): validate and compute everything first.
+
+    Example:
+        >>> swaps = plan_edits({ffn: torch.arange(100)})
+        >>> with Transaction(model) as tx:
+        ...     tx.apply(swaps)
+    """
+    keep_items = list(keep.items() if isinstance(keep, Mapping) else keep)
+    bias_items = list(bias_out.items() if isinstance(bias_out, Mapping) else bias_out)
+    for ffn, _ in [*keep_items, *bias_items]:
+        ffn.check_current()  # a stale handle would edit modules that left the model
+    # index tensors live on the CPU even inside a meta-device context (from_pretrained builds on meta)
+    with torch.no_grad(), torch.device("cpu"):
+        swaps: list[Swap] = []
+        for ffn, idx in keep_items:
+            swaps += _plan_keep(ffn, idx, (w_out or {}).get(ffn))
+        # bias plans read nothing that the neuron edits change (b_out is per output)
+        for ffn, b in bias_items:
+            swaps += _plan_bias_out(ffn, b)
+    return swaps
 
 
 # ----- public edits -------------------------------------------------------------------------------
@@ -307,36 +244,20 @@ def edit_ffns_(
         >>> ffns = find_ffns(model)
         >>> edit_ffns_(model, {ffns[0]: torch.arange(100), ffns[1]: torch.arange(200)})
     """
-    keep_items = list(keep.items() if isinstance(keep, Mapping) else keep)
-    bias_items = list(bias_out.items() if isinstance(bias_out, Mapping) else bias_out)
-    # index tensors live on the CPU even inside a meta-device context (from_pretrained builds on meta)
-    with torch.no_grad(), torch.device("cpu"):
-        swaps: list[_Swap] = []
-        for ffn, idx in keep_items:
-            swaps += _plan_keep(ffn, idx, (w_out or {}).get(ffn))
-        # bias plans read nothing that the neuron edits change (b_out is per output)
-        for ffn, b in bias_items:
-            swaps += _plan_bias_out(ffn, b)
+    swaps = plan_edits(keep, bias_out, w_out=w_out)
+    with torch.no_grad(), Transaction(model) as tx:
+        tx.apply(swaps)
         if model is not None:
-            old = config_snapshot(model)
-            undo = _commit(swaps)
-            try:
-                record_structure(model)
-                if change is not None:
-                    record_change(model, change)
-            except BaseException:
-                undo()
-                restore_config(model, old)
-                raise
-        else:
-            _commit(swaps)
+            tx.record_structure()
+            if change is not None:
+                tx.record(change)
 
 
 def keep_neurons_(ffn: FFN, idx: Tensor, *, model: nn.Module | None = None) -> FFN:
     """Keep only neurons ``idx`` of ``ffn`` (rows of W_in/W_gate/b_in/b_gate, columns of W_out), in order.
 
     The modules get new, smaller parameters (same dtype/device); ``in_features``/``out_features``
-    (``nx``/``nf`` for Conv1D) follow. The handle is updated in place and returned. MoE handles take
+    (the layout's own size attributes) follow. The handle is updated in place and returned. MoE handles take
     [k] or [E, k] indices (every expert keeps k neurons; the shared expert is ``ffn.shared``).
 
     Example:
@@ -389,7 +310,8 @@ def set_ffn_weights_(
     """Replace a dense FFN's parameters by these canonical tensors (any width); atomic; handle updated.
 
     W_in, W_gate: [n, d]; W_out: [d, n]; biases [n] / [d] (None: the module keeps none, or has
-    none). Layouts: ``nn.Linear`` and Phi-3's fused gate_up. The change is not recorded: call
+    none). Layouts: every writable one (``nn.Linear``, Conv1D, a fused gate-and-up projection). The
+    change is not recorded: call
     :func:`record_structure` afterwards (FFN fusion does).
 
     Example:
@@ -398,7 +320,9 @@ def set_ffn_weights_(
     """
     weights = {"W_in": W_in, "W_out": W_out, "W_gate": W_gate, "b_in": b_in, "b_gate": b_gate, "b_out": b_out}
     with torch.no_grad():
-        _commit(_plan_weights(ffn, weights))
+        swaps = plan_ffn_weights(ffn, weights)
+        with Transaction() as tx:
+            tx.apply(swaps)
     return ffn
 
 

@@ -33,3 +33,12 @@ class InvalidArgumentError(FFNKitError, ValueError):
 
 class SavedModelError(FFNKitError):
     """A saved folder that is corrupt, incomplete or not written by ffnkit / transformers."""
+
+
+class ReadOnlyWeightError(InvalidArgumentError):
+    """A write through a handle onto a matrix that is not stored as such (a low-rank product, a
+    dequantised matrix): the write could not reach the model."""
+
+
+class StaleHandleError(InvalidArgumentError):
+    """An FFN handle used after a structural change that it did not take part in (find_ffns again)."""

@@ -1,15 +1,21 @@
 """The FFN handle: one object per feed-forward block, with its weights in one orientation.
 
 Whatever the model stores (``nn.Linear`` [out, in], GPT-2's ``Conv1D`` [in, out], Phi-3's fused
-``gate_up_proj``, or transformers v5's 3-D expert tensors), a handle reads them as
+gate-and-up projection, transformers v5's 3-D expert tensors, low-rank or quantised matrices: one
+adapter each in :mod:`ffnkit.core.layouts`), a handle reads them as
 
 - ``W_in``, ``W_gate``: [d_ff, d_model] — row i is neuron i's key,
 - ``W_out``: [d_model, d_ff] — column i is neuron i's value vector,
 - ``b_in``, ``b_gate``: [d_ff] or None, ``b_out``: [d_model] or None.
 
 The tensors are *views* of the model's parameters, so an in-place edit of ``ffn.W_out[:, i]`` edits the
-model. ``FFN.forward`` recomputes the block from these canonical weights; the test matrix checks it
-against what the model itself computes, for every family.
+model. Where a matrix is not stored as such (a low-rank product, a dequantised matrix: see
+:mod:`ffnkit.core.layouts`), the handle returns a read-only tensor and a write raises
+``ReadOnlyWeightError`` instead of silently changing a copy. A handle taken before a structural change
+that it did not take part in (``lowrank_``, ``quantize_``, a removed sublayer, an edit through another
+handle) raises ``StaleHandleError`` when used: call ``find_ffns`` again. ``FFN.forward`` recomputes the
+block from these canonical weights; the test matrix checks it against what the model itself computes,
+for every family.
 """
 
 from __future__ import annotations
@@ -20,40 +26,77 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ffnkit.core.errors import InvalidArgumentError, StaleHandleError
+from ffnkit.core.layouts import EXPERTS, layout_of
+from ffnkit.core.views import generation
+from ffnkit.modules.base import packed_numel
+
 KINDS = ("mlp", "gated", "moe")
 
 
 class WeightRef:
-    """Reads (and writes back) one canonical weight from wherever the model keeps it."""
+    """Reads (and writes back) one canonical weight from wherever the model keeps it, through its layout
+    adapter (:mod:`ffnkit.core.layouts`). Where the layout stores the matrix as such, :meth:`get` is a
+    view (an in-place edit reaches the model); otherwise a read-only tensor that refuses writes."""
 
     def get(self) -> Tensor:
         raise NotImplementedError
 
+    @property
+    def writable(self) -> bool:
+        """Whether :meth:`get` is a view of stored parameters (edits reach the model)."""
+        raise NotImplementedError
+
     def set(self, value: Tensor) -> None:
-        """Overwrite in place (same shape); the value is given in canonical orientation."""
+        """Overwrite in place (same shape); the value is given in canonical orientation. A matrix that is
+        not stored as such (low-rank, quantised) raises ``ReadOnlyWeightError``."""
         with torch.no_grad():
             self.get().copy_(value)
+
+    def parameter(self) -> Tensor:
+        """The stored parameter this weight is read from (e.g. to read its gradient)."""
+        raise NotImplementedError
+
+    def view_of(self, full: Tensor) -> Tensor:
+        """The same slice and orientation of ``full`` (a tensor shaped like :meth:`parameter`) that
+        :meth:`get` reads from the parameter."""
+        raise NotImplementedError
 
 
 @dataclass
 class LinearWeight(WeightRef):
-    """``nn.Linear.weight`` is [out, in], which is already canonical for W_in, W_gate and W_out.
+    """The weight of a matrix module (``nn.Linear``, GPT-2's Conv1D, low-rank, quantised) as [out, in].
 
-    ``rows`` selects a slice of the output rows (Phi-3's fused gate_up: gate = first half, up = second).
-    ``transpose`` is for GPT-2's Conv1D, whose weight is [in, out].
+    ``rows`` selects a slice of the output rows (a fused gate-and-up projection: gate = first half, up =
+    second).
+
+    Example:
+        >>> LinearWeight(model.model.layers[0].mlp.up_proj).get().shape   # [d_ff, d_model]
     """
 
     module: nn.Module
     rows: slice | None = None
-    transpose: bool = False
 
     def get(self) -> Tensor:
-        w = self.module.weight.T if self.transpose else self.module.weight  # [out, in]
+        w = layout_of(self.module).weight(self.module)  # [out, in]
+        return w if self.rows is None else w[self.rows]
+
+    @property
+    def writable(self) -> bool:
+        return layout_of(self.module).writable
+
+    def parameter(self) -> Tensor:
+        return layout_of(self.module).parameter(self.module)
+
+    def view_of(self, full: Tensor) -> Tensor:
+        w = layout_of(self.module).view_of(self.module, full)
         return w if self.rows is None else w[self.rows]
 
 
 @dataclass
 class LinearBias(WeightRef):
+    """The bias of a matrix module (a parameter in every layout), optionally a slice of its rows."""
+
     module: nn.Module
     rows: slice | None = None
 
@@ -61,18 +104,45 @@ class LinearBias(WeightRef):
         b = self.module.bias
         return b if self.rows is None else b[self.rows]
 
+    @property
+    def writable(self) -> bool:
+        return True
+
+    def parameter(self) -> Tensor:
+        return self.module.bias
+
+    def view_of(self, full: Tensor) -> Tensor:
+        return full if self.rows is None else full[self.rows]
+
 
 @dataclass
 class ExpertWeight(WeightRef):
-    """One expert's slice of a v5 3-D expert tensor ([E, 2*d_ff, d_model] or [E, d_model, d_ff])."""
+    """One expert's slice of a v5 3-D expert tensor ``module.<tensor>`` ([E, 2*d_ff, d_model] or
+    [E, d_model, d_ff]; ``transpose`` where the model keeps [E, in, out]).
 
-    param: nn.Parameter
+    Example:
+        >>> ExpertWeight(experts, "down_proj", expert=3).get().shape   # [d_model, d_ff]
+    """
+
+    module: nn.Module
+    tensor: str
     expert: int
     rows: slice | None = None
     transpose: bool = False
 
     def get(self) -> Tensor:
-        w = self.param[self.expert]
+        w = EXPERTS.expert_weight(self.module, self.tensor, self.expert, self.transpose)  # [out, in]
+        return w if self.rows is None else w[self.rows]
+
+    @property
+    def writable(self) -> bool:
+        return EXPERTS.tensor_writable(self.module, self.tensor)
+
+    def parameter(self) -> Tensor:
+        return EXPERTS.expert_parameter(self.module, self.tensor)
+
+    def view_of(self, full: Tensor) -> Tensor:
+        w = full[self.expert]
         w = w.T if self.transpose else w
         return w if self.rows is None else w[self.rows]
 
@@ -101,10 +171,6 @@ class Router:
         if self.norm_topk:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         return logits, top_w.to(x.dtype), top_i
-
-
-def _opt(ref: WeightRef | None) -> Tensor | None:
-    return None if ref is None else ref.get()
 
 
 @dataclass(eq=False)
@@ -145,6 +211,36 @@ class FFN:
     experts: list[FFN] = field(default_factory=list)
     shared: FFN | None = None
     shared_gate: nn.Module | None = None  # sigmoid gate on the shared expert (Qwen2-MoE)
+    # generation of each module the handle reads (ffnkit.core.views), to detect structural changes
+    _seen: list[tuple[nn.Module, int]] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.refresh_generation()
+
+    # ----- staleness ------------------------------------------------------------------------------
+    def _modules_read(self) -> list[nn.Module]:
+        mods = (self.module, self.in_proj, self.gate_proj, self.out_proj, self.router_module)
+        return list({id(m): m for m in mods if m is not None}.values())
+
+    def refresh_generation(self) -> None:
+        """Mark the handle current. The transaction calls it for the handles an edit updated in place.
+
+        Example:
+            >>> ffn.refresh_generation()   # rarely needed by hand: prefer find_ffns(model) again
+        """
+        self._seen = [(m, generation(m)) for m in self._modules_read()]
+
+    def check_current(self) -> None:
+        """Raise ``StaleHandleError`` if the model changed structurally under this handle.
+
+        Example:
+            >>> ffn.check_current()   # fine until e.g. lowrank_(model, ...) replaces its matrices
+        """
+        if any(generation(m) != g for m, g in self._seen):
+            raise StaleHandleError(
+                f"this handle on {self.name} was taken before a structural change of the model (a "
+                "transform or an edit through another handle); call find_ffns(model) again"
+            )
 
     # ----- canonical weights ---------------------------------------------------------------------
     @property
@@ -153,7 +249,7 @@ class FFN:
 
     @property
     def W_gate(self) -> Tensor | None:  # [d_ff, d_model]
-        return _opt(self.w_gate) if self.kind != "moe" else self._dense_only(None)
+        return self._read(self.w_gate) if self.kind != "moe" else self._dense_only(None)
 
     @property
     def W_out(self) -> Tensor:  # [d_model, d_ff]
@@ -161,26 +257,28 @@ class FFN:
 
     @property
     def b_in(self) -> Tensor | None:  # [d_ff]
-        return _opt(self.bias_in)
+        return self._read(self.bias_in)
 
     @property
     def b_gate(self) -> Tensor | None:  # [d_ff]
-        return _opt(self.bias_gate)
+        return self._read(self.bias_gate)
 
     @property
     def b_out(self) -> Tensor | None:  # [d_model]
-        return _opt(self.bias_out)
+        return self._read(self.bias_out)
+
+    def _read(self, ref: WeightRef | None) -> Tensor | None:
+        self.check_current()
+        return None if ref is None else ref.get()
 
     def _dense_only(self, ref: WeightRef | None) -> Tensor:
         if self.kind == "moe":
-            from ffnkit.core.errors import InvalidArgumentError
-
             raise InvalidArgumentError(
                 f"{self.name} is a mixture of experts: read ffn.experts[e].W_in/W_gate/W_out "
                 "(or ffn.shared) instead of the layer's own weights"
             )
         assert ref is not None
-        return ref.get()
+        return self._read(ref)
 
     @property
     def is_gated(self) -> bool:
@@ -217,6 +315,7 @@ class FFN:
         """Recompute the block's output from its canonical weights. x: [..., d_model]."""
         if self.kind != "moe":
             return self.activations(x)["out"]
+        self.check_current()
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, d]
         _, top_w, top_i = self.router.route(flat)
@@ -236,7 +335,12 @@ class FFN:
 
     # ----- size ----------------------------------------------------------------------------------
     def parameters(self) -> list[Tensor]:
-        """The block's weight tensors (each expert's slices for MoE, plus router and shared expert)."""
+        """The block's weight tensors (each expert's slices for MoE, plus router and shared expert).
+
+        Values packed into buffers (quantised matrices) appear as one meta tensor per module, of as many
+        elements as the weights they stand for.
+        """
+        self.check_current()
         if self.kind == "moe":
             tensors = [self.router.weight] if self.router else []
             for expert in self.experts:
@@ -252,8 +356,9 @@ class FFN:
             # low-rank projections, whose canonical W is a product of two smaller matrices
             unique = {id(p): p for m in modules for p in m.parameters()}
             for m in modules:  # a quantised matrix keeps packed buffers: count the weights it stands for
-                if isinstance(getattr(m, "qweight", None), Tensor):
-                    unique[id(m)] = torch.empty(m.out_features, m.in_features, device="meta")
+                n = packed_numel(m)
+                if n:
+                    unique[id(m)] = torch.empty(n, device="meta")
             return list(unique.values())
         refs = (self.w_in, self.w_gate, self.w_out, self.bias_in, self.bias_gate, self.bias_out)
         return [r.get() for r in refs if r is not None]

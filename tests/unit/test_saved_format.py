@@ -1,0 +1,48 @@
+"""Folders saved before issue 8 (tests/fixtures/saved_v1, written by main at dd2e044) still load with
+identical logits, and today's code saves the same transforms in the same format (state-dict keys, dtypes,
+shapes and change records)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ffnkit import io
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "saved_v1"
+_spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
+make_fixtures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_fixtures)
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")
+
+
+def _format(folder: Path) -> tuple[dict, list]:
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        tensors = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
+    changes = json.loads((folder / "ffnkit.json").read_text())["changes"]
+    return tensors, changes
+
+
+@pytest.mark.parametrize("case", list(make_fixtures.CASES))
+def test_folders_saved_before_issue_8_load_with_identical_logits(case):
+    folder = FIXTURES / case
+    expected = load_file(str(folder / "expected.safetensors"))
+    model, _ = io.load(folder)
+    with torch.no_grad():
+        logits = model(input_ids=expected["input_ids"]).logits
+    assert torch.equal(logits, expected["logits"])
+    assert model.config.ffnkit["changes"] == _format(folder)[1]
+
+
+@needs_torchao
+@pytest.mark.parametrize("case", list(make_fixtures.CASES))
+def test_todays_code_saves_the_same_format(case, tmp_path):
+    model = make_fixtures.CASES[case]()
+    io.save(model, None, tmp_path / case)
+    assert _format(tmp_path / case) == _format(FIXTURES / case)
