@@ -297,35 +297,43 @@ def run_points(w, device, backend, batches, levels, args, bw, log, rows, union=F
     flush = torch.empty((64 << 20) // 4).uniform_() if device == "cpu" else None
     for n in batches:
         for level in [None] if union else levels:
-            x = torch.randn(n, w.d, device=device, dtype=w.dtype)
-            variants = (
-                union_variants(w, x, backend)
-                if union
-                else point_variants(w, x, level, backend, device == "cpu")
-            )
-            errs = {k: rel_err(fn(0), expect) for k, (fn, _, expect) in variants.items()}
-            fns = {k: v[0] for k, v in variants.items()}
-            if device == "cuda":
-                t = time_cuda(fns, w.copies, args.rounds, args.calls)
-            else:
-                t = time_cpu(fns, w.copies, args.rounds, flush)
-            dense_us = t["dense"]["median_us"]
-            for k, (_, frac, _) in variants.items():
-                bound_us = frac * w.bytes / bw * 1e6
-                row = {
-                    "section": "union" if union else "curve",
-                    "variant": k,
-                    "batch": n,
-                    "level": level,
-                    "bytes_skipped": round(1 - frac, 4),
-                    **{kk: round(vv, 2) for kk, vv in t[k].items()},
-                    "speedup_vs_dense": round(dense_us / t[k]["median_us"], 3),
-                    "bound_us": round(bound_us, 2),
-                    "time_over_bound": round(t[k]["median_us"] / bound_us, 3) if bound_us > 0 else None,
-                    "rel_err_vs_reference": float(f"{errs[k]:.3g}"),
-                }
+            try:
+                measure_point(w, device, backend, n, level, args, bw, log, rows, union, flush)
+            except Exception as exc:  # keep the other points; the failure is recorded
+                section = "union" if union else "curve"
+                row = {"section": section, "batch": n, "level": level, "error": repr(exc)[:300]}
                 rows.append(row)
                 log(row)
+
+
+def measure_point(w, device, backend, n, level, args, bw, log, rows, union, flush) -> None:
+    x = torch.randn(n, w.d, device=device, dtype=w.dtype)
+    variants = (
+        union_variants(w, x, backend) if union else point_variants(w, x, level, backend, device == "cpu")
+    )
+    errs = {k: rel_err(fn(0), expect) for k, (fn, _, expect) in variants.items()}
+    fns = {k: v[0] for k, v in variants.items()}
+    if device == "cuda":
+        t = time_cuda(fns, w.copies, args.rounds, args.calls)
+    else:
+        t = time_cpu(fns, w.copies, args.rounds, flush)
+    dense_us = t["dense"]["median_us"]
+    for k, (_, frac, _) in variants.items():
+        bound_us = frac * w.bytes / bw * 1e6
+        row = {
+            "section": "union" if union else "curve",
+            "variant": k,
+            "batch": n,
+            "level": level,
+            "bytes_skipped": round(1 - frac, 4),
+            **{kk: round(vv, 2) for kk, vv in t[k].items()},
+            "speedup_vs_dense": round(dense_us / t[k]["median_us"], 3),
+            "bound_us": round(bound_us, 2),
+            "time_over_bound": round(t[k]["median_us"] / bound_us, 3) if bound_us > 0 else None,
+            "rel_err_vs_reference": float(f"{errs[k]:.3g}"),
+        }
+        rows.append(row)
+        log(row)
 
 
 def sweep_cuda(w: Weights, args, log) -> dict:
@@ -498,7 +506,11 @@ def main() -> None:
         if args.configs:
             T.CONFIGS.update(json.loads(args.configs.read_text()))
         if args.sweep:
-            record["sweep"] = sweep_cuda(w, args, log)
+            try:
+                record["sweep"] = sweep_cuda(w, args, log)
+            except Exception as exc:  # fall back to the built-in configs
+                record["sweep"] = {"error": repr(exc)[:500]}
+                log(record["sweep"])
         record["triton_configs"] = {k: dict(v) for k, v in T.CONFIGS.items()}
     batches = [int(b) for b in args.batches.split(",")]
     levels = [float(v) for v in args.levels.split(",")]
@@ -515,6 +527,9 @@ def print_table(record: dict) -> None:
         f"{'section':7s} {'variant':16s} {'B':>3s} {'skip':>5s} {'us':>9s} {'eager':>9s} {'xdense':>6s} {'/bound':>6s} {'err':>8s}"
     )
     for r in record["rows"]:
+        if "error" in r:
+            print(r)
+            continue
         print(
             f"{r['section']:7s} {r['variant']:16s} {r['batch']:3d} {r['bytes_skipped']:5.2f} {r['median_us']:9.1f} "
             f"{r.get('eager_median_us', float('nan')):9.1f} {r['speedup_vs_dense']:6.2f} "
