@@ -342,71 +342,28 @@ def sweep_cuda(w: Weights, args, log) -> dict:
 
     results = []
     base = {k: dict(v) for k, v in T.CONFIGS.items()}
+    g1 = ("BLOCK_K", "BLOCK_D", "num_warps", "num_stages")
+    r1 = ("BLOCK_K", "BLOCK_M", "num_warps", "num_stages", "WAVES")
+    f1 = ("BLOCK_K", "num_warps", "num_stages", "PROGRAMS_PER_SM")
     grid = {
         "gate_up_1": [
-            {"BLOCK_K": bk, "BLOCK_D": bd, "num_warps": nw, "num_stages": ns}
-            for bk, bd, nw, ns in [
-                (8, 512, 4, 3),
-                (16, 256, 4, 3),
-                (16, 512, 8, 3),
-                (32, 256, 8, 3),
-                (16, 256, 4, 4),
-                (8, 256, 4, 4),
-                (32, 128, 4, 3),
-                (16, 512, 4, 2),
-            ]
+            dict(zip(g1, v, strict=True), MIN_PROGRAMS_PER_SM=2)
+            for v in [(8, 512, 4, 3), (16, 512, 8, 2), (8, 1024, 8, 2), (16, 256, 4, 3), (32, 256, 8, 2),
+                      (4, 1024, 4, 3), (8, 512, 4, 2), (16, 512, 4, 2)]
         ],
         "rows_1": [
-            {"BLOCK_K": bk, "BLOCK_M": bm, "num_warps": nw, "num_stages": ns, "WAVES": wv}
-            for bk, bm, nw, ns, wv in [
-                (32, 256, 4, 3, 4),
-                (16, 512, 4, 3, 4),
-                (64, 128, 4, 3, 4),
-                (32, 256, 4, 4, 8),
-                (32, 512, 8, 3, 4),
-                (16, 256, 4, 3, 8),
-                (64, 256, 8, 3, 4),
-                (32, 256, 4, 2, 2),
-            ]
+            dict(zip(r1, v, strict=True))
+            for v in [(64, 128, 4, 3, 4), (32, 256, 4, 3, 4), (64, 256, 8, 3, 4), (128, 128, 8, 3, 4),
+                      (64, 128, 4, 4, 8), (32, 128, 4, 3, 4)]
         ],
         "fused_1": [
-            {
-                "enabled": 1,
-                "BLOCK_K": bk,
-                "num_warps": nw,
-                "num_stages": ns,
-                "PROGRAMS_PER_SM": pp,
-                "MAX_D": 8192,
-            }
-            for bk, nw, ns, pp in [
-                (2, 8, 2, 2),
-                (2, 8, 1, 4),
-                (4, 16, 2, 1),
-                (2, 16, 2, 2),
-                (1, 8, 3, 2),
-                (4, 8, 1, 2),
-            ]
+            dict(zip(f1, v, strict=True), enabled=1, MAX_D=8192)
+            for v in [(4, 16, 2, 1), (2, 8, 2, 2), (4, 8, 2, 1), (8, 16, 1, 1), (2, 16, 3, 1), (1, 4, 3, 4),
+                      (2, 8, 3, 2)]
         ],
-        "gate_up_n": [
-            {"BLOCK_K": bk, "BLOCK_D": bd, "num_warps": nw, "num_stages": ns}
-            for bk, bd, nw, ns in [
-                (32, 128, 4, 3),
-                (64, 128, 4, 3),
-                (32, 256, 8, 3),
-                (16, 256, 4, 3),
-                (64, 64, 4, 4),
-            ]
-        ],
-        "rows_n": [
-            {"BLOCK_K": bk, "BLOCK_M": bm, "num_warps": nw, "num_stages": ns, "WAVES": wv}
-            for bk, bm, nw, ns, wv in [
-                (32, 256, 4, 3, 4),
-                (64, 128, 4, 3, 4),
-                (32, 128, 4, 3, 8),
-                (16, 256, 4, 3, 4),
-            ]
-        ],
-    }
+        "gate_up_n": [dict(zip(g1, v, strict=True)) for v in [(32, 128, 4, 3), (16, 256, 4, 3), (32, 256, 8, 3)]],
+        "rows_n": [dict(zip(r1, v, strict=True)) for v in [(64, 128, 4, 3, 4), (32, 256, 4, 3, 4), (64, 256, 8, 3, 4)]],
+    }  # fmt: skip
     k = w.f // 2
     idx = torch.randperm(w.f, device="cuda")[:k].sort().values
     best_total = {}
@@ -446,6 +403,32 @@ def sweep_cuda(w: Weights, args, log) -> dict:
     chosen = {k: dict(v) for k, v in T.CONFIGS.items()}
     log({"chosen_configs": chosen})
     return {"trials": results, "chosen": chosen}
+
+
+def breakdown_cuda(w: Weights, args, log) -> list[dict]:
+    """Batch 1 at 50%: each stage alone (graph replays), to see where the time goes."""
+    import ffnkit.kernels.triton_sparse_ffn as T
+
+    idx = torch.randperm(w.f, device="cuda")[: w.f // 2].sort().values
+    x = torch.randn(1, w.d, device="cuda", dtype=w.dtype)
+    h = T.launch_gate_up(x, w.packed[0], idx, None, "silu", None)
+    part = T.launch_rows(h, w.packed[0][:, 2, :], idx, None)
+    fpart = T.launch_fused_1(x, w.packed[0], idx, "silu", None)
+    stages = {
+        "gate_up": lambda c: T.launch_gate_up(x, w.packed[c], idx, None, "silu", None),
+        "rows": lambda c: T.launch_rows(h, w.packed[c][:, 2, :], idx, None),
+        "reduce_rows": lambda c: T.launch_reduce(part, w.dtype),
+        "fused_1": lambda c: T.launch_fused_1(x, w.packed[c], idx, "silu", None),
+        "reduce_fused": lambda c: T.launch_reduce(fpart, w.dtype),
+        "gather_total": lambda c: gather_ffn(x, w.packed[c], idx, backend="triton"),
+        "dense": lambda c: dense_ffn(x, w.dense[c]),
+    }
+    t = time_cuda(stages, w.copies, args.rounds, args.calls)
+    rows = [{"stage": k, **{kk: round(vv, 2) for kk, vv in v.items()}} for k, v in t.items()]
+    rows.append({"partials": {"rows": list(part.shape), "fused_1": list(fpart.shape)}})
+    for r in rows:
+        log(r)
+    return rows
 
 
 def main() -> None:
@@ -512,6 +495,11 @@ def main() -> None:
                 record["sweep"] = {"error": repr(exc)[:500]}
                 log(record["sweep"])
         record["triton_configs"] = {k: dict(v) for k, v in T.CONFIGS.items()}
+        try:
+            record["breakdown_b1_50"] = breakdown_cuda(w, args, log)
+        except Exception as exc:
+            record["breakdown_b1_50"] = {"error": repr(exc)[:500]}
+            log(record["breakdown_b1_50"])
     batches = [int(b) for b in args.batches.split(",")]
     levels = [float(v) for v in args.levels.split(",")]
     run_points(w, device, backend, batches, levels, args, bw, log, record["rows"])

@@ -35,10 +35,10 @@ ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 # Launch parameters, per kernel and batch class ("1": one row, "n": 2-16 rows through tl.dot).
 CONFIGS: dict[str, dict[str, int]] = {
-    "gate_up_1": {"BLOCK_K": 16, "BLOCK_D": 256, "num_warps": 4, "num_stages": 3},
+    "gate_up_1": {"BLOCK_K": 16, "BLOCK_D": 512, "num_warps": 4, "num_stages": 2, "MIN_PROGRAMS_PER_SM": 2},
     "gate_up_n": {"BLOCK_K": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3},
-    "rows_1": {"BLOCK_K": 32, "BLOCK_M": 256, "num_warps": 4, "num_stages": 3, "WAVES": 4},
-    "rows_n": {"BLOCK_K": 32, "BLOCK_M": 256, "num_warps": 4, "num_stages": 3, "WAVES": 4},
+    "rows_1": {"BLOCK_K": 64, "BLOCK_M": 128, "num_warps": 4, "num_stages": 3, "WAVES": 4},
+    "rows_n": {"BLOCK_K": 64, "BLOCK_M": 128, "num_warps": 4, "num_stages": 3, "WAVES": 4},
     # batch 1 in one fused pass (used when "enabled" and D <= MAX_D: the whole rows live in registers)
     "fused_1": {
         "enabled": 0,
@@ -94,6 +94,46 @@ def _row_dots(w_ptrs, wmask, x_ptr, offs_n, mn, D, BLOCK_N: tl.constexpr, BLOCK_
     return r
 
 
+@triton.jit
+def _row_dots2(g_ptrs, wmask, D, x_ptr, offs_n, mn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """Like _row_dots for the gate rows at ``g_ptrs`` and the up rows at ``g_ptrs + D`` in one loop (twice
+    the bytes in flight per iteration)."""
+    if USE_DOT:
+        ag = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        au = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            od = d0 + tl.arange(0, BLOCK_D)
+            md = od < D
+            xt = tl.load(x_ptr + offs_n[:, None] * D + od[None, :], mask=mn[:, None] & md[None, :], other=0.0)
+            m2 = wmask[:, None] & md[None, :]
+            wg = tl.load(g_ptrs[:, None] + od[None, :], mask=m2, other=0.0)
+            wu = tl.load(g_ptrs[:, None] + D + od[None, :], mask=m2, other=0.0)
+            if IEEE:
+                ag += tl.trans(tl.dot(wg, tl.trans(xt), input_precision="ieee"))
+                au += tl.trans(tl.dot(wu, tl.trans(xt), input_precision="ieee"))
+            else:
+                ag += tl.trans(tl.dot(wg, tl.trans(xt)))
+                au += tl.trans(tl.dot(wu, tl.trans(xt)))
+        g = ag
+        u = au
+    else:
+        ag2 = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+        au2 = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            od = d0 + tl.arange(0, BLOCK_D)
+            md = od < D
+            xr = tl.load(x_ptr + od, mask=md, other=0.0).to(tl.float32)
+            m2 = wmask[:, None] & md[None, :]
+            wg = tl.load(g_ptrs[:, None] + od[None, :], mask=m2, other=0.0)
+            wu = tl.load(g_ptrs[:, None] + D + od[None, :], mask=m2, other=0.0)
+            ag2 += wg.to(tl.float32) * xr[None, :]
+            au2 += wu.to(tl.float32) * xr[None, :]
+        g = tl.sum(ag2, axis=1)[None, :]
+        u = tl.sum(au2, axis=1)[None, :]
+    return g, u
+
+
 @triton.jit(do_not_specialize=["N", "K", "thr"])
 def _gate_up_kernel(
     x_ptr, p_ptr, idx_ptr, h_ptr, scale_ptr, N, K, D, thr, stride_row,
@@ -111,16 +151,18 @@ def _gate_up_kernel(
     gate_ptrs = p_ptr + rows * stride_row  # [BK] start of each neuron's gate row; its up row follows at +D
     offs_n = tl.arange(0, BLOCK_N)
     mn = offs_n < N
-    g = _row_dots(gate_ptrs, mk, x_ptr, offs_n, mn, D, BLOCK_N, BLOCK_K, BLOCK_D, USE_DOT, IEEE)  # [BN, BK]
-    a = _act(g, ACT)
     if USE_THR:
+        g = _row_dots(
+            gate_ptrs, mk, x_ptr, offs_n, mn, D, BLOCK_N, BLOCK_K, BLOCK_D, USE_DOT, IEEE
+        )  # [BN, BK]
+        a = _act(g, ACT)
         keep = (tl.abs(a) > thr) & mn[:, None]  # [BN, BK]
         live = mk & (tl.max(keep.to(tl.int32), axis=0) > 0)  # [BK]: some row keeps the neuron
         u = _row_dots(gate_ptrs + D, live, x_ptr, offs_n, mn, D, BLOCK_N, BLOCK_K, BLOCK_D, USE_DOT, IEEE)
         h = tl.where(keep, a * u, 0.0)
     else:
-        u = _row_dots(gate_ptrs + D, mk, x_ptr, offs_n, mn, D, BLOCK_N, BLOCK_K, BLOCK_D, USE_DOT, IEEE)
-        h = a * u
+        g, u = _row_dots2(gate_ptrs, mk, D, x_ptr, offs_n, mn, BLOCK_N, BLOCK_K, BLOCK_D, USE_DOT, IEEE)
+        h = _act(g, ACT) * u
     hm = mn[:, None] & mk[None, :]
     if HAS_SCALE:
         h = h * tl.load(scale_ptr + offs_n[:, None] * K + offs_k[None, :], mask=hm, other=0.0).to(tl.float32)
@@ -206,13 +248,17 @@ def _fused_1_kernel(
 
 
 @triton.jit(do_not_specialize=["S", "NM"])
-def _reduce_kernel(part_ptr, y_ptr, S, NM, BLOCK: tl.constexpr):
+def _reduce_kernel(part_ptr, y_ptr, S, NM, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
+    """y = sum over S of part [S, NM]; each program owns BLOCK outputs and reads BLOCK_S partials at once."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < NM
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(S):
-        acc += tl.load(part_ptr + s * NM + offs, mask=m, other=0.0)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=m)
+    acc = tl.zeros([BLOCK_S, BLOCK], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        os_ = s0 + tl.arange(0, BLOCK_S)
+        acc += tl.load(
+            part_ptr + os_[:, None] * NM + offs[None, :], mask=(os_ < S)[:, None] & m[None, :], other=0.0
+        )
+    tl.store(y_ptr + offs, tl.sum(acc, axis=0).to(y_ptr.dtype.element_ty), mask=m)
 
 
 @functools.cache
@@ -229,15 +275,26 @@ def _batch_block(n: int) -> tuple[int, bool, str]:
     return max(16, triton.next_power_of_2(n)), True, "n"
 
 
-def _gate_up(
+def launch_gate_up(
     x2: Tensor, packed: Tensor, idx: Tensor | None, thr: float | None, act: str, scale: Tensor | None
-):
+) -> Tensor:
+    """Stage 1: h [N, K] float32 for the neurons ``idx`` (all with ``idx`` None; CATS with ``thr``).
+
+    Example:
+        >>> h = launch_gate_up(x2, packed, idx, None, "silu", None)  # doctest: +SKIP
+    """
     n, d = x2.shape
     k = packed.shape[0] if idx is None else idx.numel()
     h = torch.empty(n, k, device=x2.device, dtype=torch.float32)  # [N, K]
     bn, use_dot, cls = _batch_block(n)
     cfg = dict(CONFIGS[f"gate_up_{cls}"])
-    bk, bd = cfg.pop("BLOCK_K"), min(cfg.pop("BLOCK_D"), max(16, triton.next_power_of_2(d)))
+    bk, bd = cfg.pop("BLOCK_K"), cfg.pop("BLOCK_D")
+    if not use_dot:
+        # Few neurons: fewer per program (and longer row chunks) so that the grid still fills the GPU.
+        while bk > 1 and triton.cdiv(k, bk) < cfg["MIN_PROGRAMS_PER_SM"] * _sm_count(x2.device):
+            bk, bd = bk // 2, bd * 2
+    cfg.pop("MIN_PROGRAMS_PER_SM", None)
+    bd = min(bd, max(16, triton.next_power_of_2(d)))
     _gate_up_kernel[(triton.cdiv(k, bk),)](
         x2, packed, idx if idx is not None else h, h, scale if scale is not None else h,
         n, k, d, float(thr or 0.0), packed.stride(0),
@@ -247,8 +304,12 @@ def _gate_up(
     return h
 
 
-def _rows(h: Tensor, w_rows: Tensor, idx: Tensor | None, teal_thr: float | None, out_dtype: torch.dtype):
-    """sum_k h[:, k] * w_rows[idx[k] or k, :] -> [N, M] in out_dtype (w_rows: [R, M] with unit column stride)."""
+def launch_rows(h: Tensor, w_rows: Tensor, idx: Tensor | None, teal_thr: float | None) -> Tensor:
+    """Stage 2: partial sums [S, N, M] float32 of sum_k h[:, k] * w_rows[idx[k] or k, :] over S slices of k.
+
+    Example:
+        >>> part = launch_rows(h, packed[:, 2, :], idx, None)  # doctest: +SKIP
+    """
     n, k = h.shape
     m = w_rows.shape[1]
     bn, use_dot, cls = _batch_block(n)
@@ -266,13 +327,33 @@ def _rows(h: Tensor, w_rows: Tensor, idx: Tensor | None, teal_thr: float | None,
         k_per_split, HAS_IDX=idx is not None, TEAL=teal_thr is not None, USE_DOT=use_dot,
         IEEE=w_rows.dtype == torch.float32, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm, **cfg,
     )  # fmt: skip
-    y = torch.empty(n, m, device=h.device, dtype=out_dtype)
-    block = 1024
-    _reduce_kernel[(triton.cdiv(n * m, block),)](part, y, splits, n * m, BLOCK=block, num_warps=4)
+    return part
+
+
+def launch_reduce(part: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """Stage 3: [S, N, M] float32 partial sums -> [N, M] in out_dtype.
+
+    Example:
+        >>> y = launch_reduce(part, torch.bfloat16)  # doctest: +SKIP
+    """
+    s, n, m = part.shape
+    y = torch.empty(n, m, device=part.device, dtype=out_dtype)
+    block, block_s = 128, min(32, max(2, triton.next_power_of_2(s)))
+    _reduce_kernel[(triton.cdiv(n * m, block),)](part, y, s, n * m, BLOCK=block, BLOCK_S=block_s, num_warps=4)
     return y
 
 
-def _fused_1(x2: Tensor, packed: Tensor, idx: Tensor, act: str, scale: Tensor | None) -> Tensor:
+def _rows(h: Tensor, w_rows: Tensor, idx: Tensor | None, teal_thr: float | None, out_dtype: torch.dtype):
+    """sum_k h[:, k] * w_rows[idx[k] or k, :] -> [N, M] in out_dtype (w_rows: [R, M] with unit column stride)."""
+    return launch_reduce(launch_rows(h, w_rows, idx, teal_thr), out_dtype)
+
+
+def launch_fused_1(x2: Tensor, packed: Tensor, idx: Tensor, act: str, scale: Tensor | None) -> Tensor:
+    """Batch 1 in one pass: [G, 1, D] float32 partial sums of the G persistent programs (then reduce).
+
+    Example:
+        >>> part = launch_fused_1(x2, packed, idx, "silu", None)  # doctest: +SKIP
+    """
     d = packed.shape[2]
     k = idx.numel()
     cfg = dict(CONFIGS["fused_1"])
@@ -280,14 +361,12 @@ def _fused_1(x2: Tensor, packed: Tensor, idx: Tensor, act: str, scale: Tensor | 
     cfg.pop("enabled"), cfg.pop("MAX_D")
     n_blocks = triton.cdiv(k, bk)
     grid = min(n_blocks, per_sm * _sm_count(x2.device))
-    part = torch.empty(grid, d, device=x2.device, dtype=torch.float32)  # [G, D]
+    part = torch.empty(grid, 1, d, device=x2.device, dtype=torch.float32)  # [G, 1, D]
     _fused_1_kernel[(grid,)](
         x2, packed, idx, part, scale if scale is not None else part, k, d, packed.stride(0), n_blocks,
         HAS_SCALE=scale is not None, ACT=ACT_CODES[act], BLOCK_K=bk, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )  # fmt: skip
-    y = torch.empty(1, d, device=x2.device, dtype=x2.dtype)
-    _reduce_kernel[(triton.cdiv(d, 1024),)](part, y, grid, d, BLOCK=1024, num_warps=4)
-    return y
+    return part
 
 
 def gather_ffn(
@@ -303,8 +382,8 @@ def gather_ffn(
     sc = None if scale is None else scale.to(torch.float32).contiguous()
     fused = CONFIGS["fused_1"]
     if x2.shape[0] == 1 and fused["enabled"] and d <= fused["MAX_D"]:
-        return _fused_1(x2, packed, idx.contiguous(), act, sc).reshape(x.shape)
-    h = _gate_up(x2, packed, idx.contiguous(), None, act, sc)  # [N, K] float32
+        return launch_reduce(launch_fused_1(x2, packed, idx.contiguous(), act, sc), x.dtype).reshape(x.shape)
+    h = launch_gate_up(x2, packed, idx.contiguous(), None, act, sc)  # [N, K] float32
     return _rows(h, packed[:, 2, :], idx.contiguous(), None, x.dtype).reshape(x.shape)
 
 
@@ -316,7 +395,7 @@ def threshold_ffn(x: Tensor, packed: Tensor, threshold: float, act: str = "silu"
     """
     d = packed.shape[2]
     x2 = x.reshape(-1, d).contiguous()
-    h = _gate_up(x2, packed, None, threshold, act, None)  # [N, F], zero where skipped
+    h = launch_gate_up(x2, packed, None, threshold, act, None)  # [N, F], zero where skipped
     return _rows(h, packed[:, 2, :], None, None, x.dtype).reshape(x.shape)
 
 
