@@ -337,69 +337,61 @@ def measure_point(w, device, backend, n, level, args, bw, log, rows, union, flus
 
 
 def sweep_cuda(w: Weights, args, log) -> dict:
-    """Batch 1 / batch 8 at 50%: time the Triton kernels under each launch configuration; keep the best."""
+    """At 50%: launch configs of the batched kernels (batch 8) and of the fused batch-1 kernel, then the
+    fastest of the three batch-1 paths (fused, split, dot); the winners stay in CONFIGS for the run."""
     import ffnkit.kernels.triton_sparse_ffn as T
 
     results = []
-    base = {k: dict(v) for k, v in T.CONFIGS.items()}
     g1 = ("BLOCK_K", "BLOCK_D", "num_warps", "num_stages")
     r1 = ("BLOCK_K", "BLOCK_M", "num_warps", "num_stages", "WAVES")
     f1 = ("BLOCK_K", "num_warps", "num_stages", "PROGRAMS_PER_SM")
     grid = {
-        "gate_up_1": [
-            dict(zip(g1, v, strict=True), MIN_PROGRAMS_PER_SM=2)
-            for v in [(8, 512, 4, 3), (16, 512, 8, 2), (8, 1024, 8, 2), (16, 256, 4, 3), (32, 256, 8, 2),
-                      (4, 1024, 4, 3), (8, 512, 4, 2), (16, 512, 4, 2)]
-        ],
-        "rows_1": [
-            dict(zip(r1, v, strict=True))
-            for v in [(64, 128, 4, 3, 4), (32, 256, 4, 3, 4), (64, 256, 8, 3, 4), (128, 128, 8, 3, 4),
-                      (64, 128, 4, 4, 8), (32, 128, 4, 3, 4)]
-        ],
+        "gate_up_n": [dict(zip(g1, v, strict=True)) for v in [(32, 128, 4, 3), (64, 128, 4, 3), (32, 256, 4, 3)]],
+        "rows_n": [dict(zip(r1, v, strict=True)) for v in [(32, 256, 4, 3, 4), (64, 128, 4, 3, 4), (32, 256, 4, 4, 8)]],
         "fused_1": [
-            dict(zip(f1, v, strict=True), enabled=1, MAX_D=8192)
-            for v in [(4, 16, 2, 1), (2, 8, 2, 2), (4, 8, 2, 1), (8, 16, 1, 1), (2, 16, 3, 1), (1, 4, 3, 4),
-                      (2, 8, 3, 2)]
+            dict(zip(f1, v, strict=True), MAX_D=8192)
+            for v in [(4, 16, 2, 1), (2, 8, 2, 2), (2, 16, 2, 1), (8, 32, 1, 1)]
         ],
-        "gate_up_n": [dict(zip(g1, v, strict=True)) for v in [(32, 128, 4, 3), (16, 256, 4, 3), (32, 256, 8, 3)]],
-        "rows_n": [dict(zip(r1, v, strict=True)) for v in [(64, 128, 4, 3, 4), (32, 256, 4, 3, 4), (64, 256, 8, 3, 4)]],
     }  # fmt: skip
     k = w.f // 2
     idx = torch.randperm(w.f, device="cuda")[:k].sort().values
-    best_total = {}
-    for batch, names in ((1, ("fused_1", "gate_up_1", "rows_1")), (8, ("gate_up_n", "rows_n"))):
+
+    def trial(batch: int, label: str, cfg: dict) -> float:
         x = torch.randn(batch, w.d, device="cuda", dtype=w.dtype)
-        expect = ref.gather_ffn(x, w.packed[0], idx)
-        for name in names:
-            best = None
-            for cfg in grid[name]:
-                T.CONFIGS[name] = cfg
-                if name != "fused_1":  # time the split kernels at batch 1
-                    T.CONFIGS["fused_1"] = dict(T.CONFIGS["fused_1"], enabled=0)
-                try:
-                    err = rel_err(gather_ffn(x, w.packed[0], idx, backend="triton"), expect)
-                    t = time_cuda({"g": lambda c, x=x: gather_ffn(x, w.packed[c], idx, backend="triton")},
-                                  w.copies, max(5, args.rounds // 2), args.calls)["g"]["median_us"]  # fmt: skip
-                except Exception as exc:  # a config the compiler rejects (e.g. out of shared memory)
-                    t, err = float("inf"), repr(exc)[:200]
-                rec = {
-                    "batch": batch,
-                    "kernel": name,
-                    "config": cfg,
-                    "median_us": round(t, 2) if t < float("inf") else None,
-                    "rel_err": err,
-                }
-                results.append(rec)
-                log(rec)
-                if isinstance(err, float) and err < 2e-2 and (best is None or t < best[0]):
-                    best = (t, cfg)
-            T.CONFIGS[name] = dict(best[1] if best else base[name])
-            best_total[name] = best
-    # batch 1: fused or split, whichever was faster
-    fused_t = best_total["fused_1"][0] if best_total.get("fused_1") else float("inf")
-    split_t = best_total["rows_1"][0] if best_total.get("rows_1") else float("inf")
-    fused_cfg = best_total["fused_1"][1] if best_total.get("fused_1") else base["fused_1"]
-    T.CONFIGS["fused_1"] = dict(fused_cfg, enabled=int(fused_t < split_t))
+        try:
+            err = rel_err(
+                gather_ffn(x, w.packed[0], idx, backend="triton"), ref.gather_ffn(x, w.packed[0], idx)
+            )
+            fns = {"g": lambda c: gather_ffn(x, w.packed[c], idx, backend="triton")}
+            t = time_cuda(fns, w.copies, max(5, args.rounds // 2), args.calls)["g"]["median_us"]
+        except Exception as exc:  # a config the compiler rejects (e.g. out of shared memory)
+            t, err = float("inf"), repr(exc)[:200]
+        ok = isinstance(err, float) and err < 2e-2
+        rec = {
+            "batch": batch,
+            "kernel": label,
+            "config": cfg,
+            "median_us": round(t, 2) if ok else None,
+            "rel_err": err,
+        }
+        results.append(rec)
+        log(rec)
+        return t if ok else float("inf")
+
+    for batch, name, path in ((8, "gate_up_n", "dot"), (8, "rows_n", "dot"), (1, "fused_1", "fused")):
+        T.CONFIGS["batch1"] = {"path": path}
+        base = dict(T.CONFIGS[name])
+        timed = []
+        for cfg in grid[name]:
+            T.CONFIGS[name] = cfg
+            timed.append((trial(batch, name, cfg), cfg))
+        best_t, best_cfg = min(timed, key=lambda tc: tc[0])
+        T.CONFIGS[name] = dict(best_cfg if best_t < float("inf") else base)
+    paths = []
+    for path in ("fused", "split", "dot"):
+        T.CONFIGS["batch1"] = {"path": path}
+        paths.append((trial(1, f"batch1_path_{path}", {"path": path}), path))
+    T.CONFIGS["batch1"] = {"path": min(paths)[1]}
     chosen = {k: dict(v) for k, v in T.CONFIGS.items()}
     log({"chosen_configs": chosen})
     return {"trials": results, "chosen": chosen}
@@ -425,7 +417,12 @@ def breakdown_cuda(w: Weights, args, log) -> list[dict]:
     }
     t = time_cuda(stages, w.copies, args.rounds, args.calls)
     rows = [{"stage": k, **{kk: round(vv, 2) for kk, vv in v.items()}} for k, v in t.items()]
-    rows.append({"partials": {"rows": list(part.shape), "fused_1": list(fpart.shape)}})
+    rows.append(
+        {
+            "partials": {"rows": list(part.shape), "fused_1": list(fpart.shape)},
+            "batch1_path": T.CONFIGS["batch1"]["path"],
+        }
+    )
     for r in rows:
         log(r)
     return rows

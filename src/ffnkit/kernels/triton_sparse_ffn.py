@@ -33,21 +33,18 @@ from torch import Tensor
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
-# Launch parameters, per kernel and batch class ("1": one row, "n": 2-16 rows through tl.dot).
-CONFIGS: dict[str, dict[str, int]] = {
-    "gate_up_1": {"BLOCK_K": 16, "BLOCK_D": 512, "num_warps": 4, "num_stages": 2, "MIN_PROGRAMS_PER_SM": 2},
+# Launch parameters, per kernel and batch class ("1": one row on the CUDA cores, "n": rows padded to 16
+# through tl.dot), as measured on an H200 (benchmarks/sparse_kernel.py --sweep, 50% of the bytes skipped).
+# "batch1" picks the path of a single row: "fused" (one persistent pass + reduce), "split" (the "1"
+# kernels) or "dot" (the "n" kernels with the row padded to 16).
+CONFIGS: dict[str, dict] = {
+    "batch1": {"path": "fused"},
+    "gate_up_1": {"BLOCK_K": 4, "BLOCK_D": 1024, "num_warps": 4, "num_stages": 3, "MIN_PROGRAMS_PER_SM": 2},
     "gate_up_n": {"BLOCK_K": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3},
-    "rows_1": {"BLOCK_K": 64, "BLOCK_M": 128, "num_warps": 4, "num_stages": 3, "WAVES": 4},
-    "rows_n": {"BLOCK_K": 64, "BLOCK_M": 128, "num_warps": 4, "num_stages": 3, "WAVES": 4},
-    # batch 1 in one fused pass (used when "enabled" and D <= MAX_D: the whole rows live in registers)
-    "fused_1": {
-        "enabled": 0,
-        "BLOCK_K": 2,
-        "num_warps": 8,
-        "num_stages": 2,
-        "PROGRAMS_PER_SM": 2,
-        "MAX_D": 8192,
-    },
+    "rows_1": {"BLOCK_K": 32, "BLOCK_M": 128, "num_warps": 4, "num_stages": 3, "WAVES": 4},
+    "rows_n": {"BLOCK_K": 32, "BLOCK_M": 256, "num_warps": 4, "num_stages": 3, "WAVES": 4},
+    # the whole rows of BLOCK_K neurons live in registers: only for D <= MAX_D
+    "fused_1": {"BLOCK_K": 4, "num_warps": 16, "num_stages": 2, "PROGRAMS_PER_SM": 1, "MAX_D": 8192},
 }
 
 
@@ -270,7 +267,7 @@ def _sm_count(device: torch.device) -> int:
 
 def _batch_block(n: int) -> tuple[int, bool, str]:
     """(BLOCK_N, USE_DOT, config class) for n rows."""
-    if n == 1:
+    if n == 1 and CONFIGS["batch1"]["path"] != "dot":
         return 1, False, "1"
     return max(16, triton.next_power_of_2(n)), True, "n"
 
@@ -338,7 +335,9 @@ def launch_reduce(part: Tensor, out_dtype: torch.dtype) -> Tensor:
     """
     s, n, m = part.shape
     y = torch.empty(n, m, device=part.device, dtype=out_dtype)
-    block, block_s = 128, min(32, max(2, triton.next_power_of_2(s)))
+    # narrow column blocks and all partials at once: many programs, one round trip (latency, not bytes)
+    block = 32 if n * m <= 16384 else 128
+    block_s = min(max(2, triton.next_power_of_2(s)), 8192 // block)
     _reduce_kernel[(triton.cdiv(n * m, block),)](part, y, s, n * m, BLOCK=block, BLOCK_S=block_s, num_warps=4)
     return y
 
@@ -358,7 +357,7 @@ def launch_fused_1(x2: Tensor, packed: Tensor, idx: Tensor, act: str, scale: Ten
     k = idx.numel()
     cfg = dict(CONFIGS["fused_1"])
     bk, per_sm = cfg.pop("BLOCK_K"), cfg.pop("PROGRAMS_PER_SM")
-    cfg.pop("enabled"), cfg.pop("MAX_D")
+    cfg.pop("MAX_D")
     n_blocks = triton.cdiv(k, bk)
     grid = min(n_blocks, per_sm * _sm_count(x2.device))
     part = torch.empty(grid, 1, d, device=x2.device, dtype=torch.float32)  # [G, 1, D]
@@ -380,8 +379,7 @@ def gather_ffn(
     d = packed.shape[2]
     x2 = x.reshape(-1, d).contiguous()  # [N, D]
     sc = None if scale is None else scale.to(torch.float32).contiguous()
-    fused = CONFIGS["fused_1"]
-    if x2.shape[0] == 1 and fused["enabled"] and d <= fused["MAX_D"]:
+    if x2.shape[0] == 1 and CONFIGS["batch1"]["path"] == "fused" and d <= CONFIGS["fused_1"]["MAX_D"]:
         return launch_reduce(launch_fused_1(x2, packed, idx.contiguous(), act, sc), x.dtype).reshape(x.shape)
     h = launch_gate_up(x2, packed, idx.contiguous(), None, act, sc)  # [N, K] float32
     return _rows(h, packed[:, 2, :], idx.contiguous(), None, x.dtype).reshape(x.shape)
