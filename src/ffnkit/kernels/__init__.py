@@ -1,0 +1,57 @@
+"""Kernels: pure functions with a backend switch (``reference`` torch oracle, ``cpu``, ``triton``).
+
+``import ffnkit.kernels`` imports neither triton nor touches CUDA; the Triton module is imported the first
+time a CUDA tensor takes that path.
+
+Example:
+    >>> import torch
+    >>> from ffnkit.kernels import pack_ffn, gather_ffn, use_backend
+    >>> packed = pack_ffn(torch.randn(16, 8), torch.randn(16, 8), torch.randn(8, 16))
+    >>> with use_backend("reference"):
+    ...     gather_ffn(torch.randn(1, 8), packed, torch.tensor([0, 3, 9])).shape
+    torch.Size([1, 8])
+"""
+
+from ffnkit.kernels.backend import (
+    BACKENDS,
+    ENV_VAR,
+    KERNELS,
+    available_backends,
+    dispatch,
+    resolve_backend,
+    triton_available,
+    use_backend,
+)
+from ffnkit.kernels.sparse_ffn import (
+    ACTIVATIONS,
+    TealWeights,
+    gather_ffn,
+    kernel_activation,
+    pack_ffn,
+    pack_teal,
+    sparse_input_linear,
+    teal_ffn,
+    threshold_ffn,
+    unpack_ffn,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "ENV_VAR",
+    "KERNELS",
+    "TealWeights",
+    "available_backends",
+    "dispatch",
+    "gather_ffn",
+    "kernel_activation",
+    "pack_ffn",
+    "pack_teal",
+    "resolve_backend",
+    "sparse_input_linear",
+    "teal_ffn",
+    "threshold_ffn",
+    "triton_available",
+    "unpack_ffn",
+    "use_backend",
+]

@@ -1,0 +1,137 @@
+"""The ``triton`` backend equals the reference (masked dense, float32) on the same cases as the CPU tests.
+
+Skipped where CUDA or Triton is missing (CI has no GPU); run on the accelerator machine:
+    python -m pytest -q tests/gpu
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from ffnkit.kernels import gather_ffn, resolve_backend, threshold_ffn
+from tests import kernel_cases as kc
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+        reason="needs a CUDA device and Triton",
+    ),
+]
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_IDS = ("float32", "bfloat16", "float16")
+SHAPES = [*kc.SHAPES, (1000, 512)]  # plus one that spans many neuron blocks and k slices
+
+
+PATHS = ("split", "fused", "dot")  # the three ways a single row can go (CONFIGS["batch1"])
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    """Route batch 1 through the given path (``request.param``) for the duration of a test."""
+    import ffnkit.kernels.triton_sparse_ffn as T
+
+    monkeypatch.setitem(T.CONFIGS, "batch1", {"path": request.param})
+    return request.param
+
+
+def test_auto_picks_triton_on_cuda():
+    assert resolve_backend(torch.zeros(1, device="cuda")) == "triton"
+
+
+ROWS_PATHS = [(1, p) for p in PATHS] + [(3, "split"), (16, "split"), (33, "split")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(("rows", "path"), ROWS_PATHS, indirect=["path"])
+@pytest.mark.parametrize("level", kc.LEVELS)
+def test_gather_ffn_equals_reference(dtype, shape, rows, path, level):
+    err = kc.check_gather("triton", *shape, rows, level, dtype, "cuda", seed=rows + len(level))
+    assert err <= kc.TOL[dtype], err
+
+
+@pytest.mark.parametrize("act", kc.ACTS)
+@pytest.mark.parametrize(
+    ("rows", "path"), [(1, "fused"), (1, "dot"), (1, "split"), (4, "split")], indirect=["path"]
+)
+def test_gather_ffn_activations(act, rows, path):
+    assert kc.check_gather("triton", 64, 48, rows, "half", torch.float32, "cuda", act=act) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("rows", "path"), [(1, "fused"), (1, "dot"), (1, "split"), (5, "split")], indirect=["path"]
+)
+def test_gather_scale_equals_each_row_alone(rows, path):
+    assert kc.check_scaled_union("triton", 70, 33, rows, torch.float32, "cuda", seed=rows) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    ("rows", "path"), [(1, "split"), (1, "dot"), (4, "split"), (16, "split")], indirect=["path"]
+)
+@pytest.mark.parametrize("share_kept", [1.0, 0.5, 0.1, 0.0])
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_threshold_ffn_equals_reference(dtype, rows, path, share_kept, act):
+    err = kc.check_threshold("triton", 130, 257, rows, share_kept, dtype, "cuda", act=act)
+    assert err <= kc.TOL[dtype], err
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    ("rows", "path"), [(1, "split"), (1, "dot"), (3, "split"), (16, "split")], indirect=["path"]
+)
+@pytest.mark.parametrize("share_kept", [1.0, 0.6, 0.1, 0.0])
+@pytest.mark.parametrize("shape", [(101, 67), (4096, 700)])
+def test_sparse_input_linear_equals_reference(dtype, rows, path, share_kept, shape):
+    err = kc.check_input_linear("triton", *shape, rows, share_kept, dtype, "cuda")
+    assert err <= kc.TOL[dtype], err
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DTYPE_IDS[:2])
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("share_kept", [1.0, 0.5, 0.2])
+def test_teal_ffn_equals_reference(dtype, rows, share_kept):
+    assert kc.check_teal("triton", 90, 41, rows, share_kept, dtype, "cuda") <= kc.TOL[dtype]
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_sparsity_changes_the_output(path):
+    _, packed = kc.make_ffn(40, 24, torch.float32, "cuda", seed=7)
+    x = kc.make_x(1, 24, torch.float32, "cuda", seed=8)
+    full = gather_ffn(x, packed, torch.arange(40, device="cuda"), backend="triton")
+    half = gather_ffn(x, packed, torch.arange(20, device="cuda"), backend="triton")
+    assert kc.rel_err(half, full) > 0.1
+    assert kc.rel_err(threshold_ffn(x, packed, 0.2, backend="triton"), full) > 1e-3
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_every_output_is_written(path):
+    """Repeated calls on fresh inputs agree with the reference each time (no stale or unwritten output)."""
+    _, packed = kc.make_ffn(300, 200, torch.bfloat16, "cuda", seed=21)
+    idx = torch.randperm(300, device="cuda")[:77].int()
+    for seed in range(3):
+        x = kc.make_x(1, 200, torch.bfloat16, "cuda", seed=100 + seed)
+        out = gather_ffn(x, packed, idx, backend="triton")
+        assert torch.isfinite(out).all()
+        assert kc.rel_err(out, gather_ffn(x, packed, idx, backend="reference")) <= kc.TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_cuda_graph_capture(path):
+    """The kernels can be captured in a CUDA graph (how a decode loop would run them)."""
+    _, packed = kc.make_ffn(256, 128, torch.bfloat16, "cuda", seed=31)
+    x = kc.make_x(1, 128, torch.bfloat16, "cuda", seed=32)
+    idx = torch.arange(0, 256, 3, device="cuda")
+    expect = gather_ffn(x, packed, idx, backend="reference")
+    gather_ffn(x, packed, idx, backend="triton")  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gather_ffn(x, packed, idx, backend="triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert kc.rel_err(out, expect) <= kc.TOL[torch.bfloat16]
