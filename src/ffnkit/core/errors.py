@@ -33,3 +33,12 @@ class InvalidArgumentError(FFNKitError, ValueError):
 
 class SavedModelError(FFNKitError):
     """A saved folder that is corrupt, incomplete or not written by ffnkit / transformers."""
+
+
+class OutputFolderError(FFNKitError):
+    """An output folder ffnkit must not write: not empty (without overwrite), the input, the cache, not
+    writable, or on a disk without room."""
+
+
+class RemoteCodeError(FFNKitError):
+    """A model that needs its own Python code (``auto_map``) while ``trust_remote_code`` is off."""
