@@ -144,9 +144,10 @@ def check_output_dir(
     Refused: a file; a non-empty folder unless ``overwrite``; the ffnkit cache or the folder of
     ``model_source`` (the input: a folder or a built-in name), or a folder inside or holding either, even
     with ``overwrite``; a place that is not writable; a disk with less free space than ``needed_bytes``
-    (default: estimated from ``model_source``). ``replace=True`` (model folders) means ``overwrite``
-    replaces the whole folder, so it is allowed only on a folder that holds a model or a report, never on
-    the current folder or one above it. ``replace=False`` (report folders): files are written into it.
+    (default: estimated from ``model_source``; 0 skips the check). ``replace=True`` (model folders):
+    ``overwrite`` replaces the whole folder, so it is allowed only on a folder that holds a model or a
+    report, never on the current folder or one above it. ``replace=False`` (report folders): files are
+    written into it, nothing is deleted.
 
     Example:
         >>> check_output_dir("out/q4", overwrite=False, model_source="smollm2-135m")

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 from collections.abc import Callable
@@ -271,16 +272,17 @@ def _check_complete(path: Path, manifest: dict) -> None:
                 raise SavedModelError(f"{path}: {name} {what}; the folder is damaged — save the model again")
 
 
-def check_remote_code(config: dict, where: str | Path, trust_remote_code: bool) -> None:
-    """Refuse a model that needs its own Python code (``auto_map`` in its config) unless trusted.
+def check_remote_code(path: str | Path, trust_remote_code: bool) -> None:
+    """Refuse a model folder that needs its own Python code (``auto_map`` in ``config.json`` or
+    ``tokenizer_config.json``) unless ``trust_remote_code``: one line, nothing run, nothing asked.
 
-    A model type transformers knows is loaded with transformers' own code (nothing foreign runs); a note
-    on stderr says the folder's code was not used. Otherwise a one-line :class:`RemoteCodeError`.
+    A config ``auto_map`` beside a model type transformers knows is loaded with transformers' own code
+    (nothing foreign runs; transformers does the same); a note on stderr says the folder's code is unused.
 
     Example:
-        >>> check_remote_code({"model_type": "mycustom", "auto_map": {...}}, "folder", False)
+        >>> check_remote_code("folder-with-auto_map", trust_remote_code=False)
         Traceback (most recent call last):
-        RemoteCodeError: ...
+        RemoteCodeError: folder-with-auto_map needs its own Python code to load (auto_map in config.json); ...
     """
     import sys
 
@@ -288,19 +290,28 @@ def check_remote_code(config: dict, where: str | Path, trust_remote_code: bool) 
 
     from ffnkit.core.errors import RemoteCodeError
 
-    if trust_remote_code or not config.get("auto_map"):
+    if trust_remote_code:
         return
+    path = Path(path)
+    config = read_config_dict(path)
+    tokenizer_config: dict = {}
+    with contextlib.suppress(OSError, ValueError):
+        tokenizer_config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
     model_type = config.get("model_type")
-    if model_type in CONFIG_MAPPING and model_type != FFNKIT_MODEL_TYPE:
-        sys.stderr.write(
-            f"ffnkit: note: {where} ships its own Python code (auto_map); it is not run: transformers' "
-            f"built-in {model_type!r} code is used (add --trust-remote-code to run the folder's code)\n"
+    known = model_type in CONFIG_MAPPING and model_type != FFNKIT_MODEL_TYPE
+    for name, doc in (("config.json", config), ("tokenizer_config.json", tokenizer_config)):
+        if not (isinstance(doc, dict) and doc.get("auto_map")):
+            continue
+        if name == "config.json" and known:
+            sys.stderr.write(
+                f"ffnkit: note: {path} ships its own Python code (auto_map); it is not run: transformers' "
+                f"built-in {model_type!r} code is used (add --trust-remote-code to run the folder's code)\n"
+            )
+            continue
+        raise RemoteCodeError(
+            f"{path} needs its own Python code to load (auto_map in {name}); ffnkit does not run a model's "
+            "code unless you add --trust-remote-code (Python: trust_remote_code=True)"
         )
-        return
-    raise RemoteCodeError(
-        f"{where} needs its own Python code to load (auto_map in config.json); ffnkit does not run a "
-        "model's code unless you add --trust-remote-code (Python: trust_remote_code=True)"
-    )
 
 
 def _config_from(path: Path, doc: dict, trust_remote_code: bool) -> Any:
@@ -344,7 +355,7 @@ def load(path: str | Path, *, trust_remote_code: bool = False) -> tuple[nn.Modul
     recover(path)  # a save of this folder that was killed: finish or undo it first
     _check_folder(path)
     doc = read_config_dict(path)
-    check_remote_code(doc, path, trust_remote_code)
+    check_remote_code(path, trust_remote_code)
     recorded = (doc.get("ffnkit") or {}).get("changes", []) if isinstance(doc.get("ffnkit"), dict) else []
     if (path / MANIFEST).is_file():
         manifest = _read_manifest(path)

@@ -331,7 +331,7 @@ def load_model(
             model, tokenizer = ffnkit_io.load(path, trust_remote_code=trust_remote_code)
             model = model.to(dtype=torch_dtype)
         elif (path / "config.json").is_file():
-            ffnkit_io.check_remote_code(ffnkit_io.read_config_dict(path), path, trust_remote_code)
+            ffnkit_io.check_remote_code(path, trust_remote_code)
             model, tokenizer = _from_pretrained(path, torch_dtype, trust_remote_code=trust_remote_code)
         else:
             raise _unknown(name, "the folder has no config.json")
