@@ -69,9 +69,11 @@ def _source_folder(model_source: str | os.PathLike | None) -> Path | None:
     path = Path(model_source).expanduser()
     if path.is_dir():
         return path
-    from ffnkit.models import BUILTIN_MODELS, model_dir
-
-    return model_dir(str(model_source)) if str(model_source) in BUILTIN_MODELS else None
+    name = str(model_source)
+    if "/" in name or os.sep in name or name.startswith("."):
+        return None  # a hub id
+    converted = _cache_root() / "models" / name  # a built-in model, converted into the cache
+    return converted if converted.is_dir() else None
 
 
 def _safetensors_bytes(path: Path) -> int:

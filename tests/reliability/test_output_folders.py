@@ -57,9 +57,10 @@ def test_compress_with_overwrite_replaces_the_whole_folder(tiny_folder, other_mo
 
 @pytest.mark.parametrize("where", ["same", "inside"])
 def test_compress_never_writes_into_its_input(tiny_folder, where):
-    out = tiny_folder if where == "same" else tiny_folder / "sub"
+    # the same folder even with --overwrite; a new folder inside it even though it is empty
+    out, extra = (tiny_folder, ["--overwrite"]) if where == "same" else (tiny_folder / "sub", [])
     before = _snapshot(tiny_folder)
-    line = one_line_error(_compress(tiny_folder, out, "--overwrite"))
+    line = one_line_error(_compress(tiny_folder, out, *extra))
     assert "input" in line
     assert _snapshot(tiny_folder) == before
 
@@ -72,7 +73,9 @@ def test_compress_never_writes_into_the_cache(tiny_folder, _own_cache):
     line = one_line_error(_compress(tiny_folder, cached, "--overwrite"))
     assert "cache" in line
     assert _snapshot(_own_cache) == before
+    assert "cache" in one_line_error(_compress(tiny_folder, _own_cache / "models" / "new"))  # new, empty
     one_line_error(_compress(tiny_folder, _own_cache.parent, "--overwrite"))  # a folder holding the cache
+    assert _snapshot(_own_cache) == before
 
 
 def test_a_bad_output_folder_fails_before_the_model_is_loaded(other_model):
