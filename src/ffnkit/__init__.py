@@ -44,6 +44,7 @@ _EXPORTS = {
     # compress, save and load
     "save": "ffnkit.io",
     "load": "ffnkit.io",
+    "check_output_dir": "ffnkit.folders",
     "prune_": "ffnkit.compress.prune",
     "PruneConfig": "ffnkit.compress.prune",
     "lowrank_": "ffnkit.compress.lowrank",
@@ -68,6 +69,8 @@ _EXPORTS = {
     "FetchError": "ffnkit.core.errors",
     "InvalidArgumentError": "ffnkit.core.errors",
     "SavedModelError": "ffnkit.core.errors",
+    "OutputFolderError": "ffnkit.core.errors",
+    "RemoteCodeError": "ffnkit.core.errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -3,12 +3,18 @@
 A saved folder is a normal transformers folder (``save_pretrained``) plus ``ffnkit.json``::
 
     {"format": 1, "ffnkit_version": "0.1.0", "base_model": "smollm2-135m",
-     "model_class": "LlamaForCausalLM", "changes": [...structural changes...], "reports": [...]}
+     "model_class": "LlamaForCausalLM", "changes": [...structural changes...], "reports": [...],
+     "files": {"model.safetensors": 538090408}}
 
 Loading rebuilds the architecture from the config, replays the structural changes as *shapes only*
 (through :mod:`ffnkit.core.edit`), then loads the state dict, so logits are reproduced exactly. Where
 the result is a standard architecture (e.g. every FFN pruned to one width: just a smaller
-``intermediate_size``), plain ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads it too.
+``intermediate_size``), plain ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads it too;
+otherwise (per-layer widths, low-rank, quantised, removed sublayers) ``config.json`` says
+``"model_type": "ffnkit"`` and plain transformers refuses the folder instead of loading random weights.
+
+Saving is atomic (:mod:`ffnkit.folders`); a folder whose ``config.json`` records ffnkit changes never
+loads without its ``ffnkit.json``, and missing or unexpected weights are always an error.
 
 Later transforms add their structural change kind with one entry in :data:`REPLAYS` (or a call to
 :func:`register_replay`): ``kind -> "module:function"`` (imported lazily) or a callable
@@ -22,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 from collections.abc import Callable
@@ -34,11 +41,24 @@ from torch import nn
 from ffnkit.core.errors import SavedModelError
 from ffnkit.core.hf import auto_model_class, quiet_loading
 
-__all__ = ["FORMAT", "REPLAYS", "load", "register_replay", "save"]
+__all__ = [
+    "FFNKIT_MODEL_TYPE",
+    "FORMAT",
+    "REPLAYS",
+    "check_remote_code",
+    "load",
+    "read_config_dict",
+    "records_ffnkit_changes",
+    "register_replay",
+    "save",
+]
 
 FORMAT = 1
 MANIFEST = "ffnkit.json"
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_WEIGHT_EXTS = (".safetensors", ".bin", ".index.json")
+# config.json's model_type for a folder only ffnkit can rebuild: plain AutoConfig refuses it loudly
+FFNKIT_MODEL_TYPE = "ffnkit"
 
 # structural change kind -> replay function (a callable or "module:function", imported when needed)
 REPLAYS: dict[str, Callable[[nn.Module, dict], None] | str] = {
@@ -78,39 +98,90 @@ def _version() -> str:
     return __version__
 
 
-def save(model: nn.Module, tokenizer: Any, path: str | Path, report: Any = None) -> Path:
-    """Save a (changed) model, its tokenizer and ``ffnkit.json`` into folder ``path``.
+def save(
+    model: nn.Module, tokenizer: Any, path: str | Path, report: Any = None, *, overwrite: bool = False
+) -> Path:
+    """Save a (changed) model, its tokenizer and ``ffnkit.json`` into folder ``path``, atomically.
 
     ``report`` (a report object with ``to_dict()`` or a dict) is appended to the reports the model
     already carries (``model.ffnkit_reports``: those of earlier transforms and of the loaded folder).
+    A non-empty ``path`` is refused unless ``overwrite=True``; the ffnkit cache is always refused
+    (:func:`ffnkit.folders.check_output_dir`). Everything is written beside ``path`` and renamed into place
+    (:func:`ffnkit.folders.atomic_folder`), so a kill or a full disk leaves the old folder or none, never
+    half of one. A model whose changes plain transformers cannot rebuild gets ``model_type: "ffnkit"`` in
+    its ``config.json``, so ``AutoModel*.from_pretrained`` refuses it instead of loading random weights.
 
     Example:
         >>> report = prune_(model, PruneConfig("wanda-sp", 0.2), tokenizer=tok)
         >>> save(model, tok, "pruned", report=report)
     """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise SavedModelError(f"{path} exists and is not a folder; choose another output path")
-    path.mkdir(parents=True, exist_ok=True)
+    from ffnkit.folders import atomic_folder, check_output_dir, recover
+
+    path = Path(path).expanduser()
+    recover(path)  # a save of this folder that was killed: finish or undo it first
+    check_output_dir(path, overwrite=overwrite, needed_bytes=_state_bytes(model))
     reports = list(getattr(model, "ffnkit_reports", []) or [])
     if report is not None:
         doc = report.to_dict() if hasattr(report, "to_dict") else dict(report)
         if doc not in reports:
             reports.append(doc)
     meta = getattr(model.config, "ffnkit", None) or {}
-    model.save_pretrained(path, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    manifest = {
-        "format": FORMAT,
-        "ffnkit_version": _version(),
-        "base_model": getattr(model, "ffnkit_name", None) or getattr(model.config, "_name_or_path", None),
-        "model_class": type(model).__name__,
-        "changes": meta.get("changes", []),
-        "reports": reports,
-    }
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    with atomic_folder(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if meta.get("changes") and not _plain_loadable(model):
+            _mark_ffnkit_only(tmp / "config.json")
+        manifest = {
+            "format": FORMAT,
+            "ffnkit_version": _version(),
+            "base_model": getattr(model, "ffnkit_name", None) or getattr(model.config, "_name_or_path", None),
+            "model_class": type(model).__name__,
+            "changes": meta.get("changes", []),
+            "reports": reports,
+            # what a complete folder holds: load refuses one that lost a weight file
+            "files": {
+                p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.name.endswith(_WEIGHT_EXTS)
+            },
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return path
+
+
+def _state_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors ``save_pretrained`` writes (tied tensors once)."""
+    seen: dict[tuple, int] = {}
+    for name, t in model.state_dict().items():
+        try:
+            key: tuple = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        except (RuntimeError, NotImplementedError):  # a tensor subclass without plain storage
+            key = (name,)
+        seen[key] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def _plain_loadable(model: nn.Module) -> bool:
+    """Whether plain transformers rebuilds exactly this model from its config: the class built from the
+    config alone (no replayed changes) has the same tensor names and shapes."""
+    import copy
+
+    try:
+        with torch.device("meta"):
+            plain = type(model)(copy.deepcopy(model.config))
+    except Exception:
+        return False
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return want == {k: tuple(v.shape) for k, v in plain.state_dict().items()}
+
+
+def _mark_ffnkit_only(config_json: Path) -> None:
+    """Make plain ``AutoConfig`` refuse the folder (an unknown model type); :func:`load` restores it."""
+    doc = json.loads(config_json.read_text())
+    # not under the key "model_type": transformers' config classes would take a sub-dict holding their own
+    # model type for the whole config (and build a default-sized model)
+    doc.setdefault("ffnkit", {})["original_model_type"] = doc.get("model_type")
+    doc["model_type"] = FFNKIT_MODEL_TYPE
+    config_json.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def _read_manifest(path: Path) -> dict:
@@ -149,36 +220,174 @@ def _check_folder(path: Path) -> None:
         )
 
 
-def load(path: str | Path) -> tuple[nn.Module, Any]:
+def read_config_dict(path: str | Path) -> dict:
+    """``config.json`` of a model folder as a dict (one-line :class:`SavedModelError` if unreadable).
+
+    Example:
+        >>> read_config_dict("pruned")["ffnkit"]["changes"][-1]["kind"]
+        'ffn_structure'
+    """
+    path = Path(path)
+    try:
+        doc = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SavedModelError(
+            f"{path}/config.json is unreadable ({type(exc).__name__}); save the model again"
+        ) from None
+    if not isinstance(doc, dict):
+        raise SavedModelError(f"{path}/config.json is not a JSON object; save the model again")
+    return doc
+
+
+def records_ffnkit_changes(path: str | Path) -> bool:
+    """Whether the folder's ``config.json`` says ffnkit changed the model (so only :func:`load` may load it).
+
+    Example:
+        >>> records_ffnkit_changes("pruned")
+        True
+    """
+    config_json = Path(path) / "config.json"
+    if not config_json.is_file():
+        return False
+    doc = read_config_dict(path)
+    meta = doc.get("ffnkit")
+    return doc.get("model_type") == FFNKIT_MODEL_TYPE or bool(isinstance(meta, dict) and meta.get("changes"))
+
+
+def _check_complete(path: Path, manifest: dict) -> None:
+    """The folder holds what its save wrote: the completion marker and every weight file at its size."""
+    from ffnkit.folders import COMPLETE
+
+    files = manifest.get("files")
+    if isinstance(files, dict):  # written by an ffnkit that saves atomically
+        if not (path / COMPLETE).is_file():
+            raise SavedModelError(
+                f"{path} is incomplete (no {COMPLETE} marker: its save did not finish); save the model again"
+            )
+        for name, size in files.items():
+            f = path / name
+            if not f.is_file() or f.stat().st_size != size:
+                what = "is missing" if not f.is_file() else f"has {f.stat().st_size} bytes, not {size}"
+                raise SavedModelError(f"{path}: {name} {what}; the folder is damaged — save the model again")
+
+
+def check_remote_code(path: str | Path, trust_remote_code: bool) -> None:
+    """Refuse a model folder that needs its own Python code (``auto_map`` in ``config.json`` or
+    ``tokenizer_config.json``) unless ``trust_remote_code``: one line, nothing run, nothing asked.
+
+    A config ``auto_map`` beside a model type transformers knows is loaded with transformers' own code
+    (nothing foreign runs; transformers does the same); a note on stderr says the folder's code is unused.
+
+    Example:
+        >>> check_remote_code("folder-with-auto_map", trust_remote_code=False)
+        Traceback (most recent call last):
+        RemoteCodeError: folder-with-auto_map needs its own Python code to load (auto_map in config.json); ...
+    """
+    import sys
+
+    from transformers import CONFIG_MAPPING
+
+    from ffnkit.core.errors import RemoteCodeError
+
+    if trust_remote_code:
+        return
+    path = Path(path)
+    config = read_config_dict(path)
+    tokenizer_config: dict = {}
+    with contextlib.suppress(OSError, ValueError):
+        tokenizer_config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    model_type = config.get("model_type")
+    known = model_type in CONFIG_MAPPING and model_type != FFNKIT_MODEL_TYPE
+    for name, doc in (("config.json", config), ("tokenizer_config.json", tokenizer_config)):
+        if not (isinstance(doc, dict) and doc.get("auto_map")):
+            continue
+        if name == "config.json" and known:
+            sys.stderr.write(
+                f"ffnkit: note: {path} ships its own Python code (auto_map); it is not run: transformers' "
+                f"built-in {model_type!r} code is used (add --trust-remote-code to run the folder's code)\n"
+            )
+            continue
+        raise RemoteCodeError(
+            f"{path} needs its own Python code to load (auto_map in {name}); ffnkit does not run a model's "
+            "code unless you add --trust-remote-code (Python: trust_remote_code=True)"
+        )
+
+
+def _config_from(path: Path, doc: dict, trust_remote_code: bool) -> Any:
+    """The transformers config of a saved folder, with the model type restored where save hid it."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    try:
+        if doc.get("model_type") != FFNKIT_MODEL_TYPE:
+            return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        meta = dict(doc.get("ffnkit") or {})
+        model_type = meta.pop("original_model_type", None)
+        if model_type not in CONFIG_MAPPING:
+            raise SavedModelError(
+                f"{path}/config.json: unknown original model type {model_type!r}; save the model again"
+            )
+        config = CONFIG_MAPPING[model_type].from_dict({**doc, "model_type": model_type, "ffnkit": meta})
+        config._name_or_path = str(path)
+        return config
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise SavedModelError(f"{path}/config.json is unreadable ({first}); save the model again") from None
+
+
+def load(path: str | Path, *, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """Load a folder written by :func:`save`: (model in eval mode, tokenizer), logits exactly as saved.
+
+    Refused with a one-line :class:`SavedModelError`: a folder whose ``config.json`` records ffnkit changes
+    but whose ``ffnkit.json`` is missing or damaged, an incomplete save, and weights that do not match the
+    rebuilt model (missing, unexpected or of another shape). A model with its own code (``auto_map``)
+    needs ``trust_remote_code=True``.
 
     Example:
         >>> model, tok = load("pruned")
         >>> model.config.ffnkit["structure"]["d_ff"][:3]
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    path = Path(path)
+    from ffnkit.folders import recover
+
+    path = Path(path).expanduser()
+    recover(path)  # a save of this folder that was killed: finish or undo it first
     _check_folder(path)
-    manifest = _read_manifest(path) if (path / MANIFEST).is_file() else {"changes": []}
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise SavedModelError(f"{path}/config.json is unreadable ({exc}); save the model again") from None
-    changes = manifest.get("changes") or (getattr(config, "ffnkit", None) or {}).get("changes", [])
+    doc = read_config_dict(path)
+    check_remote_code(path, trust_remote_code)
+    recorded = (doc.get("ffnkit") or {}).get("changes", []) if isinstance(doc.get("ffnkit"), dict) else []
+    if (path / MANIFEST).is_file():
+        manifest = _read_manifest(path)
+        _check_complete(path, manifest)
+    elif recorded or doc.get("model_type") == FFNKIT_MODEL_TYPE:
+        raise SavedModelError(
+            f"{path}: config.json records ffnkit changes but {MANIFEST} is missing (the save did not "
+            "finish, or the file was removed); the weights cannot be rebuilt without it — save the model again"
+        )
+    else:
+        manifest = {"changes": []}
+    config = _config_from(path, doc, trust_remote_code)
+    changes = manifest.get("changes") or []
     for change in changes:
         if not isinstance(change, dict) or "kind" not in change:
             raise SavedModelError(f"{path / MANIFEST}: a change without a 'kind'; save the model again")
         _replay_fn(change["kind"])  # fail early on a kind this ffnkit does not know
+    if recorded and json.dumps(recorded, sort_keys=True, default=str) != json.dumps(
+        changes, sort_keys=True, default=str
+    ):  # never new weights under an old manifest
+        raise SavedModelError(
+            f"{path}: ffnkit.json and config.json record different changes (parts of two saves); "
+            "save the model again"
+        )
     cls = _model_class(config, manifest.get("model_class"))
-    model = _from_pretrained_replayed(cls, path, config, changes)
+    model = _from_pretrained_replayed(cls, path, config, changes, trust_remote_code)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model.eval()
     model.ffnkit_reports = list(manifest.get("reports", []))
     model.ffnkit_name = manifest.get("base_model") or str(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         tokenizer = None  # a model saved without its tokenizer
     return model, tokenizer
@@ -197,7 +406,9 @@ def _replay_all(model: nn.Module, changes: list[dict], path: Path) -> None:
             ) from None
 
 
-def _from_pretrained_replayed(cls: type, path: Path, config: Any, changes: list[dict]) -> nn.Module:
+def _from_pretrained_replayed(
+    cls: type, path: Path, config: Any, changes: list[dict], trust_remote_code: bool = False
+) -> nn.Module:
     """``cls.from_pretrained`` where the freshly built model is reshaped by the changes before loading.
 
     transformers builds the model (on the meta device) and then loads the checkpoint with its own key
@@ -219,7 +430,13 @@ def _from_pretrained_replayed(cls: type, path: Path, config: Any, changes: list[
 
     try:
         with quiet_loading():  # transformers' "Loading weights" bar on every load
-            model, info = rebuilt.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+            model, info = rebuilt.from_pretrained(
+                path,
+                config=config,
+                dtype=dtype,
+                output_loading_info=True,
+                trust_remote_code=trust_remote_code,
+            )
     except SavedModelError:
         raise
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:

@@ -91,9 +91,11 @@ def test_replay_registry_names_unknown_kinds(tmp_path):
     model = tiny_model("llama")
     keep_neurons_(find_ffns(model)[0], torch.arange(10), model=model)
     io.save(model, None, tmp_path / "m")
-    doc = json.loads((tmp_path / "m" / "ffnkit.json").read_text())
-    doc["changes"].append({"kind": "from_the_future"})
-    (tmp_path / "m" / "ffnkit.json").write_text(json.dumps(doc))
+    # a folder from a newer ffnkit: both ffnkit.json and config.json record the unknown change
+    for name, key in (("ffnkit.json", None), ("config.json", "ffnkit")):
+        doc = json.loads((tmp_path / "m" / name).read_text())
+        (doc[key] if key else doc)["changes"].append({"kind": "from_the_future"})
+        (tmp_path / "m" / name).write_text(json.dumps(doc))
     with pytest.raises(SavedModelError, match="from_the_future"):
         io.load(tmp_path / "m")
     # a registered kind is replayed

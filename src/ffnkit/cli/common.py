@@ -13,6 +13,20 @@ ModelArg = Annotated[
     str,
     typer.Argument(help="Built-in name (smollm2-135m, minilm-l6), hub id, local folder, or ffnkit output."),
 ]
+TrustRemoteCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Run the model's own Python code (auto_map in its config). Off: such models are refused.",
+    ),
+]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace a non-empty output folder (never the input model's folder or the ffnkit cache).",
+    ),
+]
 CorpusOpt = Annotated[
     str,
     typer.Option(

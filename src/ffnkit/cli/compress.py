@@ -21,7 +21,15 @@ from typing import Annotated, Any
 
 import typer
 
-from ffnkit.cli.common import CorpusOpt, JsonOpt, ModelArg, print_json, print_table
+from ffnkit.cli.common import (
+    CorpusOpt,
+    JsonOpt,
+    ModelArg,
+    OverwriteOpt,
+    TrustRemoteCodeOpt,
+    print_json,
+    print_table,
+)
 
 
 @dataclass
@@ -172,12 +180,15 @@ def compress(
     bits: Annotated[int, typer.Option(help="Bits per FFN weight (method quantize), 2-8.")] = 4,
     heal_minutes: Annotated[float, typer.Option(help="Time budget of --heal, minutes.")] = 10.0,
     heal_lr: Annotated[float, typer.Option(help="Peak learning rate of --heal.")] = 3e-4,
+    overwrite: OverwriteOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Compress MODEL's FFNs with METHOD at RATIO, save it to DIR, print sizes and perplexity."""
     from ffnkit.core.archs import find_ffns
     from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.evaluate import count_parameters, environment
+    from ffnkit.folders import check_output_dir
     from ffnkit.io import save
     from ffnkit.sources.models import load_model
 
@@ -196,7 +207,9 @@ def compress(
         from ffnkit.compress.quantize import QuantizeConfig
 
         QuantizeConfig(bits=bits)
-    net, tok = load_model(model)
+    # a bad -o (not empty, the input, the cache, read-only, no room) fails now, not after the work
+    check_output_dir(output, overwrite=overwrite, model_source=model)
+    net, tok = load_model(model, trust_remote_code=trust_remote_code)
     before = count_parameters(net, find_ffns(net))
     doc: dict[str, Any] = {"model": model, "method": method, "ratio": ratio, "output": output}
     tokens = None
@@ -227,7 +240,7 @@ def compress(
         from ffnkit.evaluate import perplexity
 
         doc["perplexity_after"] = perplexity(net, tokens, progress=not json).perplexity
-    save(net, tok, output, report=report)
+    save(net, tok, output, report=report, overwrite=overwrite)
     doc["report"] = report.to_dict() if hasattr(report, "to_dict") else report
     doc["environment"] = environment()
     if json:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ffnkit.cli.common import CorpusOpt, JsonOpt, ModelArg, print_json, print_table
+from ffnkit.cli.common import CorpusOpt, JsonOpt, ModelArg, TrustRemoteCodeOpt, print_json, print_table
 
 
 def eval_(
@@ -16,6 +16,7 @@ def eval_(
     stride: Annotated[int | None, typer.Option(help="Window stride (default: window, no overlap).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Score the last N tokens of the evaluation split.")] = 4096,
     speed: Annotated[bool, typer.Option("--speed", help="Also measure decode speed (batch 1).")] = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Perplexity of MODEL on the evaluation split of a corpus (JSON has the protocol and the split)."""
@@ -24,7 +25,7 @@ def eval_(
     from ffnkit.evaluate import count_parameters, decode_speed, environment, perplexity
     from ffnkit.sources.models import load_model
 
-    net, tok = load_model(model)
+    net, tok = load_model(model, trust_remote_code=trust_remote_code)
     text = load_corpus(corpus)
     tokens = evaluation_tokens(text, tok, max_tokens=max_tokens)
     result = perplexity(net, tokens, window=window, stride=stride, progress=not json)

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ffnkit.cli.common import JsonOpt, ModelArg, console, print_json, print_table
+from ffnkit.cli.common import JsonOpt, ModelArg, TrustRemoteCodeOpt, console, print_json, print_table
 
 inspect_app = typer.Typer(
     help="Inspect FFN neurons: vocabulary projection, neuron search, prediction trace, statistics.",
@@ -67,13 +67,14 @@ def neurons(
     vocab_chunk: Annotated[
         int | None, typer.Option(help="Also stream over the vocabulary in blocks.")
     ] = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Top-k tokens each neuron's value vector promotes and suppresses (vocabulary projection)."""
     from ffnkit.inspect.vocab import project_neurons
     from ffnkit.sources.models import load_model
 
-    net, tok = load_model(model)
+    net, tok = load_model(model, trust_remote_code=trust_remote_code)
     proj = project_neurons(
         net,
         layers=parse_ints(layer, "layer"),
@@ -115,13 +116,14 @@ def search(
     top: Annotated[int, typer.Option("--top", help="Neurons to return.")] = 10,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Tokens shown per neuron.")] = 10,
     no_norm: Annotated[bool, typer.Option("--no-norm", help="Use the raw v_i, not g ⊙ v_i.")] = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Neurons whose vocabulary projection promotes the given words most."""
     from ffnkit.inspect.vocab import search_neurons
     from ffnkit.sources.models import load_model
 
-    net, tok = load_model(model)
+    net, tok = load_model(model, trust_remote_code=trust_remote_code)
     res = search_neurons(
         net,
         tok,
@@ -160,6 +162,7 @@ def trace_cmd(
     position: Annotated[int, typer.Option(help="Token position to trace (default: the last).")] = -1,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Tokens shown per list.")] = 5,
     top_neurons: Annotated[int, typer.Option(help="Sub-updates shown per layer.")] = 5,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Per layer: logit-lens tokens before/after the FFN, dominant sub-updates, effects on a target."""
@@ -169,7 +172,7 @@ def trace_cmd(
 
     if not prompt:
         raise InvalidArgumentError("give a prompt: --prompt 'The capital of France is'")
-    net, tok = load_model(model)
+    net, tok = load_model(model, trust_remote_code=trust_remote_code)
     t = trace(
         net,
         tok,

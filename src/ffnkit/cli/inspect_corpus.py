@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ffnkit.cli.common import CorpusOpt, JsonOpt, ModelArg, print_json, print_table
+from ffnkit.cli.common import CorpusOpt, JsonOpt, ModelArg, TrustRemoteCodeOpt, print_json, print_table
 from ffnkit.cli.inspect import inspect_app
 from ffnkit.core.criteria import ACTIVE_THRESHOLD
 
@@ -38,11 +38,13 @@ def _ints(text: str | None) -> list[int] | None:
         raise InvalidArgumentError(f"expected comma-separated integers like 3,17,42; got {text!r}") from None
 
 
-def _setup(model: str, corpus: str, samples: int, seq_len: int, seed: int = 0):
+def _setup(
+    model: str, corpus: str, samples: int, seq_len: int, seed: int = 0, *, trust_remote_code: bool = False
+):
     from ffnkit.data import calibration_batches, load_corpus
     from ffnkit.sources.models import load_model
 
-    net, tok = load_model(model)
+    net, tok = load_model(model, trust_remote_code=trust_remote_code)
     text = load_corpus(corpus)
     return net, tok, text, calibration_batches(text, tok, n_samples=samples, seq_len=seq_len, seed=seed)
 
@@ -75,6 +77,7 @@ def stats(
     samples: SamplesOpt = 32,
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 8,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Per-neuron firing rate, mean and variance of m_i; top-activating corpus contexts of chosen neurons."""
@@ -85,7 +88,7 @@ def stats(
     chosen = _ints(neurons)
     if chosen and (not layers or len(layers) != 1):
         raise InvalidArgumentError("--neurons needs exactly one --layer, e.g. --layer 3 --neurons 17,42")
-    net, tok, text, batches = _setup(model, corpus, samples, seq_len)
+    net, tok, text, batches = _setup(model, corpus, samples, seq_len, trust_remote_code=trust_remote_code)
     res = neuron_stats(
         net,
         batches,
@@ -133,12 +136,13 @@ def spectral(
     samples: SamplesOpt = 32,
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 8,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Hard rank, soft rank, concentration and utilisation of each layer's activation covariance."""
     from ffnkit.inspect.spectral import plot_spectral, spectral_utilisation
 
-    net, _, text, batches = _setup(model, corpus, samples, seq_len)
+    net, _, text, batches = _setup(model, corpus, samples, seq_len, trust_remote_code=trust_remote_code)
     res = spectral_utilisation(net, batches, layers=_ints(layer), batch_size=batch_size, progress=True)
     doc = {**_base(model, text, batches), **res.to_dict()}
     if plot:
@@ -164,6 +168,7 @@ def importance(
     samples: SamplesOpt = 4,
     seq_len: SeqLenOpt = 128,
     batch_size: BatchOpt = 4,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Sublayer importance: FinerCut's greedy removal order (JS divergence) or ShortGPT block influence."""
@@ -172,7 +177,7 @@ def importance(
 
     if method not in ("finercut", "shortgpt"):
         raise InvalidArgumentError(f"--method must be finercut or shortgpt, got {method!r}")
-    net, _, text, batches = _setup(model, corpus, samples, seq_len)
+    net, _, text, batches = _setup(model, corpus, samples, seq_len, trust_remote_code=trust_remote_code)
     if method == "finercut":
         res = finercut(net, batches, steps=steps, batch_size=batch_size, progress=True)
     else:
@@ -199,6 +204,7 @@ def contrast(
     top: Annotated[int, typer.Option("--top", help="Neurons (and experts) to report.")] = 20,
     threshold: ThresholdOpt = ACTIVE_THRESHOLD,
     rank_by: Annotated[str, typer.Option("--rank-by", help="delta or cohens_d.")] = "delta",
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Neurons (and MoE experts) whose activation differs most between two prompt sets."""
@@ -206,7 +212,7 @@ def contrast(
     from ffnkit.inspect.contrast import contrast as run
     from ffnkit.sources.models import load_model
 
-    net, tok = load_model(model)
+    net, tok = load_model(model, trust_remote_code=trust_remote_code)
     res = run(net, tok, a, b, top=top, threshold=threshold, rank_by=rank_by)
     doc = {"model": model, "a": a, "b": b, **res.to_dict(), "environment": environment()}
     if json:
@@ -232,13 +238,14 @@ def early_exit(
     samples: SamplesOpt = 8,
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 4,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Saturation layers (logit lens) and a confidence exit rule calibrated on calibration, measured on evaluation."""
     from ffnkit.data import evaluation_tokens
     from ffnkit.inspect.early_exit import early_exit as run
 
-    net, tok, text, batches = _setup(model, corpus, samples, seq_len)
+    net, tok, text, batches = _setup(model, corpus, samples, seq_len, trust_remote_code=trust_remote_code)
     ev = evaluation_tokens(text, tok, max_tokens=eval_tokens)
     n = ev.numel() // seq_len
     if n == 0:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from ffnkit.cli.common import JsonOpt, ModelArg, print_json, print_table
+from ffnkit.cli.common import JsonOpt, ModelArg, TrustRemoteCodeOpt, print_json, print_table
 
 
-def models(model: ModelArg = "smollm2-135m", json: JsonOpt = False) -> None:
+def models(
+    model: ModelArg = "smollm2-135m", trust_remote_code: TrustRemoteCodeOpt = False, json: JsonOpt = False
+) -> None:
     """List every FFN block: layer, kind, widths, activation, parameters and FLOPs per token."""
     from ffnkit.core.archs import find_ffns
     from ffnkit.evaluate import count_parameters
     from ffnkit.sources.models import load_model
 
-    net, _ = load_model(model)
+    net, _ = load_model(model, trust_remote_code=trust_remote_code)
     ffns = find_ffns(net)
     rows = [f.describe() for f in ffns]
     doc = {

@@ -6,7 +6,15 @@ from typing import Annotated
 
 import typer
 
-from ffnkit.cli.common import CorpusOpt, JsonOpt, ModelArg, console, print_json, print_table
+from ffnkit.cli.common import (
+    CorpusOpt,
+    JsonOpt,
+    ModelArg,
+    TrustRemoteCodeOpt,
+    console,
+    print_json,
+    print_table,
+)
 from ffnkit.cli.inspect import parse_ints, parse_words
 
 steer_app = typer.Typer(
@@ -45,6 +53,7 @@ def neurons(
     positions: PositionsOpt = "all",
     site: Annotated[str, typer.Option(help="post (m_i, default) or pre.")] = "post",
     max_new_tokens: NewTokensOpt = 20,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Generate with and without setting/scaling/zeroing neurons' activations."""
@@ -63,7 +72,7 @@ def neurons(
     if not prompt:
         raise InvalidArgumentError("give a prompt: --prompt 'Once upon a time'")
     op, value = chosen[0]
-    net, tok = load_model(model)
+    net, tok = load_model(model, trust_remote_code=trust_remote_code)
     edit = NeuronEdit(
         layer=layer, neurons=ids, op=op, value=value, positions=_positions(positions), site=site
     )
@@ -83,6 +92,7 @@ def experts(
     off: Annotated[str | None, typer.Option("--off", help="Experts to force off.")] = None,
     positions: PositionsOpt = "all",
     max_new_tokens: NewTokensOpt = 20,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Generate with and without forcing MoE experts on/off (SteerMoE: edit the router logits)."""
@@ -100,7 +110,7 @@ def experts(
     )
     if not edit.on and not edit.off:
         raise InvalidArgumentError("give experts to force: --on 3 and/or --off 1,2")
-    net, tok = load_model(model)
+    net, tok = load_model(model, trust_remote_code=trust_remote_code)
     doc = {"model": model, **generate_pair(net, tok, prompt, [edit], max_new_tokens).to_dict()}
     if json:
         print_json(doc)
@@ -123,6 +133,7 @@ def concept(
     window: Annotated[int, typer.Option(help="Tokens per prompt window.")] = 128,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Also show a generation.")] = None,
     max_new_tokens: NewTokensOpt = 20,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Promote (or suppress) a concept: set the neurons that project onto the words, report the shift of
@@ -131,7 +142,7 @@ def concept(
     from ffnkit.sources.models import load_model
     from ffnkit.steer import ConceptConfig, generate_pair, steer_concept
 
-    net, tok = load_model(model)
+    net, tok = load_model(model, trust_remote_code=trust_remote_code)
     text = load_corpus(corpus)
     tokens = evaluation_tokens(text, tok, max_tokens=max_tokens)
     cfg = ConceptConfig(

@@ -42,3 +42,12 @@ class ReadOnlyWeightError(InvalidArgumentError):
 
 class StaleHandleError(InvalidArgumentError):
     """An FFN handle used after a structural change that it did not take part in (find_ffns again)."""
+
+
+class OutputFolderError(FFNKitError):
+    """An output folder ffnkit must not write: not empty (without overwrite), the input, the cache, not
+    writable, or on a disk without room."""
+
+
+class RemoteCodeError(FFNKitError):
+    """A model that needs its own Python code (``auto_map``) while ``trust_remote_code`` is off."""

