@@ -40,7 +40,7 @@ from ffnkit.core.ffn import FFN
 from ffnkit.core.layouts import EXPERTS, find_layout, layout_of
 from ffnkit.core.transaction import Transaction
 from ffnkit.modules.base import tensor_bytes
-from ffnkit.modules.quantized import PackedExperts, QuantizedLinear, pack_ints
+from ffnkit.modules.quantized import PackedExperts, QuantizedLinear
 
 __all__ = [
     "CHANGE_KIND",
@@ -222,25 +222,7 @@ def _quantise(mod: nn.Module, bits: int, group_size: int | None, mapping: str) -
     w = _canonical(mod)  # [out, in]
     g = group_size or w.shape[1]
     qdata, scale, zp = _ao_quantise(w, bits, g, mapping)
-    bias = getattr(mod, "bias", None)
-    new = QuantizedLinear(
-        w.shape[1],
-        w.shape[0],
-        bits,
-        g,
-        bias is not None,
-        zero_point=zp is not None,
-        dtype=scale.dtype,
-        device=w.device,
-    )
-    new.qweight.copy_(pack_ints(qdata, bits))
-    new.scale.copy_(scale)  # [out, groups]
-    if zp is not None:
-        new.zero_point.copy_(pack_ints(zp, bits))
-    if bias is not None:
-        new.bias.data.copy_(bias.detach())
-        new.bias.requires_grad_(bias.requires_grad)
-    return new
+    return QuantizedLinear.from_ints(qdata, scale, zp, getattr(mod, "bias", None), bits=bits)
 
 
 def _quantise_experts(t: _Target, bits: int, group_size: int | None, mapping: str) -> PackedExperts:
@@ -250,9 +232,9 @@ def _quantise_experts(t: _Target, bits: int, group_size: int | None, mapping: st
     e, out, n = c.shape
     g = group_size or n
     qdata, scale, zp = _ao_quantise(c.reshape(e * out, n), bits, g, mapping)  # rows: (expert, output)
-    init = (pack_ints(qdata, bits), scale.reshape(e, out, n // g))
-    init += () if zp is None else (pack_ints(zp, bits),)
-    return PackedExperts(list(w.shape), bits, g, t.transpose, init)
+    return PackedExperts.from_ints(
+        qdata, scale.reshape(e, out, n // g), zp, list(w.shape), t.transpose, bits=bits
+    )
 
 
 def quantize_(model: nn.Module, config: QuantizeConfig | None = None) -> QuantizeReport:
@@ -285,8 +267,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None) -> Quantiz
             path = paths[id(t.module)]
             if t.tensor is None:
                 new = _quantise(t.module, config.bits, config.group_size, config.mapping)
-                b0, stored = tensor_bytes(t.module.weight), [new.qweight, new.scale]
-                stored += [] if new.zero_point is None else [new.zero_point]
+                b0, stored = tensor_bytes(t.module.weight), new.packed_tensors()
                 shape, numel = [new.out_features, new.in_features], new.in_features * new.out_features
                 rec = new.to_record(path)
             else:

@@ -10,8 +10,8 @@ Sites (the same names in the API, the CLI and the JSON):
 - ``router`` router logits [..., n_experts] (MoE layers only)
 
 Hooks sit on the projections themselves (the input of W_in, the outputs of W_in / W_gate, the input and
-output of W_out; or a runtime module's ``hook_<site>`` HookPoint where it offers one), so ``in`` and ``out`` mean the same on every family, even where the model has no single
-FFN module (OPT, BERT). MoE layers offer ``in``, ``out`` and ``router`` (expert internals run inside one
+output of W_out; or a runtime module's ``hook_<site>`` HookPoint where it offers one), so ``in`` and
+``out`` mean the same on every family, even where the model has no single FFN module (OPT, BERT). MoE layers offer ``in``, ``out`` and ``router`` (expert internals run inside one
 fused module in transformers v5).
 
 Raw mode keeps detached tensors (small jobs); reducer mode keeps only streaming statistics, so memory

@@ -183,6 +183,45 @@ class QuantizedLinear(RuntimeModule):
     def group_size(self) -> int:
         return self._shape[3]
 
+    @classmethod
+    def from_ints(
+        cls, q: Tensor, scale: Tensor, zero_point: Tensor | None, bias: Tensor | None, *, bits: int
+    ) -> QuantizedLinear:
+        """The module holding integers q [out, in] (int8, in the ``bits``-bit range), scales
+        [out, groups] (their dtype is the module's), zero points [out, groups] or None, and a copy of
+        ``bias`` [out] (its ``requires_grad`` too).
+
+        Example:
+            >>> q = QuantizedLinear.from_ints(torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 2), None,
+            ...                               None, bits=4)
+            >>> q.group_size, q.weight.abs().sum().item()
+            (4, 0.0)
+        """
+        out, n = q.shape
+        new = cls(
+            n,
+            out,
+            bits,
+            n // scale.shape[1],
+            bias is not None,
+            zero_point=zero_point is not None,
+            dtype=scale.dtype,
+            device=q.device,
+        )
+        with torch.no_grad():
+            new.qweight.copy_(pack_ints(q, bits))
+            new.scale.copy_(scale)  # [out, groups]
+            if zero_point is not None:
+                new.zero_point.copy_(pack_ints(zero_point, bits))
+            if bias is not None:
+                new.bias.copy_(bias.detach())
+                new.bias.requires_grad_(bias.requires_grad)
+        return new
+
+    def packed_tensors(self) -> list[Tensor]:
+        """The stored tensors that stand for the weights: packed values, scales (and packed zero points)."""
+        return [self.qweight, self.scale] + ([] if self.zero_point is None else [self.zero_point])
+
     def dequantised(self) -> Tensor:
         """The matrix W [out, in] the packed values stand for (a fresh plain tensor)."""
         n, m, bits, g = self._shape
@@ -296,6 +335,27 @@ class PackedExperts(RuntimeModule):
         # (packed values, scales [E, out, groups], packed zero points if asymmetric), handed over once
         self._init: tuple[Tensor, ...] | None = init
         self.has_zero_point = len(init) == 3
+
+    @classmethod
+    def from_ints(
+        cls,
+        q: Tensor,
+        scale: Tensor,
+        zero_point: Tensor | None,
+        shape: list[int],
+        transpose: bool,
+        *,
+        bits: int,
+    ) -> PackedExperts:
+        """The parametrization of an expert tensor of ``shape`` (as the model keeps it) from integers
+        q [E·out, in] (rows: expert, output), scales [E, out, groups] and zero points [E·out, groups] or None.
+
+        Example:
+            >>> pz = PackedExperts.from_ints(q, scale, None, [8, 128, 64], False, bits=4)
+        """
+        init = (pack_ints(q, bits), scale)
+        init += () if zero_point is None else (pack_ints(zero_point, bits),)
+        return cls(shape, bits, q.shape[1] // scale.shape[-1], transpose, init)
 
     @property
     def stored(self) -> tuple[Tensor, ...]:
