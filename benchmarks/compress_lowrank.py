@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from ffnkit.compress.heal import HealConfig, heal_
 from ffnkit.compress.lowrank import LowRankConfig, collect_lowrank_stats, lowrank_
 from ffnkit.data import calibration_batches, evaluation_tokens, load_corpus
 from ffnkit.evaluate import environment, perplexity
 from ffnkit.models import load_model
+from ffnkit.train.heal import HealConfig, heal_
 
 
 @torch.inference_mode()

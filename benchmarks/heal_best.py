@@ -38,12 +38,12 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/heal_best_cpu.json")
     args = ap.parse_args()
 
-    from ffnkit.compress.heal import HealConfig, heal_
     from ffnkit.compress.prune import BEST, PruneConfig, prune_
     from ffnkit.core.archs import find_ffns
     from ffnkit.data import evaluation_tokens, load_corpus
     from ffnkit.evaluate import count_parameters, environment, perplexity
     from ffnkit.models import load_model
+    from ffnkit.train.heal import HealConfig, heal_
 
     model, tok = load_model(args.model)
     tokens = evaluation_tokens(load_corpus("austen"), tok)

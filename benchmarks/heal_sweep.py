@@ -51,11 +51,11 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/heal_sweep.json")
     args = ap.parse_args()
 
-    from ffnkit.compress.heal import HealConfig, heal_
     from ffnkit.compress.prune import PruneConfig, prune_
     from ffnkit.data import evaluation_tokens, load_corpus
     from ffnkit.evaluate import environment, perplexity
     from ffnkit.models import load_model
+    from ffnkit.train.heal import HealConfig, heal_
 
     recipes = dict(RECIPES)
     recipes.update({k: tuple(v) for k, v in json.loads(args.extra or "{}").items()})
