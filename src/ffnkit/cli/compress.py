@@ -56,7 +56,7 @@ def method_fields(method: str, options: dict[str, Any], settings: list[str] | No
             else f"method {method!r} has no {name}"
         )
         others = methods_with_field(name)
-        where = f"it applies to: {', '.join(others)}" if others else "no method has it"
+        where = f"it applies to: {', '.join(others)}" if others else f"its settings: {', '.join(fields)}"
         raise InvalidArgumentError(f"{flag} does not apply here: {why}; {where}")
     return given
 
