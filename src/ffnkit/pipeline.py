@@ -5,7 +5,7 @@ One :class:`PipelineConfig` (JSON round trip) says what to do; :func:`run_pipeli
 step's method, config and report, parameters and perplexity before and after, seconds per stage, the
 environment and the command line. ``ffnkit compress`` is a thin layer over it; the benchmark scripts and
 a server use the same stage functions (:func:`evaluation_set`, :func:`measure`, :func:`run_step`,
-:func:`heal_step`) when they share work between runs (one dense measurement, statistics collected once).
+:func:`heal_step`, :func:`load_step`, :func:`save_step`) when they share work between runs (one dense measurement, statistics collected once).
 
 Steps name a method of :data:`ffnkit.compress.registry.METHODS` and the config fields the user gives; the
 method adds its fixed fields and defaults. Steps and healing inherit the pipeline's ``corpus`` (the
@@ -49,9 +49,11 @@ __all__ = [
     "evaluation_set",
     "heal_config",
     "heal_step",
+    "load_step",
     "measure",
     "run_pipeline",
     "run_step",
+    "save_step",
     "step_config",
 ]
 
@@ -129,6 +131,7 @@ class PipelineConfig(JsonConfig):
     output: str | None = None
     device: str | None = None
     dtype: str = "float32"
+    measure_before_heal: bool = False  # also the perplexity after the steps, before healing
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -181,6 +184,17 @@ def heal_config(fields: Mapping[str, Any], corpus: str | None = None) -> Any:
 
 
 # ----- stages -------------------------------------------------------------------------------------
+def load_step(config: PipelineConfig) -> tuple[Any, Any]:
+    """(model, tokenizer) of ``config.model`` in ``config.dtype`` on ``config.device``.
+
+    Example:
+        >>> model, tok = load_step(PipelineConfig(model="smollm2-135m", device="cuda"))
+    """
+    from ffnkit import load_model
+
+    return load_model(config.model, dtype=config.dtype, device=config.device)
+
+
 @dataclass
 class EvaluationSet:
     """The evaluation tokens [T] of a protocol, with the corpus name and its split description.
@@ -327,7 +341,8 @@ def heal_step(
 class RunRecord:
     """What a pipeline run did and measured (JSON-ready through ``to_dict``; saved as ``run.json``).
 
-    ``seconds``: per stage (load, measure_before, steps, heal, measure_after, save) and the total.
+    ``seconds``: per stage (load, measure_before, steps, [measure_before_heal], heal, measure_after,
+    save) and the total.
 
     Example:
         >>> record = run_pipeline(PipelineConfig(steps=[Step("flap", {"ratio": 0.3})]))
@@ -344,6 +359,7 @@ class RunRecord:
     parameters_after: dict[str, Any]
     perplexity_before: float | None
     perplexity_after: float | None
+    perplexity_before_heal: float | None  # with config.measure_before_heal
     seconds: dict[str, float]
     environment: dict[str, Any]
     config: dict[str, Any]
@@ -381,9 +397,7 @@ def run_pipeline(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     if model is None:
-        from ffnkit import load_model
-
-        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+        model, tokenizer = load_step(config)
         seconds["load"] = time.perf_counter() - t0
         notify("load", {"seconds": seconds["load"]})
     evaluation = None
@@ -399,8 +413,12 @@ def run_pipeline(
         steps.append(record)
         notify("step", {"method": record.method, "seconds": record.seconds})
     seconds["steps"] = sum(s.seconds for s in steps)
-    heal_doc = None
+    heal_doc, before_heal = None, None
     if config.heal is not None:
+        if config.measure_before_heal and evaluation is not None:
+            before_heal = measure(model, evaluation, progress=progress)
+            seconds["measure_before_heal"] = before_heal.seconds
+            notify("measure_before_heal", before_heal.to_dict())
         start = time.perf_counter()
         report = heal_step(
             model, reference, config.heal, tokenizer=tokenizer, corpus=config.corpus, progress=progress
@@ -422,6 +440,7 @@ def run_pipeline(
         parameters_after=after.parameters,
         perplexity_before=before.perplexity,
         perplexity_after=after.perplexity,
+        perplexity_before_heal=before_heal.perplexity if before_heal else None,
         seconds=seconds,
         environment=environment(),
         config=config.to_dict(),
@@ -430,7 +449,9 @@ def run_pipeline(
     )
     if config.output:
         start = time.perf_counter()
-        _save(model, tokenizer, config.output, steps, heal_doc)
+        save_step(
+            model, tokenizer, config.output, [s.report for s in steps] + ([heal_doc] if heal_doc else [])
+        )
         seconds["save"] = time.perf_counter() - start
         notify("save", {"seconds": seconds["save"], "output": config.output})
     seconds["total"] = time.perf_counter() - t0
@@ -439,15 +460,16 @@ def run_pipeline(
     return record
 
 
-def _save(
-    model: Any, tokenizer: Any, output: str, steps: list[StepRecord], heal: dict[str, Any] | None
-) -> None:
-    """``ffnkit.save`` with every step's report (and the healing report) in the saved reports."""
+def save_step(model: Any, tokenizer: Any, output: str | Path, reports: list[dict[str, Any]] = ()) -> Path:
+    """``ffnkit.save`` into ``output``, with ``reports`` (each step's, the healing's) among the saved
+    reports (transforms that record their own report on the model are not repeated).
+
+    Example:
+        >>> save_step(model, tok, "out", [record.report for record in steps])
+    """
     from ffnkit.io import save
 
-    reports = list(getattr(model, "ffnkit_reports", []) or [])
-    for doc in [s.report for s in steps] + ([heal] if heal else []):
-        if doc not in reports:  # most transforms record their own report on the model already
-            reports.append(doc)
-    model.ffnkit_reports = reports
-    save(model, tokenizer, output)
+    saved = list(getattr(model, "ffnkit_reports", []) or [])
+    saved += [doc for doc in reports if doc not in saved]
+    model.ffnkit_reports = saved
+    return save(model, tokenizer, output)

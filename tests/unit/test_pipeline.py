@@ -4,6 +4,7 @@ matches independent measurements (perplexity by ffnkit.evaluate, the saved folde
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -88,10 +89,20 @@ def test_run_records_what_independent_measurements_say(saved):
         evaluation=PerplexityProtocol(max_tokens=200, window=32),
         heal={"steps": 2, "samples": 4, "seq_len": 16, "batch_size": 2},
         output=str(out),
+        measure_before_heal=True,
     )
     stages = []
     record = run_pipeline(config, progress=False, command="test", on_stage=lambda s, i: stages.append(s))
-    assert stages == ["load", "measure_before", "step", "step", "heal", "measure_after", "save"]
+    assert stages == [
+        "load",
+        "measure_before",
+        "step",
+        "step",
+        "measure_before_heal",
+        "heal",
+        "measure_after",
+        "save",
+    ]
 
     # before: the original model measured directly with the same protocol
     original, tok = load_model(str(saved["model"]))
@@ -114,15 +125,22 @@ def test_run_records_what_independent_measurements_say(saved):
     assert record.steps[1].config["matrices"] == ["out"] and record.steps[1].report["transform"] == "lowrank"
     assert record.heal["steps"] == 2 and record.heal["config"]["corpus"] == str(saved["corpus"])
     assert record.parameters_after["ffn"] < record.parameters_before["ffn"]
-    assert set(record.seconds) == {
+    stage_seconds = {
         "load",
         "measure_before",
         "steps",
+        "measure_before_heal",
         "heal",
         "measure_after",
         "save",
-        "total",
     }
+    assert set(record.seconds) == stage_seconds | {"total"}
+    # the same steps without healing end where the healed run measured before healing
+    unhealed = run_pipeline(
+        replace(config, heal=None, output=None, measure_before_heal=False), progress=False
+    )
+    assert unhealed.perplexity_after == record.perplexity_before_heal != record.perplexity_after
+    assert unhealed.perplexity_before_heal is None and "save" not in unhealed.seconds
     assert record.environment["torch"] == torch.__version__ and record.command == "test"
     # the run record is saved next to the model, and the saved reports hold every step and the healing
     assert json.loads((out / "run.json").read_text()) == json.loads(json.dumps(record.to_dict(), default=str))
