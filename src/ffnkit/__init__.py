@@ -59,6 +59,10 @@ _EXPORTS = {
     "nest_": "ffnkit.compress.nest",
     "NestConfig": "ffnkit.compress.nest",
     "slice_widths_": "ffnkit.compress.nest",
+    # the experiment pipeline
+    "run_pipeline": "ffnkit.pipeline",
+    "PipelineConfig": "ffnkit.pipeline",
+    "Step": "ffnkit.pipeline",
     # errors
     "FFNKitError": "ffnkit.core.errors",
     "UnknownModelError": "ffnkit.core.errors",

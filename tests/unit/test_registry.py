@@ -128,3 +128,28 @@ def test_reducers_and_replays_are_registries():
     assert all(REPLAYS.entry(k).lazy or callable(REPLAYS.get(k)) for k in REPLAYS)
     with pytest.raises(SavedModelError, match="update ffnkit"):
         REPLAYS.get("from_the_future")
+
+
+def test_a_score_registered_later_is_a_pruning_method_at_once():
+    import torch
+
+    from ffnkit.compress.registry import METHODS
+    from ffnkit.compress.score_functions import SCORES
+    from ffnkit.core.archs import find_ffns
+    from tests.tiny_models import tiny_model
+
+    SCORES.register("out-l1", lambda x: x.w_out.abs().sum(0), help="‖v_i‖₁ (data-free)", needs=None)
+    try:
+        method = METHODS.get("out-l1")
+        assert METHODS.help("out-l1") == "neuron pruning: ‖v_i‖₁ (data-free)"
+        model = tiny_model("llama")
+        w_out = [f.W_out.detach().clone() for f in find_ffns(model)]  # [d, n] each
+        report = method(model, method.build({"ratio": 0.25}))
+        assert report.method == "out-l1"
+        for f, w, layer in zip(find_ffns(model), w_out, report.layers, strict=True):
+            k = layer["d_ff_after"]
+            kept = torch.topk(w.abs().sum(0), k).indices.sort().values  # the k largest column norms
+            assert k < w.shape[1] and torch.equal(f.W_out, w[:, kept])
+    finally:
+        SCORES.unregister("out-l1")
+        METHODS.unregister("out-l1")

@@ -8,9 +8,9 @@ report has ``to_dict()``; ``inputs`` are precomputed statistics the transform ac
 (``flap`` is ``PruneConfig(method="flap")``); ``defaults`` apply when the user gives neither the field
 nor another field of ``one_of`` (low rank: ``ratio=0.3`` unless ``rank`` is given).
 
-Every pruning score of :data:`~ffnkit.compress.score_functions.SCORES` is a method here. Config classes
-and run functions are ``"module:attr"`` strings, imported when a method is built or run, so listing the
-methods (``ffnkit --help``) loads no torch.
+Every pruning score of :data:`~ffnkit.compress.score_functions.SCORES` is a method here (also one
+registered later). Config classes and run functions are ``"module:attr"`` strings, imported when a
+method is built or run, so listing the methods (``ffnkit --help``) loads no torch.
 
 Adding a method is one call::
 
@@ -171,10 +171,13 @@ register_method(
     fixed="ffnkit.compress.prune:BEST",
     help="the published frontier's best: FLAP scores, per-layer sensitivity, least-squares W_out refit",
 )
-for _score in SCORES.entries():  # every pruning score is a method
-    register_method(
-        _score.name, *_PRUNE, fixed={"method": _score.name}, help=f"neuron pruning: {_score.help}"
-    )
+
+
+def _score_method(score: Entry) -> None:
+    register_method(score.name, *_PRUNE, fixed={"method": score.name}, help=f"neuron pruning: {score.help}")
+
+
+SCORES.listen(_score_method)  # every pruning score is a method, also one registered later
 
 _LOWRANK = ("ffnkit.compress.lowrank:LowRankConfig", "ffnkit.compress.lowrank:lowrank_")
 for _name, _help in {

@@ -85,6 +85,7 @@ class Registry(Generic[T]):
         self.error = error
         self.hint = hint
         self._entries: dict[str, Entry[T]] = {}
+        self._listeners: list[Callable[[Entry[T]], None]] = []
 
     # ----- registration ----------------------------------------------------------------------------
     def register(self, name: str, target: Any = _MISSING, *, help: str = "", **meta: Any) -> Any:
@@ -110,8 +111,21 @@ class Registry(Generic[T]):
             raise InvalidArgumentError(
                 f"{self.kind} {name!r}: a lazy target is a 'package.module:attr' string, got {target!r}"
             )
-        self._entries[name] = Entry(name, target, help, dict(meta))
+        self._entries[name] = entry = Entry(name, target, help, dict(meta))
+        for listener in self._listeners:
+            listener(entry)
         return target
+
+    def listen(self, listener: Callable[[Entry[T]], None]) -> None:
+        """Call ``listener(entry)`` for every entry, now and whenever one is registered later (a table
+        derived from this one stays complete, e.g. one pruning method per score).
+
+        Example:
+            >>> SCORES.listen(lambda e: print("new score", e.name))
+        """
+        self._listeners.append(listener)
+        for entry in list(self._entries.values()):
+            listener(entry)
 
     def unregister(self, name: str) -> None:
         """Remove ``name`` (an unknown name is the usual one-line error).
