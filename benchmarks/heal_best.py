@@ -8,7 +8,8 @@ evaluation novel Persuasion excluded, as pruning papers calibrate on WikiText's 
 its test split). The recipe (lr, windows) is the winner of benchmarks/heal_sweep.py at the CPU's budget.
 
 Run:  python benchmarks/heal_best.py --corpus austen [--ratio 0.3] [--minutes 10] --out benchmarks/results/heal_best_cpu_austen.json
-Smoke run:  python benchmarks/heal_best.py --minutes 0.1 --samples 8 --prune-samples 4 --eval-tokens 512 --out /tmp/heal_best_smoke.json
+Smoke run:  python benchmarks/heal_best.py --minutes 0.1 --samples 8 --prune-samples 2 --prune-seq-len 32 \
+    --eval-tokens 512 --out /tmp/heal_best_smoke.json
 
 One pipeline run (``ffnkit.pipeline``): load, measure, prune, measure, heal, measure.
 """
@@ -38,6 +39,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens (fewer: a smoke run)")
     ap.add_argument("--prune-samples", type=int, default=32, help="calibration windows of the pruning")
+    ap.add_argument(
+        "--prune-seq-len", type=int, default=256, help="tokens per calibration window of the pruning"
+    )
     ap.add_argument("--out", default="benchmarks/results/heal_best_cpu.json")
     args = ap.parse_args()
 
@@ -46,7 +50,10 @@ def main() -> None:
 
     config = PipelineConfig(
         model=args.model,
-        steps=[Step("best", {"ratio": args.ratio, "samples": args.prune_samples})],  # compress.prune.BEST
+        # compress.prune.BEST at the ratio
+        steps=[
+            Step("best", {"ratio": args.ratio, "samples": args.prune_samples, "seq_len": args.prune_seq_len})
+        ],
         corpus=args.corpus,  # calibration of the pruning and the healing
         evaluation=PerplexityProtocol(corpus="austen", max_tokens=args.eval_tokens),
         heal={
