@@ -1,14 +1,16 @@
 """Quality-vs-compression frontier of FFN neuron pruning on the default model (issue 4's protocol).
 
-Evaluation: perplexity of the last 4,096 tokens of Austen's Persuasion (``load_corpus("austen")``,
-evaluation split) in non-overlapping 512-token windows. Calibration: ``--samples`` × ``--seq-len``
-windows of the default corpus' calibration split (Shakespeare), statistics collected once on the dense
-model and shared by every method. For each ratio (share of FFN parameters removed) and method: perplexity,
+Evaluation (the stages of ffnkit.pipeline): perplexity of the last 4,096 tokens of Austen's Persuasion
+(``load_corpus("austen")``, evaluation split) in non-overlapping 512-token windows. Calibration:
+``--samples`` × ``--seq-len`` windows of the default corpus' calibration split (Shakespeare), statistics
+collected once on the dense model and shared by every method. For each ratio (share of FFN parameters removed) and method: perplexity,
 parameter counts, and CPU latency (a 1×512 forward and greedy decode speed, medians, the dense model
 alternated side by side in the same process; latency depends only on the widths, so models with equal
 widths share one measurement). No healing.
 
     python benchmarks/compress_frontier.py --out benchmarks/results/compress_frontier_cpu.json
+    python benchmarks/compress_frontier.py --ratios 0.3 --methods flap/uniform --samples 2 --seq-len 64 \
+        --eval-tokens 512 --no-latency --out /tmp/frontier_smoke.json      # a smoke run
 """
 
 from __future__ import annotations
@@ -23,12 +25,20 @@ from pathlib import Path
 
 import torch
 
-from ffnkit.compress.prune import PruneConfig, prune_
+from ffnkit.compress.prune import PruneConfig
 from ffnkit.compress.scores import collect_stats, taylor_scores
 from ffnkit.core.archs import find_ffns
-from ffnkit.data import calibration_batches, evaluation_tokens, load_corpus
-from ffnkit.evaluate import count_parameters, decode_speed, environment, perplexity
-from ffnkit.sources.models import load_model
+from ffnkit.data import calibration_batches, load_corpus
+from ffnkit.evaluate import decode_speed, environment
+from ffnkit.pipeline import (
+    PerplexityProtocol,
+    PipelineConfig,
+    Step,
+    evaluation_set,
+    load_step,
+    measure,
+    run_step,
+)
 
 # (label, PruneConfig fields); ratio is filled in per run
 CANDIDATES = {
@@ -85,6 +95,7 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--device", default="cpu", help="perplexity on this device (latency is CPU-only)")
+    ap.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens (fewer: a smoke run)")
     ap.add_argument("--out", default="benchmarks/results/compress_frontier_cpu.json")
     args = ap.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -93,13 +104,13 @@ def main() -> None:
     t0 = time.perf_counter()
     log = lambda *a: print(f"[{time.perf_counter() - t0:7.1f}s]", *a, file=sys.stderr, flush=True)
 
-    dense, tok = load_model("smollm2-135m", device=args.device)
-    austen, calib_corpus = load_corpus("austen"), load_corpus("shakespeare")
-    tokens = evaluation_tokens(austen, tok, max_tokens=4096)
-    calib = calibration_batches(calib_corpus, tok, args.samples, args.seq_len, seed=0)
-    dense_ppl = perplexity(dense, tokens, window=512, progress=False)
-    dense_params = count_parameters(dense, find_ffns(dense))
-    log(f"dense perplexity {dense_ppl.perplexity:.3f}")
+    dense, tok = load_step(PipelineConfig(model="smollm2-135m", device=args.device))
+    evaluation = evaluation_set(
+        PerplexityProtocol(corpus="austen", max_tokens=args.eval_tokens, window=512), tok
+    )
+    calib = calibration_batches(load_corpus("shakespeare"), tok, args.samples, args.seq_len, seed=0)
+    dense_m = measure(dense, evaluation)
+    log(f"dense perplexity {dense_m.perplexity:.3f}")
     need_cov = any(CANDIDATES[lb].get("reconstruct") for lb in labels)
     stats = collect_stats(dense, calib, covariance=need_cov)
     log("statistics collected")
@@ -112,7 +123,7 @@ def main() -> None:
     results = []
 
     def write(done: bool = True) -> None:
-        doc = document(args, ratios, results, austen, dense_ppl, dense_params, t0)
+        doc = document(args, ratios, results, evaluation, dense_m, t0)
         doc["complete"] = done
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(doc, indent=2, default=str) + "\n")
@@ -120,12 +131,13 @@ def main() -> None:
     for ratio in ratios:
         for label in labels:
             fields = {**CANDIDATES[label], "ratio": ratio, "samples": args.samples, "seq_len": args.seq_len}
-            cfg = PruneConfig(**fields)
+            method = fields.pop("method")
             model = copy.deepcopy(dense)
-            start = time.perf_counter()
-            report = _prune(model, cfg, calib, stats, grads)
-            seconds = time.perf_counter() - start
-            ppl = perplexity(model, tokens, window=512, progress=False)
+            # the dense model's statistics (and Taylor gradients) collected once, shared by every run
+            inputs = {"calibration": calib, "stats": stats, "grads": grads if method == "taylor" else None}
+            step, report = run_step(model, Step(method, fields), **inputs)
+            cfg = PruneConfig.from_dict(step.config)
+            ppl = measure(model, evaluation)
             widths = tuple(f.d_ff for f in find_ffns(model))
             row = {
                 "label": label,
@@ -136,10 +148,10 @@ def main() -> None:
                 "ratio": ratio,
                 "ffn_ratio_removed": report.ffn_ratio_removed,
                 "perplexity": ppl.perplexity,
-                "perplexity_vs_dense": ppl.perplexity / dense_ppl.perplexity,
+                "perplexity_vs_dense": ppl.perplexity / dense_m.perplexity,
                 "parameters": report.parameters_after,
                 "d_ff": list(widths),
-                "prune_seconds": seconds,
+                "prune_seconds": step.seconds,
             }
             if not args.no_latency:
                 if widths not in latency_cache:
@@ -165,7 +177,7 @@ def main() -> None:
     log(f"wrote {args.out}")
 
 
-def document(args, ratios, results, austen, dense_ppl, dense_params, t0) -> dict:
+def document(args, ratios, results, evaluation, dense, t0) -> dict:
     """The results JSON (also written after every row)."""
     summary = {}
     for ratio in ratios:
@@ -185,13 +197,9 @@ def document(args, ratios, results, austen, dense_ppl, dense_params, t0) -> dict
         "benchmark": "compress_frontier",
         "command": "python " + " ".join(sys.argv),
         "model": "smollm2-135m",
-        "evaluation": {
-            "corpus": "austen",
-            "split": austen.split_info(),
-            **dense_ppl.protocol,
-        },
+        "evaluation": {**dense.protocol, "corpus": evaluation.corpus, "split": evaluation.split},
         "calibration": {"corpus": "shakespeare", "samples": args.samples, "seq_len": args.seq_len, "seed": 0},
-        "dense": {"perplexity": dense_ppl.perplexity, "parameters": dense_params},
+        "dense": {"perplexity": dense.perplexity, "parameters": dense.parameters},
         "results": results,
         "summary": summary,
         "goal_30pct": {
@@ -208,11 +216,6 @@ def document(args, ratios, results, austen, dense_ppl, dense_params, t0) -> dict
         "seconds": time.perf_counter() - t0,
         "environment": environment(),
     }
-
-
-def _prune(model, cfg, calib, stats, grads):
-    """prune_ with the statistics (and Taylor gradients) of the dense model collected once."""
-    return prune_(model, cfg, calibration=calib, stats=stats, grads=grads if cfg.method == "taylor" else None)
 
 
 if __name__ == "__main__":

@@ -83,10 +83,10 @@ def pruned_shape(dense, widths: list[int], bias: bool):
 
 
 def lowrank_shape(dense, ratio: float):
-    from ffnkit.compress.lowrank import LowRankConfig, lowrank_
+    from ffnkit.pipeline import Step, run_step
 
     model = copy.deepcopy(dense)
-    lowrank_(model, LowRankConfig("svd", ratio=ratio))  # svd, asvd and svd-llm give the same ranks
+    run_step(model, Step("svd", {"ratio": ratio}))  # svd, asvd and svd-llm give the same ranks
     return model
 
 
@@ -125,11 +125,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from ffnkit.evaluate import environment
-    from ffnkit.sources.models import load_model
+    from ffnkit.pipeline import PipelineConfig, load_step
 
     t0 = time.perf_counter()
     load_start = os.getloadavg()
-    dense, tok = load_model("smollm2-135m")
+    dense, tok = load_step(PipelineConfig(model="smollm2-135m"))
     dense.eval()
     ids = torch.randint(100, 40_000, (1, 512), generator=torch.Generator().manual_seed(0))  # [1, 512]
     frontier_paths = [RESULTS / f for f in FRONTIERS]

@@ -25,11 +25,19 @@ from pathlib import Path
 
 import torch
 
-from ffnkit.compress.heal import HealConfig, heal_
-from ffnkit.compress.lowrank import LowRankConfig, collect_lowrank_stats, lowrank_
-from ffnkit.data import calibration_batches, evaluation_tokens, load_corpus
-from ffnkit.evaluate import environment, perplexity
-from ffnkit.sources.models import load_model
+from ffnkit.compress.lowrank import collect_lowrank_stats
+from ffnkit.data import calibration_batches, load_corpus
+from ffnkit.evaluate import environment
+from ffnkit.pipeline import (
+    PerplexityProtocol,
+    PipelineConfig,
+    Step,
+    evaluation_set,
+    heal_step,
+    load_step,
+    measure,
+    run_step,
+)
 
 
 @torch.inference_mode()
@@ -67,40 +75,42 @@ def main() -> None:
     ap.add_argument("--heal-minutes", type=float, default=10.0, help="0 = no healing run")
     ap.add_argument("--heal-steps", type=int, default=150)
     ap.add_argument("--heal-lr", type=float, default=1e-4)
+    ap.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens (fewer: a smoke run)")
     ap.add_argument("--out", default="benchmarks/results/compress_lowrank.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
-    model, tok = load_model(args.model)
+    model, tok = load_step(PipelineConfig(model=args.model))
     model.eval()
-    eval_ids = evaluation_tokens(load_corpus("austen"), tok, max_tokens=4096)
+    evaluation = evaluation_set(
+        PerplexityProtocol(corpus="austen", max_tokens=args.eval_tokens, window=512), tok
+    )
     calib = calibration_batches(load_corpus(args.corpus), tok, args.samples, args.seq_len, 0)
-    lat_ids = eval_ids[:512][None]
-    dense_ppl = perplexity(model, eval_ids, window=512, progress=False)
-    from ffnkit.compress.lowrank import _counts
+    lat_ids = evaluation.tokens[:512][None]
+    dense = measure(model, evaluation)
 
     doc = {
         "benchmark": "compress_lowrank",
         "command": "PYTHONPATH=src python " + " ".join(shlex.quote(a) for a in sys.argv),
         "environment": {**environment(), "torch_threads": torch.get_num_threads()},
         "protocol": {
-            **dense_ppl.protocol,
+            **{k: v for k, v in dense.protocol.items() if k not in ("corpus", "split")},
             "corpus": "austen (evaluation split: Persuasion), last 4096 tokens",
             "calibration": f"{args.samples}x{args.seq_len} tokens of {args.corpus} calibration split, seed 0",
             "latency": f"1x512 forward, median of {args.reps} after a warm-up, alternating with dense; "
             "measured once per ratio (svd, asvd and svd-llm give the same shapes)",
             "ratio": "share of FFN parameters removed (each matrix: rank k = floor((1-r)mn/(m+n)))",
         },
-        "dense": {"perplexity": dense_ppl.perplexity, "parameters": _counts(model)},
+        "dense": {"perplexity": dense.perplexity, "parameters": dense.parameters},
         "lowrank": [],
         "baseline": [],
         "healing": None,
         "notes": "2 CPU cores shared with several other jobs (load average > 10): latencies are noisy; "
         "one run, no repetition of the perplexities. Rows are written as they finish.",
     }
-    print(f"dense ppl {dense_ppl.perplexity:.3f}", file=sys.stderr, flush=True)
+    print(f"dense ppl {dense.perplexity:.3f}", file=sys.stderr, flush=True)
     _write(args.out, doc)
 
     stats_t = time.perf_counter()
@@ -114,8 +124,8 @@ def main() -> None:
         lat = None
         for method in methods:
             m = copy.deepcopy(model)
-            rep = lowrank_(m, LowRankConfig(method, ratio=ratio, allocation=args.allocation), stats=stats)
-            ppl = perplexity(m, eval_ids, window=512, progress=False).perplexity
+            _, rep = run_step(m, Step(method, {"ratio": ratio, "allocation": args.allocation}), stats=stats)
+            ppl = measure(m, evaluation).perplexity
             if lat is None:
                 lat = latency({"dense": model, "compressed": m}, lat_ids, args.reps)
             row = {
@@ -123,7 +133,7 @@ def main() -> None:
                 "allocation": args.allocation,
                 "ratio": ratio,
                 "perplexity": ppl,
-                "ppl_vs_dense": ppl / dense_ppl.perplexity,
+                "ppl_vs_dense": ppl / dense.perplexity,
                 "ffn_ratio_removed": rep.ffn_ratio_removed,
                 "parameters": rep.parameters_after,
                 "latency_s": lat["compressed"],
@@ -147,18 +157,16 @@ def main() -> None:
             doc["best_at_ratio"] = {str(r): {"method": m_, "perplexity": p} for r, (p, m_) in best.items()}
             _write(args.out, doc)
         if args.baseline:
-            from ffnkit.compress.prune import PruneConfig, prune_
-
             m = copy.deepcopy(model)
-            rep = prune_(m, PruneConfig(args.baseline, ratio), calibration=calib)
-            ppl = perplexity(m, eval_ids, window=512, progress=False).perplexity
+            _, rep = run_step(m, Step(args.baseline, {"ratio": ratio}), calibration=calib)
+            ppl = measure(m, evaluation).perplexity
             blat = latency({"dense": model, "compressed": m}, lat_ids, args.reps)
             doc["baseline"].append(
                 {
                     "method": args.baseline,
                     "ratio": ratio,
                     "perplexity": ppl,
-                    "ppl_vs_dense": ppl / dense_ppl.perplexity,
+                    "ppl_vs_dense": ppl / dense.perplexity,
                     "ffn_ratio_removed": rep.ffn_ratio_removed,
                     "parameters": rep.parameters_after,
                     "latency_s": blat["compressed"],
@@ -179,20 +187,18 @@ def main() -> None:
         if ratio == args.heal_ratio and args.heal_minutes > 0:
             before, method = best[ratio]
             m = copy.deepcopy(model)
-            lowrank_(m, LowRankConfig(method, ratio=ratio, allocation=args.allocation), stats=stats)
-            cfg = HealConfig(
-                steps=args.heal_steps, lr=args.heal_lr, max_minutes=args.heal_minutes, corpus=args.corpus
-            )
-            rep = heal_(m, model, cfg, tokenizer=tok, progress=True)
-            after = perplexity(m, eval_ids, window=512, progress=False).perplexity
+            run_step(m, Step(method, {"ratio": ratio, "allocation": args.allocation}), stats=stats)
+            fields = {"steps": args.heal_steps, "lr": args.heal_lr, "max_minutes": args.heal_minutes}
+            rep = heal_step(m, model, fields, tokenizer=tok, corpus=args.corpus, progress=True)
+            after = measure(m, evaluation).perplexity
             doc["healing"] = {
                 "method": method,
                 "ratio": ratio,
                 "perplexity_before": before,
                 "perplexity_after": after,
-                "after_vs_dense": after / dense_ppl.perplexity,
+                "after_vs_dense": after / dense.perplexity,
                 "goal_after_vs_dense": 1.15,
-                "goal_met": after / dense_ppl.perplexity <= 1.15,
+                "goal_met": after / dense.perplexity <= 1.15,
                 "report": rep.to_dict(),
             }
             print(

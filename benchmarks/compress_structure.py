@@ -35,14 +35,23 @@ from pathlib import Path
 
 import torch
 
-from ffnkit.compress import PruneConfig, collect_stats, prune_
+from ffnkit.compress import collect_stats
 from ffnkit.compress.fusion import FusionConfig, dependency_matrix, fuse_ffns_
 from ffnkit.compress.nest import NestConfig, mixnmatch_widths, nest_, slice_widths_
-from ffnkit.compress.sublayers import SublayerConfig, finercut_order, remove_sublayers_
-from ffnkit.data import calibration_batches, evaluation_tokens, load_corpus
-from ffnkit.evaluate import decode_speed, environment, perplexity
+from ffnkit.compress.sublayers import finercut_order
+from ffnkit.core.archs import find_ffns
+from ffnkit.data import calibration_batches, load_corpus
+from ffnkit.evaluate import decode_speed, environment
 from ffnkit.inspect.importance import block_influence
-from ffnkit.sources.models import load_model
+from ffnkit.pipeline import (
+    PerplexityProtocol,
+    PipelineConfig,
+    Step,
+    evaluation_set,
+    load_step,
+    measure,
+    run_step,
+)
 
 RATIOS = (0.2, 0.3, 0.4, 0.5)
 
@@ -51,9 +60,9 @@ def log(*a) -> None:
     print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
 
 
-def ppl(model, tokens) -> float:
+def ppl(model, evaluation) -> float:
     t = time.perf_counter()
-    r = perplexity(model, tokens, window=512, progress=False)
+    r = measure(model, evaluation)
     log(f"  ppl {r.perplexity:.3f} ({time.perf_counter() - t:.0f} s)")
     return float(r.perplexity)
 
@@ -85,7 +94,7 @@ def part_sublayers(base, tok, ev, dense, args) -> dict:
         rows = []
         for r in ratios:
             m = copy.deepcopy(base)
-            rep = remove_sublayers_(m, SublayerConfig("shortgpt", ratio=r, kind=kind), order=bi)
+            _, rep = run_step(m, Step("shortgpt", {"ratio": r, "kind": kind}), order=bi)
             log(f"{name} {r}: removed {[x['name'] for x in rep.removed]}")
             rows.append(
                 row(rep, ppl(m, ev), dense, {"ratio": r, "removed": [x["name"] for x in rep.removed]})
@@ -100,7 +109,7 @@ def part_sublayers(base, tok, ev, dense, args) -> dict:
     rows = []
     for r in (0.2, 0.3, 0.5):
         m = copy.deepcopy(base)
-        rep = prune_(m, PruneConfig("wanda-sp", r), calibration=cal, stats=stats)
+        _, rep = run_step(m, Step("wanda-sp", {"ratio": r}), calibration=cal, stats=stats)
         rows.append(row(rep, ppl(m, ev), dense, {"ratio": r}))
         log(f"wanda-sp {r}: ffn removed {rep.ffn_ratio_removed:.3f}")
         del m
@@ -124,7 +133,7 @@ def part_finercut(base, tok, ev, dense, args) -> dict:
             log(f"finercut {r}: order too short ({len(order['order'])} steps), skipped")
             continue
         m = copy.deepcopy(base)
-        rep = remove_sublayers_(m, SublayerConfig("finercut", ratio=r, kind="ffn"), order=order)
+        _, rep = run_step(m, Step("finercut", {"ratio": r}), order=order)  # FFN sublayers only
         rows.append(row(rep, ppl(m, ev), dense, {"ratio": r, "removed": [x["name"] for x in rep.removed]}))
         del m
     return {"finercut_order": order, "finercut-ffn": rows}
@@ -168,9 +177,10 @@ def part_fusion(base, tok, ev, dense, args) -> dict:
     log(f"dependency matrix {time.perf_counter() - t:.0f} s")
     out: dict = {"dependency": {**dep, "seconds": time.perf_counter() - t}, "runs": []}
     models = {"dense": base}
+    n_ffns = len(find_ffns(base))
     for k in (1, 4):
         m = copy.deepcopy(base)
-        rep = fuse_ffns_(m, FusionConfig(runs="auto", max_runs=k), dependency=dep)
+        _, rep = run_step(m, Step("fuse", {"ratio": k / n_ffns}), dependency=dep)  # k runs of 2 blocks
         log(f"fusion {k} runs: {rep.runs}")
         p = ppl(m, ev)
         out["runs"].append(
@@ -185,8 +195,8 @@ def part_fusion(base, tok, ev, dense, args) -> dict:
             }
         )
         models[f"fused_{k}"] = m
-    ids512 = ev[:512][None]
-    prompt = ev[:64]
+    ids512 = ev.tokens[:512][None]
+    prompt = ev.tokens[:64]
     lat = latency(models, ids512, prompt, args.rounds)
     for r in out["runs"]:
         r["latency"] = lat[f"fused_{r['max_runs']}"]
@@ -209,7 +219,7 @@ def part_nest(base, tok, ev, dense, args) -> dict:
     nested = copy.deepcopy(base)
     rep = nest_(nested, NestConfig("wanda-sp", samples=args.stats_samples, seq_len=256), calibration=cal)
     with torch.no_grad():
-        ids = ev[:256][None]
+        ids = ev.tokens[:256][None]
         a, b = base(input_ids=ids).logits, nested(input_ids=ids).logits
     diff = float((a - b).abs().max())
     log(f"nest: max |logit difference| {diff:.2e}")
@@ -268,7 +278,7 @@ def part_latency(base, tok, ev, dense, args) -> dict:
         m = copy.deepcopy(base)
         fuse_ffns_(m, FusionConfig(runs=r["runs"]))
         models[f"fused_{r['max_runs']}"] = m
-    lat = latency(models, ev[:512][None], ev[:64], args.rounds)
+    lat = latency(models, ev.tokens[:512][None], ev.tokens[:64], args.rounds)
     d = lat["dense"]
     return {
         "latency": lat,
@@ -337,6 +347,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="run the model here (latency parts are CPU-only)")
     ap.add_argument("--finercut-samples", type=int, default=2, help="calibration windows of the FFN order")
     ap.add_argument("--finercut-seq-len", type=int, default=64)
+    ap.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens (fewer: a smoke run)")
     args = ap.parse_args()
     torch.manual_seed(0)
     out = Path(args.out)
@@ -352,9 +363,9 @@ def main() -> None:
         out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
         plot(doc, Path(args.plot))
         return
-    base, tok = load_model(args.model, device=args.device)
+    base, tok = load_step(PipelineConfig(model=args.model, device=args.device))
     base.eval()
-    ev = evaluation_tokens(load_corpus("austen"), tok, max_tokens=4096)
+    ev = evaluation_set(PerplexityProtocol(corpus="austen", max_tokens=args.eval_tokens, window=512), tok)
     dense = args.dense or doc.get("dense_perplexity") or ppl(base, ev)
     doc.update(
         benchmark="compress_structure",

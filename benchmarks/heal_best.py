@@ -8,16 +8,18 @@ evaluation novel Persuasion excluded, as pruning papers calibrate on WikiText's 
 its test split). The recipe (lr, windows) is the winner of benchmarks/heal_sweep.py at the CPU's budget.
 
 Run:  python benchmarks/heal_best.py --corpus austen [--ratio 0.3] [--minutes 10] --out benchmarks/results/heal_best_cpu_austen.json
+Smoke run:  python benchmarks/heal_best.py --minutes 0.1 --samples 8 --prune-samples 2 --prune-seq-len 32 \
+    --eval-tokens 512 --out /tmp/heal_best_smoke.json
+
+One pipeline run (``ffnkit.pipeline``): load, measure, prune, measure, heal, measure.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,60 +37,65 @@ def main() -> None:
     ap.add_argument("--hidden-weight", type=float, default=0.0)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens (fewer: a smoke run)")
+    ap.add_argument("--prune-samples", type=int, default=32, help="calibration windows of the pruning")
+    ap.add_argument(
+        "--prune-seq-len", type=int, default=256, help="tokens per calibration window of the pruning"
+    )
     ap.add_argument("--out", default="benchmarks/results/heal_best_cpu.json")
     args = ap.parse_args()
 
-    from ffnkit.compress.heal import HealConfig, heal_
-    from ffnkit.compress.prune import BEST, PruneConfig, prune_
-    from ffnkit.core.archs import find_ffns
-    from ffnkit.data import evaluation_tokens, load_corpus
-    from ffnkit.evaluate import count_parameters, environment, perplexity
-    from ffnkit.sources.models import load_model
+    from ffnkit.data import load_corpus
+    from ffnkit.pipeline import PerplexityProtocol, PipelineConfig, Step, run_pipeline
 
-    model, tok = load_model(args.model)
-    tokens = evaluation_tokens(load_corpus("austen"), tok)
-    dense = perplexity(model, tokens, progress=False)
-    reference = copy.deepcopy(model).eval()
-    prune_config = PruneConfig(**BEST, ratio=args.ratio, corpus=args.corpus)
-    t_prune = time.time()
-    prune_(model, prune_config, tokenizer=tok)
-    prune_seconds = time.time() - t_prune
-    pruned = perplexity(model, tokens, progress=False)
-    heal_config = HealConfig(
-        steps=100_000,  # the time budget ends it; the learning rate decays over that budget
-        lr=args.lr,
-        samples=args.samples,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        max_minutes=args.minutes,
-        corpus=args.corpus,
-        params=args.params,
-        hidden_weight=args.hidden_weight,
+    config = PipelineConfig(
+        model=args.model,
+        # compress.prune.BEST at the ratio
+        steps=[
+            Step("best", {"ratio": args.ratio, "samples": args.prune_samples, "seq_len": args.prune_seq_len})
+        ],
+        corpus=args.corpus,  # calibration of the pruning and the healing
+        evaluation=PerplexityProtocol(corpus="austen", max_tokens=args.eval_tokens),
+        heal={
+            "steps": 100_000,  # the time budget ends it; the learning rate decays over that budget
+            "lr": args.lr,
+            "samples": args.samples,
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "max_minutes": args.minutes,
+            "params": args.params,
+            "hidden_weight": args.hidden_weight,
+        },
+        measure_before_heal=True,
     )
-    t0 = time.time()
-    heal_report = heal_(model, reference, heal_config, tokenizer=tok)
-    healed = perplexity(model, tokens, progress=False)
+    record = run_pipeline(
+        config,
+        progress=True,
+        command="python " + " ".join(sys.argv),
+        on_stage=lambda stage, info: print(stage, json.dumps(info, default=str)[:200], file=sys.stderr),
+    )
     doc = {
         "benchmark": "best pruning at the given share of FFN parameters, healed ≤ N minutes, vs dense",
         "command": "python " + " ".join(sys.argv),
         "model": args.model,
-        "protocol": dense.protocol,
+        "protocol": record.protocol,
         "calibration_corpus": load_corpus(args.corpus).split_info(),
         "evaluation_corpus": load_corpus("austen").split_info(),
-        "prune": prune_config.to_dict(),
-        "dense_perplexity": dense.perplexity,
-        "pruned_perplexity": pruned.perplexity,
-        "healed_perplexity": healed.perplexity,
-        "healed_over_dense": healed.perplexity / dense.perplexity,
+        "prune": record.steps[0].config,
+        "dense_perplexity": record.perplexity_before,
+        "pruned_perplexity": record.perplexity_before_heal,
+        "healed_perplexity": record.perplexity_after,
+        "healed_over_dense": record.perplexity_after / record.perplexity_before,
         "goal": "healed <= 1.15 x dense at 30% of FFN parameters removed, <= 10 minutes on 2 CPU cores",
-        "goal_reached": healed.perplexity <= 1.15 * dense.perplexity,
-        "heal": heal_report.to_dict(),
-        "heal_wall_seconds": time.time() - t0,
-        "prune_seconds": prune_seconds,
-        "parameters": count_parameters(model, find_ffns(model)),
+        "goal_reached": record.perplexity_after <= 1.15 * record.perplexity_before,
+        "heal": record.heal,
+        "heal_wall_seconds": record.seconds["heal"] + record.seconds["measure_after"],
+        "prune_seconds": record.steps[0].seconds,
+        "parameters": record.parameters_after,
         "threads": torch.get_num_threads(),
         "load_average_1m_end": os.getloadavg()[0],
-        "environment": environment(),
+        "environment": record.environment,
+        "run": record.to_dict(),  # the pipeline's run record (the same numbers, every stage's seconds)
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2, default=str))

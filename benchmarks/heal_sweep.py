@@ -7,6 +7,7 @@ CPU under the real time budget by heal_best.py. Pruning as in the goal: ``best``
 allocation, W_out refit) at 30% of FFN parameters. Perplexity: last 4,096 tokens of Persuasion.
 
 Run:  python benchmarks/heal_sweep.py --device cuda --tokens 96000 --out benchmarks/results/heal_sweep_h200.json
+Smoke run:  python benchmarks/heal_sweep.py --tokens 2048 --recipes "ffn lr3e-4" --eval-tokens 512 --out /tmp/sweep.json
 """
 
 from __future__ import annotations
@@ -48,22 +49,29 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=96_000, help="training tokens per recipe")
     ap.add_argument("--recipes", default="", help="comma-separated names (default: all)")
     ap.add_argument("--extra", default="", help="JSON {name: [prune corpus, HealConfig fields]} added")
+    ap.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens (fewer: a smoke run)")
     ap.add_argument("--out", default="benchmarks/results/heal_sweep.json")
     args = ap.parse_args()
 
-    from ffnkit.compress.heal import HealConfig, heal_
-    from ffnkit.compress.prune import PruneConfig, prune_
-    from ffnkit.data import evaluation_tokens, load_corpus
-    from ffnkit.evaluate import environment, perplexity
-    from ffnkit.sources.models import load_model
+    from ffnkit.evaluate import environment
+    from ffnkit.pipeline import (
+        PerplexityProtocol,
+        PipelineConfig,
+        Step,
+        evaluation_set,
+        heal_config,
+        heal_step,
+        load_step,
+        measure,
+        run_step,
+    )
 
     recipes = dict(RECIPES)
     recipes.update({k: tuple(v) for k, v in json.loads(args.extra or "{}").items()})
     names = [n.strip() for n in args.recipes.split(",") if n.strip()] or list(recipes)
-    model, tok = load_model(args.model)
-    model.to(args.device)
-    tokens = evaluation_tokens(load_corpus("austen"), tok)
-    dense = perplexity(model, tokens, progress=False).perplexity
+    model, tok = load_step(PipelineConfig(model=args.model, device=args.device))
+    evaluation = evaluation_set(PerplexityProtocol(corpus="austen", max_tokens=args.eval_tokens), tok)
+    dense = measure(model, evaluation).perplexity
     reference = copy.deepcopy(model).eval()
     pruned: dict[str, torch.nn.Module] = {}
     results = []
@@ -71,20 +79,17 @@ def main() -> None:
         prune_corpus, fields = recipes[name]
         if prune_corpus not in pruned:
             m = copy.deepcopy(reference)
-            prune_(
-                m,
-                PruneConfig("flap", args.ratio, allocation="global", reconstruct=True, corpus=prune_corpus),
-                tokenizer=tok,
-            )
+            step = Step("flap", {"ratio": args.ratio, "allocation": "global", "reconstruct": True})
+            run_step(m, step, tokenizer=tok, corpus=prune_corpus)
             pruned[prune_corpus] = m
         model = copy.deepcopy(pruned[prune_corpus])
-        before = perplexity(model, tokens, progress=False).perplexity
-        config = HealConfig(**{"max_minutes": 600.0, **fields})
+        before = measure(model, evaluation).perplexity
+        config = heal_config({"max_minutes": 600.0, **fields})
         config.steps = max(1, args.tokens // (config.batch_size * config.seq_len))
         t0 = time.time()
-        report = heal_(model, reference, config, tokenizer=tok, progress=False)
+        report = heal_step(model, reference, config.to_dict(), tokenizer=tok)
         seconds = time.time() - t0
-        after = perplexity(model, tokens, progress=False).perplexity
+        after = measure(model, evaluation).perplexity
         row = {
             "recipe": name,
             "prune_corpus": prune_corpus,

@@ -7,6 +7,7 @@ decode at batch 1 against the float model in the same process, the two alternate
 dequantised on the fly, so this measures the cost of that, not a low-bit kernel).
 
 Run:  python benchmarks/quantize_ffn.py --out benchmarks/results/quantize_ffn_cpu.json
+Smoke run:  python benchmarks/quantize_ffn.py --limit 1 --rounds 1 --eval-tokens 512 --out /tmp/quantize_smoke.json
 """
 
 from __future__ import annotations
@@ -57,27 +58,36 @@ def latency(models: list, tok, ids: torch.Tensor, rounds: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens (fewer: a smoke run)")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N settings (a smoke run)")
     ap.add_argument("--out", default="benchmarks/results/quantize_ffn_cpu.json")
     args = ap.parse_args()
 
-    from ffnkit.compress.quantize import QuantizeConfig, quantize_
-    from ffnkit.data import evaluation_tokens, load_corpus
-    from ffnkit.evaluate import environment, perplexity
+    from ffnkit.evaluate import environment
     from ffnkit.io import load, save
-    from ffnkit.sources.models import load_model
+    from ffnkit.pipeline import (
+        PerplexityProtocol,
+        PipelineConfig,
+        Step,
+        evaluation_set,
+        load_step,
+        measure,
+        run_step,
+    )
 
     t0 = time.perf_counter()
-    dense, tok = load_model("smollm2-135m")
-    tokens = evaluation_tokens(load_corpus("austen"), tok)
-    ids = tokens[:512].reshape(1, -1)  # [1, 512]
+    dense, tok = load_step(PipelineConfig(model="smollm2-135m"))
+    evaluation = evaluation_set(PerplexityProtocol(corpus="austen", max_tokens=args.eval_tokens), tok)
+    ids = evaluation.tokens[:512].reshape(1, -1)  # [1, 512]
     tmp = Path(tempfile.mkdtemp(prefix="ffnkit-q-"))
     save(dense, tok, tmp / "float")
-    dense_ppl = perplexity(dense, tokens, progress=False)
+    dense_ppl = measure(dense, evaluation)
     rows = []
-    for bits, group, mapping in SETTINGS:
+    settings = SETTINGS[: args.limit] if args.limit else SETTINGS
+    for bits, group, mapping in settings:
         model = copy.deepcopy(dense)
-        report = quantize_(model, QuantizeConfig(bits=bits, group_size=group, mapping=mapping))
-        ppl = perplexity(model, tokens, progress=False).perplexity
+        _, report = run_step(model, Step("quantize", {"bits": bits, "group_size": group, "mapping": mapping}))
+        ppl = measure(model, evaluation).perplexity
         folder = tmp / f"q{bits}_{group}_{mapping}"
         save(model, tok, folder, report=report)
         reloaded, _ = load(folder)
@@ -87,7 +97,7 @@ def main() -> None:
             "group_size": group,
             "mapping": mapping,
             "perplexity": ppl,
-            "perplexity_after_load": perplexity(reloaded, tokens, progress=False).perplexity,
+            "perplexity_after_load": measure(reloaded, evaluation).perplexity,
             "perplexity_vs_dense": ppl / dense_ppl.perplexity,
             "stored_bits_per_weight": report.stored_bits_per_weight,
             "ffn_bytes_before": report.ffn_bytes_before,

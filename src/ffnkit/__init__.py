@@ -51,8 +51,8 @@ _EXPORTS = {
     "LowRankConfig": "ffnkit.compress.lowrank",
     "quantize_": "ffnkit.compress.quantize",
     "QuantizeConfig": "ffnkit.compress.quantize",
-    "heal_": "ffnkit.compress.heal",
-    "HealConfig": "ffnkit.compress.heal",
+    "heal_": "ffnkit.train.heal",
+    "HealConfig": "ffnkit.train.heal",
     "remove_sublayers_": "ffnkit.compress.sublayers",
     "SublayerConfig": "ffnkit.compress.sublayers",
     "fuse_ffns_": "ffnkit.compress.fusion",
@@ -60,6 +60,10 @@ _EXPORTS = {
     "nest_": "ffnkit.compress.nest",
     "NestConfig": "ffnkit.compress.nest",
     "slice_widths_": "ffnkit.compress.nest",
+    # the experiment pipeline
+    "run_pipeline": "ffnkit.pipeline",
+    "PipelineConfig": "ffnkit.pipeline",
+    "Step": "ffnkit.pipeline",
     # errors
     "FFNKitError": "ffnkit.core.errors",
     "UnknownModelError": "ffnkit.core.errors",

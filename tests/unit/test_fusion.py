@@ -154,23 +154,22 @@ def test_set_ffn_weights_with_the_same_weights_changes_nothing(family):
     assert ffn.d_ff == 96 and torch.equal(ffn.W_in[48:], wider["W_in"])
 
 
-def test_cli_fuse_maps_the_ratio_to_runs():
+def test_fuse_method_maps_the_ratio_to_runs():
     from unittest import mock
 
-    from ffnkit.cli.compress import CompressOptions
-    from ffnkit.compress.fusion import cli_fuse
+    from ffnkit.compress.registry import METHODS
 
+    fuse = METHODS.get("fuse")
     model = deep("llama", 4)
     ids = tiny_inputs(model, batch=2, seq=8)["input_ids"]
-    opts = CompressOptions("fuse", 0.5, samples=2, seq_len=8, progress=False)
     with (
         mock.patch("ffnkit.data.calibration_batches", return_value=ids),
         mock.patch("ffnkit.data.load_corpus"),
     ):
-        rep = cli_fuse(model, "tokenizer", opts)
+        rep = fuse(model, fuse.build({"ratio": 0.5, "samples": 2, "seq_len": 8}), tokenizer="tokenizer")
     assert len(rep.runs) == 2 and len(find_ffns(model)) == 2
     with pytest.raises(InvalidArgumentError):
-        cli_fuse(deep("llama", 4), None, CompressOptions("fuse", 0.05, progress=False))
+        fuse(deep("llama", 4), fuse.build({"ratio": 0.05}))
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])

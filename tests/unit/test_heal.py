@@ -8,11 +8,11 @@ import importlib.util
 import pytest
 import torch
 
-from ffnkit.compress.heal import HealConfig, ffn_trainable_parameters, heal_, kl_to_reference
 from ffnkit.compress.lowrank import LowRankConfig, lowrank_
 from ffnkit.core.archs import find_ffns
 from ffnkit.core.edit import keep_neurons_
 from ffnkit.core.errors import FFNKitError, InvalidArgumentError
+from ffnkit.train.heal import HealConfig, ffn_trainable_parameters, heal_, kl_to_reference
 from tests.tiny_models import tiny_model
 
 
@@ -120,7 +120,7 @@ def test_heal_blocks_trains_attention_but_not_embeddings_or_head():
 
 
 def test_hidden_state_matching_adds_to_the_loss_and_still_heals():
-    from ffnkit.compress.heal import hidden_state_loss
+    from ffnkit.train.heal import hidden_state_loss
 
     model, reference = _pruned_pair()
     ids = _ids()[:4]
@@ -137,7 +137,7 @@ def test_hidden_state_matching_adds_to_the_loss_and_still_heals():
 
 
 def test_learning_rate_decays_with_time_when_the_budget_is_shorter_than_the_steps():
-    from ffnkit.compress.heal import _lr_factor
+    from ffnkit.train.heal import _lr_factor
 
     config = HealConfig(steps=1000, warmup=0, final_lr=0.1)
     assert _lr_factor(10, config, time_progress=0.0) == pytest.approx(1.0, abs=1e-3)
@@ -183,7 +183,7 @@ def test_lora_heals_merges_and_leaves_a_plain_model(family, tmp_path):
 
 @needs_peft
 def test_lora_failure_leaves_the_model_as_it_was(monkeypatch):
-    from ffnkit.compress import heal as heal_module
+    from ffnkit.train import heal as heal_module
 
     model, reference = _pruned_pair()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

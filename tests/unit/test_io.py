@@ -104,7 +104,7 @@ def test_replay_registry_names_unknown_kinds(tmp_path):
     try:
         io.load(tmp_path / "m")
     finally:
-        io.REPLAYS.pop("from_the_future")
+        io.REPLAYS.unregister("from_the_future")
     assert seen == ["from_the_future"]
 
 

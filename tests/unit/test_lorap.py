@@ -9,7 +9,8 @@ import transformers as tf
 from ffnkit import find_ffns
 from ffnkit.compress import PruneConfig, allocate, prune_
 from ffnkit.compress.prune import _keep_index
-from ffnkit.compress.scores import KEEP_LOWEST, collect_stats, lowest_protected, neuron_scores
+from ffnkit.compress.score_functions import SCORES
+from ffnkit.compress.scores import collect_stats, lowest_protected, neuron_scores
 from ffnkit.core.errors import InvalidArgumentError
 from tests.tiny_models import DEC, V
 
@@ -29,7 +30,8 @@ def test_lowest_protected_marks_the_floor_of_one_percent():
     assert mask.dtype == torch.bool and int(mask.sum()) == 2
     assert set(mask.nonzero().flatten().tolist()) == set(torch.argsort(score)[:2].tolist())
     assert not lowest_protected(score[:99], 0.01).any()  # ⌊0.99⌋ = 0: nothing protected
-    assert KEEP_LOWEST == {"lorap": 0.01}
+    keep_lowest = {e.name: e.meta["keep_lowest"] for e in SCORES.entries() if "keep_lowest" in e.meta}
+    assert keep_lowest == {"lorap": 0.01}
 
 
 def test_keep_index_removes_what_the_reference_slice_removes():

@@ -214,21 +214,16 @@ def test_needs_calibration_message():
         lowrank_(model, LowRankConfig("asvd", ratio=0.2))
 
 
-def test_cli_method_saves_a_loadable_folder(tmp_path, monkeypatch):
-    """`ffnkit compress --method svd-llm` through the CLI's method registry (registered here)."""
+def test_cli_method_saves_a_loadable_folder(tmp_path):
+    """`ffnkit compress --method svd-llm` through the CLI and the method registry."""
     import json
 
     from typer.testing import CliRunner
 
-    from ffnkit.cli import compress as cli_compress
     from ffnkit.cli.main import app
-    from ffnkit.compress.lowrank import CLI_METHODS, cli_run
     from ffnkit.io import load
     from tests.tiny_models import SAMPLE_TEXT, tiny_tokenizer
 
-    monkeypatch.setattr(cli_compress, "METHODS", dict(cli_compress.METHODS))
-    for name, help_text in CLI_METHODS.items():
-        cli_compress.register_method(name, cli_run, help_text)
     model_dir, corpus = tmp_path / "tiny", tmp_path / "corpus.txt"
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)

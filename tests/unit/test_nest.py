@@ -133,19 +133,20 @@ def test_slice_needs_nest_and_scores_are_checked():
     assert not hasattr(model.config, "ffnkit")
 
 
-def test_cli_nest_keeps_one_minus_ratio():
+def test_nest_method_keeps_one_minus_ratio():
     from unittest import mock
 
-    from ffnkit.cli.compress import CompressOptions
-    from ffnkit.compress.nest import cli_nest
+    from ffnkit.compress.registry import METHODS
 
+    nest = METHODS.get("nest")
     model = tiny_model("llama")
     ids = tiny_inputs(model)["input_ids"]
-    opts = CompressOptions("nest", 0.25, samples=2, seq_len=7, progress=False)
+    config = nest.build({"ratio": 0.25, "samples": 2, "seq_len": 7})
+    assert config.score == "wanda-sp"
     with (
         mock.patch("ffnkit.data.calibration_batches", return_value=ids),
         mock.patch("ffnkit.data.load_corpus"),
     ):
-        rep = cli_nest(model, "tokenizer", opts)
+        rep = nest(model, config, tokenizer="tokenizer")
     assert [f.d_ff for f in find_ffns(model)] == [36, 36]
     assert rep.ffn_ratio_removed == pytest.approx(0.25)

@@ -248,21 +248,21 @@ def test_ffn_inside_the_block_is_a_clear_error():
         remove_sublayers_(model, SublayerConfig("manual", remove=["layers.0.ffn"]))
 
 
-def test_cli_methods_follow_the_ratio():
-    from ffnkit.cli.compress import CompressOptions
-    from ffnkit.compress.sublayers import cli_finercut, cli_shortgpt
+def test_registry_methods_follow_the_ratio():
+    from ffnkit.compress.registry import METHODS
     from tests.tiny_models import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    opts = CompressOptions("finercut", 0.5, samples=2, seq_len=8, corpus="shakespeare", progress=False)
+    given = {"ratio": 0.5, "samples": 2, "seq_len": 8, "corpus": "shakespeare"}
+    finercut, shortgpt = METHODS.get("finercut"), METHODS.get("shortgpt")
     model = deep_llama(4)
     from unittest import mock
 
     ids = tiny_inputs(model, batch=2, seq=8)["input_ids"]
     with mock.patch("ffnkit.compress.sublayers._calibration", return_value=ids):
-        rep = cli_finercut(model, tok, opts)
+        rep = finercut(model, finercut.build(given), tokenizer=tok)
         assert rep.ffn_ratio_removed == pytest.approx(0.5) and len(find_ffns(model)) == 2
-        rep = cli_shortgpt(deep_llama(4), tok, opts)
+        rep = shortgpt(deep_llama(4), shortgpt.build(given), tokenizer=tok)
         assert rep.num_layers_after == 2
 
 

@@ -48,14 +48,19 @@ def console():
 
 
 def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=escape(title))
     for c in columns:
-        table.add_column(c, justify="left" if c in ("name", "kind", "activation", "stack") else "right")
-    for r in rows:
+        left = c in ("name", "kind", "activation", "stack", "help", "settings")
+        table.add_column(c, justify="left" if left else "right")
+    for r in rows:  # cells are text, not rich markup ("W_in[i]" stays as it is)
         table.add_row(
-            *[f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns]
+            *[
+                escape(f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")))
+                for c in columns
+            ]
         )
     console().print(table)
 

@@ -1,4 +1,5 @@
-"""``ffnkit eval MODEL --corpus NAME``: perplexity under the documented protocol (and optional speed)."""
+"""``ffnkit eval MODEL --corpus NAME``: perplexity under the documented protocol (and optional speed),
+measured by the pipeline's stages (:mod:`ffnkit.pipeline`), as ``ffnkit compress`` and the benchmarks."""
 
 from __future__ import annotations
 
@@ -20,23 +21,22 @@ def eval_(
     json: JsonOpt = False,
 ) -> None:
     """Perplexity of MODEL on the evaluation split of a corpus (JSON has the protocol and the split)."""
-    from ffnkit.core.archs import find_ffns
-    from ffnkit.data import evaluation_tokens, load_corpus
-    from ffnkit.evaluate import count_parameters, decode_speed, environment, perplexity
-    from ffnkit.sources.models import load_model
+    from ffnkit.evaluate import decode_speed, environment
+    from ffnkit.pipeline import PerplexityProtocol, PipelineConfig, evaluation_set, load_step, measure
 
-    net, tok = load_model(model, trust_remote_code=trust_remote_code)
-    text = load_corpus(corpus)
-    tokens = evaluation_tokens(text, tok, max_tokens=max_tokens)
-    result = perplexity(net, tokens, window=window, stride=stride, progress=not json)
+    protocol = PerplexityProtocol(corpus, max_tokens, window, stride)  # bad values fail before the load
+    net, tok = load_step(PipelineConfig(model=model, evaluation=None, trust_remote_code=trust_remote_code))
+    evaluation = evaluation_set(protocol, tok)
+    result = measure(net, evaluation, progress=not json)
+    measured = {k: v for k, v in result.protocol.items() if k not in ("corpus", "split", "max_tokens")}
     doc = {
         "model": model,
-        "corpus": text.name,
+        "corpus": evaluation.corpus,
         "perplexity": result.perplexity,
         "nll": result.nll,
-        "protocol": result.protocol,
-        "split": text.split_info(),
-        "parameters": count_parameters(net, find_ffns(net)),
+        "protocol": measured,
+        "split": evaluation.split,
+        "parameters": result.parameters,
         "environment": environment(),
     }
     if speed:
@@ -44,7 +44,7 @@ def eval_(
     if json:
         print_json(doc)
         return
-    row = {"model": model, "corpus": text.name, "perplexity": result.perplexity, **result.protocol}
+    row = {"model": model, "corpus": evaluation.corpus, "perplexity": result.perplexity, **measured}
     print_table("perplexity", [row], list(row))
     if speed:
         print(f"decode speed: {doc['decode_speed']['tokens_per_s']:.1f} tokens/s (batch 1)")

@@ -393,25 +393,3 @@ def fuse_ffns_(
     )
     model.ffnkit_reports = [*list(getattr(model, "ffnkit_reports", []) or []), report.to_dict()]
     return report
-
-
-# ----- `ffnkit compress` method (registered by ffnkit.cli.compress) -------------------------------
-def cli_fuse(model: nn.Module, tokenizer: Any, opts: Any) -> FusionReport:
-    """``--method fuse``: R = share of the FFNs taken off the sequential path (parameters stay):
-    round(R × #FFNs) runs of 2 consecutive blocks, lowest dependency first.
-    """
-    n = len(_dense_by_layer(model))
-    runs = round(opts.ratio * n)
-    if runs < 1:
-        raise InvalidArgumentError(
-            f"--ratio {opts.ratio} fuses no run: fusion takes round(R × {n}) FFNs off the sequential path"
-        )
-    config = FusionConfig(
-        runs="auto",
-        max_runs=runs,
-        samples=min(opts.samples, 8),
-        seq_len=min(opts.seq_len, 128),
-        corpus=opts.corpus,
-        seed=opts.seed,
-    )
-    return fuse_ffns_(model, config, tokenizer=tokenizer, progress=opts.progress)

@@ -40,7 +40,7 @@ __all__ = ["NestConfig", "NestReport", "mixnmatch_widths", "nest_", "slice_width
 
 @dataclass
 class NestConfig(JsonConfig):
-    """How to order neurons: a score of :data:`ffnkit.compress.SCORES` (not ``taylor``).
+    """How to order neurons: a score of :data:`ffnkit.compress.score_functions.SCORES` (not ``taylor``).
 
     Example:
         >>> NestConfig("flap").to_dict()["score"]
@@ -56,9 +56,9 @@ class NestConfig(JsonConfig):
     version: int = 1
 
     def __post_init__(self) -> None:
-        from ffnkit.compress.scores import SCORES
+        from ffnkit.compress.score_functions import SCORES
 
-        allowed = [s for s in SCORES if s != "taylor"]
+        allowed = SCORES.filter(lambda e: e.meta.get("needs") != "grads")  # taylor needs a backward pass
         if self.score not in allowed:
             raise InvalidArgumentError(
                 f"unknown nesting score {self.score!r}; use one of {', '.join(allowed)}"
@@ -106,7 +106,8 @@ def nest_(
         >>> model.config.ffnkit["nest"]["score"]
         'wanda-sp'
     """
-    from ffnkit.compress.scores import DATA_FREE, collect_stats, neuron_scores, units
+    from ffnkit.compress.score_functions import SCORES
+    from ffnkit.compress.scores import collect_stats, neuron_scores, units
     from ffnkit.core.archs import find_ffns
     from ffnkit.core.edit import edit_ffns_
     from ffnkit.core.transaction import Transaction
@@ -116,7 +117,7 @@ def nest_(
     start = time.perf_counter()
     ffns = find_ffns(model)
     before = count_parameters(model, ffns)
-    if config.score not in DATA_FREE and stats is None:
+    if SCORES.meta(config.score, "needs") is not None and stats is None:
         if calibration is None:
             if tokenizer is None:
                 raise InvalidArgumentError(
@@ -302,17 +303,3 @@ def mixnmatch_widths(
         "widths": [int(kept[(f.index, None)]) for f in ffns],
         "sensitivity": {"ratios": list(ratios), "kl": [curves[(f.index, None)][1] for f in ffns]},
     }
-
-
-# ----- `ffnkit compress` method (registered by ffnkit.cli.compress) -------------------------------
-def cli_nest(model: nn.Module, tokenizer: Any, opts: Any) -> NestReport:
-    """``--method nest``: sort neurons by Wanda-sp, then keep the first (1 − R) of every FFN."""
-    nest_(
-        model,
-        NestConfig(
-            "wanda-sp", samples=opts.samples, seq_len=opts.seq_len, corpus=opts.corpus, seed=opts.seed
-        ),
-        tokenizer=tokenizer,
-        progress=opts.progress,
-    )
-    return slice_widths_(model, 1.0 - opts.ratio)

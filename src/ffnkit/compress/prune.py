@@ -37,12 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ffnkit.compress.score_functions import SCORES, UnitStats
 from ffnkit.compress.scores import (
-    DATA_FREE,
-    KEEP_LOWEST,
-    SCORES,
     UnitKey,
-    UnitStats,
     collect_stats,
     lowest_protected,
     neuron_scores,
@@ -132,7 +129,8 @@ class PruneConfig(JsonConfig):
     @property
     def lowest_share(self) -> float:
         """Share of each unit's lowest-scored neurons never removed (LoRAP: 1%, others: 0)."""
-        return KEEP_LOWEST.get(self.method, 0.0) if self.keep_lowest is None else float(self.keep_lowest)
+        default = SCORES.meta(self.method, "keep_lowest", 0.0)
+        return default if self.keep_lowest is None else float(self.keep_lowest)
 
 
 @dataclass
@@ -389,8 +387,9 @@ def prune_(
     w_out: dict[FFN, Tensor] = {}
     sens = None
     if config.ratio > 0:
-        needs_data = config.method not in DATA_FREE or config.compensate or config.allocation == "sensitivity"
-        taylor = config.method == "taylor" and grads is None
+        needs = SCORES.meta(config.method, "needs")
+        needs_data = needs is not None or config.compensate or config.allocation == "sensitivity"
+        taylor = needs == "grads" and grads is None
         sensitivity = config.allocation == "sensitivity"
         ids = None
         if (needs_data and stats is None) or taylor or sensitivity:

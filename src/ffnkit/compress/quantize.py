@@ -326,42 +326,15 @@ def replay_quantized(model: nn.Module, change: dict) -> None:
         (PackedExperts if rec.get("tensor") else QuantizedLinear).replay(model, rec)
 
 
-def _register() -> None:
-    from ffnkit.io import REPLAYS, register_replay
-
-    if CHANGE_KIND not in REPLAYS:
-        register_replay(CHANGE_KIND, "ffnkit.compress.quantize:replay_quantized")
-
-
-_register()
-
-
-def cli_run(model: nn.Module, tokenizer: Any, opts: Any) -> QuantizeReport:
-    """``ffnkit compress --method quantize``: the CLI's method function. ``opts.extra`` may hold ``bits``
-    (default 4), ``group_size`` (default 64, per row where 64 does not divide the widths), ``mapping``
-    and ``layers``; the ratio does not apply.
+def group_size_fits(model: nn.Module, config: QuantizeConfig) -> bool:
+    """Whether ``config.group_size`` divides the input width of every matrix ``quantize_`` would change.
 
     Example:
-        >>> register_method("quantize", cli_run, "weight-only quantisation of FFN weights (torchao)")
+        >>> group_size_fits(model, QuantizeConfig(group_size=64))   # False where d_ff = 48
+        False
     """
-    extra = dict(getattr(opts, "extra", None) or {})
-    config = QuantizeConfig(
-        bits=int(extra.get("bits", 4)),
-        group_size=extra.get("group_size", 64),
-        layers=extra.get("layers"),
-        mapping=extra.get("mapping", QuantizeConfig.mapping),
-    )
-    note = None
-    if "group_size" not in extra and not _groups_fit(model, config):
-        config.group_size = None  # e.g. a small model whose widths are not multiples of 64
-        note = "group_size 64 does not divide every FFN matrix's inputs: one scale per output row instead"
-    report = quantize_(model, config)
-    if note:
-        report.notes.append(note)
-    return report
-
-
-def _groups_fit(model: nn.Module, config: QuantizeConfig) -> bool:
+    if config.group_size is None:
+        return True
     ffns = select_ffns(find_ffns(model), config.layers)
     targets = [t for f in ffns for t in _targets(f, list(config.matrices))]
     return all(t.n_in % config.group_size == 0 for t in targets)

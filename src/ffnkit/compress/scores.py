@@ -8,21 +8,8 @@ from the routed tokens of each expert (site ``in`` + the router), exactly as the
 Pruning units: a dense FFN, each expert of a MoE layer, and a MoE layer's shared expert; a unit's key
 is ``(ffn.index, None)``, ``(ffn.index, e)`` or ``(ffn.index, "shared")``.
 
-Scores (n = d_ff, per unit, float64 [n]):
-
-- ``magnitude``  ‖W_in[i]‖·‖v_i‖, data-free; gated FFNs multiply in ‖W_gate[i]‖ too (the neuron's
-  output scales with each of the three).
-- ``wanda-sp``   mean_r |W_out[r, i]| · ‖m_i‖₂ (‖m_i‖₂ as √E[m_i²]: a per-unit constant factor apart).
-- ``flap``       Var(m_i) · ‖v_i‖² — the fluctuation of what neuron i writes (its mean is compensable).
-- ``lorap``      ‖(|W_in| · √E[x²])[i]‖ + ‖(|W_gate| · √E[x²])[i]‖ + ‖|v_i|‖ · √E[m_i²]. LoRAP also
-  never removes the lowest-scored 1% of each layer's neurons (:data:`KEEP_LOWEST`,
-  :func:`lowest_protected`): its reference code (github lihuang258/LoRAP, ``utils/prune.py``
-  ``prune_mlp``, ``--mlp_least_save_ratio 0.01``) sorts the scores ascending and removes
-  ``sorted[⌊0.01·n⌋ : ⌊(s + 0.01)·n⌋]``, skipping the bottom 1%.
-- ``taylor``     Σ over neuron i's weights (row of W_in, W_gate, b_in, b_gate; column of W_out) of
-  |W ⊙ ∂L/∂W|, gradients of the LM loss summed over a few calibration samples (LLM-Pruner's first order).
-- ``frequency``  share of tokens on which the neuron is active (:mod:`ffnkit.core.criteria`: |m_i(t)| >
-  0.1 · mean_j |m_j(t)|, scale-free, so it works for SiLU/GELU as well as ReLU).
+Scores: the :data:`~ffnkit.compress.score_functions.SCORES` registry (formulas there); one pass of
+:func:`collect_stats` serves every score that ``needs="stats"``, :func:`taylor_scores` the ``"grads"`` one.
 
 Example:
     >>> stats = collect_stats(model, calibration_batches(load_corpus(), tok))
@@ -32,20 +19,17 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from ffnkit.compress.score_functions import SCORES, ScoreInputs, UnitStats
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.core.ffn import FFN, WeightRef
 from ffnkit.core.reducers import Covariance, FiringRate, MeanSquare, Reducer, Variance
 from ffnkit.core.runner import forward, run
 
 __all__ = [
-    "SCORES",
-    "UnitStats",
-    "KEEP_LOWEST",
     "collect_stats",
     "lowest_protected",
     "neuron_scores",
@@ -53,10 +37,6 @@ __all__ = [
     "units",
 ]
 
-SCORES = ("magnitude", "wanda-sp", "flap", "lorap", "taylor", "frequency")
-DATA_FREE = ("magnitude",)
-# share of each unit's LOWEST-scored neurons a method never removes (LoRAP keeps its bottom 1%)
-KEEP_LOWEST = {"lorap": 0.01}
 UnitKey = tuple[int, int | str | None]
 
 
@@ -72,19 +52,6 @@ class Covariance32(Covariance):
         xc = x - mean  # [N, n]
         self._absorb(x.shape[0], x.shape[1], {"mean": mean.double(), "c": (xc.T @ xc).double()})
         return self
-
-
-@dataclass
-class UnitStats:
-    """Calibration statistics of one pruning unit (float64, CPU)."""
-
-    count: int  # tokens seen
-    m_mean: Tensor  # [n] E[m]
-    m_var: Tensor  # [n] Var(m) (population)
-    m_sq: Tensor  # [n] E[m²]
-    firing: Tensor  # [n] firing rate (ffnkit.core.criteria's active neurons)
-    x_sq: Tensor  # [d] E[x²] of the unit's input tokens
-    m_cov: Tensor | None = None  # [n, n] Cov(m) (population), when collected (least-squares refit)
 
 
 def units(ffn: FFN) -> Iterator[tuple[UnitKey, FFN]]:
@@ -223,30 +190,24 @@ def neuron_scores(
     Example:
         >>> neuron_scores("wanda-sp", ffn, stats)
     """
-    if method not in SCORES:
-        raise InvalidArgumentError(f"unknown score {method!r}; use one of {', '.join(SCORES)}")
+    score = SCORES.get(method)
+    needs = SCORES.meta(method, "needs")
     key = key if key is not None else (unit.index, None)
-    w_in = unit.W_in.detach().double().cpu()  # [n, d]
-    w_out = unit.W_out.detach().double().cpu()  # [d, n]
-    w_gate = unit.W_gate.detach().double().cpu() if unit.kind == "gated" else None
-    v_norm = w_out.norm(dim=0)  # [n]
-    if method == "magnitude":
-        s = w_in.norm(dim=1) * v_norm
-        return s * w_gate.norm(dim=1) if w_gate is not None else s
-    if method == "taylor":
+    inputs = ScoreInputs(
+        unit,
+        w_in=unit.W_in.detach().double().cpu(),  # [n, d]
+        w_out=unit.W_out.detach().double().cpu(),  # [d, n]
+        w_gate=unit.W_gate.detach().double().cpu() if unit.kind == "gated" else None,
+    )
+    if needs == "grads":
         if grads is None or key not in grads:
-            raise InvalidArgumentError("taylor scores need gradients: use taylor_scores(model, calibration)")
-        return grads[key]
-    st = _need(stats, key, method)
-    if method == "wanda-sp":
-        return w_out.abs().mean(0) * st.m_sq.sqrt()
-    if method == "flap":
-        return st.m_var * v_norm**2
-    if method == "lorap":
-        xs = st.x_sq.sqrt()  # [d]
-        s = (w_in.abs() * xs).norm(dim=1) + w_out.abs().norm(dim=0) * st.m_sq.sqrt()
-        return s + (w_gate.abs() * xs).norm(dim=1) if w_gate is not None else s
-    return st.firing.clone()  # frequency
+            raise InvalidArgumentError(
+                f"{method} scores need gradients: use taylor_scores(model, calibration)"
+            )
+        inputs.grads = grads[key]
+    elif needs == "stats":
+        inputs.stats = _need(stats, key, method)
+    return score(inputs)
 
 
 def lowest_protected(score: Tensor, share: float) -> Tensor:

@@ -48,7 +48,6 @@ from ffnkit.compress.sublayer_removal import (
 from ffnkit.core.blocks import block_modules, blocks, num_blocks, parameter_count
 from ffnkit.core.config import JsonConfig, Result, as_dict
 from ffnkit.core.errors import InvalidArgumentError, LayerIndexError
-from ffnkit.io import register_replay
 
 __all__ = [
     "BLOCKS_KIND",
@@ -137,10 +136,6 @@ class SublayerReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-register_replay(SUBLAYERS_KIND, "ffnkit.compress.sublayers:replay_sublayers")
-register_replay(BLOCKS_KIND, "ffnkit.compress.sublayers:replay_blocks")
 
 
 def _calibration(config: SublayerConfig, calibration: Tensor | None, tokenizer: Any) -> Tensor:
@@ -310,34 +305,3 @@ def remove_sublayers_(
     )
     model.ffnkit_reports = [*list(getattr(model, "ffnkit_reports", []) or []), report.to_dict()]
     return report
-
-
-# ----- `ffnkit compress` methods (registered by ffnkit.cli.compress) ------------------------------
-def cli_finercut(model: nn.Module, tokenizer: Any, opts: Any) -> SublayerReport:
-    """``--method finercut``: remove the FFN sublayers FinerCut's greedy order picks, R = FFN share.
-
-    FinerCut costs O(L²) forwards: calibration is capped at 8 windows of 128 tokens.
-    """
-    config = SublayerConfig(
-        "finercut",
-        ratio=opts.ratio,
-        kind="ffn",
-        samples=min(opts.samples, 8),
-        seq_len=min(opts.seq_len, 128),
-        corpus=opts.corpus,
-        seed=opts.seed,
-    )
-    return remove_sublayers_(model, config, tokenizer=tokenizer, progress=opts.progress)
-
-
-def cli_shortgpt(model: nn.Module, tokenizer: Any, opts: Any) -> SublayerReport:
-    """``--method shortgpt``: delete the round(R × L) blocks of lowest block influence."""
-    config = SublayerConfig(
-        "shortgpt",
-        ratio=opts.ratio,
-        samples=opts.samples,
-        seq_len=opts.seq_len,
-        corpus=opts.corpus,
-        seed=opts.seed,
-    )
-    return remove_sublayers_(model, config, tokenizer=tokenizer, progress=opts.progress)

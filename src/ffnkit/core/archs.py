@@ -51,6 +51,9 @@ _LLAMA = ArchSpec(
 )
 _MOE = replace(_LLAMA, family="moe")
 
+# model_type -> ArchSpec. Kept a plain typed dict rather than a core.registry.Registry: every entry is
+# eager data (no import to defer), lookups fall back to a structural search instead of an unknown-name
+# error, and `ArchSpec` already carries what a Registry entry's help/metadata would hold.
 ARCHS: dict[str, ArchSpec] = {
     # Llama family: SwiGLU / GeGLU with gate_proj, up_proj, down_proj
     **{

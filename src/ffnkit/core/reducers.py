@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ffnkit.core.criteria import ACTIVE_THRESHOLD, active
 from ffnkit.core.errors import InvalidArgumentError
+from ffnkit.core.registry import Registry
 
 __all__ = [
     "REDUCERS",
@@ -349,10 +350,10 @@ class Histogram(Reducer):
         return HistogramResult(self.edges.clone(), s["counts"], s["under"], s["over"], self.count)
 
 
-REDUCERS: dict[str, type[Reducer]] = {
-    cls.name: cls
-    for cls in (Count, Mean, Variance, MeanAbs, MeanSquare, FiringRate, Histogram, Covariance, Max, Min)
-}
+# name -> Reducer class (its default settings); register your own with REDUCERS.register(name, cls)
+REDUCERS: Registry[type[Reducer]] = Registry("reducer", hint="or pass a Reducer instance")
+for _cls in (Count, Mean, Variance, MeanAbs, MeanSquare, FiringRate, Histogram, Covariance, Max, Min):
+    REDUCERS.register(_cls.name, _cls, help=(_cls.__doc__ or "").strip().split("\n")[0])
 
 
 def make_reducer(spec: str | Reducer) -> Reducer:
@@ -364,8 +365,4 @@ def make_reducer(spec: str | Reducer) -> Reducer:
     """
     if isinstance(spec, Reducer):
         return spec
-    if isinstance(spec, str) and spec in REDUCERS:
-        return REDUCERS[spec]()
-    raise InvalidArgumentError(
-        f"unknown reducer {spec!r}: use one of {', '.join(REDUCERS)} or pass a Reducer instance"
-    )
+    return REDUCERS.get(spec)()

@@ -2,8 +2,8 @@
 
 Sections: the model's FFN table, where the parameters are, per-layer firing rates and activation
 sparsity on calibration text, and perplexity on the corpus' evaluation split. Later capabilities add
-sections by appending to ``SECTIONS``: a function (context) -> (heading, html) that may also write
-into ``context["json"]``.
+sections with ``SECTIONS.register(name, fn)``: a function (context) -> (heading, html) that may also
+write into ``context["json"]``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ffnkit.core.archs import find_ffns, resolve_spec
 from ffnkit.core.criteria import ACTIVE_RULE
 from ffnkit.core.ffn import FFN
 from ffnkit.core.progress import ProgressLike
+from ffnkit.core.registry import Registry
 from ffnkit.core.runner import is_causal_lm
 from ffnkit.report import html, plots
 from ffnkit.report.frontier import section_frontier
@@ -143,16 +144,17 @@ def section_perplexity(ctx: ReportContext) -> tuple[str, str]:
     )
 
 
-SECTIONS: list[Callable[[ReportContext], tuple[str, str]]] = [
-    section_overview,
-    section_ffn_table,
-    section_activations,
-    section_concept_neurons,
-    section_spectral,
-    section_importance,
-    section_perplexity,
-    section_frontier,
-]
+# section name -> function (context) -> (heading, html), in page order; a section may also write into
+# ctx.json. Add one with SECTIONS.register("name", fn) (or a lazy "module:function" string).
+SECTIONS: Registry[Callable[[ReportContext], tuple[str, str]]] = Registry("report section")
+SECTIONS.register("overview", section_overview, help="model, family, parameter share")
+SECTIONS.register("ffn_table", section_ffn_table, help="every FFN: widths, activation, parameters")
+SECTIONS.register("activations", section_activations, help="firing rates and sparsity on calibration text")
+SECTIONS.register("concept_neurons", section_concept_neurons, help="neurons that promote concept words")
+SECTIONS.register("spectral", section_spectral, help="spectral utilisation of the FFN matrices")
+SECTIONS.register("importance", section_importance, help="block influence and FinerCut order")
+SECTIONS.register("perplexity", section_perplexity, help="perplexity on the evaluation split")
+SECTIONS.register("frontier", section_frontier, help="the compression frontier of the benchmarks")
 
 
 def build_report(
@@ -191,7 +193,7 @@ def build_report(
         progress=progress,
     )
     with torch.no_grad():
-        sections = [section(ctx) for section in SECTIONS]
+        sections = [section(ctx) for _, section in SECTIONS.items()]
     ctx.json["seconds"] = round(time.time() - start, 1)
     (out / "report.json").write_text(json.dumps(ctx.json, indent=2, default=str))
     (out / "report.html").write_text(html.page(f"ffnkit report: {model_name}", sections))

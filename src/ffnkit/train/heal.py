@@ -351,16 +351,3 @@ def heal_(
         tokens_seen=tokens,
         loss_curve=curve,
     )
-
-
-def cli_heal(model: nn.Module, reference: nn.Module, tokenizer: Any, opts: Any) -> HealReport:
-    """What ``ffnkit compress --heal`` runs after the method: ``heal_`` with the CLI's corpus and seed
-    (``opts.extra["heal"]`` may hold HealConfig fields, e.g. ``{"max_minutes": 5}``).
-
-    Example:
-        >>> reference = copy.deepcopy(model); report = method(model, tok, opts)
-        >>> heal_report = cli_heal(model, reference, tok, opts)
-    """
-    extra = dict((getattr(opts, "extra", None) or {}).get("heal", {}))
-    config = HealConfig.from_dict({"corpus": opts.corpus, "seed": opts.seed, **extra})
-    return heal_(model, reference, config, tokenizer=tokenizer, progress=getattr(opts, "progress", True))
