@@ -112,6 +112,8 @@ def test_method_build_rules():
     }  # fmt: skip
     with pytest.raises(InvalidArgumentError, match="takes a LowRankConfig"):
         svd("model", METHODS.get("flap").build({}))
+    with pytest.raises(InvalidArgumentError, match="needs method='svd'"):
+        svd("model", METHODS.get("asvd").build({}))  # the right class, another method's fixed fields
 
 
 def test_reducers_and_replays_are_registries():

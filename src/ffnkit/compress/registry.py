@@ -126,6 +126,10 @@ class Method:
             raise InvalidArgumentError(
                 f"method {self.name!r} takes a {self.config_class().__name__}, got {type(config).__name__}"
             )
+        wrong = {k: v for k, v in self.fixed_fields().items() if getattr(config, k) != v}
+        if wrong:  # e.g. a PruneConfig("wanda-sp") given to method "flap"
+            pairs = ", ".join(f"{k}={v!r}" for k, v in wrong.items())
+            raise InvalidArgumentError(f"method {self.name!r} needs {pairs}; build its config with .build()")
         return self.run_function()(model, config, tokenizer=tokenizer, progress=progress, **inputs)
 
 
