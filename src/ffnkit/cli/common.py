@@ -36,8 +36,36 @@ CorpusOpt = Annotated[
 
 
 def print_json(doc: dict) -> None:
-    """The only thing a --json run writes to stdout (progress and logs go to stderr)."""
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    """The only thing a --json run writes to stdout (progress and logs go to stderr): strict JSON, so a
+    NaN/±inf in a result becomes ``null`` and ``non_finite`` lists where and what it was."""
+    from ffnkit.core.config import finite_json, jsonable
+
+    clean, notes = finite_json(jsonable(doc))
+    if notes:
+        clean["non_finite"] = notes
+    sys.stdout.write(json.dumps(clean, indent=2, default=str, allow_nan=False) + "\n")
+
+
+def finite_floats(command):
+    """Make every option and argument of ``command`` and its subcommands refuse NaN/±inf: one check for
+    all float options, run on the parsed value before the command starts (nothing is loaded yet).
+
+    Example:
+        >>> finite_floats(typer.main.get_command(app))(["steer", "neurons", "--set", "nan"])  # exit 2
+    """
+    from ffnkit.core.config import check_finite
+
+    for param in command.params:
+        inner = param.callback
+
+        def checked(ctx, param, value, inner=inner):
+            check_finite(value, (param.opts or [param.name])[0])
+            return inner(ctx, param, value) if inner is not None else value
+
+        param.callback = checked
+    for sub in getattr(command, "commands", {}).values():
+        finite_floats(sub)
+    return command
 
 
 def console():
