@@ -46,25 +46,52 @@ def print_json(doc: dict) -> None:
     sys.stdout.write(json.dumps(clean, indent=2, default=str, allow_nan=False) + "\n")
 
 
-def finite_floats(command):
-    """Make every option and argument of ``command`` and its subcommands refuse NaN/±inf: one check for
-    all float options, run on the parsed value before the command starts (nothing is loaded yet).
+# the smallest value of count-like options, whatever the command (checked before any work starts)
+MINIMUMS = {
+    "--samples": 1,
+    "--seq-len": 2,
+    "--batch-size": 1,
+    "--window": 1,
+    "--stride": 1,
+    "--chunk-size": 1,
+    "--vocab-chunk": 1,
+    "--top": 1,
+    "--top-k": 1,
+    "--top-contexts": 1,
+    "--top-neurons": 1,
+    "--max-tokens": 1,
+    "--eval-tokens": 1,
+    "--max-new-tokens": 0,
+    "--n-neurons": 1,
+    "--steps": 1,
+}
+
+
+def check_params(command):
+    """Make every option and argument of ``command`` and its subcommands refuse NaN/±inf, and the
+    count-like options of :data:`MINIMUMS` refuse values below their minimum: one check for all,
+    run on the parsed values before the command starts (nothing is loaded yet).
 
     Example:
-        >>> finite_floats(typer.main.get_command(app))(["steer", "neurons", "--set", "nan"])  # exit 2
+        >>> check_params(typer.main.get_command(app))(["steer", "neurons", "--set", "nan"])  # exit 2
     """
     from ffnkit.core.config import check_finite
+    from ffnkit.core.errors import InvalidArgumentError
 
     for param in command.params:
         inner = param.callback
 
         def checked(ctx, param, value, inner=inner):
-            check_finite(value, (param.opts or [param.name])[0])
+            flag = (param.opts or [param.name])[0]
+            check_finite(value, flag)
+            low = MINIMUMS.get(flag)
+            if low is not None and isinstance(value, int) and not isinstance(value, bool) and value < low:
+                raise InvalidArgumentError(f"{flag} must be >= {low}, got {value}")
             return inner(ctx, param, value) if inner is not None else value
 
         param.callback = checked
     for sub in getattr(command, "commands", {}).values():
-        finite_floats(sub)
+        check_params(sub)
     return command
 
 

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from ffnkit.cli.common import CorpusOpt, JsonOpt, ModelArg, TrustRemoteCodeOpt, print_json, print_table
-from ffnkit.cli.inspect import inspect_app
+from ffnkit.cli.inspect import inspect_app, parse_ints
 from ffnkit.core.criteria import ACTIVE_THRESHOLD
 
 SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration windows (sequences).")]
@@ -25,17 +25,6 @@ ThresholdOpt = Annotated[
         "--threshold", help="A neuron fires on a token when |m_i| > this × the layer's mean |m| on it."
     ),
 ]
-
-
-def _ints(text: str | None) -> list[int] | None:
-    from ffnkit.core.errors import InvalidArgumentError
-
-    if text is None or text.strip() == "":
-        return None
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise InvalidArgumentError(f"expected comma-separated integers like 3,17,42; got {text!r}") from None
 
 
 def _setup(
@@ -84,8 +73,8 @@ def stats(
     from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.inspect.stats import neuron_stats
 
-    layers = _ints(layer)
-    chosen = _ints(neurons)
+    layers = parse_ints(layer, "layer")
+    chosen = parse_ints(neurons, "neurons")
     if chosen and (not layers or len(layers) != 1):
         raise InvalidArgumentError("--neurons needs exactly one --layer, e.g. --layer 3 --neurons 17,42")
     net, tok, text, batches = _setup(model, corpus, samples, seq_len, trust_remote_code=trust_remote_code)
@@ -142,8 +131,9 @@ def spectral(
     """Hard rank, soft rank, concentration and utilisation of each layer's activation covariance."""
     from ffnkit.inspect.spectral import plot_spectral, spectral_utilisation
 
+    layers = parse_ints(layer, "layer")
     net, _, text, batches = _setup(model, corpus, samples, seq_len, trust_remote_code=trust_remote_code)
-    res = spectral_utilisation(net, batches, layers=_ints(layer), batch_size=batch_size, progress=True)
+    res = spectral_utilisation(net, batches, layers=layers, batch_size=batch_size, progress=True)
     doc = {**_base(model, text, batches), **res.to_dict()}
     if plot:
         doc["plot"] = str(plot_spectral(res, plot))
@@ -242,9 +232,12 @@ def early_exit(
     json: JsonOpt = False,
 ) -> None:
     """Saturation layers (logit lens) and a confidence exit rule calibrated on calibration, measured on evaluation."""
+    from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.data import evaluation_tokens
     from ffnkit.inspect.early_exit import early_exit as run
 
+    if not 0.0 < target <= 1.0:
+        raise InvalidArgumentError(f"--target is a top-1 agreement in (0, 1], got {target}; e.g. 0.95")
     net, tok, text, batches = _setup(model, corpus, samples, seq_len, trust_remote_code=trust_remote_code)
     ev = evaluation_tokens(text, tok, max_tokens=eval_tokens)
     n = ev.numel() // seq_len

@@ -7,7 +7,7 @@ import sys
 import typer
 
 import ffnkit.cli.inspect_corpus  # noqa: F401  (adds stats/spectral/importance/contrast/early-exit to `inspect`)
-from ffnkit.cli.common import finite_floats, quiet_libraries
+from ffnkit.cli.common import check_params, quiet_libraries
 from ffnkit.cli.compress import compress
 from ffnkit.cli.evaluate import eval_
 from ffnkit.cli.inspect import inspect_app
@@ -35,7 +35,7 @@ def main() -> None:
     from ffnkit.core.errors import FFNKitError
 
     quiet_libraries()
-    command = finite_floats(typer.main.get_command(app))
+    command = check_params(typer.main.get_command(app))
     try:
         command(prog_name="ffnkit")
     except FFNKitError as err:
