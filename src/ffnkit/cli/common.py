@@ -67,6 +67,22 @@ MINIMUMS = {
 }
 
 
+def check_text(value: str, flag: str) -> None:
+    """Refuse text that is not valid UTF-8 (bytes the shell passed undecodable, kept as surrogates).
+
+    Example:
+        >>> check_text("Once upon a time", "--prompt")
+    """
+    from ffnkit.core.errors import InvalidArgumentError
+
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(
+            f"{flag} is not valid UTF-8 text (byte {exc.start}); give text, not binary data"
+        ) from None
+
+
 def check_params(command):
     """Make every option and argument of ``command`` and its subcommands refuse NaN/±inf, and the
     count-like options of :data:`MINIMUMS` refuse values below their minimum: one check for all,
@@ -84,6 +100,8 @@ def check_params(command):
         def checked(ctx, param, value, inner=inner):
             flag = (param.opts or [param.name])[0]
             check_finite(value, flag)
+            if isinstance(value, str):
+                check_text(value, flag)
             low = MINIMUMS.get(flag)
             if low is not None and isinstance(value, int) and not isinstance(value, bool) and value < low:
                 raise InvalidArgumentError(f"{flag} must be >= {low}, got {value}")

@@ -27,6 +27,31 @@ ThresholdOpt = Annotated[
 ]
 
 
+def plot_target(plot: str | None) -> str | None:
+    """Where --plot writes: its folder is created now, before any work (a file in the way is an error).
+
+    Example:
+        >>> plot_target("plots/spectral.png")  # creates plots/
+        'plots/spectral.png'
+    """
+    from pathlib import Path
+
+    from ffnkit.core.errors import InvalidArgumentError
+
+    if plot is None:
+        return None
+    parent = Path(plot).expanduser().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InvalidArgumentError(f"--plot {plot}: {parent} is a file, not a folder") from None
+    except OSError as exc:
+        raise InvalidArgumentError(f"--plot {plot}: cannot create {parent} ({exc.strerror})") from None
+    if Path(plot).is_dir():
+        raise InvalidArgumentError(f"--plot {plot} is a folder; give a file name such as {plot}/plot.png")
+    return plot
+
+
 def _setup(
     model: str, corpus: str, samples: int, seq_len: int, seed: int = 0, *, trust_remote_code: bool = False
 ):
@@ -131,7 +156,7 @@ def spectral(
     """Hard rank, soft rank, concentration and utilisation of each layer's activation covariance."""
     from ffnkit.inspect.spectral import plot_spectral, spectral_utilisation
 
-    layers = parse_ints(layer, "layer")
+    layers, plot = parse_ints(layer, "layer"), plot_target(plot)
     net, _, text, batches = _setup(model, corpus, samples, seq_len, trust_remote_code=trust_remote_code)
     res = spectral_utilisation(net, batches, layers=layers, batch_size=batch_size, progress=True)
     doc = {**_base(model, text, batches), **res.to_dict()}
@@ -167,6 +192,7 @@ def importance(
 
     if method not in ("finercut", "shortgpt"):
         raise InvalidArgumentError(f"--method must be finercut or shortgpt, got {method!r}")
+    plot = plot_target(plot)
     net, _, text, batches = _setup(model, corpus, samples, seq_len, trust_remote_code=trust_remote_code)
     if method == "finercut":
         res = finercut(net, batches, steps=steps, batch_size=batch_size, progress=True)

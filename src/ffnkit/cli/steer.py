@@ -74,6 +74,9 @@ def neurons(
     check_index(layer, "layer")
     op, value = chosen[0]
     net, tok = load_model(model, trust_remote_code=trust_remote_code)
+    from ffnkit.core.runner import check_causal_lm
+
+    check_causal_lm(net, "steer neurons")
     edit = NeuronEdit(
         layer=layer, neurons=ids, op=op, value=value, positions=_positions(positions), site=site
     )
@@ -113,6 +116,9 @@ def experts(
     if not edit.on and not edit.off:
         raise InvalidArgumentError("give experts to force: --on 3 and/or --off 1,2")
     net, tok = load_model(model, trust_remote_code=trust_remote_code)
+    from ffnkit.core.runner import check_causal_lm
+
+    check_causal_lm(net, "steer experts")
     doc = {"model": model, **generate_pair(net, tok, prompt, [edit], max_new_tokens).to_dict()}
     if json:
         print_json(doc)
@@ -149,6 +155,9 @@ def concept(
     if not parse_words(words):
         raise InvalidArgumentError("give the concept's words: --words king,queen")
     net, tok = load_model(model, trust_remote_code=trust_remote_code)
+    from ffnkit.core.runner import check_causal_lm
+
+    check_causal_lm(net, "steer concept")
     total = sum(f.d_ff for f in find_ffns(net))  # the word search ranks every neuron of every FFN
     if n_neurons > total:
         raise InvalidArgumentError(f"--n-neurons must be in 1–{total} ({model} has {total} FFN neurons)")
