@@ -139,3 +139,19 @@ def quiet_libraries() -> None:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()  # "Loading weights" bars on every load; ffnkit shows its own progress
+    quiet_torchao()
+
+
+def quiet_torchao() -> None:
+    """transformers imports torchao whenever it is installed (its quantizer registry), and torchao then
+    warns on every command about optional CUDA kernels (``Failed to load ... .so``) and registers enums
+    with torch's pytree (``... is an Enum subclass``): nothing the user did or can fix, so keep them to
+    errors. Set before anything imports torchao.
+
+    Example:
+        >>> quiet_torchao()
+    """
+    import logging as std_logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        std_logging.getLogger(name).setLevel(std_logging.ERROR)
