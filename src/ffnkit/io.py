@@ -194,12 +194,26 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _model_class(config: Any, name: str | None):
+    """The concrete class to rebuild: the manifest's ``model_class`` when transformers has it and it
+    takes this config; else (missing, unknown, an auto class) the class config.json resolves to."""
     import transformers
 
     cls = getattr(transformers, name, None) if name else None
-    if isinstance(cls, type) and issubclass(cls, nn.Module):
+    config_class = getattr(cls, "config_class", None)
+    if (
+        isinstance(cls, type)
+        and issubclass(cls, nn.Module)
+        and (config_class is None or isinstance(config, config_class))
+    ):
         return cls
-    return auto_model_class(config)
+    auto = auto_model_class(config)
+    try:
+        return auto._model_mapping[type(config)]  # the concrete class the auto class would build
+    except KeyError:
+        raise SavedModelError(
+            f"cannot tell which model class builds this config ({type(config).__name__}, manifest "
+            f"model_class {name!r}); save the model again"
+        ) from None
 
 
 def _check_folder(path: Path) -> None:

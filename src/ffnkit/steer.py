@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ffnkit.core.archs import find_ffns, select_ffns
 from ffnkit.core.capture import site_hooks
-from ffnkit.core.config import Result
+from ffnkit.core.config import JsonConfig, Result, check_finite
 from ffnkit.core.errors import InvalidArgumentError, LayerIndexError
 from ffnkit.core.ffn import FFN
 from ffnkit.core.progress import ProgressLike
@@ -57,6 +57,9 @@ class NeuronEdit:
     positions: Positions = "all"
     site: str = "post"  # post (m_i) | pre
     expert: str | None = None
+
+    def __post_init__(self) -> None:
+        check_finite(self.value, "value")  # a NaN activation turns every later token into NaN
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -330,7 +333,7 @@ def generate_pair(
 
 # ----- concept promotion / suppression -----------------------------------------------------------
 @dataclass
-class ConceptConfig:
+class ConceptConfig(JsonConfig):
     """Which concept, how many neurons, and what to do to them (CLI flags map 1:1)."""
 
     words: list[str]

@@ -36,8 +36,81 @@ CorpusOpt = Annotated[
 
 
 def print_json(doc: dict) -> None:
-    """The only thing a --json run writes to stdout (progress and logs go to stderr)."""
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    """The only thing a --json run writes to stdout (progress and logs go to stderr): strict JSON, so a
+    NaN/±inf in a result becomes ``null`` and ``non_finite`` lists where and what it was."""
+    from ffnkit.core.config import finite_json, jsonable
+
+    clean, notes = finite_json(jsonable(doc))
+    if notes:
+        clean["non_finite"] = notes
+    sys.stdout.write(json.dumps(clean, indent=2, default=str, allow_nan=False) + "\n")
+
+
+# the smallest value of count-like options, whatever the command (checked before any work starts)
+MINIMUMS = {
+    "--samples": 1,
+    "--seq-len": 2,
+    "--batch-size": 1,
+    "--window": 1,
+    "--stride": 1,
+    "--chunk-size": 1,
+    "--vocab-chunk": 1,
+    "--top": 1,
+    "--top-k": 1,
+    "--top-contexts": 1,
+    "--top-neurons": 1,
+    "--max-tokens": 1,
+    "--eval-tokens": 1,
+    "--max-new-tokens": 0,
+    "--n-neurons": 1,
+    "--steps": 1,
+}
+
+
+def check_text(value: str, flag: str) -> None:
+    """Refuse text that is not valid UTF-8 (bytes the shell passed undecodable, kept as surrogates).
+
+    Example:
+        >>> check_text("Once upon a time", "--prompt")
+    """
+    from ffnkit.core.errors import InvalidArgumentError
+
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(
+            f"{flag} is not valid UTF-8 text (byte {exc.start}); give text, not binary data"
+        ) from None
+
+
+def check_params(command):
+    """Make every option and argument of ``command`` and its subcommands refuse NaN/±inf, and the
+    count-like options of :data:`MINIMUMS` refuse values below their minimum: one check for all,
+    run on the parsed values before the command starts (nothing is loaded yet).
+
+    Example:
+        >>> check_params(typer.main.get_command(app))(["steer", "neurons", "--set", "nan"])  # exit 2
+    """
+    from ffnkit.core.config import check_finite
+    from ffnkit.core.errors import InvalidArgumentError
+
+    for param in command.params:
+        inner = param.callback
+
+        def checked(ctx, param, value, inner=inner):
+            flag = (param.opts or [param.name])[0]
+            check_finite(value, flag)
+            if isinstance(value, str):
+                check_text(value, flag)
+            low = MINIMUMS.get(flag)
+            if low is not None and isinstance(value, int) and not isinstance(value, bool) and value < low:
+                raise InvalidArgumentError(f"{flag} must be >= {low}, got {value}")
+            return inner(ctx, param, value) if inner is not None else value
+
+        param.callback = checked
+    for sub in getattr(command, "commands", {}).values():
+        check_params(sub)
+    return command
 
 
 def console():
@@ -71,3 +144,19 @@ def quiet_libraries() -> None:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()  # "Loading weights" bars on every load; ffnkit shows its own progress
+    quiet_torchao()
+
+
+def quiet_torchao() -> None:
+    """transformers imports torchao whenever it is installed (its quantizer registry), and torchao then
+    warns on every command about optional CUDA kernels (``Failed to load ... .so``) and registers enums
+    with torch's pytree (``... is an Enum subclass``): nothing the user did or can fix, so keep them to
+    errors. Set before anything imports torchao.
+
+    Example:
+        >>> quiet_torchao()
+    """
+    import logging as std_logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        std_logging.getLogger(name).setLevel(std_logging.ERROR)

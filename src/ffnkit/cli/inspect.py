@@ -20,23 +20,74 @@ inspect_app = typer.Typer(
 
 
 def parse_ints(text: str | None, what: str = "neurons") -> list[int] | None:
-    """'1,2,5-7' → [1, 2, 5, 6, 7]; None stays None."""
+    """'1,2,5-7' → [1, 2, 5, 6, 7]; None stays None.
+
+    Indices count from 0: a negative index or a descending range (5-2) is an error, for layers,
+    neurons and experts alike (the CLI never counts from the end).
+
+    Example:
+        >>> parse_ints("1,2,5-7")
+        [1, 2, 5, 6, 7]
+    """
+    import re
+
     from ffnkit.core.errors import InvalidArgumentError
 
     if text is None or text.strip() == "":
         return None
     out: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
-            elif part:
-                out.append(int(part))
-    except ValueError:
-        raise InvalidArgumentError(f"--{what} takes integers like 1,2,5-7; got {text!r}") from None
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part.startswith("-"):
+            raise InvalidArgumentError(
+                f"--{what} counts from 0 and takes no negative index ({part}); give e.g. 0,3 or 2-5"
+            )
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if m is None:
+            raise InvalidArgumentError(f"--{what} takes integers like 1,2,5-7; got {text!r}")
+        lo, hi = int(m[1]), int(m[2] if m[2] is not None else m[1])
+        if hi < lo:
+            raise InvalidArgumentError(f"--{what}: the range {part} runs backwards; write {hi}-{lo}")
+        out.extend(range(lo, hi + 1))
     return out
+
+
+def check_index(value: int, what: str) -> int:
+    """A single index option (``--layer 3``): counts from 0, like :func:`parse_ints`.
+
+    Example:
+        >>> check_index(3, "layer")
+        3
+    """
+    from ffnkit.core.errors import InvalidArgumentError
+
+    if value < 0:
+        raise InvalidArgumentError(f"--{what} counts from 0 and takes no negative index ({value})")
+    return value
+
+
+def one_word(text: str | None, what: str) -> str | None:
+    """A single-word option such as ``trace --target``: empty, several words or a comma list is an error
+    (it would otherwise silently become the first token of something else).
+
+    Example:
+        >>> one_word(" Paris", "target")
+        ' Paris'
+    """
+    from ffnkit.core.errors import InvalidArgumentError
+
+    if text is None:
+        return None
+    word = text.strip()
+    if not word:
+        raise InvalidArgumentError(f"--{what} is empty; give one word, e.g. --{what} Paris")
+    if "," in word or any(c.isspace() for c in word):
+        raise InvalidArgumentError(
+            f"--{what} takes one word, got {text!r}; run once per word (several targets are not traced together)"
+        )
+    return text
 
 
 def parse_words(text: str) -> list[str]:
@@ -71,15 +122,26 @@ def neurons(
     json: JsonOpt = False,
 ) -> None:
     """Top-k tokens each neuron's value vector promotes and suppresses (vocabulary projection)."""
+    from ffnkit.core.archs import find_ffns, select_ffns
+    from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.inspect.vocab import project_neurons
     from ffnkit.sources.models import load_model
 
+    layers, ids, expert_ids = (
+        parse_ints(layer, "layer"),
+        parse_ints(neuron_ids),
+        parse_ints(experts, "experts"),
+    )
     net, tok = load_model(model, trust_remote_code=trust_remote_code)
+    if expert_ids and not any(f.kind == "moe" for f in select_ffns(find_ffns(net), layers)):
+        raise InvalidArgumentError(
+            f"--experts applies to mixture-of-experts layers; {model} has none there (drop --experts)"
+        )
     proj = project_neurons(
         net,
-        layers=parse_ints(layer, "layer"),
-        neurons=parse_ints(neuron_ids),
-        experts=parse_ints(experts, "experts"),
+        layers=layers,
+        neurons=ids,
+        experts=expert_ids,
         top_k=top_k,
         use_gain=not no_norm,
         chunk_size=chunk_size,
@@ -123,12 +185,13 @@ def search(
     from ffnkit.inspect.vocab import search_neurons
     from ffnkit.sources.models import load_model
 
+    words, layers = parse_words(tokens), parse_ints(layer, "layer")
     net, tok = load_model(model, trust_remote_code=trust_remote_code)
     res = search_neurons(
         net,
         tok,
-        parse_words(tokens),
-        layers=parse_ints(layer, "layer"),
+        words,
+        layers=layers,
         top_n=top,
         top_k=top_k,
         use_gain=not no_norm,
@@ -172,13 +235,14 @@ def trace_cmd(
 
     if not prompt:
         raise InvalidArgumentError("give a prompt: --prompt 'The capital of France is'")
+    target, layers = one_word(target, "target"), parse_ints(layer, "layer")
     net, tok = load_model(model, trust_remote_code=trust_remote_code)
     t = trace(
         net,
         tok,
         prompt,
         target=target,
-        layers=parse_ints(layer, "layer"),
+        layers=layers,
         position=position,
         top_k=top_k,
         top_neurons=top_neurons,

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from ffnkit.cli.common import CorpusOpt, JsonOpt, ModelArg, TrustRemoteCodeOpt, print_json, print_table
-from ffnkit.cli.inspect import inspect_app
+from ffnkit.cli.inspect import inspect_app, parse_ints
 from ffnkit.core.criteria import ACTIVE_THRESHOLD
 
 SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration windows (sequences).")]
@@ -27,15 +27,29 @@ ThresholdOpt = Annotated[
 ]
 
 
-def _ints(text: str | None) -> list[int] | None:
+def plot_target(plot: str | None) -> str | None:
+    """Where --plot writes: its folder is created now, before any work (a file in the way is an error).
+
+    Example:
+        >>> plot_target("plots/spectral.png")  # creates plots/
+        'plots/spectral.png'
+    """
+    from pathlib import Path
+
     from ffnkit.core.errors import InvalidArgumentError
 
-    if text is None or text.strip() == "":
+    if plot is None:
         return None
+    parent = Path(plot).expanduser().parent
     try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise InvalidArgumentError(f"expected comma-separated integers like 3,17,42; got {text!r}") from None
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InvalidArgumentError(f"--plot {plot}: {parent} is a file, not a folder") from None
+    except OSError as exc:
+        raise InvalidArgumentError(f"--plot {plot}: cannot create {parent} ({exc.strerror})") from None
+    if Path(plot).is_dir():
+        raise InvalidArgumentError(f"--plot {plot} is a folder; give a file name such as {plot}/plot.png")
+    return plot
 
 
 def _setup(
@@ -84,8 +98,8 @@ def stats(
     from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.inspect.stats import neuron_stats
 
-    layers = _ints(layer)
-    chosen = _ints(neurons)
+    layers = parse_ints(layer, "layer")
+    chosen = parse_ints(neurons, "neurons")
     if chosen and (not layers or len(layers) != 1):
         raise InvalidArgumentError("--neurons needs exactly one --layer, e.g. --layer 3 --neurons 17,42")
     net, tok, text, batches = _setup(model, corpus, samples, seq_len, trust_remote_code=trust_remote_code)
@@ -142,8 +156,9 @@ def spectral(
     """Hard rank, soft rank, concentration and utilisation of each layer's activation covariance."""
     from ffnkit.inspect.spectral import plot_spectral, spectral_utilisation
 
+    layers, plot = parse_ints(layer, "layer"), plot_target(plot)
     net, _, text, batches = _setup(model, corpus, samples, seq_len, trust_remote_code=trust_remote_code)
-    res = spectral_utilisation(net, batches, layers=_ints(layer), batch_size=batch_size, progress=True)
+    res = spectral_utilisation(net, batches, layers=layers, batch_size=batch_size, progress=True)
     doc = {**_base(model, text, batches), **res.to_dict()}
     if plot:
         doc["plot"] = str(plot_spectral(res, plot))
@@ -177,6 +192,7 @@ def importance(
 
     if method not in ("finercut", "shortgpt"):
         raise InvalidArgumentError(f"--method must be finercut or shortgpt, got {method!r}")
+    plot = plot_target(plot)
     net, _, text, batches = _setup(model, corpus, samples, seq_len, trust_remote_code=trust_remote_code)
     if method == "finercut":
         res = finercut(net, batches, steps=steps, batch_size=batch_size, progress=True)
@@ -242,9 +258,12 @@ def early_exit(
     json: JsonOpt = False,
 ) -> None:
     """Saturation layers (logit lens) and a confidence exit rule calibrated on calibration, measured on evaluation."""
+    from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.data import evaluation_tokens
     from ffnkit.inspect.early_exit import early_exit as run
 
+    if not 0.0 < target <= 1.0:
+        raise InvalidArgumentError(f"--target is a top-1 agreement in (0, 1], got {target}; e.g. 0.95")
     net, tok, text, batches = _setup(model, corpus, samples, seq_len, trust_remote_code=trust_remote_code)
     ev = evaluation_tokens(text, tok, max_tokens=eval_tokens)
     n = ev.numel() // seq_len

@@ -7,7 +7,7 @@ import sys
 import typer
 
 import ffnkit.cli.inspect_corpus  # noqa: F401  (adds stats/spectral/importance/contrast/early-exit to `inspect`)
-from ffnkit.cli.common import quiet_libraries
+from ffnkit.cli.common import check_params, quiet_libraries
 from ffnkit.cli.compress import compress
 from ffnkit.cli.evaluate import eval_
 from ffnkit.cli.inspect import inspect_app
@@ -35,8 +35,9 @@ def main() -> None:
     from ffnkit.core.errors import FFNKitError
 
     quiet_libraries()
+    command = check_params(typer.main.get_command(app))
     try:
-        app()
+        command(prog_name="ffnkit")
     except FFNKitError as err:
         message = " ".join(str(err).split())  # one line, whatever the message held
         sys.stderr.write(f"ffnkit: error: {message}\n")

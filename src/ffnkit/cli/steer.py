@@ -15,7 +15,7 @@ from ffnkit.cli.common import (
     print_json,
     print_table,
 )
-from ffnkit.cli.inspect import parse_ints, parse_words
+from ffnkit.cli.inspect import check_index, parse_ints, parse_words
 
 steer_app = typer.Typer(
     help="Steer FFNs while generating: set/scale/zero neurons, force MoE experts, promote a concept.",
@@ -71,8 +71,12 @@ def neurons(
         raise InvalidArgumentError("give the neurons to steer: --neurons 7,42")
     if not prompt:
         raise InvalidArgumentError("give a prompt: --prompt 'Once upon a time'")
+    check_index(layer, "layer")
     op, value = chosen[0]
     net, tok = load_model(model, trust_remote_code=trust_remote_code)
+    from ffnkit.core.runner import check_causal_lm
+
+    check_causal_lm(net, "steer neurons")
     edit = NeuronEdit(
         layer=layer, neurons=ids, op=op, value=value, positions=_positions(positions), site=site
     )
@@ -102,6 +106,7 @@ def experts(
 
     if not prompt:
         raise InvalidArgumentError("give a prompt: --prompt 'Once upon a time'")
+    check_index(layer, "layer")
     edit = ExpertEdit(
         layer=layer,
         on=parse_ints(on, "on") or [],
@@ -111,6 +116,9 @@ def experts(
     if not edit.on and not edit.off:
         raise InvalidArgumentError("give experts to force: --on 3 and/or --off 1,2")
     net, tok = load_model(model, trust_remote_code=trust_remote_code)
+    from ffnkit.core.runner import check_causal_lm
+
+    check_causal_lm(net, "steer experts")
     doc = {"model": model, **generate_pair(net, tok, prompt, [edit], max_new_tokens).to_dict()}
     if json:
         print_json(doc)
@@ -138,11 +146,21 @@ def concept(
 ) -> None:
     """Promote (or suppress) a concept: set the neurons that project onto the words, report the shift of
     next-token probability mass on the words and the perplexity cost."""
+    from ffnkit.core.archs import find_ffns
+    from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.data import evaluation_tokens, load_corpus
     from ffnkit.sources.models import load_model
     from ffnkit.steer import ConceptConfig, generate_pair, steer_concept
 
+    if not parse_words(words):
+        raise InvalidArgumentError("give the concept's words: --words king,queen")
     net, tok = load_model(model, trust_remote_code=trust_remote_code)
+    from ffnkit.core.runner import check_causal_lm
+
+    check_causal_lm(net, "steer concept")
+    total = sum(f.d_ff for f in find_ffns(net))  # the word search ranks every neuron of every FFN
+    if n_neurons > total:
+        raise InvalidArgumentError(f"--n-neurons must be in 1–{total} ({model} has {total} FFN neurons)")
     text = load_corpus(corpus)
     tokens = evaluation_tokens(text, tok, max_tokens=max_tokens)
     cfg = ConceptConfig(

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, fields, is_dataclass
 from enum import Enum
 from pathlib import PurePath
@@ -18,16 +19,55 @@ from typing import Any
 
 from ffnkit.core.errors import InvalidArgumentError
 
-__all__ = ["JsonConfig", "Result", "as_dict", "jsonable"]
+__all__ = ["JsonConfig", "Result", "as_dict", "check_finite", "finite_json", "jsonable"]
+
+
+def check_finite(value: Any, name: str) -> None:
+    """Refuse NaN and ±inf anywhere in ``value`` (a number, or lists/tuples/dicts of them).
+
+    A NaN threshold or an infinite time budget never means what the user wanted: it compares false with
+    everything (silently picking nothing) or runs forever.
+
+    Example:
+        >>> check_finite([0.5, 1.0], "ratios")
+        >>> check_finite(float("nan"), "value")  # raises InvalidArgumentError
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgumentError(f"{name} must be a finite number, got {value}")
+    if isinstance(value, list | tuple):
+        for v in value:
+            check_finite(v, name)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, f"{name}[{k!r}]")
 
 
 class JsonConfig:
     """Mixin for config dataclasses: ``Config.from_dict(json.loads(c.to_json())) == c``.
 
+    Every field is checked for NaN/±inf when the config is built, before the subclass's own
+    ``__post_init__`` runs (one check for all configs, whatever built them: CLI, JSON or Python).
+
     Example:
         >>> PruneConfig.from_dict(PruneConfig("flap", 0.3).to_dict()).ratio
         0.3
     """
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            check_finite(getattr(self, f.name), f.name)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None:  # inherited: the parent's already checks
+            return
+
+        def __post_init__(self) -> None:
+            JsonConfig.__post_init__(self)
+            own(self)
+
+        cls.__post_init__ = __post_init__
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,6 +84,35 @@ class JsonConfig:
                 f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(known)}"
             )
         return cls(**doc)
+
+
+def finite_json(value: Any, path: str = "") -> tuple[Any, list[str]]:
+    """``value`` (plain JSON data) with every NaN/±inf replaced by ``None``, and where they were.
+
+    Strict JSON has no NaN or Infinity; a result may legitimately hold one (the perplexity of a broken
+    model is inf), so it becomes ``null`` and the note says what it was.
+
+    Example:
+        >>> finite_json({"ppl": float("inf"), "n": 3})
+        ({'ppl': None, 'n': 3}, ['ppl: inf'])
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [f"{path or '.'}: {value}"]
+    notes: list[str] = []
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out[k], sub = finite_json(v, f"{path}.{k}" if path else str(k))
+            notes += sub
+        return out, notes
+    if isinstance(value, list | tuple):
+        items = []
+        for i, v in enumerate(value):
+            item, sub = finite_json(v, f"{path}[{i}]")
+            items.append(item)
+            notes += sub
+        return items, notes
+    return value, notes
 
 
 def jsonable(value: Any) -> Any:

@@ -100,7 +100,14 @@ def read_prompts(source: str | Path | Sequence[str]) -> list[str]:
             raise InvalidArgumentError(
                 f"prompt file {str(path)!r} not found; give a text file, one prompt a line"
             )
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        try:
+            prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except UnicodeDecodeError as exc:
+            raise InvalidArgumentError(
+                f"prompt file {str(path)!r} is not UTF-8 text (byte {exc.start}); give a text file"
+            ) from None
+        if any("\x00" in p for p in prompts):
+            raise InvalidArgumentError(f"prompt file {str(path)!r} holds NUL bytes: it is binary, not text")
     else:
         prompts = [str(p).strip() for p in source]
     prompts = [p for p in prompts if p]

@@ -115,7 +115,7 @@ def section_activations(ctx: ReportContext) -> tuple[str, str]:
     ]
     cols += [f"sparsity@{e:g}" for e in SPARSITY_EPS]
     body = (
-        f"<p class='note'>{ctx.samples} × {ctx.seq_len} calibration tokens of <b>{ctx.corpus.name}</b>. "
+        f"<p class='note'>{ctx.samples} × {ctx.seq_len} calibration tokens of <b>{html.esc(ctx.corpus.name)}</b>. "
         "A neuron <i>fires</i> on a token when |m<sub>i</sub>| exceeds 0.1 × the layer's mean |m| on that "
         "token; sparsity@ε is the share of entries of m at most ε × that mean.</p>"
         + html.image(plots.sparsity_by_layer(dense, ctx.out_dir / "sparsity.png"), "sparsity by layer")
@@ -139,8 +139,8 @@ def section_perplexity(ctx: ReportContext) -> tuple[str, str]:
     entry = {"perplexity": result.perplexity, "protocol": result.protocol, "split": ctx.corpus.split_info()}
     ctx.json["perplexity"] = entry
     return "Perplexity", html.key_values({"perplexity": result.perplexity, **result.protocol}) + (
-        f"<p class='note'>Evaluation split of <b>{ctx.corpus.name}</b>: "
-        f"{html._esc(', '.join(ctx.corpus.evaluation_docs))}.</p>"
+        f"<p class='note'>Evaluation split of <b>{html.esc(ctx.corpus.name)}</b>: "
+        f"{html.esc(', '.join(ctx.corpus.evaluation_docs))}.</p>"
     )
 
 

@@ -92,7 +92,7 @@ def section_frontier(ctx) -> tuple[str, str]:
     ]
     img = _plot(curves, dense["perplexity"], ctx.out_dir / "frontier.png")
     return title, (
-        f"<p class='note'>From the committed benchmark results ({', '.join(read)}): perplexity of the last "
+        f"<p class='note'>From the committed benchmark results ({html.esc(', '.join(read))}): perplexity of the last "
         f"4,096 tokens of Austen's <i>Persuasion</i> in 512-token windows, no healing; dense "
         f"{dense['perplexity']:.2f}. Rerun with <code>python benchmarks/compress_frontier.py</code>.</p>"
         + html.image(img, "compression frontier")

@@ -15,19 +15,26 @@ th{background:#f4f4f4} td.l,th.l{text-align:left} .note{color:#555;font-size:.9e
 """
 
 
-def _esc(x) -> str:
-    return html.escape(str(x))
+def esc(x) -> str:
+    """``x`` as HTML text: every name, token, prompt or path from the user or the data goes through this
+    (a corpus file may be called ``<img src=x onerror=...>.txt``).
+
+    Example:
+        >>> esc("<b>")
+        '&lt;b&gt;'
+    """
+    return html.escape(str(x), quote=True)
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
-    head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
+    head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     body = []
     for r in rows:
         cells = []
         for c in columns:
             v = r.get(c, "")
             v = f"{v:.4g}" if isinstance(v, float) else v
-            cells.append(f"<td>{_esc(v)}</td>")
+            cells.append(f"<td>{esc(v)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -36,7 +43,7 @@ def key_values(d: dict) -> str:
     return (
         "<table class='kv'>"
         + "".join(
-            f"<tr><th class='l'>{_esc(k)}</th><td>{_esc(f'{v:.4g}' if isinstance(v, float) else v)}</td></tr>"
+            f"<tr><th class='l'>{esc(k)}</th><td>{esc(f'{v:.4g}' if isinstance(v, float) else v)}</td></tr>"
             for k, v in d.items()
         )
         + "</table>"
@@ -45,13 +52,13 @@ def key_values(d: dict) -> str:
 
 def image(path: Path, alt: str) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f"<p><img alt='{_esc(alt)}' src='data:image/png;base64,{data}'></p>"
+    return f"<p><img alt='{esc(alt)}' src='data:image/png;base64,{data}'></p>"
 
 
 def page(title: str, sections: list[tuple[str, str]]) -> str:
     """sections: (heading, html body) pairs, in order."""
-    body = "".join(f"<h2>{_esc(h)}</h2>\n{b}\n" for h, b in sections)
+    body = "".join(f"<h2>{esc(h)}</h2>\n{b}\n" for h, b in sections)
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
-        f"<style>{STYLE}</style></head><body><h1>{_esc(title)}</h1>\n{body}</body></html>\n"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1>\n{body}</body></html>\n"
     )

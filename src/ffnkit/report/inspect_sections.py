@@ -23,7 +23,7 @@ FINERCUT_STEPS = 3
 
 
 def _note(text: str) -> str:
-    return f"<p class='note'>{html._esc(text)}</p>"
+    return f"<p class='note'>{html.esc(text)}</p>"
 
 
 def _token_list(tokens: list[dict], n: int = 8) -> str:
@@ -72,10 +72,10 @@ def section_concept_neurons(ctx) -> tuple[str, str]:
             }
         )
         items = "".join(
-            f"<li>{html._esc(c['text'])} <span class='note'>(m = {c['value']:.3g})</span></li>" for c in ctxs
+            f"<li>{html.esc(c['text'])} <span class='note'>(m = {c['value']:.3g})</span></li>" for c in ctxs
         )
         details.append(
-            f"<p><b>{html._esc(name)}</b> — layer {hit['layer']}, neuron {hit['neuron']}: fires most on</p><ul>{items}</ul>"
+            f"<p><b>{html.esc(name)}</b> — layer {hit['layer']}, neuron {hit['neuron']}: fires most on</p><ul>{items}</ul>"
         )
     basis = next(iter(found.values())).basis
     ctx.json["concept_neurons"] = {
@@ -114,7 +114,7 @@ def section_spectral(ctx) -> tuple[str, str]:
         return title, _note(f"skipped: {err}")
     ctx.json["spectral"] = result.to_dict()
     img = plot_spectral(result, ctx.out_dir / "spectral.png")
-    formulas = "".join(f"<li><b>{html._esc(k)}</b>: {html._esc(v)}</li>" for k, v in result.formulas.items())
+    formulas = "".join(f"<li><b>{html.esc(k)}</b>: {html.esc(v)}</li>" for k, v in result.formulas.items())
     cols = ["layer", "hard_rank", "soft_rank", "utilisation", "lambda_max_share", "top1pct_share"]
     return title, (
         _note(

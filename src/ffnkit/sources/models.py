@@ -109,6 +109,27 @@ def _from_pretrained(
     return model, tokenizer
 
 
+def load_folder(
+    src: Path, dtype: torch.dtype, *, fix: str, trust_remote_code: bool = False
+) -> tuple[Any, Any]:
+    """:func:`_from_pretrained` on a local folder, with any failure of transformers, safetensors or the
+    tokenizer (cut or empty files, random bytes, no weights, no ``model_type``) turned into one
+    :class:`SavedModelError` line that ends with ``fix``.
+
+    Example:
+        >>> load_folder(Path("my-model"), torch.float32, fix="download or save the model again")
+    """
+    from ffnkit.core.errors import SavedModelError
+
+    try:
+        return _from_pretrained(src, dtype, trust_remote_code=trust_remote_code)
+    except FFNKitError:
+        raise
+    except Exception as exc:  # noqa: BLE001  whatever the damage, the user gets one line, not a traceback
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise SavedModelError(f"{src} cannot be loaded ({type(exc).__name__}: {first}); {fix}") from None
+
+
 def _check_logits(model: Any, tokenizer: Any) -> torch.Tensor:
     """Logits [1, T, vocab] (float32) on the fixed check prompt."""
     ids = tokenizer(_CHECK_PROMPT, return_tensors="pt").input_ids  # [1, T]
@@ -278,7 +299,9 @@ def load_model(
     torch_dtype = _resolve_dtype(dtype)
     path = Path(name).expanduser()
     if name in MODELS:
-        model, tokenizer = _from_pretrained(MODELS.get(name)(progress), torch_dtype)
+        folder = MODELS.get(name)(progress)
+        fix = f"the cached built-in model is damaged: delete the folder {folder} and run again to rebuild it"
+        model, tokenizer = load_folder(folder, torch_dtype, fix=fix)
     elif path.is_dir():
         from ffnkit import io as ffnkit_io
 
@@ -289,7 +312,8 @@ def load_model(
             model = model.to(dtype=torch_dtype)
         elif (path / "config.json").is_file():
             ffnkit_io.check_remote_code(path, trust_remote_code)
-            model, tokenizer = _from_pretrained(path, torch_dtype, trust_remote_code=trust_remote_code)
+            fix = "check its config.json (with model_type), tokenizer files and weights, or save it again"
+            model, tokenizer = load_folder(path, torch_dtype, fix=fix, trust_remote_code=trust_remote_code)
         else:
             raise _unknown(name, "the folder has no config.json")
     elif path.exists() or name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
