@@ -10,12 +10,12 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
-from ffnkit.compress.heal import HealConfig
 
 from ffnkit.cli.common import print_json
 from ffnkit.compress.prune import PruneConfig
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.steer import ConceptConfig, NeuronEdit
+from ffnkit.train.heal import HealConfig
 from tests.reliability.cli import ffnkit, one_line_error
 
 

@@ -76,11 +76,10 @@ def test_steps_inherit_the_corpus_unless_they_set_one():
 
 
 def test_run_records_what_independent_measurements_say(saved):
-    from ffnkit.models import load_model
-
     from ffnkit import io
     from ffnkit.data import evaluation_tokens, load_corpus
     from ffnkit.evaluate import perplexity
+    from ffnkit.sources.models import load_model
 
     out = saved["root"] / "out"
     config = PipelineConfig(
@@ -152,9 +151,8 @@ def test_run_records_what_independent_measurements_say(saved):
 
 def test_stage_functions_share_precomputed_inputs(saved):
     """What the benchmarks do: measure once, run steps with statistics collected once."""
-    from ffnkit.models import load_model
-
     from ffnkit.compress.scores import collect_stats
+    from ffnkit.sources.models import load_model
 
     model, tok = load_model(str(saved["model"]))
     ev = evaluation_set(PerplexityProtocol(max_tokens=100, window=25), tok, str(saved["corpus"]))
