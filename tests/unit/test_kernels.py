@@ -266,3 +266,14 @@ def test_empty_inputs_give_zeros(cpu_backend):
     assert gather_ffn(torch.randn(0, 4), packed, torch.tensor([1]), backend=cpu_backend).shape == (0, 4)
     w = pack_teal(torch.randn(6, 4), torch.randn(6, 4), torch.randn(4, 6))
     assert torch.count_nonzero(teal_ffn(torch.randn(1, 4), w, 1e9, 0.0, backend=cpu_backend)) == 0
+
+
+@pytest.mark.parametrize("distance", [1, 3])
+def test_c_kernel_with_software_prefetch(monkeypatch, distance):
+    """The optional prefetch (off by default) changes timing only, never the result."""
+    if not cpu_library_status()["compiled"]:
+        pytest.skip("C kernels not built here")
+    monkeypatch.setattr(cpu_impl, "PREFETCH", distance)
+    assert kc.check_gather("cpu", 130, 257, 3, "half", torch.float32, "cpu") <= 1e-5
+    assert kc.check_threshold("cpu", 130, 257, 2, 0.3, torch.float32, "cpu") <= 1e-5
+    assert kc.check_input_linear("cpu", 101, 67, 2, 0.4, torch.float32, "cpu") <= 1e-5

@@ -3,10 +3,10 @@
 Why a hand-written kernel: at decode the FFN is a matrix-vector product, bound by memory bandwidth, and
 the only way to be faster is to read fewer bytes. ``torch.index_select`` + matmul reads the active rows,
 writes them to a copy, then reads the copy again (issue 9 measured dense 4.1 ms, torch gather 3.6 ms at
-50% skipped on the Qwen2.5-0.5B FFN shape; benchmarks/results/sparse_kernel_cpu.json: dense 3.44 ms, torch
-gather 4.21 ms, these loops 1.79 ms). These loops compute straight from the neuron-major packed rows
-instead: per active neuron one contiguous block (gate row, up row, down column) is streamed once, with the
-next neuron's block prefetched (the hardware prefetcher cannot guess the jump to a random neuron). No
+50% skipped on the Qwen2.5-0.5B FFN shape; benchmarks/results/sparse_kernel_cpu.json: dense 3.93 ms, torch
+gather 4.35 ms, these loops 1.74 ms). These loops compute straight from the neuron-major packed rows
+instead: per active neuron one contiguous block (gate row, up row, down column) is streamed once (a software
+prefetch of the next neuron's block is available, ``pf``, but measured slower, so off by default). No
 library offers this (oneDNN/MKL have no gathered GEMV), so it is ~200 lines of portable C++: gcc vector
 extensions (AVX2/AVX-512/NEON, whatever ``-march=native`` gives), OpenMP threads (the libgomp torch has
 already loaded), float32, bfloat16 and float16 weights, float32 accumulation. Plain C ABI, loaded with

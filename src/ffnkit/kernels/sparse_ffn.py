@@ -4,11 +4,11 @@ The FFN is y = W_down (act(W_gate x) * (W_up x)). At decode (batch 1 or a few ro
 the weights, so the only way to make it faster is to read fewer of them. The neuron-major packed layout of
 :func:`pack_ffn` stores, per neuron i, its gate row, up row and down column next to each other ([F, 3, D]),
 so the weights of an active neuron are one contiguous block: one stream per neuron on a CPU, fully
-coalesced rows on a GPU. Measured against three separate [F, D] tensors on the CPU (same C kernel,
-benchmarks/results/sparse_kernel_cpu.json, batch 1): the packed layout is 2-8% faster from 25% to 80%
-skipped and 3% slower at 90%. On the GPU the fused batch-1 kernel streams each neuron's 24 KB block in one piece; the
-separate layout was not timed there. Dense matmuls run on the strided views of :func:`unpack_ffn`
-without a copy.
+coalesced rows on a GPU, and one index per neuron to gather. Against three separate [F, D] tensors (the
+same C kernel, benchmarks/results/sparse_kernel_cpu.json, batch 1) the CPU shows no consistent difference
+(-3% to +9% across 0-90% skipped, within the run-to-run noise); on the GPU the fused batch-1 kernel streams
+each neuron's 24 KB block in one piece (the separate layout was not timed there). Dense matmuls run on the
+strided views of :func:`unpack_ffn` without a copy.
 
 Kernels (each checks its inputs here, then runs on the backend of :mod:`ffnkit.kernels.backend`):
 - :func:`gather_ffn`: only the neurons in ``idx`` (the union of the batch's active sets; with ``scale`` the
