@@ -5,7 +5,7 @@ Public names are imported lazily so that ``import ffnkit`` stays fast and touche
 
 from __future__ import annotations
 
-import importlib
+from ffnkit.core.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -80,13 +80,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ffnkit' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -10,7 +10,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
+from ffnkit.core.lazy import lazy_exports
 
 _EXPORTS = {
     "ALLOCATIONS": "ffnkit.compress.prune",
@@ -27,13 +27,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ffnkit.compress' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(__all__) | set(globals()))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

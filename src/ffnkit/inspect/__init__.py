@@ -8,7 +8,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
+from ffnkit.core.lazy import lazy_exports
 
 _EXPORTS = {
     "Lens": "ffnkit.inspect.lens",
@@ -24,13 +24,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ffnkit.inspect' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
