@@ -37,10 +37,10 @@ _EXPORTS = {
     # inspect and steer
     "project_neurons": "ffnkit.inspect.vocab",
     "search_neurons": "ffnkit.inspect.vocab",
-    "trace": "ffnkit.inspect.trace",
-    "steer": "ffnkit.steer",
-    "NeuronEdit": "ffnkit.steer",
-    "ExpertEdit": "ffnkit.steer",
+    "trace": "ffnkit.inspect.tracing",
+    "steer": "ffnkit.steering",
+    "NeuronEdit": "ffnkit.steering",
+    "ExpertEdit": "ffnkit.steering",
     # compress, save and load
     "save": "ffnkit.io",
     "load": "ffnkit.io",

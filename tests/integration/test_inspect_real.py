@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ffnkit.inspect.lens import Lens
-from ffnkit.inspect.trace import trace
+from ffnkit.inspect.tracing import trace
 from ffnkit.inspect.vocab import project_neurons, search_neurons
-from ffnkit.steer import ConceptConfig, NeuronEdit, generate_pair, steer, steer_concept, word_mass
+from ffnkit.steering import ConceptConfig, NeuronEdit, generate_pair, steer, steer_concept, word_mass
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import pytest
 from ffnkit.cli.common import print_json
 from ffnkit.compress.prune import PruneConfig
 from ffnkit.core.errors import InvalidArgumentError
-from ffnkit.steer import ConceptConfig, NeuronEdit
+from ffnkit.steering import ConceptConfig, NeuronEdit
 from ffnkit.train.heal import HealConfig
 from tests.reliability.cli import ffnkit, one_line_error
 

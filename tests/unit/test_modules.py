@@ -15,7 +15,7 @@ from ffnkit.modules.base import HookPoint, RuntimeModule, packed_numel, tensor_b
 from ffnkit.modules.lowrank import LowRankLinear
 from ffnkit.modules.quantized import QuantizedLinear, packed_len
 from ffnkit.modules.zero import ZeroAttention, ZeroFFN
-from ffnkit.steer import NeuronEdit
+from ffnkit.steering import NeuronEdit
 from tests.tiny_models import tiny_inputs, tiny_model
 
 needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")

@@ -9,7 +9,7 @@ import torch
 
 from ffnkit import capture, find_ffns
 from ffnkit.core.errors import InvalidArgumentError, LayerIndexError
-from ffnkit.steer import ExpertEdit, NeuronEdit, steer
+from ffnkit.steering import ExpertEdit, NeuronEdit, steer
 from tests.tiny_models import FAMILIES, tiny_inputs, tiny_model
 
 MOE = {"mixtral", "qwen2_moe", "olmoe", "qwen3_moe"}
@@ -254,7 +254,7 @@ def test_expert_forcing_at_the_last_position_only():
 
 def test_concept_steering_on_a_tiny_model():
     """Neurons picked by the word search, set high: more mass on the words; negated: less; model restored."""
-    from ffnkit.steer import ConceptConfig, steer_concept
+    from ffnkit.steering import ConceptConfig, steer_concept
     from tests.unit.test_vocab import FakeTokenizer
 
     model = tiny_model("llama")

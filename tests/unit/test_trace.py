@@ -7,7 +7,7 @@ import torch
 
 from ffnkit.core.errors import InvalidArgumentError, LayerIndexError
 from ffnkit.inspect.lens import Lens
-from ffnkit.inspect.trace import trace
+from ffnkit.inspect.tracing import trace
 from tests.tiny_models import FAMILIES, tiny_inputs, tiny_model
 
 REFUSED = {"bert", "roberta", "t5", "t5-gated"}  # no unembedding / two residual streams

@@ -230,7 +230,7 @@ def trace_cmd(
 ) -> None:
     """Per layer: logit-lens tokens before/after the FFN, dominant sub-updates, effects on a target."""
     from ffnkit.core.errors import InvalidArgumentError
-    from ffnkit.inspect.trace import trace
+    from ffnkit.inspect.tracing import trace
     from ffnkit.sources.models import load_model
 
     if not prompt:

@@ -59,7 +59,7 @@ def neurons(
     """Generate with and without setting/scaling/zeroing neurons' activations."""
     from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.sources.models import load_model
-    from ffnkit.steer import NeuronEdit, generate_pair
+    from ffnkit.steering import NeuronEdit, generate_pair
 
     chosen = [
         (o, v) for o, v in (("set", set_), ("scale", scale), ("zero", 0.0 if zero else None)) if v is not None
@@ -102,7 +102,7 @@ def experts(
     """Generate with and without forcing MoE experts on/off (SteerMoE: edit the router logits)."""
     from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.sources.models import load_model
-    from ffnkit.steer import ExpertEdit, generate_pair
+    from ffnkit.steering import ExpertEdit, generate_pair
 
     if not prompt:
         raise InvalidArgumentError("give a prompt: --prompt 'Once upon a time'")
@@ -150,7 +150,7 @@ def concept(
     from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.data import evaluation_tokens, load_corpus
     from ffnkit.sources.models import load_model
-    from ffnkit.steer import ConceptConfig, generate_pair, steer_concept
+    from ffnkit.steering import ConceptConfig, generate_pair, steer_concept
 
     if not parse_words(words):
         raise InvalidArgumentError("give the concept's words: --words king,queen")

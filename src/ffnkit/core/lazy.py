@@ -20,7 +20,7 @@ def lazy_exports(
     (the package's ``globals()``), so later lookups cost nothing.
 
     Example:
-        >>> __getattr__, __dir__ = lazy_exports("ffnkit.inspect", {"trace": "ffnkit.inspect.trace"}, globals())
+        >>> __getattr__, __dir__ = lazy_exports("ffnkit.inspect", {"trace": "ffnkit.inspect.tracing"}, globals())
     """
 
     def __getattr__(name: str) -> Any:  # noqa: N807

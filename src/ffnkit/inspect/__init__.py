@@ -17,8 +17,8 @@ _EXPORTS = {
     "word_token_ids": "ffnkit.inspect.vocab",
     "Projection": "ffnkit.inspect.vocab",
     "SearchResult": "ffnkit.inspect.vocab",
-    "trace": "ffnkit.inspect.trace",
-    "Trace": "ffnkit.inspect.trace",
+    "trace": "ffnkit.inspect.tracing",
+    "Trace": "ffnkit.inspect.tracing",
 }
 
 __all__ = sorted(_EXPORTS)
