@@ -46,6 +46,9 @@ KERNELS: dict[tuple[str, str], str] = {
     ("sparse_input_linear", "reference"): "ffnkit.kernels.reference:sparse_input_linear",
     ("sparse_input_linear", "cpu"): "ffnkit.kernels.cpu_sparse_ffn:sparse_input_linear",
     ("sparse_input_linear", "triton"): "ffnkit.kernels.triton_sparse_ffn:sparse_input_linear",
+    ("experts_forward", "reference"): "ffnkit.kernels.moe_reference:experts_forward",
+    ("experts_forward", "cpu"): "ffnkit.kernels.moe_cpu:experts_forward",
+    ("experts_forward", "triton"): "ffnkit.kernels.moe_triton:experts_forward",
 }
 
 _CURRENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("ffnkit_kernel_backend", default=None)

@@ -1,0 +1,119 @@
+"""The ``cpu`` expert executor: matrix-vector products per pair at decode, sorted per-expert matmuls otherwise.
+
+Two shapes of the same computation (inputs validated by :mod:`ffnkit.kernels.moe`):
+
+- ``gather`` (at most :data:`CONFIGS` ``["gather_max_pairs"]`` token-expert pairs): for each pair, read
+  only that expert's rows: ``gu = gate_up[e] @ x_t``, ``h = act(gu[:F]) * gu[F:]``, and
+  ``y_t += w * down[e] @ h`` with ``addmv`` (the weight folded into the product, no extra pass).
+- ``sorted``: one stable sort of the pairs by expert, then one matmul per expert over its contiguous block
+  of rows (a grouped GEMM written as a loop over the experts that got tokens; empty experts cost nothing),
+  then the rows are weighted and added back to their tokens with one ``index_add_``.
+
+Both read each weight in place (no copy of an expert) and keep x's dtype, as torch's CPU matmuls do.
+
+Example:
+    >>> import torch
+    >>> from ffnkit.kernels.moe_cpu import experts_forward
+    >>> gu, dn = torch.randn(4, 8, 6), torch.randn(4, 6, 4)
+    >>> experts_forward(torch.randn(3, 6), gu, dn, torch.randint(0, 4, (3, 2)), torch.rand(3, 2)).shape
+    torch.Size([3, 6])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ffnkit.kernels.reference import activation
+
+# Pairs (tokens x K) up to which the per-pair gather path runs; above it the sorted path. Measured on the
+# 2-core CPU (benchmarks/moe_kernel.py, hidden 512, width 256, 16 experts, top-4).
+CONFIGS: dict[str, int] = {"gather_max_pairs": 8}
+
+
+def _act_mul(gu: Tensor, f: int, act: str) -> Tensor:
+    """act(gate) * up for gate/up side by side in the last dimension ([..., 2F] -> [..., F])."""
+    if act == "silu":
+        return F.silu(gu[..., :f]).mul_(gu[..., f:])
+    return activation(act, gu[..., :f]) * gu[..., f:]
+
+
+def gather_experts(
+    x: Tensor, gate_up: Tensor, down: Tensor, top_k_index: Tensor, top_k_weights: Tensor, act: str = "silu"
+) -> Tensor:
+    """Decode: one matrix-vector pass per (token, expert) pair, reading only the selected experts.
+
+    Example:
+        >>> gu, dn = torch.randn(4, 8, 6), torch.randn(4, 6, 4)
+        >>> gather_experts(torch.randn(1, 6), gu, dn, torch.tensor([[1, 3]]), torch.rand(1, 2)).shape
+        torch.Size([1, 6])
+    """
+    e, f2, _ = gate_up.shape
+    f = f2 // 2
+    y = torch.zeros_like(x)  # [T, D]
+    pairs = top_k_index.tolist()  # one small host read on the CPU
+    weights = top_k_weights.tolist()
+    for t, (row, wrow) in enumerate(zip(pairs, weights, strict=True)):
+        for j, w in zip(row, wrow, strict=True):
+            if j >= e or w == 0.0:
+                continue
+            gu = torch.mv(gate_up[j], x[t])  # [2F]
+            h = _act_mul(gu, f, act)  # [F]
+            y[t].addmv_(down[j], h, alpha=w)  # [D] += w * down_e h
+    return y
+
+
+def sorted_experts(
+    x: Tensor, gate_up: Tensor, down: Tensor, top_k_index: Tensor, top_k_weights: Tensor, act: str = "silu"
+) -> Tensor:
+    """Prefill: sort the pairs by expert, one matmul per expert over its rows, weight, add back per token.
+
+    Example:
+        >>> gu, dn = torch.randn(4, 8, 6), torch.randn(4, 6, 4)
+        >>> sorted_experts(torch.randn(5, 6), gu, dn, torch.randint(0, 5, (5, 3)), torch.rand(5, 3)).shape
+        torch.Size([5, 6])
+    """
+    e, f2, d = gate_up.shape
+    f = f2 // 2
+    k = top_k_index.shape[1]
+    flat = top_k_index.reshape(-1)  # [S]
+    order = torch.argsort(flat, stable=True)  # [S] pairs grouped by expert (index E last)
+    counts = torch.bincount(flat, minlength=e + 1).tolist()  # [E+1]
+    tokens = order // k  # [S] token of each sorted pair
+    w_sorted = top_k_weights.reshape(-1)[order].to(x.dtype)  # [S]
+    xs = x.index_select(0, tokens)  # [S, D] rows grouped by expert
+    out = torch.empty(flat.numel(), d, dtype=x.dtype)  # [S, D]
+    start = 0
+    for j in range(e):
+        n = counts[j]
+        if n == 0:
+            continue
+        seg = slice(start, start + n)
+        gu = F.linear(xs[seg], gate_up[j])  # [n, 2F]
+        h = _act_mul(gu, f, act)  # [n, F]
+        torch.mm(h, down[j].T, out=out[seg])  # [n, D]
+        start += n
+    valid = start  # rows after this are pairs with index E (no expert)
+    y = torch.zeros_like(x)  # [T, D]
+    out_v = out[:valid].mul_(w_sorted[:valid, None])  # [S', D]
+    y.index_add_(0, tokens[:valid], out_v)
+    return y
+
+
+def experts_forward(
+    x: Tensor, gate_up: Tensor, down: Tensor, top_k_index: Tensor, top_k_weights: Tensor, act: str = "silu"
+) -> Tensor:
+    """The ``cpu`` backend of :func:`ffnkit.kernels.moe.experts_forward` (gather or sorted by pair count).
+
+    Example:
+        >>> gu, dn = torch.randn(4, 8, 6), torch.randn(4, 6, 4)
+        >>> experts_forward(torch.randn(2, 6), gu, dn, torch.randint(0, 4, (2, 2)), torch.rand(2, 2)).shape
+        torch.Size([2, 6])
+    """
+    if top_k_index.numel() <= CONFIGS["gather_max_pairs"]:
+        return gather_experts(x, gate_up, down, top_k_index, top_k_weights, act)
+    return sorted_experts(x, gate_up, down, top_k_index, top_k_weights, act)
+
+
+__all__ = ["CONFIGS", "experts_forward", "gather_experts", "sorted_experts"]

@@ -1,0 +1,392 @@
+"""The ``triton`` expert executor (imported only when a CUDA tensor takes this path).
+
+Three routes, picked by the number of token-expert pairs S = T x K (:data:`CONFIGS`):
+
+1. ``gather`` (decode, S <= ``gather_max_pairs``): no sort. ``_gate_up_gather_kernel`` gives each pair
+   and block of F output columns one program that streams the expert's gate and up rows (CUDA cores,
+   float32 accumulation) and writes h = act(gate) * up; ``_down_gather_kernel`` does the same for the down
+   rows; ``_combine_kernel`` sums each token's K rows with the router weights. Only the selected experts'
+   weights are read.
+2. ``sorted`` (the Triton grouped GEMM): one ``torch.sort`` of the pairs and one ``bincount``; each program
+   of ``_gate_up_sorted_kernel`` finds its expert and row block from the per-expert counts (a cumulative sum
+   over E in registers: no host sync, no padding buffers), gathers its tokens' rows of x, and multiplies
+   them with the expert's gate and up tiles through ``tl.dot`` into two accumulators, so act(gate) * up is
+   fused and only h is written. ``_down_sorted_kernel`` is the same over the down weights; ``_combine_kernel``
+   puts the rows back in token order with the weights.
+3. ``grouped_mm`` (large S, where cuBLAS/CUTLASS grouped GEMMs win): ``torch._grouped_mm`` (or
+   ``torch.nn.functional.grouped_mm``) over the sorted rows, ``_act_mul_kernel`` in between, the same
+   ``_combine_kernel`` at the end.
+
+Index E (no expert) sorts last and is never computed; the combine kernel skips it. h keeps x's dtype.
+
+Example:
+    >>> import torch  # doctest: +SKIP
+    >>> from ffnkit.kernels.moe import experts_forward
+    >>> gu = torch.randn(8, 64, 32, device="cuda"); dn = torch.randn(8, 32, 32, device="cuda")
+    >>> idx = torch.randint(0, 8, (4, 2), device="cuda")
+    >>> experts_forward(torch.randn(4, 32, device="cuda"), gu, dn, idx, torch.rand(4, 2, device="cuda"))
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+
+# Route thresholds (pairs S = tokens x K) and launch parameters; "sorted" configs are keyed by the mean rows
+# per expert (S / E) class. Chosen on an H200 (benchmarks/moe_kernel.py, OLMoE shapes, bf16).
+CONFIGS: dict[str, object] = {
+    "gather_max_pairs": 32,
+    "grouped_mm_min_pairs": 1 << 62,  # off unless measured faster (set from benchmarks/moe_kernel.py)
+    "gather": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4},
+    "sorted": {
+        16: {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+        32: {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+        64: {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+        128: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    },
+    "combine": {"BLOCK_N": 256, "num_warps": 4},
+}
+
+
+@triton.jit
+def _activation(g, ACT: tl.constexpr):
+    if ACT == 0:
+        r = g * tl.sigmoid(g)
+    elif ACT == 1:
+        r = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    elif ACT == 2:
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        r = g * tl.sigmoid(2.0 * z)  # 0.5 g (1 + tanh z) = g sigmoid(2z)
+    else:
+        r = tl.maximum(g, 0.0)
+    return r
+
+
+# ------------------------------------------------------------------------------------------ decode: gather
+
+
+@triton.jit
+def _gate_up_gather_kernel(x_ptr, w_ptr, idx_ptr, h_ptr, E, F, D, K: tl.constexpr, ACT: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """h[p, n] = act(<gate row n of expert idx[p], x[p // K]>) * <up row n, x>, one pair per program row."""
+    p = tl.program_id(0)
+    e = tl.load(idx_ptr + p).to(tl.int64)
+    if e < E:
+        t = p // K
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        mn = offs_n < F
+        base = w_ptr + e * 2 * F * D
+        acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            ok = k0 + tl.arange(0, BLOCK_K)  # [BK]
+            mk = ok < D
+            xv = tl.load(x_ptr + t * D + ok, mask=mk, other=0.0).to(tl.float32)  # [BK]
+            m2 = mn[:, None] & mk[None, :]
+            wg = tl.load(base + offs_n[:, None].to(tl.int64) * D + ok[None, :], mask=m2, other=0.0)
+            wu = tl.load(base + (offs_n[:, None].to(tl.int64) + F) * D + ok[None, :], mask=m2, other=0.0)
+            acc_g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
+            acc_u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
+        h = _activation(acc_g, ACT) * acc_u
+        tl.store(h_ptr + p.to(tl.int64) * F + offs_n, h.to(h_ptr.dtype.element_ty), mask=mn)
+
+
+@triton.jit
+def _down_gather_kernel(h_ptr, w_ptr, idx_ptr, y_ptr, E, F, D,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """y[p, n] = <down row n of expert idx[p], h[p]> (unweighted; the combine kernel applies the weight)."""
+    p = tl.program_id(0)
+    e = tl.load(idx_ptr + p).to(tl.int64)
+    if e < E:
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of down (hidden dims)
+        mn = offs_n < D
+        base = w_ptr + e * D * F
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, F, BLOCK_K):
+            ok = k0 + tl.arange(0, BLOCK_K)
+            mk = ok < F
+            hv = tl.load(h_ptr + p.to(tl.int64) * F + ok, mask=mk, other=0.0).to(tl.float32)  # [BK]
+            wd = tl.load(base + offs_n[:, None].to(tl.int64) * F + ok[None, :], mask=mn[:, None] & mk[None, :],
+                         other=0.0)  # fmt: skip
+            acc += tl.sum(wd.to(tl.float32) * hv[None, :], axis=1)
+        tl.store(y_ptr + p.to(tl.int64) * D + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mn)
+
+
+# ------------------------------------------------------------------------------- prefill: sorted grouped
+
+
+@triton.jit
+def _expert_of_block(counts_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
+    """(expert, first sorted row of this program's block, rows of that expert) for program_id(0)."""
+    pid = tl.program_id(0)
+    oe = tl.arange(0, E_PAD)
+    cnt = tl.load(counts_ptr + oe, mask=oe < E, other=0)  # [E_PAD] pairs per expert
+    blocks = (cnt + BLOCK_M - 1) // BLOCK_M
+    block_end = tl.cumsum(blocks, axis=0)  # [E_PAD] inclusive
+    row_end = tl.cumsum(cnt, axis=0)
+    e = tl.sum((block_end <= pid).to(tl.int32), axis=0)  # the expert whose block range holds pid (E: none)
+    sel = oe == e
+    n_e = tl.sum(tl.where(sel, cnt, 0), axis=0)
+    row0 = (
+        tl.sum(tl.where(sel, row_end - cnt, 0), axis=0)
+        + (pid - tl.sum(tl.where(sel, block_end - blocks, 0), axis=0)) * BLOCK_M
+    )
+    row_stop = tl.sum(tl.where(sel, row_end, 0), axis=0)
+    return e, row0, row_stop, n_e
+
+
+@triton.jit
+def _gate_up_sorted_kernel(x_ptr, w_ptr, order_ptr, counts_ptr, h_ptr, E, F, D, K: tl.constexpr,
+                           ACT: tl.constexpr, E_PAD: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """h[r, n] = act(x[tok r] . gate_e[n]) * (x[tok r] . up_e[n]) for a block of sorted rows r of expert e."""
+    e, row0, row_stop, n_e = _expert_of_block(counts_ptr, E, BLOCK_M, E_PAD)
+    if e < E:
+        rows = row0 + tl.arange(0, BLOCK_M)  # [BM] sorted positions
+        mr = rows < row_stop
+        tok = tl.load(order_ptr + rows, mask=mr, other=0) // K  # [BM] token of each row
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mn = offs_n < F
+        ok = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + tok[:, None].to(tl.int64) * D + ok[None, :]  # [BM, BK]
+        wg_ptrs = (
+            w_ptr + e.to(tl.int64) * 2 * F * D + offs_n[None, :].to(tl.int64) * D + ok[:, None]
+        )  # [BK, BN]
+        wu_ptrs = wg_ptrs + F * D
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            mk = (k0 + ok) < D
+            a = tl.load(a_ptrs, mask=mr[:, None] & mk[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=mk[:, None] & mn[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=mk[:, None] & mn[None, :], other=0.0)
+            if IEEE:
+                acc_g += tl.dot(a, wg, input_precision="ieee")
+                acc_u += tl.dot(a, wu, input_precision="ieee")
+            else:
+                acc_g += tl.dot(a, wg)
+                acc_u += tl.dot(a, wu)
+            a_ptrs += BLOCK_K
+            wg_ptrs += BLOCK_K
+            wu_ptrs += BLOCK_K
+        h = _activation(acc_g, ACT) * acc_u
+        out = h_ptr + rows[:, None].to(tl.int64) * F + offs_n[None, :]
+        tl.store(out, h.to(h_ptr.dtype.element_ty), mask=mr[:, None] & mn[None, :])
+
+
+@triton.jit
+def _down_sorted_kernel(h_ptr, w_ptr, counts_ptr, y_ptr, E, F, D, E_PAD: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """y[r, n] = h[r] . down_e[n] for a block of sorted rows r of expert e (unweighted)."""
+    e, row0, row_stop, n_e = _expert_of_block(counts_ptr, E, BLOCK_M, E_PAD)
+    if e < E:
+        rows = row0 + tl.arange(0, BLOCK_M)
+        mr = rows < row_stop
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mn = offs_n < D
+        ok = tl.arange(0, BLOCK_K)
+        a_ptrs = h_ptr + rows[:, None].to(tl.int64) * F + ok[None, :]  # [BM, BK]
+        w_ptrs = w_ptr + e.to(tl.int64) * D * F + offs_n[None, :].to(tl.int64) * F + ok[:, None]  # [BK, BN]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, F, BLOCK_K):
+            mk = (k0 + ok) < F
+            a = tl.load(a_ptrs, mask=mr[:, None] & mk[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=mk[:, None] & mn[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(a, b, input_precision="ieee")
+            else:
+                acc += tl.dot(a, b)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        out = y_ptr + rows[:, None].to(tl.int64) * D + offs_n[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mr[:, None] & mn[None, :])
+
+
+@triton.jit
+def _act_mul_kernel(gu_ptr, h_ptr, F, ACT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """h[r] = act(gu[r, :F]) * gu[r, F:] (the grouped_mm route's activation, one pass)."""
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = offs < F
+    g = tl.load(gu_ptr + r * 2 * F + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + r * 2 * F + F + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(h_ptr + r * F + offs, (_activation(g, ACT) * u).to(h_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _combine_kernel(y_ptr, pos_ptr, idx_ptr, w_ptr, out_ptr, E, D, K: tl.constexpr, IDENTITY: tl.constexpr,
+                    BLOCK_N: tl.constexpr):  # fmt: skip
+    """out[t, n] = sum_k w[t, k] * y[row of pair (t, k), n], skipping index E; float32 sum."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = offs < D
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for kk in tl.static_range(K):
+        p = t * K + kk
+        e = tl.load(idx_ptr + p)
+        wt = tl.load(w_ptr + p).to(tl.float32)
+        if IDENTITY:
+            row = p
+        else:
+            row = tl.load(pos_ptr + p).to(tl.int64)
+        v = tl.load(y_ptr + row * D + offs, mask=m & (e < E), other=0.0).to(tl.float32)
+        acc += tl.where(e < E, wt, 0.0) * v
+    tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# --------------------------------------------------------------------------------------------- host side
+
+
+def _combine(y: Tensor, pos: Tensor | None, idx: Tensor, w: Tensor, t: int, k: int, d: int, e: int) -> Tensor:
+    """out [T, D] from the rows y (pair order, or sorted with ``pos`` the row of each pair)."""
+    out = torch.empty(t, d, dtype=y.dtype, device=y.device)
+    c = CONFIGS["combine"]
+    grid = (t, triton.cdiv(d, c["BLOCK_N"]))
+    _combine_kernel[grid](
+        y, idx if pos is None else pos, idx, w, out, e, d, K=k, IDENTITY=pos is None,
+        BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"],
+    )  # fmt: skip
+    return out
+
+
+def gather_experts(
+    x: Tensor, gate_up: Tensor, down: Tensor, idx: Tensor, w: Tensor, act: str = "silu"
+) -> Tensor:
+    """Decode route: per-pair gather kernels, no sort (see the module docstring).
+
+    Example:
+        >>> gather_experts(x, gate_up, down, idx, w)  # doctest: +SKIP
+    """
+    e, f2, d = gate_up.shape
+    f = f2 // 2
+    t, k = idx.shape
+    s = t * k
+    idx_f = idx.reshape(-1).contiguous()
+    c = CONFIGS["gather"]
+    h = torch.empty(s, f, dtype=x.dtype, device=x.device)  # [S, F]
+    _gate_up_gather_kernel[(s, triton.cdiv(f, c["BLOCK_N"]))](
+        x, gate_up, idx_f, h, e, f, d, K=k, ACT=ACT_CODES[act], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
+        num_warps=c["num_warps"],
+    )  # fmt: skip
+    y = torch.empty(s, d, dtype=x.dtype, device=x.device)  # [S, D]
+    _down_gather_kernel[(s, triton.cdiv(d, c["BLOCK_N"]))](
+        h, down, idx_f, y, e, f, d, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], num_warps=c["num_warps"]
+    )
+    return _combine(y, None, idx_f, w.reshape(-1).contiguous(), t, k, d, e)
+
+
+def _sort_pairs(idx: Tensor, e: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(order [S] pair ids grouped by expert, position [S] of each pair in that order, counts [E+1])."""
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # [S]
+    counts = torch.bincount(flat, minlength=e + 1)  # [E+1]
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel(), device=order.device)
+    return order, pos, counts
+
+
+def _sorted_config(s: int, e: int) -> dict:
+    per_expert = s / max(e, 1)
+    for key in sorted(CONFIGS["sorted"]):
+        if per_expert <= key:
+            return CONFIGS["sorted"][key]
+    return CONFIGS["sorted"][max(CONFIGS["sorted"])]
+
+
+def sorted_experts(
+    x: Tensor, gate_up: Tensor, down: Tensor, idx: Tensor, w: Tensor, act: str = "silu"
+) -> Tensor:
+    """Prefill route: sort by expert, the Triton grouped GEMM with the activation fused, combine.
+
+    Example:
+        >>> sorted_experts(x, gate_up, down, idx, w)  # doctest: +SKIP
+    """
+    e, f2, d = gate_up.shape
+    f = f2 // 2
+    t, k = idx.shape
+    s = t * k
+    order, pos, counts = _sort_pairs(idx, e)
+    c = _sorted_config(s, e)
+    bm = c["BLOCK_M"]
+    max_blocks = triton.cdiv(s, bm) + min(e, s)  # upper bound: one partial block per expert
+    e_pad = triton.next_power_of_2(e)
+    ieee = x.dtype == torch.float32
+    meta = dict(BLOCK_M=bm, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], num_warps=c["num_warps"],
+                num_stages=c["num_stages"])  # fmt: skip
+    h = torch.empty(s, f, dtype=x.dtype, device=x.device)  # [S, F] rows in sorted order
+    _gate_up_sorted_kernel[(max_blocks, triton.cdiv(f, c["BLOCK_N"]))](
+        x, gate_up, order, counts, h, e, f, d, K=k, ACT=ACT_CODES[act], E_PAD=e_pad, IEEE=ieee, **meta
+    )
+    y = torch.empty(s, d, dtype=x.dtype, device=x.device)  # [S, D] sorted order
+    _down_sorted_kernel[(max_blocks, triton.cdiv(d, c["BLOCK_N"]))](
+        h, down, counts, y, e, f, d, E_PAD=e_pad, IEEE=ieee, **meta
+    )
+    return _combine(y, pos, idx.reshape(-1).contiguous(), w.reshape(-1).contiguous(), t, k, d, e)
+
+
+def _grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    fn = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    return fn(a, b, offs=offs)
+
+
+def grouped_mm_available(x: Tensor) -> bool:
+    """True when torch's grouped GEMM runs here (bf16 on a CUDA device of compute capability >= 9.0).
+
+    Example:
+        >>> grouped_mm_available(torch.zeros(1))
+        False
+    """
+    has = hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")
+    return bool(
+        has and x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
+
+
+def grouped_mm_experts(
+    x: Tensor, gate_up: Tensor, down: Tensor, idx: Tensor, w: Tensor, act: str = "silu"
+) -> Tensor:
+    """Large-batch route: torch's grouped GEMM over the sorted rows, a fused activation, combine.
+
+    Example:
+        >>> grouped_mm_experts(x, gate_up, down, idx, w)  # doctest: +SKIP
+    """
+    e, f2, d = gate_up.shape
+    f = f2 // 2
+    t, k = idx.shape
+    s = t * k
+    order, pos, counts = _sort_pairs(idx, e)
+    offs = torch.cumsum(counts[:e], 0, dtype=torch.int32)  # [E] end row of each expert
+    xs = x.index_select(0, order // k)  # [S, D]
+    gu = _grouped_mm(xs, gate_up.transpose(1, 2), offs)  # [S, 2F]; rows past offs[-1] left unset
+    h = torch.empty(s, f, dtype=x.dtype, device=x.device)
+    bn = 1024
+    _act_mul_kernel[(s, triton.cdiv(f, bn))](gu, h, f, ACT=ACT_CODES[act], BLOCK_N=bn, num_warps=4)
+    y = _grouped_mm(h, down.transpose(1, 2), offs)  # [S, D]
+    return _combine(y, pos, idx.reshape(-1).contiguous(), w.reshape(-1).contiguous(), t, k, d, e)
+
+
+def experts_forward(
+    x: Tensor, gate_up: Tensor, down: Tensor, top_k_index: Tensor, top_k_weights: Tensor, act: str = "silu"
+) -> Tensor:
+    """The ``triton`` backend of :func:`ffnkit.kernels.moe.experts_forward` (route by pair count).
+
+    Example:
+        >>> experts_forward(x, gate_up, down, idx, w)  # doctest: +SKIP
+    """
+    x = x.contiguous()
+    gate_up, down = gate_up.contiguous(), down.contiguous()
+    s = top_k_index.numel()
+    if s <= CONFIGS["gather_max_pairs"]:
+        return gather_experts(x, gate_up, down, top_k_index, top_k_weights, act)
+    if s >= CONFIGS["grouped_mm_min_pairs"] and grouped_mm_available(x):
+        return grouped_mm_experts(x, gate_up, down, top_k_index, top_k_weights, act)
+    return sorted_experts(x, gate_up, down, top_k_index, top_k_weights, act)
+
+
+ROUTES = {"gather": gather_experts, "sorted": sorted_experts, "grouped_mm": grouped_mm_experts}
+
+__all__ = ["ACT_CODES", "CONFIGS", "ROUTES", "experts_forward", "grouped_mm_available"]
