@@ -1,0 +1,54 @@
+"""Benchmark: ffnkit's expert executor against transformers' eager / batched_mm / grouped_mm, one process.
+
+The protocol, shapes and floors are documented in :mod:`ffnkit.kernels.moe_bench` (the same code runs
+``ffnkit bench moe``). Writes one JSON document with the machine, versions and command.
+
+Run:  python benchmarks/moe_kernel.py --device cpu --out benchmarks/results/moe_kernel_cpu.json
+      python benchmarks/moe_kernel.py --device cuda --out benchmarks/results/moe_kernel_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ffnkit.kernels.moe_bench import bench_experts, calibrate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--tokens", type=int, nargs="*", default=None)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (the issue's CPU target: 2)")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--calibrate", action="store_true", help="GPU: first pick the Triton routes' thresholds and configs"
+    )
+    args = ap.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    calibration = calibrate() if args.calibrate and args.device == "cuda" else None
+    doc = bench_experts(
+        args.device,
+        tuple(args.tokens) if args.tokens else None,
+        rounds=args.rounds,
+        progress=lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    if calibration is not None:
+        doc["calibration"] = calibration
+    doc["command"] = " ".join(["python", *sys.argv])
+    text = json.dumps(doc, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
