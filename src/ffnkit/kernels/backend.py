@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import importlib.util
 import os
@@ -62,7 +63,13 @@ def triton_available() -> bool:
         >>> isinstance(triton_available(), bool)
         True
     """
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+    return torch.cuda.is_available() and _triton_installed()
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    # find_spec walks sys.path (tens of microseconds): once per process, not once per kernel call
+    return importlib.util.find_spec("triton") is not None
 
 
 def available_backends() -> list[str]:

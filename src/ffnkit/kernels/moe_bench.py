@@ -248,16 +248,16 @@ def bench_experts(
                     except Exception as err:  # record and go on: one failing implementation ends no run
                         status[name] = f"error: {type(err).__name__}: {str(err)[:300]}"
             live = [n for n in names if status[n].startswith("ok")]
-            calls = max(3, min(50, int(2e5 // t)) if device == "cuda" else min(500, int(2e3 // t)))
-            if device == "cuda" and t >= 4096:
-                calls = 5
+            calls = 50 if device == "cuda" else 500
             times: dict[str, list[float]] = {n: [] for n in live}
+            n_calls: dict[str, int] = {}
             with torch.no_grad():
-                for n in live:  # warm-up: compile, allocate
-                    _time_calls(runner(n), 2, device)
+                for n in live:  # warm-up (compile, allocate), then ~50 ms of calls per timing at most
+                    first = _time_calls(runner(n), 2, device)
+                    n_calls[n] = max(3, min(calls, int(0.05 / max(first, 1e-7))))
                 for _ in range(rounds):
                     for n in live:
-                        times[n].append(_time_calls(runner(n), calls, device))
+                        times[n].append(_time_calls(runner(n), n_calls[n], device))
             bytes_floor = statistics.mean(c["weight_bytes"] + c["activation_bytes"] for c in cost)
             flops = cost[0]["flops"]
             row = {
@@ -267,6 +267,7 @@ def bench_experts(
                 "bandwidth_floor_us": 1e6 * bytes_floor / floors["bandwidth_Bps"],
                 "compute_floor_us": 1e6 * flops / floors["matmul_flops"],
                 "status": status,
+                "calls_per_timing": n_calls,
                 "us": {n: 1e6 * statistics.median(v) for n, v in times.items()},
             }
             row["roofline_us"] = max(row["bandwidth_floor_us"], row["compute_floor_us"])

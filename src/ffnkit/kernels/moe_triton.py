@@ -4,9 +4,10 @@ Three routes, picked by the number of token-expert pairs S = T x K (:data:`CONFI
 
 1. ``gather`` (decode, S <= ``gather_max_pairs``): no sort. ``_gate_up_gather_kernel`` gives each pair
    and block of F output columns one program that streams the expert's gate and up rows (CUDA cores,
-   float32 accumulation) and writes h = act(gate) * up; ``_down_gather_kernel`` does the same for the down
-   rows; ``_combine_kernel`` sums each token's K rows with the router weights. Only the selected experts'
-   weights are read.
+   float32 accumulation) and writes h = act(gate) * up; ``_down_gather_combine_kernel`` streams the down
+   rows of each token's K experts and sums them with the router weights in the same pass (two launches in
+   all: at one token the call is bound by launch overhead as much as by the ~100 MB of weights). Only the
+   selected experts' weights are read.
 2. ``sorted`` (the Triton grouped GEMM): one ``torch.sort`` of the pairs and one ``bincount``; each program
    of ``_gate_up_sorted_kernel`` finds its expert and row block from the per-expert counts (a cumulative sum
    over E in registers: no host sync, no padding buffers), gathers its tokens' rows of x, and multiplies
@@ -39,17 +40,20 @@ ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 # Route thresholds (pairs S = tokens x K) and launch parameters; "sorted" configs are keyed by the mean rows
 # per expert (S / E) class. Chosen on an H200 (benchmarks/moe_kernel.py, OLMoE shapes, bf16).
 CONFIGS: dict[str, object] = {
-    "gather_max_pairs": 32,
-    "grouped_mm_min_pairs": 1 << 62,  # off unless measured faster (set from benchmarks/moe_kernel.py)
+    "gather_max_pairs": 128,  # gather fastest at 1 and 16 tokens (top-8), sorted from 128 tokens
+    "grouped_mm_min_pairs": 32768,  # torch's grouped GEMM fastest from 4,096 tokens (top-8)
     "gather": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4},
+    "gather_down": {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4},
     "sorted": {
         16: {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
         32: {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
-        64: {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+        64: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
         128: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     },
     "combine": {"BLOCK_N": 256, "num_warps": 4},
 }
+# Shared memory per block on an H100/H200 (232,448 bytes); float32 tiles take twice the bytes of bf16 ones.
+SHARED_MEMORY = 232448
 
 
 @triton.jit
@@ -96,24 +100,29 @@ def _gate_up_gather_kernel(x_ptr, w_ptr, idx_ptr, h_ptr, E, F, D, K: tl.constexp
 
 
 @triton.jit
-def _down_gather_kernel(h_ptr, w_ptr, idx_ptr, y_ptr, E, F, D,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """y[p, n] = <down row n of expert idx[p], h[p]> (unweighted; the combine kernel applies the weight)."""
-    p = tl.program_id(0)
-    e = tl.load(idx_ptr + p).to(tl.int64)
-    if e < E:
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of down (hidden dims)
-        mn = offs_n < D
-        base = w_ptr + e * D * F
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, F, BLOCK_K):
-            ok = k0 + tl.arange(0, BLOCK_K)
-            mk = ok < F
-            hv = tl.load(h_ptr + p.to(tl.int64) * F + ok, mask=mk, other=0.0).to(tl.float32)  # [BK]
-            wd = tl.load(base + offs_n[:, None].to(tl.int64) * F + ok[None, :], mask=mn[:, None] & mk[None, :],
-                         other=0.0)  # fmt: skip
-            acc += tl.sum(wd.to(tl.float32) * hv[None, :], axis=1)
-        tl.store(y_ptr + p.to(tl.int64) * D + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mn)
+def _down_gather_combine_kernel(h_ptr, w_ptr, idx_ptr, wt_ptr, out_ptr, E, F, D, K: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """out[t, n] = sum_k w[t, k] <down row n of expert idx[t, k], h[t*K + k]>: down and combine in one pass."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of down (hidden dims)
+    mn = offs_n < D
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for kk in tl.static_range(K):
+        p = t * K + kk
+        e = tl.load(idx_ptr + p).to(tl.int64)
+        if e < E:
+            wt = tl.load(wt_ptr + p).to(tl.float32)
+            base = w_ptr + e * D * F
+            part = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, F, BLOCK_K):
+                ok = k0 + tl.arange(0, BLOCK_K)
+                mk = ok < F
+                hv = tl.load(h_ptr + p * F + ok, mask=mk, other=0.0).to(tl.float32)  # [BK]
+                wd = tl.load(base + offs_n[:, None].to(tl.int64) * F + ok[None, :],
+                             mask=mn[:, None] & mk[None, :], other=0.0)  # fmt: skip
+                part += tl.sum(wd.to(tl.float32) * hv[None, :], axis=1)
+            acc += wt * part
+    tl.store(out_ptr + t * D + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mn)
 
 
 # ------------------------------------------------------------------------------- prefill: sorted grouped
@@ -272,11 +281,13 @@ def gather_experts(
         x, gate_up, idx_f, h, e, f, d, K=k, ACT=ACT_CODES[act], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
         num_warps=c["num_warps"],
     )  # fmt: skip
-    y = torch.empty(s, d, dtype=x.dtype, device=x.device)  # [S, D]
-    _down_gather_kernel[(s, triton.cdiv(d, c["BLOCK_N"]))](
-        h, down, idx_f, y, e, f, d, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], num_warps=c["num_warps"]
-    )
-    return _combine(y, None, idx_f, w.reshape(-1).contiguous(), t, k, d, e)
+    cd = CONFIGS["gather_down"]
+    out = torch.empty(t, d, dtype=x.dtype, device=x.device)  # [T, D]
+    _down_gather_combine_kernel[(t, triton.cdiv(d, cd["BLOCK_N"]))](
+        h, down, idx_f, w.reshape(-1).contiguous(), out, e, f, d, K=k, BLOCK_N=cd["BLOCK_N"],
+        BLOCK_K=cd["BLOCK_K"], num_warps=cd["num_warps"],
+    )  # fmt: skip
+    return out
 
 
 def _sort_pairs(idx: Tensor, e: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -289,12 +300,20 @@ def _sort_pairs(idx: Tensor, e: int) -> tuple[Tensor, Tensor, Tensor]:
     return order, pos, counts
 
 
-def _sorted_config(s: int, e: int) -> dict:
+def _sorted_config(s: int, e: int, itemsize: int) -> dict:
+    """The launch config for S pairs over E experts; K-tiles halved until the stages fit in shared memory."""
     per_expert = s / max(e, 1)
-    for key in sorted(CONFIGS["sorted"]):
-        if per_expert <= key:
-            return CONFIGS["sorted"][key]
-    return CONFIGS["sorted"][max(CONFIGS["sorted"])]
+    key = next((c for c in sorted(CONFIGS["sorted"]) if per_expert <= c), max(CONFIGS["sorted"]))
+    c = dict(CONFIGS["sorted"][key])
+    # gate_up kernel: an x tile [BM, BK] and two weight tiles [BK, BN] per stage
+    while (c["BLOCK_M"] + 2 * c["BLOCK_N"]) * c["BLOCK_K"] * itemsize * c["num_stages"] > SHARED_MEMORY:
+        if c["BLOCK_K"] > 32:
+            c["BLOCK_K"] //= 2
+        elif c["num_stages"] > 2:
+            c["num_stages"] -= 1
+        else:
+            break
+    return c
 
 
 def sorted_experts(
@@ -310,7 +329,7 @@ def sorted_experts(
     t, k = idx.shape
     s = t * k
     order, pos, counts = _sort_pairs(idx, e)
-    c = _sorted_config(s, e)
+    c = _sorted_config(s, e, x.element_size())
     bm = c["BLOCK_M"]
     max_blocks = triton.cdiv(s, bm) + min(e, s)  # upper bound: one partial block per expert
     e_pad = triton.next_power_of_2(e)
