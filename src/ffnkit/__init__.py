@@ -60,6 +60,9 @@ _EXPORTS = {
     "nest_": "ffnkit.compress.nest",
     "NestConfig": "ffnkit.compress.nest",
     "slice_widths_": "ffnkit.compress.nest",
+    # fast experts (MoE execution)
+    "experts_forward": "ffnkit.kernels.moe",
+    "use_fast_experts": "ffnkit.kernels.moe_hf",
     # the experiment pipeline
     "run_pipeline": "ffnkit.pipeline",
     "PipelineConfig": "ffnkit.pipeline",

@@ -22,6 +22,7 @@ from ffnkit.kernels.backend import (
     triton_available,
     use_backend,
 )
+from ffnkit.kernels.moe import experts_forward
 from ffnkit.kernels.sparse_ffn import (
     ACTIVATIONS,
     TealWeights,
@@ -43,6 +44,7 @@ __all__ = [
     "TealWeights",
     "available_backends",
     "dispatch",
+    "experts_forward",
     "gather_ffn",
     "kernel_activation",
     "pack_ffn",
