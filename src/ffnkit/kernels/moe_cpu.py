@@ -7,7 +7,8 @@ Two shapes of the same computation (inputs validated by :mod:`ffnkit.kernels.moe
   ``y_t += w * down[e] @ h`` with ``addmv`` (the weight folded into the product, no extra pass).
 - ``sorted``: one stable sort of the pairs by expert, then one matmul per expert over its contiguous block
   of rows (a grouped GEMM written as a loop over the experts that got tokens; empty experts cost nothing),
-  then the rows are weighted and added back to their tokens with one ``index_add_``.
+  then the rows are put back in token order and each token's K rows summed with the router weights in one
+  batched product.
 
 Both read each weight in place (no copy of an expert) and keep x's dtype, as torch's CPU matmuls do.
 
@@ -80,9 +81,7 @@ def sorted_experts(
     flat = top_k_index.reshape(-1)  # [S]
     order = torch.argsort(flat, stable=True)  # [S] pairs grouped by expert (index E last)
     counts = torch.bincount(flat, minlength=e + 1).tolist()  # [E+1]
-    tokens = order // k  # [S] token of each sorted pair
-    w_sorted = top_k_weights.reshape(-1)[order].to(x.dtype)  # [S]
-    xs = x.index_select(0, tokens)  # [S, D] rows grouped by expert
+    xs = x.index_select(0, order // k)  # [S, D] rows grouped by expert
     out = torch.empty(flat.numel(), d, dtype=x.dtype)  # [S, D]
     start = 0
     for j in range(e):
@@ -94,11 +93,13 @@ def sorted_experts(
         h = _act_mul(gu, f, act)  # [n, F]
         torch.mm(h, down[j].T, out=out[seg])  # [n, D]
         start += n
-    valid = start  # rows after this are pairs with index E (no expert)
-    y = torch.zeros_like(x)  # [T, D]
-    out_v = out[:valid].mul_(w_sorted[:valid, None])  # [S', D]
-    y.index_add_(0, tokens[:valid], out_v)
-    return y
+    out[start:].zero_()  # pairs with index E (no expert)
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel())  # [S] sorted row of each pair
+    rows = out.index_select(0, pos).view(-1, k, d)  # [T, K, D] back in token order
+    # the weighted sum of each token's K rows as one batched product (no scatter: index_add_ on CPU was
+    # the slowest step of transformers' eager path in benchmarks/results/moe_kernel_cpu.json)
+    return torch.bmm(top_k_weights.to(x.dtype).view(-1, 1, k), rows).view(-1, d)  # [T, D]
 
 
 def experts_forward(
