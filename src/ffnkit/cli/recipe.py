@@ -95,7 +95,7 @@ def given_on_command_line(ctx: Any) -> set[str]:
         >>> given_on_command_line(ctx)
         {'ratio', 'output'}
     """
-    from click.core import ParameterSource
-
-    typed = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-    return {name for name in ctx.params if ctx.get_parameter_source(name) in typed}
+    # by the source's name: typer may carry its own copy of click, whose ParameterSource is another enum
+    typed = ("COMMANDLINE", "ENVIRONMENT")
+    names = [p.name for p in ctx.command.params if p.name]
+    return {name for name in names if getattr(ctx.get_parameter_source(name), "name", None) in typed}
