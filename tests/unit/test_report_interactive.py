@@ -111,3 +111,51 @@ def test_dense_baseline_of_the_default_model_is_labelled(built):
     from ffnkit.sources.models import DEQUANTISED_NOTE
 
     assert "4-bit" in DEQUANTISED_NOTE and "dequantised" in DEQUANTISED_NOTE
+
+
+FAKE_DOM = """
+function el(text){ return {textContent:text}; }
+function row(cells){ return {cells:cells.map(el), style:{}, get textContent(){return cells.join(' ');}}; }
+var head={cells:[], style:{}};
+var table={rows:[], parentNode:{insertBefore:function(box){ global.box=box; }}};
+['name','value'].forEach(function(h){
+  var th={textContent:h, listeners:{}, cls:new Set(),
+    addEventListener:function(e,f){this.listeners[e]=f;},
+    classList:{add:function(){for(var a of arguments) th.cls.add(a);}, remove:function(){for(var a of arguments) th.cls.delete(a);},
+               contains:function(a){return th.cls.has(a);}}};
+  th.classList.th=th; head.cells.push(th);
+});
+head.cells.forEach(function(th){ var t=th; t.classList={add:function(){for(var a of arguments) t.cls.add(a);},
+  remove:function(){for(var a of arguments) t.cls.delete(a);}, contains:function(a){return t.cls.has(a);}}; });
+var body=[['a','10'],['b','9'],['c','1e+03'],['d',''],['e','2,000'],['f','x'],['g','3']].map(row);
+var parent={appendChild:function(r){ table.rows.splice(table.rows.indexOf(r),1); table.rows.push(r); }};
+body.forEach(function(r){ r.parentNode=parent; });
+table.rows=[head].concat(body);
+global.document={querySelectorAll:function(){return [table];},
+  createElement:function(){ return {addEventListener:function(e,f){this.f=f;}}; }};
+eval(SCRIPT);
+function order(){ return table.rows.slice(1).map(function(r){return r.cells[0].textContent;}).join(''); }
+head.cells[1].listeners.click(); var up=order();
+head.cells[1].listeners.click(); var down=order();
+box.value='b'; box.f(); var shown=table.rows.slice(1).filter(function(r){return r.style.display!=='none';}).length;
+console.log(JSON.stringify({up:up, down:down, shown:shown}));
+"""
+
+
+def test_the_sorter_orders_numbers_as_numbers_and_the_search_filters_rows(tmp_path):
+    import shutil
+    import subprocess
+
+    from ffnkit.report.interactive import SCRIPT
+
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    js = tmp_path / "sorter.js"
+    js.write_text(f"var SCRIPT = {json.dumps(SCRIPT)};\n{FAKE_DOM}")
+    run = subprocess.run(["node", str(js)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    # ascending: 3 < 9 < 10 < 1e3 < 2,000 (numbers), then text (x), then the empty cell
+    assert got["up"] == "gbacefd"
+    assert got["down"] == "fecabgd"  # descending flips the order; the empty cell stays last
+    assert got["shown"] == 1  # typing "b" keeps the rows whose text contains it

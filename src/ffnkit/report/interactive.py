@@ -36,10 +36,10 @@ SCRIPT = """
     var t=cell.textContent.trim(); var n=Number(t.replace(/,/g,''));
     return t===''?null:(isNaN(n)?t.toLowerCase():n);
   }
-  function compare(a,b){
-    if(a===null) return b===null?0:1; if(b===null) return -1;
-    if(typeof a===typeof b) return a<b?-1:(a>b?1:0);
-    return typeof a==='number'?-1:1;
+  function compare(a,b,asc){
+    if(a===null) return b===null?0:1; if(b===null) return -1;  /* empty cells last either way */
+    var c=typeof a===typeof b?(a<b?-1:(a>b?1:0)):(typeof a==='number'?-1:1);
+    return asc?c:-c;
   }
   document.querySelectorAll('table.ffk-sort').forEach(function(table){
     var head=table.rows[0]; var heads=Array.prototype.slice.call(head.cells);
@@ -50,7 +50,7 @@ SCRIPT = """
         th.classList.add(asc?'asc':'desc');
         var rows=Array.prototype.slice.call(table.rows,1);
         rows.sort(function(r1,r2){
-          var c=compare(key(r1.cells[col]),key(r2.cells[col])); return asc?c:-c;
+          return compare(key(r1.cells[col]),key(r2.cells[col]),asc);
         });
         rows.forEach(function(r){r.parentNode.appendChild(r);});
       });
