@@ -1,7 +1,8 @@
 """How long a pipeline run will take, from one quick measurement of a forward pass, said before the work.
 
-The rule (``RULE``): a run is counted in forward passes of one calibration window (``seq_len`` tokens,
-batch 1), and a forward of T tokens costs ``T / seq_len`` of one (attention's quadratic part is small at
+The rule (``RULE``): a run is counted in forward passes of one calibration window (``seq_len`` tokens;
+its cost measured in a batch of 4 windows, as statistics and perplexity run batched, divided by 4), and
+a forward of T tokens costs ``T / seq_len`` of one (attention's quadratic part is small at
 these lengths). Per step: collecting statistics is one forward per calibration window (``samples``;
 none for data-free scores), Taylor scores three per gradient window (forward + backward), the
 ``sensitivity`` allocation ``1 + 5 · #FFNs`` forwards of each of ``sensitivity_samples`` windows (the
@@ -28,7 +29,7 @@ import torch
 __all__ = ["RULE", "Estimate", "estimate_run", "forward_seconds"]
 
 RULE = (
-    "forwards of one calibration window (batch 1) × the measured seconds of one; statistics: 1 per "
+    "forwards of one calibration window × its measured seconds (a batch of 4 windows / 4); statistics: 1 per "
     "window, Taylor: 3 per window, sensitivity: 1 + 5·#FFNs per window, perplexity: its windows "
     "(scaled by length), healing: its max_minutes; factorisations and solves not counted"
 )
@@ -42,7 +43,7 @@ class Estimate:
 
     Example:
         >>> est.line()
-        'about 4 min (load done; perplexity 2×40 s, best 2 min 40 s) from one 1×256 forward of 0.31 s'
+        'estimated time: about 4 min (perplexity 80 s, best 3 min), from a measured forward of 0.3 s per …'
     """
 
     stages: dict[str, float]
@@ -61,8 +62,8 @@ class Estimate:
         parts = ", ".join(f"{k} {_duration(v)}" for k, v in self.stages.items() if v > 0)
         bound = "at least " if self.lower_bound else "about "
         return (
-            f"estimated time: {bound}{_duration(self.total)} ({parts}), from one 1×{self.seq_len}-token "
-            f"forward of {self.forward_s:.3g} s on this machine"
+            f"estimated time: {bound}{_duration(self.total)} ({parts}), from a measured forward of "
+            f"{self.forward_s:.3g} s per {self.seq_len}-token window on this machine"
         )
 
 
@@ -75,8 +76,9 @@ def _duration(seconds: float) -> str:
 
 
 @torch.no_grad()
-def forward_seconds(model: Any, seq_len: int = 256, repeats: int = 2) -> float:
-    """Seconds of one forward of ``[1, seq_len]`` random token ids (median of ``repeats`` after a warm-up).
+def forward_seconds(model: Any, seq_len: int = 256, repeats: int = 2, batch: int = 4) -> float:
+    """Seconds per window of a forward of ``[batch, seq_len]`` random token ids (median of ``repeats``
+    after a warm-up, divided by ``batch``).
 
     Example:
         >>> forward_seconds(model, 128) > 0
@@ -85,7 +87,7 @@ def forward_seconds(model: Any, seq_len: int = 256, repeats: int = 2) -> float:
     from ffnkit.core.runner import device_of, evaluating, forward
 
     vocab = int(getattr(model.config, "vocab_size", None) or model.get_text_config().vocab_size)
-    ids = torch.randint(0, vocab, (1, seq_len), device=device_of(model))  # [1, T]
+    ids = torch.randint(0, vocab, (batch, seq_len), device=device_of(model))  # [B, T]
     times = []
     with evaluating(model):
         for i in range(repeats + 1):
@@ -97,7 +99,7 @@ def forward_seconds(model: Any, seq_len: int = 256, repeats: int = 2) -> float:
                 torch.cuda.synchronize()
             if i:  # the first one warms up
                 times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times) / batch
 
 
 def _step_forwards(step_config: Any, method: str, n_ffns: int) -> float:
@@ -146,9 +148,10 @@ def estimate_run(model: Any, config: Any, forward_s: float | None = None) -> Est
     lower = False
     for method, cfg in configs:
         own = getattr(cfg, "seq_len", seq_len) or seq_len
-        stages[method] = (
-            stages.get(method, 0.0) + _step_forwards(cfg, method, n_ffns) * forward_s * own / seq_len
-        )
+        chosen = getattr(cfg, "layers", None)
+        units = len(chosen) if chosen else n_ffns  # a layer subset measures only its FFNs' sensitivity
+        forwards = _step_forwards(cfg, method, units)
+        stages[method] = stages.get(method, 0.0) + forwards * forward_s * own / seq_len
         if method in _SLOW_UNCOUNTED or getattr(cfg, "reconstruct", False):
             lower = True
             notes.append(f"{method}: factorisations/solves not counted")

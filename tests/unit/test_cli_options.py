@@ -290,3 +290,23 @@ def test_estimate_counts_forwards_by_its_rule(saved):
     assert est.total == sum(est.stages.values())
     magnitude = estimate_run(model, PipelineConfig(steps=[Step("magnitude", {})], evaluation=None), 1.0)
     assert magnitude.stages["magnitude"] == 0.0  # data-free: no calibration forwards
+
+
+def test_recipe_with_steps_runs_them_in_order(saved, captured, tmp_path):
+    path = tmp_path / "steps.json"
+    steps = [{"method": "magnitude", "config": {"ratio": 0.1}}, {"method": "flap", "config": {"ratio": 0.2}}]
+    path.write_text(json.dumps({"steps": steps, "corpus": str(saved["corpus"])}))
+    result = _compress(saved, "--config", str(path))
+    assert isinstance(result.exception, _Stop), result.output
+    assert captured["name"] == "magnitude" and captured["config"].ratio == 0.1  # the first step ran first
+    result = _compress(saved, "--config", str(path), "--ratio", "0.3")  # which step would it set?
+    assert isinstance(result.exception, InvalidArgumentError) and "2 steps" in str(result.exception)
+
+
+def test_estimate_of_a_layer_subset_counts_its_ffns_only(saved):
+    from ffnkit.estimate import estimate_run
+    from ffnkit.pipeline import PipelineConfig, Step
+
+    step = Step("best", {"samples": 4, "sensitivity_samples": 1, "layers": [0]})
+    est = estimate_run(tiny_model("llama"), PipelineConfig(steps=[step], evaluation=None), forward_s=1.0)
+    assert est.stages["best"] == 4 + (1 + 5 * 1) * 1

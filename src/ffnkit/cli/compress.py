@@ -152,7 +152,8 @@ def _recipe_config(
             step = steps[0]
             steps = [{"method": method or step.get("method"), "config": {**step.get("config", {}), **fields}}]
         built = [Step(**s) for s in steps]
-        return built[0].method, built, {**{k: recipe[k] for k in PIPELINE_KEYS if k in recipe}, **pipeline}
+        given = {k: recipe[k] for k in PIPELINE_KEYS if k in recipe and k != "steps"}
+        return built[0].method, built, {**given, **pipeline}
     chosen = method or recipe.get("method") or "best"
     spec = METHODS.get(chosen)
     check_keys(recipe, [*PIPELINE_KEYS, "method", *spec.fields()], f"{where} (method {chosen})")
