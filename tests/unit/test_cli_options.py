@@ -212,7 +212,7 @@ def test_recipe_sets_fields_and_command_line_flags_override_it(saved, captured, 
     if suffix == ".json":
         path.write_text(json.dumps(recipe))
     else:
-        import yaml
+        yaml = pytest.importorskip("yaml")
 
         path.write_text(yaml.safe_dump(recipe))
     result = _compress(saved, "--config", str(path), "--ratio", "0.35")
