@@ -116,7 +116,8 @@ class PipelineConfig(JsonConfig):
 
     ``heal``: None (no healing) or the :class:`~ffnkit.train.heal.HealConfig` fields given (``{}`` =
     its defaults); ``evaluation``: None skips perplexity; ``output``: the folder the model is saved in
-    (with ``run.json``, the run record), None saves nothing.
+    (with ``run.json``, the run record, and ``README.md``, its model card), None saves nothing. ``device``
+    and ``dtype``: where and in what the model runs; ``save_dtype``: the saved weights' dtype.
 
     Example:
         >>> PipelineConfig(steps=[Step("best", {"ratio": 0.3})], heal={}, output="out").to_dict()["heal"]
@@ -129,8 +130,9 @@ class PipelineConfig(JsonConfig):
     evaluation: PerplexityProtocol | None = field(default_factory=PerplexityProtocol)
     heal: dict[str, Any] | None = None
     output: str | None = None
-    device: str | None = None
-    dtype: str = "float32"
+    device: str | None = None  # cpu, cuda, cuda:N, auto (None: cpu)
+    dtype: str = "float32"  # what the model is loaded and run in: float32, bfloat16, float16, auto
+    save_dtype: str | None = None  # the saved weights' dtype (None: as run)
     measure_before_heal: bool = False  # also the perplexity after the steps, before healing
     overwrite: bool = False  # replace a non-empty ``output`` (never the input or the cache)
     trust_remote_code: bool = False  # let a model folder run its own Python code (``auto_map``)
@@ -147,6 +149,15 @@ class PipelineConfig(JsonConfig):
                 )
             self.heal = dict(self.heal)
         # bad settings fail now, before a model loads
+        from ffnkit.core.device import check_device, check_dtype
+
+        self.device = check_device(self.device, "device")
+        self.dtype = check_dtype(self.dtype, "dtype") or "float32"
+        self.save_dtype = check_dtype(self.save_dtype, "save_dtype")
+        if self.save_dtype == "auto":
+            raise InvalidArgumentError(
+                "save_dtype takes float32, bfloat16 or float16 (None: as run), not auto"
+            )
         for step in self.steps:
             step_config(step, self.corpus)
         if self.heal is not None:
@@ -458,12 +469,19 @@ def run_pipeline(
     if config.output:
         start = time.perf_counter()
         reports = [s.report for s in steps] + ([heal_doc] if heal_doc else [])
+        if config.save_dtype is not None:  # after every measurement: they are of the model as run
+            from ffnkit.core.device import resolve_dtype
+
+            model = model.to(dtype=resolve_dtype(config.save_dtype))
         save_step(model, tokenizer, config.output, reports, overwrite=config.overwrite)
         seconds["save"] = time.perf_counter() - start
         notify("save", {"seconds": seconds["save"], "output": config.output})
     seconds["total"] = time.perf_counter() - t0
     if config.output:
+        from ffnkit.card import write_model_card
+
         (Path(config.output) / RECORD).write_text(json.dumps(record.to_dict(), indent=2, default=str) + "\n")
+        write_model_card(config.output, record.to_dict())  # README.md: what was done and measured
     return record
 
 

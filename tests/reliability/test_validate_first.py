@@ -30,7 +30,10 @@ NO_MODEL = "/nonexistent/ffnkit-model"
         (["steer", "concept", NO_MODEL, "--words", "king", "--n-neurons", "0"], "--n-neurons"),
         (["inspect", "trace", NO_MODEL, "-p", "hi", "--target", ""], "--target"),
         (["inspect", "trace", NO_MODEL, "-p", "hi", "--target", "New York"], "one word"),
-        (["inspect", "trace", NO_MODEL, "-p", "hi", "--target", "Thursday,Friday"], "one word"),
+        (["inspect", "trace", NO_MODEL, "-p", "hi", "--target", "Thursday,,Friday"], "empty item"),
+        (["inspect", "trace", NO_MODEL, "-p", "hi", "--target", "Thursday,New York"], "one word"),
+        (["models", "show", NO_MODEL, "--dtype", "float8"], "--dtype"),
+        (["compress", NO_MODEL, "-o", "x", "--save-dtype", "auto"], "--save-dtype"),
     ],
     ids=lambda v: v if isinstance(v, str) else "_".join(v[:2] + v[3:]),
 )

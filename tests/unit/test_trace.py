@@ -122,7 +122,7 @@ def test_cli_inspect_and_steer(tmp_path):
         "import json, sys; from typer.testing import CliRunner; from ffnkit.cli.main import app; r = CliRunner();"
         f"m = {str(model_dir)!r}; out = {{}};"
         "out['neurons'] = r.invoke(app, ['inspect', 'neurons', m, '--layer', '1', '--neurons', '2,3', '--top-k', '3', '--json']).stdout;"
-        "out['search'] = r.invoke(app, ['inspect', 'search', m, '--tokens', 'fox,dog', '--top', '2', '--json']).stdout;"
+        "out['search'] = r.invoke(app, ['inspect', 'search', m, '--words', 'fox,dog', '--top', '2', '--json']).stdout;"
         "out['trace'] = r.invoke(app, ['inspect', 'trace', m, '--prompt', 'the quick brown', '--target', 'fox', '--json']).stdout;"
         "out['steer'] = r.invoke(app, ['steer', 'neurons', m, '--prompt', 'the quick', '--layer', '0', '--neurons', '1,2', '--scale', '40', '--max-new-tokens', '4', '--json']).stdout;"
         "sys.stdout.write(json.dumps(out))"

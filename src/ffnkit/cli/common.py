@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -25,6 +26,34 @@ OverwriteOpt = Annotated[
     typer.Option(
         "--overwrite",
         help="Replace a non-empty output folder (never the input model's folder or the ffnkit cache).",
+    ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device", help="Where the model runs: cpu, cuda, cuda:N or auto (the first GPU if any, else cpu)."
+    ),
+]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="Dtype the model is loaded and run in: float32, bfloat16, float16 or auto (the checkpoint's).",
+    ),
+]
+SaveDtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--save-dtype",
+        help="Dtype of the saved weights: float32, bfloat16 or float16 (default: the --dtype it ran in).",
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="A recipe file (JSON; YAML when PyYAML is installed): its keys are the config's fields; "
+        "options given on the command line override it.",
     ),
 ]
 CorpusOpt = Annotated[
@@ -67,6 +96,78 @@ MINIMUMS = {
 }
 
 
+def _check_save_dtype(value: str | None, flag: str) -> str | None:
+    from ffnkit.core.device import check_dtype
+    from ffnkit.core.errors import InvalidArgumentError
+
+    name = check_dtype(value, flag)
+    if name in ("auto", "float64"):
+        raise InvalidArgumentError(f"{flag} takes float32, bfloat16 or float16, got {value!r}")
+    return name
+
+
+def _check_device(value: str | None, flag: str) -> str | None:
+    from ffnkit.core.device import check_device, resolve_device
+
+    name = check_device(value, flag)
+    if name is not None and name != "cpu":
+        resolve_device(name, flag)  # a GPU this machine lacks fails now, before any loading
+    return name
+
+
+def _check_dtype(value: str | None, flag: str) -> str | None:
+    from ffnkit.core.device import check_dtype
+    from ffnkit.core.errors import InvalidArgumentError
+
+    name = check_dtype(value, flag)
+    if name == "float64":
+        raise InvalidArgumentError(f"{flag} takes float32, bfloat16, float16 or auto, got {value!r}")
+    return name
+
+
+# options that every command shares by name: checked (and canonicalised, bf16 -> bfloat16) when parsed,
+# before the command starts; a new command that declares one of these flags gets its check for free
+VALIDATORS = {"--device": _check_device, "--dtype": _check_dtype, "--save-dtype": _check_save_dtype}
+
+
+def load(model: str, *, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False):
+    """(model, tokenizer) of a command: :func:`ffnkit.sources.models.load_model` on ``--device`` in
+    ``--dtype`` (both already checked by :func:`check_params`).
+
+    Example:
+        >>> net, tok = load("smollm2-135m", device="cpu", dtype="bfloat16")
+    """
+    from ffnkit.sources.models import load_model
+
+    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def warn(message: str) -> None:
+    """A one-line note on stderr (stdout stays the command's output, strict JSON with ``--json``).
+
+    Example:
+        >>> warn("--tokens is now --words")
+    """
+    sys.stderr.write(f"ffnkit: {message}\n")
+
+
+def renamed(new_value: Any, old_value: Any, old_flag: str, new_flag: str) -> Any:
+    """The value of an option that was renamed: ``new_flag``'s, or the old (hidden) flag's with a warning.
+
+    Example:
+        >>> renamed(None, "Monday,Tuesday", "--tokens", "--words")  # warns on stderr
+        'Monday,Tuesday'
+    """
+    from ffnkit.core.errors import InvalidArgumentError
+
+    if old_value is None:
+        return new_value
+    if new_value:
+        raise InvalidArgumentError(f"give {new_flag} only ({old_flag} is its old name)")
+    warn(f"{old_flag} is deprecated; use {new_flag}")
+    return old_value
+
+
 def check_text(value: str, flag: str) -> None:
     """Refuse text that is not valid UTF-8 (bytes the shell passed undecodable, kept as surrogates).
 
@@ -102,6 +203,8 @@ def check_params(command):
             check_finite(value, flag)
             if isinstance(value, str):
                 check_text(value, flag)
+            if flag in VALIDATORS:
+                value = VALIDATORS[flag](value, flag)
             low = MINIMUMS.get(flag)
             if low is not None and isinstance(value, int) and not isinstance(value, bool) and value < low:
                 raise InvalidArgumentError(f"{flag} must be >= {low}, got {value}")
@@ -126,7 +229,7 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
 
     table = Table(title=escape(title))
     for c in columns:
-        left = c in ("name", "kind", "activation", "stack", "help", "settings")
+        left = c in ("name", "kind", "activation", "stack", "help", "settings", "source", "family", "option")
         table.add_column(c, justify="left" if left else "right")
     for r in rows:  # cells are text, not rich markup ("W_in[i]" stays as it is)
         table.add_row(

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from ffnkit.cli.common import CorpusOpt, JsonOpt, ModelArg, TrustRemoteCodeOpt, print_json, print_table
+from ffnkit.cli.common import (
+    CorpusOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    TrustRemoteCodeOpt,
+    print_json,
+    print_table,
+)
 
 
 def eval_(
@@ -17,6 +26,8 @@ def eval_(
     stride: Annotated[int | None, typer.Option(help="Window stride (default: window, no overlap).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Score the last N tokens of the evaluation split.")] = 4096,
     speed: Annotated[bool, typer.Option("--speed", help="Also measure decode speed (batch 1).")] = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -25,9 +36,13 @@ def eval_(
     from ffnkit.pipeline import PerplexityProtocol, PipelineConfig, evaluation_set, load_step, measure
 
     protocol = PerplexityProtocol(corpus, max_tokens, window, stride)  # bad values fail before the load
-    net, tok = load_step(PipelineConfig(model=model, evaluation=None, trust_remote_code=trust_remote_code))
+    net, tok = load_step(
+        PipelineConfig(
+            model=model, evaluation=None, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    )
     evaluation = evaluation_set(protocol, tok)
-    result = measure(net, evaluation, progress=not json)
+    result = measure(net, evaluation, progress=True)
     measured = {k: v for k, v in result.protocol.items() if k not in ("corpus", "split", "max_tokens")}
     doc = {
         "model": model,

@@ -11,7 +11,18 @@ from typing import Annotated
 
 import typer
 
-from ffnkit.cli.common import JsonOpt, ModelArg, TrustRemoteCodeOpt, console, print_json, print_table
+from ffnkit.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    TrustRemoteCodeOpt,
+    console,
+    load,
+    print_json,
+    print_table,
+    renamed,
+)
 
 inspect_app = typer.Typer(
     help="Inspect FFN neurons: vocabulary projection, neuron search, prediction trace, statistics.",
@@ -90,6 +101,46 @@ def one_word(text: str | None, what: str) -> str | None:
     return text
 
 
+def parse_targets(text: str | None) -> list[str]:
+    """``trace --target``: one word or a comma list (``Thursday,Friday``); each word is traced.
+
+    Example:
+        >>> parse_targets("Thursday, Friday")
+        ['Thursday', 'Friday']
+    """
+    from ffnkit.core.errors import InvalidArgumentError
+
+    if text is None:
+        return []
+    words = [w.strip() for w in text.split(",")]
+    if not any(words):
+        raise InvalidArgumentError("--target is empty; give a word, e.g. --target Paris (or Paris,London)")
+    if any(not w for w in words):
+        raise InvalidArgumentError(f"--target {text!r} has an empty item; give e.g. Thursday,Friday")
+    for w in words:
+        one_word(w, "target")
+    return words if len(words) > 1 else [text]
+
+
+def merge_traces(docs: list[dict]) -> dict:
+    """One trace document from the traces of the same prompt for several targets: the first trace, with
+    ``targets`` (each target's logit and probability) and, per layer, ``targets`` (each one's effects).
+    One target: the trace as it is.
+
+    Example:
+        >>> merge_traces([t1, t2])["targets"][1]["token"]
+        ' Friday'
+    """
+    if len(docs) == 1:
+        return docs[0]
+    doc = dict(docs[0])
+    doc["targets"] = [d["target"] for d in docs]
+    doc["layers"] = [
+        {**lt, "targets": [d["layers"][i]["target"] for d in docs]} for i, lt in enumerate(docs[0]["layers"])
+    ]
+    return doc
+
+
 def parse_words(text: str) -> list[str]:
     return [w.strip() for w in text.split(",") if w.strip()]
 
@@ -118,6 +169,8 @@ def neurons(
     vocab_chunk: Annotated[
         int | None, typer.Option(help="Also stream over the vocabulary in blocks.")
     ] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -125,14 +178,13 @@ def neurons(
     from ffnkit.core.archs import find_ffns, select_ffns
     from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.inspect.vocab import project_neurons
-    from ffnkit.sources.models import load_model
 
     layers, ids, expert_ids = (
         parse_ints(layer, "layer"),
         parse_ints(neuron_ids),
         parse_ints(experts, "experts"),
     )
-    net, tok = load_model(model, trust_remote_code=trust_remote_code)
+    net, tok = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     if expert_ids and not any(f.kind == "moe" for f in select_ffns(find_ffns(net), layers)):
         raise InvalidArgumentError(
             f"--experts applies to mixture-of-experts layers; {model} has none there (drop --experts)"
@@ -147,7 +199,7 @@ def neurons(
         chunk_size=chunk_size,
         vocab_chunk=vocab_chunk,
         tokenizer=tok,
-        progress=not json,
+        progress=True,
     )
     if json:
         print_json({"model": model, **proj.to_dict()})
@@ -171,22 +223,29 @@ def neurons(
 @inspect_app.command("search")
 def search(
     model: ModelArg = "smollm2-135m",
-    tokens: Annotated[
-        str, typer.Option("--tokens", "-t", help="Comma-separated words, e.g. Monday,Tuesday.")
+    words: Annotated[
+        str, typer.Option("--words", "-w", help="Comma-separated words, e.g. Monday,Tuesday.")
     ] = "",
+    tokens: Annotated[
+        str | None, typer.Option("--tokens", "-t", hidden=True, help="Old name of --words.")
+    ] = None,
     layer: Annotated[str | None, typer.Option("--layer", "-l", help="Search only these FFN indices.")] = None,
     top: Annotated[int, typer.Option("--top", help="Neurons to return.")] = 10,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Tokens shown per neuron.")] = 10,
     no_norm: Annotated[bool, typer.Option("--no-norm", help="Use the raw v_i, not g ⊙ v_i.")] = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Neurons whose vocabulary projection promotes the given words most."""
+    from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.inspect.vocab import search_neurons
-    from ffnkit.sources.models import load_model
 
-    words, layers = parse_words(tokens), parse_ints(layer, "layer")
-    net, tok = load_model(model, trust_remote_code=trust_remote_code)
+    words, layers = parse_words(renamed(words, tokens, "--tokens", "--words")), parse_ints(layer, "layer")
+    if not words:
+        raise InvalidArgumentError("give the words to search for: --words Monday,Tuesday")
+    net, tok = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     res = search_neurons(
         net,
         tok,
@@ -220,41 +279,48 @@ def search(
 def trace_cmd(
     model: ModelArg = "smollm2-135m",
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The text to trace.")] = "",
-    target: Annotated[str | None, typer.Option("--target", help="A word whose logit to attribute.")] = None,
+    target: Annotated[
+        str | None,
+        typer.Option("--target", help="Word(s) whose logit to attribute, comma-separated: Thursday,Friday."),
+    ] = None,
     layer: Annotated[str | None, typer.Option("--layer", "-l", help="FFN indices (default: all).")] = None,
     position: Annotated[int, typer.Option(help="Token position to trace (default: the last).")] = -1,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Tokens shown per list.")] = 5,
     top_neurons: Annotated[int, typer.Option(help="Sub-updates shown per layer.")] = 5,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Per layer: logit-lens tokens before/after the FFN, dominant sub-updates, effects on a target."""
     from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.inspect.tracing import trace
-    from ffnkit.sources.models import load_model
 
     if not prompt:
         raise InvalidArgumentError("give a prompt: --prompt 'The capital of France is'")
-    target, layers = one_word(target, "target"), parse_ints(layer, "layer")
-    net, tok = load_model(model, trust_remote_code=trust_remote_code)
-    t = trace(
-        net,
-        tok,
-        prompt,
-        target=target,
-        layers=layers,
-        position=position,
-        top_k=top_k,
-        top_neurons=top_neurons,
-    )
-    doc = t.to_dict()
+    targets = parse_targets(target)
+    layers = parse_ints(layer, "layer")
+    net, tok = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    docs = [
+        trace(
+            net,
+            tok,
+            prompt,
+            target=t,
+            layers=layers,
+            position=position,
+            top_k=top_k,
+            top_neurons=top_neurons,
+        ).to_dict()
+        for t in (targets or [None])
+    ]
+    doc = merge_traces(docs)
     if json:
         print_json({"model": model, **doc})
         return
     out = console()
     out.print(f"prediction after {doc['tokens'][doc['position']]!r}: {_toks(doc['prediction'], top_k)}")
-    if doc["target"]:
-        tg = doc["target"]
+    for tg in doc.get("targets") or ([doc["target"]] if doc["target"] else []):
         out.print(f"target {tg['token']!r} (id {tg['id']}): logit {tg['logit']:.3f}, prob {tg['prob']:.4f}")
     rows = []
     for lt in doc["layers"]:
@@ -267,7 +333,7 @@ def trace_cmd(
                 for s in lt["sub_updates"][:3]
             ),
         }
-        if lt["target"]:
-            row["Δlogit(target)"] = lt["target"]["ffn_total"]
+        for tg in lt.get("targets") or ([lt["target"]] if lt["target"] else []):
+            row[f"Δlogit({tg['token'].strip() or tg['token']!r})"] = tg["ffn_total"]
         rows.append(row)
     print_table("prediction trace", rows, list(rows[0]))

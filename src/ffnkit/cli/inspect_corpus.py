@@ -11,7 +11,17 @@ from typing import Annotated
 
 import typer
 
-from ffnkit.cli.common import CorpusOpt, JsonOpt, ModelArg, TrustRemoteCodeOpt, print_json, print_table
+from ffnkit.cli.common import (
+    CorpusOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    TrustRemoteCodeOpt,
+    load,
+    print_json,
+    print_table,
+)
 from ffnkit.cli.inspect import inspect_app, parse_ints
 from ffnkit.core.criteria import ACTIVE_THRESHOLD
 
@@ -53,12 +63,19 @@ def plot_target(plot: str | None) -> str | None:
 
 
 def _setup(
-    model: str, corpus: str, samples: int, seq_len: int, seed: int = 0, *, trust_remote_code: bool = False
+    model: str,
+    corpus: str,
+    samples: int,
+    seq_len: int,
+    seed: int = 0,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
 ):
     from ffnkit.data import calibration_batches, load_corpus
-    from ffnkit.sources.models import load_model
 
-    net, tok = load_model(model, trust_remote_code=trust_remote_code)
+    net, tok = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     text = load_corpus(corpus)
     return net, tok, text, calibration_batches(text, tok, n_samples=samples, seq_len=seq_len, seed=seed)
 
@@ -91,6 +108,8 @@ def stats(
     samples: SamplesOpt = 32,
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 8,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -102,7 +121,9 @@ def stats(
     chosen = parse_ints(neurons, "neurons")
     if chosen and (not layers or len(layers) != 1):
         raise InvalidArgumentError("--neurons needs exactly one --layer, e.g. --layer 3 --neurons 17,42")
-    net, tok, text, batches = _setup(model, corpus, samples, seq_len, trust_remote_code=trust_remote_code)
+    net, tok, text, batches = _setup(
+        model, corpus, samples, seq_len, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     res = neuron_stats(
         net,
         batches,
@@ -150,6 +171,8 @@ def spectral(
     samples: SamplesOpt = 32,
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 8,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -157,7 +180,9 @@ def spectral(
     from ffnkit.inspect.spectral import plot_spectral, spectral_utilisation
 
     layers, plot = parse_ints(layer, "layer"), plot_target(plot)
-    net, _, text, batches = _setup(model, corpus, samples, seq_len, trust_remote_code=trust_remote_code)
+    net, _, text, batches = _setup(
+        model, corpus, samples, seq_len, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     res = spectral_utilisation(net, batches, layers=layers, batch_size=batch_size, progress=True)
     doc = {**_base(model, text, batches), **res.to_dict()}
     if plot:
@@ -183,6 +208,8 @@ def importance(
     samples: SamplesOpt = 4,
     seq_len: SeqLenOpt = 128,
     batch_size: BatchOpt = 4,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -193,7 +220,9 @@ def importance(
     if method not in ("finercut", "shortgpt"):
         raise InvalidArgumentError(f"--method must be finercut or shortgpt, got {method!r}")
     plot = plot_target(plot)
-    net, _, text, batches = _setup(model, corpus, samples, seq_len, trust_remote_code=trust_remote_code)
+    net, _, text, batches = _setup(
+        model, corpus, samples, seq_len, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     if method == "finercut":
         res = finercut(net, batches, steps=steps, batch_size=batch_size, progress=True)
     else:
@@ -220,15 +249,16 @@ def contrast(
     top: Annotated[int, typer.Option("--top", help="Neurons (and experts) to report.")] = 20,
     threshold: ThresholdOpt = ACTIVE_THRESHOLD,
     rank_by: Annotated[str, typer.Option("--rank-by", help="delta or cohens_d.")] = "delta",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Neurons (and MoE experts) whose activation differs most between two prompt sets."""
     from ffnkit.evaluate import environment
     from ffnkit.inspect.contrast import contrast as run
-    from ffnkit.sources.models import load_model
 
-    net, tok = load_model(model, trust_remote_code=trust_remote_code)
+    net, tok = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     res = run(net, tok, a, b, top=top, threshold=threshold, rank_by=rank_by)
     doc = {"model": model, "a": a, "b": b, **res.to_dict(), "environment": environment()}
     if json:
@@ -254,6 +284,8 @@ def early_exit(
     samples: SamplesOpt = 8,
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 4,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -264,7 +296,9 @@ def early_exit(
 
     if not 0.0 < target <= 1.0:
         raise InvalidArgumentError(f"--target is a top-1 agreement in (0, 1], got {target}; e.g. 0.95")
-    net, tok, text, batches = _setup(model, corpus, samples, seq_len, trust_remote_code=trust_remote_code)
+    net, tok, text, batches = _setup(
+        model, corpus, samples, seq_len, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     ev = evaluation_tokens(text, tok, max_tokens=eval_tokens)
     n = ev.numel() // seq_len
     if n == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
@@ -12,7 +13,7 @@ from ffnkit.cli.common import check_params, quiet_libraries
 from ffnkit.cli.compress import compress
 from ffnkit.cli.evaluate import eval_
 from ffnkit.cli.inspect import inspect_app
-from ffnkit.cli.models import models
+from ffnkit.cli.models import models_app
 from ffnkit.cli.report import report
 from ffnkit.cli.steer import steer_app
 
@@ -23,13 +24,31 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-app.command("models")(models)
+app.add_typer(models_app, name="models")
 app.command("eval")(eval_)
 app.command("report")(report)
 app.command("compress")(compress)
 app.add_typer(inspect_app, name="inspect")
 app.add_typer(steer_app, name="steer")
 app.add_typer(bench_app, name="bench")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from ffnkit import __version__
+
+        sys.stdout.write(f"ffnkit {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print ffnkit's version and stop."),
+    ] = False,
+) -> None:
+    """Open up the feed-forward (FFN) blocks of Transformer models."""
 
 
 def main() -> None:

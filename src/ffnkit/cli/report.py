@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from ffnkit.cli.common import CorpusOpt, JsonOpt, ModelArg, OverwriteOpt, TrustRemoteCodeOpt, print_json
+from ffnkit.cli.common import (
+    CorpusOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    OverwriteOpt,
+    TrustRemoteCodeOpt,
+    load,
+    print_json,
+)
 
 
 def report(
@@ -19,17 +29,18 @@ def report(
     samples: Annotated[int, typer.Option(help="Calibration sequences for activation statistics.")] = 16,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
     overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Write an HTML report of MODEL's FFNs: table, parameter share, sparsity, firing rates, perplexity."""
     from ffnkit.folders import check_output_dir
     from ffnkit.report import build_report
-    from ffnkit.sources.models import load_model
 
     # files are written into the folder (nothing is deleted): refuse a non-empty one without --overwrite
     check_output_dir(out, overwrite=overwrite, model_source=model, needed_bytes=0, replace=False)
-    net, tok = load_model(model, trust_remote_code=trust_remote_code)
+    net, tok = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     doc = build_report(
         model,
         out,
@@ -38,7 +49,7 @@ def report(
         seq_len=seq_len,
         model=net,
         tokenizer=tok,
-        progress=not json,
+        progress=True,
     )
     if json:
         print_json(doc)

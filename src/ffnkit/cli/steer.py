@@ -8,10 +8,13 @@ import typer
 
 from ffnkit.cli.common import (
     CorpusOpt,
+    DeviceOpt,
+    DtypeOpt,
     JsonOpt,
     ModelArg,
     TrustRemoteCodeOpt,
     console,
+    load,
     print_json,
     print_table,
 )
@@ -53,12 +56,13 @@ def neurons(
     positions: PositionsOpt = "all",
     site: Annotated[str, typer.Option(help="post (m_i, default) or pre.")] = "post",
     max_new_tokens: NewTokensOpt = 20,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Generate with and without setting/scaling/zeroing neurons' activations."""
     from ffnkit.core.errors import InvalidArgumentError
-    from ffnkit.sources.models import load_model
     from ffnkit.steering import NeuronEdit, generate_pair
 
     chosen = [
@@ -73,7 +77,7 @@ def neurons(
         raise InvalidArgumentError("give a prompt: --prompt 'Once upon a time'")
     check_index(layer, "layer")
     op, value = chosen[0]
-    net, tok = load_model(model, trust_remote_code=trust_remote_code)
+    net, tok = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     from ffnkit.core.runner import check_causal_lm
 
     check_causal_lm(net, "steer neurons")
@@ -96,12 +100,13 @@ def experts(
     off: Annotated[str | None, typer.Option("--off", help="Experts to force off.")] = None,
     positions: PositionsOpt = "all",
     max_new_tokens: NewTokensOpt = 20,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Generate with and without forcing MoE experts on/off (SteerMoE: edit the router logits)."""
     from ffnkit.core.errors import InvalidArgumentError
-    from ffnkit.sources.models import load_model
     from ffnkit.steering import ExpertEdit, generate_pair
 
     if not prompt:
@@ -115,7 +120,7 @@ def experts(
     )
     if not edit.on and not edit.off:
         raise InvalidArgumentError("give experts to force: --on 3 and/or --off 1,2")
-    net, tok = load_model(model, trust_remote_code=trust_remote_code)
+    net, tok = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     from ffnkit.core.runner import check_causal_lm
 
     check_causal_lm(net, "steer experts")
@@ -141,6 +146,8 @@ def concept(
     window: Annotated[int, typer.Option(help="Tokens per prompt window.")] = 128,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Also show a generation.")] = None,
     max_new_tokens: NewTokensOpt = 20,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -149,12 +156,11 @@ def concept(
     from ffnkit.core.archs import find_ffns
     from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.data import evaluation_tokens, load_corpus
-    from ffnkit.sources.models import load_model
     from ffnkit.steering import ConceptConfig, generate_pair, steer_concept
 
     if not parse_words(words):
         raise InvalidArgumentError("give the concept's words: --words king,queen")
-    net, tok = load_model(model, trust_remote_code=trust_remote_code)
+    net, tok = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     from ffnkit.core.runner import check_causal_lm
 
     check_causal_lm(net, "steer concept")
@@ -171,7 +177,7 @@ def concept(
         suppress=suppress,
         window=window,
     )
-    report = steer_concept(net, tok, tokens, cfg, progress=not json)
+    report = steer_concept(net, tok, tokens, cfg, progress=True)
     doc = {"model": model, "corpus": text.name, **report.to_dict()}
     if prompt:
         doc["generation"] = generate_pair(net, tok, prompt, report.edits, max_new_tokens).to_dict()

@@ -51,6 +51,7 @@ from ffnkit.core.config import JsonConfig
 from ffnkit.core.edit import edit_ffns_
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.core.ffn import FFN
+from ffnkit.core.progress import ProgressLike, Stage
 from ffnkit.core.runner import forward, to_log_probs
 
 __all__ = [
@@ -303,6 +304,7 @@ def sensitivity_curves(
     ids: Tensor,
     ratios: list[float],
     protected: dict[UnitKey, Tensor] | None = None,
+    progress: ProgressLike = False,
 ) -> dict[UnitKey, tuple[list[float], list[float]]]:
     """KL(unpruned ‖ one layer pruned at ratio r) per layer and ratio, simulated with a mask on m.
 
@@ -318,6 +320,8 @@ def sensitivity_curves(
     ids = ids.to(device)
     ref = _log_probs(model, ids)  # [B, T, V]
     curves: dict[UnitKey, tuple[list[float], list[float]]] = {}
+    # one forward per layer and ratio: the longest silent stage of `best` without a bar
+    stage = Stage(progress, "sensitivity (KL per layer and ratio)", len(ffns) * len(ratios), "forward")
     for ffn in ffns:
         key = (ffn.index, None)
         n = ffn.d_ff
@@ -340,7 +344,9 @@ def sensitivity_curves(
                 h1.remove()
                 h2.remove()
             ys.append(_divergence(ref, logp))
+            stage.advance()
         curves[key] = (list(ratios), ys)
+    stage.close()
     return curves
 
 
@@ -419,6 +425,7 @@ def prune_(
                 ids[: config.sensitivity_samples],
                 grid,
                 protected,
+                progress=progress,
             )
             sens = {"ratios": grid, "kl": {str(k[0]): c[1] for k, c in curves.items()}}
         kept = allocate(scores, costs, target, config.allocation, config.protect_min, curves, protected)

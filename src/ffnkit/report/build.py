@@ -24,8 +24,9 @@ from ffnkit.core.progress import ProgressLike
 from ffnkit.core.registry import Registry
 from ffnkit.core.runner import is_causal_lm
 from ffnkit.report import html, plots
+from ffnkit.report.concepts_section import section_concept_panels
 from ffnkit.report.frontier import section_frontier
-from ffnkit.report.inspect_sections import section_concept_neurons, section_importance, section_spectral
+from ffnkit.report.inspect_sections import section_importance, section_spectral
 from ffnkit.report.stats import SPARSITY_EPS, activation_stats
 
 
@@ -138,9 +139,13 @@ def section_perplexity(ctx: ReportContext) -> tuple[str, str]:
     result = perplexity(ctx.model, tokens, progress=ctx.progress)
     entry = {"perplexity": result.perplexity, "protocol": result.protocol, "split": ctx.corpus.split_info()}
     ctx.json["perplexity"] = entry
+    from ffnkit.sources.models import MODELS
+
+    note = MODELS.entry(ctx.model_name).meta.get("dense_note") if ctx.model_name in MODELS else None
+    entry["dense_note"] = note  # the default model's "dense" numbers are of the dequantised 4-bit GGUF
     return "Perplexity", html.key_values({"perplexity": result.perplexity, **result.protocol}) + (
         f"<p class='note'>Evaluation split of <b>{html.esc(ctx.corpus.name)}</b>: "
-        f"{html.esc(', '.join(ctx.corpus.evaluation_docs))}.</p>"
+        f"{html.esc(', '.join(ctx.corpus.evaluation_docs))}.{' Dense = ' + html.esc(note) + '.' if note else ''}</p>"
     )
 
 
@@ -150,7 +155,9 @@ SECTIONS: Registry[Callable[[ReportContext], tuple[str, str]]] = Registry("repor
 SECTIONS.register("overview", section_overview, help="model, family, parameter share")
 SECTIONS.register("ffn_table", section_ffn_table, help="every FFN: widths, activation, parameters")
 SECTIONS.register("activations", section_activations, help="firing rates and sparsity on calibration text")
-SECTIONS.register("concept_neurons", section_concept_neurons, help="neurons that promote concept words")
+SECTIONS.register(
+    "concept_neurons", section_concept_panels, help="neurons that promote concept words, a panel each"
+)
 SECTIONS.register("spectral", section_spectral, help="spectral utilisation of the FFN matrices")
 SECTIONS.register("importance", section_importance, help="block influence and FinerCut order")
 SECTIONS.register("perplexity", section_perplexity, help="perplexity on the evaluation split")

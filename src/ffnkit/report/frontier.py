@@ -2,7 +2,10 @@
 
 Measuring the frontier takes about an hour on two CPU cores (benchmarks/compress_frontier.py,
 benchmarks/compress_lowrank.py), far too long for a report, so the section shows the committed results
-of those benchmarks when the report is about the model they measured, and says how to rerun them.
+of those benchmarks, marked "published in benchmarks/results (machine …)", only when they exist (a
+source checkout: ``pip install`` does not ship them), the report is about the model they measured, and
+the report's corpus is the one they were measured on (so every number of a report is on one corpus).
+Otherwise the section is skipped with a note saying why and how to get it.
 """
 
 from __future__ import annotations
@@ -18,23 +21,45 @@ RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results"  # the 
 FILES = ("compress_frontier_cpu.json", "compress_frontier_sensitivity_h200.json", "compress_lowrank.json")
 
 
-def _curves() -> tuple[dict[str, dict[float, float]], dict | None, list[str]]:
-    """label -> {ratio: perplexity}, the dense result, and the files read."""
+def _corpus_of(doc: dict) -> str | None:
+    """The evaluation corpus a benchmark file measured perplexity on."""
+    evaluation = doc.get("evaluation")
+    if isinstance(evaluation, dict) and evaluation.get("corpus"):
+        return str(evaluation["corpus"])
+    protocol = doc.get("protocol")
+    if isinstance(protocol, dict) and protocol.get("corpus"):
+        return str(protocol["corpus"]).split()[0]  # "austen (evaluation split: ...)"
+    return None
+
+
+def _machine(doc: dict) -> str:
+    env = doc.get("environment") or {}
+    return str(env.get("device_name") or f"{env.get('cpu_count')} CPU cores, torch {env.get('torch')}")
+
+
+def _curves(
+    corpus: str | None = None,
+) -> tuple[dict[str, dict[float, float]], dict | None, list[str], dict[str, str]]:
+    """label -> {ratio: perplexity}, the dense result, the files read and file -> machine (only files
+    measured on ``corpus`` when given)."""
     curves: dict[str, dict[float, float]] = defaultdict(dict)
-    dense, read = None, []
+    dense, read, machines = None, [], {}
     for name in FILES:
         path = RESULTS / name
         if not path.is_file():
             continue
         doc = json.loads(path.read_text())
+        if corpus is not None and _corpus_of(doc) != corpus:
+            continue
         read.append(name)
+        machines[name] = _machine(doc)
         for row in doc.get("results", []):
             curves[row["label"]].setdefault(row["ratio"], row["perplexity"])
         for row in doc.get("lowrank", []):
             curves[row["method"]].setdefault(row["ratio"], row["perplexity"])
         if isinstance(doc.get("dense"), dict) and dense is None:
             dense = doc["dense"]
-    return dict(curves), dense, read
+    return dict(curves), dense, read, machines
 
 
 def _plot(curves: dict[str, dict[float, float]], dense_ppl: float, path: Path) -> Path:
@@ -57,7 +82,7 @@ def _plot(curves: dict[str, dict[float, float]], dense_ppl: float, path: Path) -
             lw=2.5 if best else 1.2,
             ms=4,
         )
-    ax.axhline(dense_ppl, color="black", ls=":", label=f"dense ({dense_ppl:.1f})")
+    ax.axhline(dense_ppl, color="black", ls=":", label=f"dense = dequantised 4-bit GGUF ({dense_ppl:.1f})")
     ax.set_yscale("log")
     ax.set_ylim(dense_ppl * 0.9, dense_ppl * 40)
     ax.set_xlabel("FFN parameters removed (%)")
@@ -71,18 +96,40 @@ def _plot(curves: dict[str, dict[float, float]], dense_ppl: float, path: Path) -
 
 
 def section_frontier(ctx) -> tuple[str, str]:
+    from ffnkit.sources.models import DEQUANTISED_NOTE
+
     title = "Compression frontier"
-    curves, dense, read = _curves()
-    if ctx.model_name != "smollm2-135m" or not curves or dense is None:
-        ctx.json["frontier"] = None
+    corpus = getattr(ctx.corpus, "name", None)
+    measure = (
+        "Measure it with <code>python benchmarks/compress_frontier.py --model MODEL</code> (a source "
+        "checkout), or one point with <code>ffnkit compress MODEL --method M --ratio R -o DIR --json</code>."
+    )
+    if ctx.model_name != "smollm2-135m":
+        ctx.json["frontier"] = {"skipped": "published for smollm2-135m only"}
+        return title, f"<p class='note'>Skipped: a frontier is published for smollm2-135m only. {measure}</p>"
+    if not RESULTS.is_dir() or not any((RESULTS / f).is_file() for f in FILES):
+        ctx.json["frontier"] = {"skipped": "benchmark results not installed"}
         return title, (
-            "<p class='note'>Published frontiers exist for smollm2-135m only. Measure this model's with "
-            "<code>python benchmarks/compress_frontier.py --model MODEL</code>, or one point with "
-            "<code>ffnkit compress MODEL --method M --ratio R -o DIR --json</code>.</p>"
+            "<p class='note'>Skipped: the published frontier lives in <code>benchmarks/results/</code> of "
+            f"ffnkit's source tree, which <code>pip install</code> does not ship. {measure}</p>"
         )
+    curves, dense, read, machines = _curves(corpus)
+    if not curves or dense is None:
+        ctx.json["frontier"] = {"skipped": f"no published frontier on corpus {corpus}"}
+        return title, (
+            f"<p class='note'>Skipped: the published frontier was measured on <b>austen</b> (Persuasion), "
+            f"and this report's numbers are on <b>{html.esc(corpus)}</b>; one report, one corpus. Run "
+            "<code>ffnkit report smollm2-135m --corpus austen</code> to see it here. "
+            f"{measure}</p>"
+        )
+    where = "; ".join(f"benchmarks/results/{f} (machine: {machines[f]})" for f in read)
     ctx.json["frontier"] = {
+        "source": "published",
         "files": [f"benchmarks/results/{f}" for f in read],
+        "machines": machines,
+        "corpus": corpus,
         "dense": dense,
+        "dense_note": DEQUANTISED_NOTE,
         "curves": curves,
     }
     ratios = sorted({r for points in curves.values() for r in points})
@@ -92,9 +139,10 @@ def section_frontier(ctx) -> tuple[str, str]:
     ]
     img = _plot(curves, dense["perplexity"], ctx.out_dir / "frontier.png")
     return title, (
-        f"<p class='note'>From the committed benchmark results ({html.esc(', '.join(read))}): perplexity of the last "
-        f"4,096 tokens of Austen's <i>Persuasion</i> in 512-token windows, no healing; dense "
-        f"{dense['perplexity']:.2f}. Rerun with <code>python benchmarks/compress_frontier.py</code>.</p>"
+        f"<p class='note'><b>Published in benchmarks/results, not measured by this report</b>: "
+        f"{html.esc(where)}. Perplexity of the last 4,096 tokens of Austen's <i>Persuasion</i> in 512-token "
+        f"windows, no healing; dense {dense['perplexity']:.2f}, where dense = {html.esc(DEQUANTISED_NOTE)}. "
+        "Rerun with <code>python benchmarks/compress_frontier.py</code>.</p>"
         + html.image(img, "compression frontier")
         + html.table(rows, ["method"] + [f"{100 * r:.0f}%" for r in ratios])
     )

@@ -6,6 +6,8 @@ import base64
 import html
 from pathlib import Path
 
+from ffnkit.report import interactive
+
 STYLE = """
 body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
@@ -36,7 +38,8 @@ def table(rows: list[dict], columns: list[str]) -> str:
             v = f"{v:.4g}" if isinstance(v, float) else v
             cells.append(f"<td>{esc(v)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+    # every data table sorts by a click on its header and, when long, has a search box (interactive.py)
+    return f"<table class='{interactive.TABLE_CLASS}'><tr>{head}</tr>{''.join(body)}</table>"
 
 
 def key_values(d: dict) -> str:
@@ -60,5 +63,6 @@ def page(title: str, sections: list[tuple[str, str]]) -> str:
     body = "".join(f"<h2>{esc(h)}</h2>\n{b}\n" for h, b in sections)
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
-        f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1>\n{body}</body></html>\n"
+        f"<style>{STYLE}{interactive.STYLE}</style></head><body><h1>{esc(title)}</h1>\n{body}"
+        f"<script>{interactive.SCRIPT}</script></body></html>\n"
     )

@@ -1,5 +1,5 @@
-"""Report sections from ``ffnkit.inspect``: concept neurons (vocabulary projection + top contexts),
-spectral utilisation, and sublayer importance (ShortGPT block influence, FinerCut's first greedy steps).
+"""Report sections from ``ffnkit.inspect``: the concept word lists (their section is
+``report/concepts_section.py``), spectral utilisation, and sublayer importance (ShortGPT block influence, FinerCut's first greedy steps).
 
 Each section degrades to a note where a method does not apply (encoder-only models have no unembedding,
 MoE layers have no per-neuron activations).
@@ -18,87 +18,11 @@ CONCEPTS: dict[str, list[str]] = {
     "colours": ["red", "blue", "green", "yellow", "black", "white"],
     "family": ["mother", "father", "brother", "sister", "son", "daughter"],
 }
-CONTEXTS_PER_NEURON = 3
 FINERCUT_STEPS = 3
 
 
 def _note(text: str) -> str:
     return f"<p class='note'>{html.esc(text)}</p>"
-
-
-def _token_list(tokens: list[dict], n: int = 8) -> str:
-    return " ".join(repr(t["token"]) for t in tokens[:n])
-
-
-def section_concept_neurons(ctx) -> tuple[str, str]:
-    """Vocabulary projection: for each concept, the neuron whose value vector promotes it most, with the
-    tokens it promotes and the calibration contexts where it fires most (the key-value memory view)."""
-    from ffnkit.data import calibration_batches
-    from ffnkit.inspect.stats import neuron_stats
-    from ffnkit.inspect.vocab import search_neurons
-
-    title = "Concept neurons (vocabulary projection)"
-    try:
-        found = {
-            name: search_neurons(ctx.model, ctx.tokenizer, words, top_n=1, top_k=10, ffns=ctx.ffns)
-            for name, words in CONCEPTS.items()
-        }
-    except FFNKitError as err:
-        ctx.json["concept_neurons"] = {"skipped": str(err)}
-        return title, _note(f"skipped: {err}")
-    hits = {name: res.hits[0] for name, res in found.items() if res.hits}
-    wanted: dict[int, list[int]] = {}
-    for hit in hits.values():
-        if hit.get("expert") is None:
-            wanted.setdefault(hit["layer"], []).append(hit["neuron"])
-    contexts: dict[tuple[int, int], list[dict]] = {}
-    if wanted:
-        batches = calibration_batches(ctx.corpus, ctx.tokenizer, n_samples=ctx.samples, seq_len=ctx.seq_len)
-        stats = neuron_stats(
-            ctx.model, batches, layers=sorted(wanted), contexts=wanted, k=CONTEXTS_PER_NEURON
-        )
-        for row in stats.contexts(ctx.tokenizer, batches, window=6):
-            contexts[(row["layer"], row["neuron"])] = row["contexts"]
-    rows, details = [], []
-    for name, hit in hits.items():
-        ctxs = contexts.get((hit["layer"], hit["neuron"]), [])
-        rows.append(
-            {
-                "concept": name,
-                "layer": hit["layer"],
-                "neuron": hit["neuron"],
-                "score": hit["score"],
-                "promoted": _token_list(hit["promoted"]),
-            }
-        )
-        items = "".join(
-            f"<li>{html.esc(c['text'])} <span class='note'>(m = {c['value']:.3g})</span></li>" for c in ctxs
-        )
-        details.append(
-            f"<p><b>{html.esc(name)}</b> — layer {hit['layer']}, neuron {hit['neuron']}: fires most on</p><ul>{items}</ul>"
-        )
-    basis = next(iter(found.values())).basis
-    ctx.json["concept_neurons"] = {
-        "rule": next(iter(found.values())).rule,
-        "basis": basis,
-        "concepts": {
-            name: {
-                **hits[name],
-                "words": CONCEPTS[name],
-                "contexts": contexts.get((hits[name]["layer"], hits[name]["neuron"]), []),
-            }
-            for name in hits
-        },
-    }
-    body = (
-        _note(
-            f"Projection basis: {basis}. Each concept's best neuron by the z-scored search rule; "
-            "contexts are the calibration positions with the largest m_i ([[…]] marks the token)."
-        )
-        + html.table(rows, ["concept", "layer", "neuron", "score", "promoted"])
-        + "".join(details)
-    )
-    return title, body
 
 
 def section_spectral(ctx) -> tuple[str, str]:

