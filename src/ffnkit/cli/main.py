@@ -7,6 +7,7 @@ import sys
 import typer
 
 import ffnkit.cli.inspect_corpus  # noqa: F401  (adds stats/spectral/importance/contrast/early-exit to `inspect`)
+from ffnkit.cli.bench import bench_app
 from ffnkit.cli.common import check_params, quiet_libraries
 from ffnkit.cli.compress import compress
 from ffnkit.cli.evaluate import eval_
@@ -28,6 +29,7 @@ app.command("report")(report)
 app.command("compress")(compress)
 app.add_typer(inspect_app, name="inspect")
 app.add_typer(steer_app, name="steer")
+app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:
