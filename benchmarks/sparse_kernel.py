@@ -135,7 +135,15 @@ def sweep_teal(w: Weights, args, log) -> dict:
     import ffnkit.kernels.triton_teal as TT
 
     keys = ("BLOCK_K", "BLOCK_M", "num_warps", "num_stages", "WAVES")
-    grid = [(32, 128, 8, 3, 6), (32, 128, 4, 3, 4), (16, 256, 8, 3, 6), (64, 64, 4, 2, 8), (32, 256, 8, 2, 4)]
+    grid = [
+        (64, 64, 4, 2, 8),
+        (32, 256, 8, 2, 4),
+        (16, 512, 8, 3, 8),
+        (8, 512, 4, 3, 8),
+        (32, 64, 4, 3, 12),
+        (16, 256, 4, 3, 8),
+        (128, 32, 4, 2, 8),
+    ]
     results, chosen = [], {}
     for batch, name in ((1, "rows_1"), (8, "rows_n")):
         x = torch.randn(batch, w.d, device="cuda", dtype=w.dtype)
@@ -192,7 +200,13 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=None, help="weight copies rotated (default: cpu 6, cuda 4)")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--levels", default=",".join(str(v) for v in LEVELS))
-    ap.add_argument("--sweep", action="store_true", help="GPU: tune the Triton launch configs first")
+    ap.add_argument(
+        "--sweep",
+        nargs="?",
+        const="gather,teal",
+        default="",
+        help="GPU: tune these Triton kernels' configs first",
+    )
     ap.add_argument("--configs", type=Path, default=None, help="GPU: JSON of Triton CONFIGS to use")
     args = ap.parse_args()
     device = args.device
@@ -226,6 +240,8 @@ def main() -> None:
             T.CONFIGS.update(json.loads(args.configs.read_text()))
         if args.sweep:
             for key, fn in (("sweep", sweep_cuda), ("sweep_teal", sweep_teal)):
+                if key.removeprefix("sweep_").replace("sweep", "gather") not in args.sweep.split(","):
+                    continue
                 try:
                     record[key] = fn(w, args, log)
                 except Exception as exc:  # fall back to the built-in configs

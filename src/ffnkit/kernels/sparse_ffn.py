@@ -13,9 +13,15 @@ strided views of :func:`unpack_ffn` without a copy.
 Kernels (each checks its inputs here, then runs on the backend of :mod:`ffnkit.kernels.backend`):
 - :func:`gather_ffn`: only the neurons in ``idx`` (the union of the batch's active sets; with ``scale`` the
   per-row router weights, this is also the expert executor of an MoE layer).
-- :func:`threshold_ffn` (CATS): dense gate, then only the up rows / down columns with |act(gate)| > t.
+- :func:`threshold_ffn` (CATS / CHESS): dense gate, then only the up rows / down columns with
+  |act(gate)| > t (t one number or one per neuron).
 - :func:`sparse_input_linear` (TEAL): only the columns of W whose input |x_j| >= t (W stored as [in, out]).
-- :func:`teal_ffn`: TEAL on the whole FFN, built from two :func:`sparse_input_linear` calls.
+- :func:`teal_ffn`: TEAL on the whole FFN (on CUDA one pipeline that compacts the kept inputs on the device,
+  :mod:`ffnkit.kernels.triton_teal`). Thresholds: a number, or a tensor with one per input / neuron.
+
+H200, Llama-3-8B FFN, bf16, batch 1, CUDA graphs (benchmarks/results/sparse_kernel_h200.json): dense
+cuBLAS 100.9 us; at 50% of the weight bytes skipped gather 49.8 us (2.03x), CATS 1.28x, TEAL 81.1 us (1.24x).
+Every kernel here is CUDA-graph capturable: no host sync, fixed shapes (tests/gpu).
 
 All accumulate in float32 and return the dtype of ``x``; the ``reference`` backend is the masked dense
 computation and the oracle of the tests.

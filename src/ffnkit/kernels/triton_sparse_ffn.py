@@ -7,8 +7,8 @@ Three small kernels, each streaming contiguous weight rows (the neuron-major lay
    rows of the neurons some row keeps (masked-off loads issue no memory traffic).
 2. ``_rows_kernel``: y_part[s, n, :] = sum over a slice s of the rows k of h[n, k] * W[row k, :], skipping
    rows whose h is zero in every batch row; the grid is (output column blocks) x (slices of k) so that a
-   short active list still fills the GPU. The same kernel is the down projection (rows = down columns of
-   the active neurons) and TEAL's sparse-input linear (rows = W transposed, h = thresholded x).
+   short active list still fills the GPU; it is the down projection (rows = down columns of the active
+   neurons). TEAL's input-sparse products live in :mod:`ffnkit.kernels.triton_teal`.
 3. ``_reduce_kernel``: y = sum over the slices, cast to the output dtype (deterministic, no atomics).
 
 A single row (decode at batch 1) takes, by default, a fourth kernel instead: ``_fused_1_kernel``, a
