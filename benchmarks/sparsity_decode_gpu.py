@@ -4,7 +4,9 @@ The model is a minimal Llama decoder written here with the shapes and operations
 d 4096, d_ff 14336, 32 query / 8 key-value heads of 128, vocab 128256, RMSNorm, rotary embeddings, GQA
 attention over a static KV cache, SwiGLU FFN), random bf16 weights (speed does not depend on the values).
 One decode step (embedding -> 32 layers -> lm_head -> argmax -> next token and position written back on the
-device) is captured in a CUDA graph per configuration, so Python overhead does not hide the FFN; each
+device) is captured in a CUDA graph per configuration, so Python overhead does not hide the FFN (the
+RMSNorm, SwiGLU product and rotary/KV-cache/attention core are torch.compile'd first, same for every
+configuration, so they take fewer launches; ``--no-compile`` keeps them eager); each
 configuration replays its graph for ``--tokens`` tokens from a random 128-token cache, configurations
 alternate within every round, and the median over rounds is reported (warm-up and compilation excluded).
 
@@ -14,6 +16,8 @@ Configurations: ``dense`` (cuBLAS via nn.Linear); ``gather_L`` for each level L:
 ``teal_ffn_50``: TEAL on the FFN (thresholds calibrated per layer on decode inputs so 50% of the inputs and
 of the intermediates fall below them, :func:`ffnkit.kernels.teal_ffn`); ``teal_ffn_attn_50``: TEAL on the
 attention projections too (q/k/v fused, o). The measured share of kept inputs of each TEAL site is reported.
+Every configuration is captured in a CUDA graph, which is the check that the kernels are capturable at
+decode (no host sync, fixed shapes).
 
 Run:  python benchmarks/sparsity_decode_gpu.py --out benchmarks/results/sparsity_decode_h200.json
 """
