@@ -132,3 +132,42 @@ def check_teal(
     out = teal_ffn(x, weights, t_in, t_mid, backend=backend)
     expect = ref.teal_ffn(x, weights.gate_up_t, weights.down_t, t_in, t_mid)
     return rel_err(out, expect)
+
+
+def random_thresholds(values: torch.Tensor, seed: int) -> torch.Tensor:
+    """One threshold per column of ``values`` [N, C]: uniform in [0, 2 x the column's mean |value|], so
+    each column keeps a different share (from none to all)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = values.double().abs().mean(0).cpu()  # [C]
+    return (torch.rand(scale.shape, generator=g, dtype=torch.float64) * 2 * scale).float()
+
+
+def check_threshold_per_neuron(
+    backend: str, f: int, d: int, rows: int, dtype, device: str, act="silu", seed=0
+) -> float:
+    """CATS with one threshold per neuron against an oracle built here: the dense FFN in float64 with
+    neuron i zeroed in row n where |act(gate)[n, i]| <= t_i."""
+    (wg, wu, wd), packed = make_ffn(f, d, dtype, device, seed)
+    x = make_x(rows, d, dtype, device, seed + 1)
+    a = ref.activation(act, x.double() @ wg.double().T)  # [N, F]
+    t = random_thresholds(a, seed + 2).to(device)  # [F]
+    h = torch.where(a.abs() > t.double(), a * (x.double() @ wu.double().T), 0.0)
+    expect = h @ wd.double().T
+    out = threshold_ffn(x, packed, t, act=act, backend=backend)
+    assert out.shape == x.shape and out.dtype == dtype
+    return rel_err(out, expect)
+
+
+def check_teal_per_channel(backend: str, f: int, d: int, rows: int, dtype, device: str, seed=0) -> float:
+    """TEAL with one threshold per input channel and per intermediate neuron against a float64 oracle."""
+    (wg, wu, wd), _ = make_ffn(f, d, dtype, device, seed)
+    weights = pack_teal(wg, wu, wd)
+    x = make_x(rows, d, dtype, device, seed + 1)
+    t_in = random_thresholds(x, seed + 2).to(device)  # [D]
+    xs = torch.where(x.double().abs() >= t_in.double(), x.double(), 0.0)
+    h = ref.activation("silu", xs @ wg.double().T) * (xs @ wu.double().T)  # [N, F]
+    t_mid = random_thresholds(h, seed + 3).to(device)  # [F]
+    expect = torch.where(h.abs() >= t_mid.double(), h, 0.0) @ wd.double().T
+    out = teal_ffn(x, weights, t_in, t_mid, backend=backend)
+    assert out.shape == x.shape and out.dtype == dtype
+    return rel_err(out, expect)

@@ -92,11 +92,63 @@ def test_sparse_input_linear_equals_reference(dtype, rows, path, share_kept, sha
     assert err <= kc.TOL[dtype], err
 
 
-@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DTYPE_IDS[:2])
-@pytest.mark.parametrize("rows", [1, 4])
-@pytest.mark.parametrize("share_kept", [1.0, 0.5, 0.2])
-def test_teal_ffn_equals_reference(dtype, rows, share_kept):
-    assert kc.check_teal("triton", 90, 41, rows, share_kept, dtype, "cuda") <= kc.TOL[dtype]
+@pytest.fixture(params=["wide", "narrow"])
+def compact_blocks(request, monkeypatch):
+    """TEAL's compaction blocks as tuned ("wide") or forced small ("narrow": many blocks per row)."""
+    import ffnkit.kernels.triton_teal as TT
+
+    if request.param == "narrow":
+        monkeypatch.setitem(TT.CONFIGS, "MAX_C", 32)
+        monkeypatch.setitem(TT.CONFIGS, "MIN_C", 16)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("rows", [1, 4, 16, 33])
+@pytest.mark.parametrize("share_kept", [1.0, 0.5, 0.2, 0.0])
+@pytest.mark.parametrize("shape", [(90, 41), (1000, 512)])
+def test_teal_ffn_equals_reference(dtype, rows, share_kept, shape, compact_blocks):
+    assert kc.check_teal("triton", *shape, rows, share_kept, dtype, "cuda", seed=rows) <= kc.TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_teal_ffn_per_channel_equals_oracle(dtype, rows, compact_blocks):
+    err = kc.check_teal_per_channel("triton", 301, 129, rows, dtype, "cuda", seed=rows)
+    assert err <= kc.TOL[dtype], err
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(("rows", "path"), [(1, "split"), (1, "dot"), (4, "split")], indirect=["path"])
+@pytest.mark.parametrize("act", ["silu", "relu"])
+def test_threshold_ffn_per_neuron_equals_oracle(dtype, rows, path, act):
+    err = kc.check_threshold_per_neuron("triton", 301, 129, rows, dtype, "cuda", act=act, seed=rows)
+    assert err <= kc.TOL[dtype], err
+
+
+def test_teal_and_input_linear_capture_in_a_cuda_graph():
+    """TEAL keeps its counts on the device: the whole FFN and the linear replay in a CUDA graph, and a
+    replay on new inputs (new kept sets) is still exact."""
+    from ffnkit.kernels import pack_teal, sparse_input_linear, teal_ffn
+
+    (wg, wu, wd), _ = kc.make_ffn(700, 256, torch.bfloat16, "cuda", seed=41)
+    w = pack_teal(wg, wu, wd)
+    x = kc.make_x(1, 256, torch.bfloat16, "cuda", seed=42)
+    t_in, t_mid = 0.6, 0.05
+    teal_ffn(x, w, t_in, t_mid, backend="triton")  # compile outside the capture
+    sparse_input_linear(x, w.gate_up_t, t_in, backend="triton")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = teal_ffn(x, w, t_in, t_mid, backend="triton")
+        lin = sparse_input_linear(x, w.gate_up_t, t_in, backend="triton")
+    for seed in (43, 44):
+        x.copy_(kc.make_x(1, 256, torch.bfloat16, "cuda", seed=seed))
+        graph.replay()
+        torch.cuda.synchronize()
+        expect = teal_ffn(x, w, t_in, t_mid, backend="reference")
+        assert kc.rel_err(out, expect) <= kc.TOL[torch.bfloat16]
+        expect_lin = sparse_input_linear(x, w.gate_up_t, t_in, backend="reference")
+        assert kc.rel_err(lin, expect_lin) <= kc.TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)

@@ -126,6 +126,44 @@ def test_teal_ffn_equals_reference(cpu_backend, request, dtype, share_kept):
     assert kc.check_teal(cpu_backend, 90, 41, 2, share_kept, dtype, "cpu") <= tol(dtype, request)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("act", ["silu", "relu"])
+def test_threshold_ffn_per_neuron_equals_oracle(cpu_backend, request, backend, dtype, rows, act):
+    """CHESS-style thresholds (one per neuron) against a float64 oracle built in the test."""
+    err = kc.check_threshold_per_neuron(backend, 131, 67, rows, dtype, "cpu", act=act, seed=rows)
+    assert err <= tol(dtype, request), err
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DTYPE_IDS[:2])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_teal_ffn_per_channel_equals_oracle(cpu_backend, request, backend, dtype, rows):
+    err = kc.check_teal_per_channel(backend, 93, 45, rows, dtype, "cpu", seed=rows)
+    assert err <= tol(dtype, request), err
+
+
+def test_threshold_tensor_of_one_value_equals_the_number(cpu_backend):
+    _, packed = kc.make_ffn(50, 20, torch.float32, "cpu", seed=3)
+    x = kc.make_x(2, 20, torch.float32, "cpu", seed=4)
+    # (the C kernel's threads may add their partial sums in another order: equal up to float32 rounding)
+    same = threshold_ffn(x, packed, torch.full((50,), 0.2))
+    assert kc.rel_err(same, threshold_ffn(x, packed, 0.2)) < 1e-6
+    w_t = kc.make_x(20, 7, torch.float32, "cpu", seed=5)
+    by_input = sparse_input_linear(x, w_t, torch.full((20,), 0.5))
+    assert kc.rel_err(by_input, sparse_input_linear(x, w_t, 0.5)) < 1e-6
+    # and a threshold tensor really is per unit: raising one neuron's threshold drops only that neuron
+    a = ref.activation("silu", x @ packed[:, 0].T)  # [N, F]
+    t = torch.zeros(50)
+    t[7] = float(a[:, 7].abs().max()) + 1.0
+    diff = threshold_ffn(x, packed, t, backend="reference") - threshold_ffn(
+        x, packed, 0.0, backend="reference"
+    )
+    expect = -(a[:, 7:8] * (x @ packed[7:8, 1].T)) @ packed[7:8, 2]  # minus neuron 7's contribution
+    assert torch.allclose(diff, expect, atol=1e-5)
+
+
 def test_threshold_zero_equals_dense(cpu_backend):
     (wg, wu, wd), packed = kc.make_ffn(40, 24, torch.float32, "cpu", seed=5)
     x = kc.make_x(2, 24, torch.float32, "cpu", seed=6)
@@ -169,7 +207,7 @@ def test_c_kernel_reads_three_separate_tensors():
 
 def test_dispatch_table_is_complete():
     kernels = {k for k, _ in KERNELS}
-    assert kernels == {"gather_ffn", "threshold_ffn", "sparse_input_linear", "experts_forward"}
+    assert kernels == {"gather_ffn", "threshold_ffn", "sparse_input_linear", "teal_ffn", "experts_forward"}
     assert {(k, b) for k in kernels for b in BACKENDS} == set(KERNELS)
 
 
@@ -248,6 +286,14 @@ def test_input_errors():
         (lambda: gather_ffn(x, packed.transpose(0, 1).contiguous().transpose(0, 1), idx), "contiguous"),
         (lambda: threshold_ffn(x, packed, -0.1), "threshold"),
         (lambda: threshold_ffn(x, packed, float("nan")), "threshold"),
+        (
+            lambda: threshold_ffn(x, packed, torch.ones(9)),
+            r"per-neuron thresholds must be a floating-point \[10\]",
+        ),
+        (lambda: threshold_ffn(x, packed, torch.ones(10, dtype=torch.int64)), "floating-point"),
+        (lambda: threshold_ffn(x, packed, -torch.ones(10)), ">= 0"),
+        (lambda: threshold_ffn(x, packed, torch.full((10,), float("nan"))), ">= 0"),
+        (lambda: sparse_input_linear(x, torch.randn(4, 3), torch.ones(3)), r"per-input thresholds"),
         (lambda: sparse_input_linear(x, torch.randn(5, 3), 0.1), "input width"),
         (lambda: sparse_input_linear(x, torch.randn(4), 0.1), r"\[in, out\]"),
         (lambda: pack_ffn(torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)), "W_down"),

@@ -46,10 +46,13 @@ KERNELS: dict[tuple[str, str], str] = {
     ("threshold_ffn", "triton"): "ffnkit.kernels.triton_sparse_ffn:threshold_ffn",
     ("sparse_input_linear", "reference"): "ffnkit.kernels.reference:sparse_input_linear",
     ("sparse_input_linear", "cpu"): "ffnkit.kernels.cpu_sparse_ffn:sparse_input_linear",
-    ("sparse_input_linear", "triton"): "ffnkit.kernels.triton_sparse_ffn:sparse_input_linear",
+    ("sparse_input_linear", "triton"): "ffnkit.kernels.triton_teal:sparse_input_linear",
     ("experts_forward", "reference"): "ffnkit.kernels.moe_reference:experts_forward",
     ("experts_forward", "cpu"): "ffnkit.kernels.moe_cpu:experts_forward",
     ("experts_forward", "triton"): "ffnkit.kernels.moe_triton:experts_forward",
+    ("teal_ffn", "reference"): "ffnkit.kernels.reference:teal_ffn",
+    ("teal_ffn", "cpu"): "ffnkit.kernels.cpu_sparse_ffn:teal_ffn",
+    ("teal_ffn", "triton"): "ffnkit.kernels.triton_teal:teal_ffn",
 }
 
 _CURRENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("ffnkit_kernel_backend", default=None)

@@ -79,7 +79,7 @@ def load_cpu_library() -> ctypes.CDLL | None:
 
     Example:
         >>> lib = load_cpu_library()
-        >>> lib is None or lib.ffnkit_abi_version() == 2
+        >>> lib is None or lib.ffnkit_abi_version() == 3
         True
     """
     if os.environ.get("FFNKIT_CPU_KERNEL", "").lower() == "torch":
@@ -123,6 +123,7 @@ def load_cpu_library() -> ctypes.CDLL | None:
         i64,
         c_int,
         c_float,
+        vp,  # per-neuron thresholds or null
         c_int,
         vp,
         vp,
@@ -130,7 +131,7 @@ def load_cpu_library() -> ctypes.CDLL | None:
         c_int,
     ]
     lib.ffnkit_ffn_rows.restype = c_int
-    lib.ffnkit_input_rows.argtypes = [c_int, f32p, c_int, i64, i64, vp, c_float, vp, c_int, c_int]
+    lib.ffnkit_input_rows.argtypes = [c_int, f32p, c_int, i64, i64, vp, c_float, vp, vp, c_int, c_int]
     lib.ffnkit_input_rows.restype = c_int
     lib.ffnkit_abi_version.restype = c_int
     _STATUS.update(compiled=True, path=str(path), error=None)

@@ -104,12 +104,13 @@ static inline void prefetch_block(const void *p, int64_t bytes) {
 // The gated FFN over neuron rows: neuron i has its gate row at G + i*rs, up row at U + i*rs and down column
 // at Dn + i*rs (packed [F, 3, d]: G = P, U = P + d, Dn = P + 2d, rs = 3d; three [F, d] tensors: rs = d).
 // Neurons: idx[0..K) (or 0..K when idx is null). use_thr: CATS, skip the up row and down column of a
-// neuron whose |act(gate)| <= thr for every batch row (and zero it for the rows where it is). scale [nb, K]
-// multiplies h (router weights) when not null. y [nb, d] float32 is overwritten.
+// neuron whose |act(gate)| <= thr for every batch row (and zero it for the rows where it is); with tv not null
+// neuron i's threshold is tv[i] (CHESS: one per neuron). scale [nb, K] multiplies h (router weights) when
+// not null. y [nb, d] float32 is overwritten.
 template <class W>
 static void ffn_rows(const float *x, int nb, int64_t d, const W *G, const W *U, const W *Dn, int64_t rs,
-                     const int64_t *idx, int64_t K, int use_thr, float thr, int act, const float *scale, float *y,
-                     int nt, int pf) {
+                     const int64_t *idx, int64_t K, int use_thr, float thr, const float *tv, int act,
+                     const float *scale, float *y, int nt, int pf) {
   if (nt < 1) nt = 1;
   float *scratch = (float *)std::calloc((size_t)nt * nb * d + (size_t)nt * 3 * nb, sizeof(float));
   const int64_t row_bytes = d * (int64_t)sizeof(W);
@@ -127,10 +128,11 @@ static void ffn_rows(const float *x, int nb, int64_t d, const W *G, const W *U, 
         if (!use_thr) { prefetch_block(U + nxt, row_bytes); prefetch_block(Dn + nxt, row_bytes); }
       }
       dots(G + i * rs, x, nb, d, g);
+      const float ti = tv ? tv[i] : thr;
       int any = 0;
       for (int b = 0; b < nb; ++b) {
         float a = act_f(act, g[b]);
-        int keep = !use_thr || std::fabs(a) > thr;
+        int keep = !use_thr || std::fabs(a) > ti;
         h[b] = keep ? a : 0.0f;
         any |= keep;
       }
@@ -152,19 +154,21 @@ static void ffn_rows(const float *x, int nb, int64_t d, const W *G, const W *U, 
 }
 
 // TEAL: y [nb, n_out] = (x * [|x| >= thr]) @ Wt with Wt [n_in, n_out]; only the rows j of Wt with a kept,
-// non-zero x[b, j] for some b are read. Threads split the output columns (no reduction needed).
+// non-zero x[b, j] for some b are read (tv not null: input j's threshold is tv[j]). Threads split the output
+// columns (no reduction needed).
 template <class W>
 static void input_rows(const float *x, int nb, int64_t n_in, int64_t n_out, const W *Wt, float thr,
-                       float *y, int nt, int pf) {
+                       const float *tv, float *y, int nt, int pf) {
   if (nt < 1) nt = 1;
   int64_t *kept = (int64_t *)std::malloc(sizeof(int64_t) * (n_in > 0 ? n_in : 1));
   float *xs = (float *)std::malloc(sizeof(float) * (n_in > 0 ? n_in : 1) * nb);  // [K, nb], kept values
   int64_t K = 0;
   for (int64_t j = 0; j < n_in; ++j) {
     int any = 0;
+    const float tj = tv ? tv[j] : thr;
     for (int b = 0; b < nb; ++b) {
       float v = x[b * n_in + j];
-      int keep = v != 0.0f && std::fabs(v) >= thr;
+      int keep = v != 0.0f && std::fabs(v) >= tj;
       xs[K * nb + b] = keep ? v : 0.0f;
       any |= keep;
     }
@@ -194,9 +198,9 @@ static void input_rows(const float *x, int nb, int64_t n_in, int64_t n_out, cons
 extern "C" {
 // dtype: 0 float32, 1 bfloat16, 2 float16
 int ffnkit_ffn_rows(int dtype, const float *x, int nb, int64_t d, const void *G, const void *U, const void *Dn,
-                    int64_t rs, const int64_t *idx, int64_t K, int use_thr, float thr, int act, const float *scale,
-                    float *y, int nt, int pf) {
-#define FFNKIT_CALL(T) ffn_rows(x, nb, d, (const T *)G, (const T *)U, (const T *)Dn, rs, idx, K, use_thr, thr, act, scale, y, nt, pf)
+                    int64_t rs, const int64_t *idx, int64_t K, int use_thr, float thr, const float *tv, int act,
+                    const float *scale, float *y, int nt, int pf) {
+#define FFNKIT_CALL(T) ffn_rows(x, nb, d, (const T *)G, (const T *)U, (const T *)Dn, rs, idx, K, use_thr, thr, tv, act, scale, y, nt, pf)
   switch (dtype) {
     case 0: FFNKIT_CALL(float); return 0;
     case 1: FFNKIT_CALL(bf16); return 0;
@@ -206,14 +210,14 @@ int ffnkit_ffn_rows(int dtype, const float *x, int nb, int64_t d, const void *G,
 #undef FFNKIT_CALL
 }
 int ffnkit_input_rows(int dtype, const float *x, int nb, int64_t n_in, int64_t n_out, const void *Wt, float thr,
-                      float *y, int nt, int pf) {
+                      const float *tv, float *y, int nt, int pf) {
   switch (dtype) {
-    case 0: input_rows(x, nb, n_in, n_out, (const float *)Wt, thr, y, nt, pf); return 0;
-    case 1: input_rows(x, nb, n_in, n_out, (const bf16 *)Wt, thr, y, nt, pf); return 0;
-    case 2: input_rows(x, nb, n_in, n_out, (const _Float16 *)Wt, thr, y, nt, pf); return 0;
+    case 0: input_rows(x, nb, n_in, n_out, (const float *)Wt, thr, tv, y, nt, pf); return 0;
+    case 1: input_rows(x, nb, n_in, n_out, (const bf16 *)Wt, thr, tv, y, nt, pf); return 0;
+    case 2: input_rows(x, nb, n_in, n_out, (const _Float16 *)Wt, thr, tv, y, nt, pf); return 0;
   }
   return 1;
 }
-int ffnkit_abi_version(void) { return 2; }
+int ffnkit_abi_version(void) { return 3; }
 }
 """

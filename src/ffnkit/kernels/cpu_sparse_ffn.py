@@ -40,14 +40,15 @@ def ffn_rows(
     x: Tensor,
     rows: tuple[Tensor, Tensor, Tensor],
     idx: Tensor | None,
-    thr: float | None,
+    thr: float | Tensor | None,
     act: str = "silu",
     scale: Tensor | None = None,
 ) -> Tensor:
     """The C kernel on neuron rows ``(gate [F, D], up [F, D], down^T [F, D])`` sharing one row stride.
 
     The views of a packed tensor (``packed[:, 0]``, ...) or three contiguous tensors both qualify (the
-    benchmark compares the two layouts). ``idx`` None = every neuron; ``thr`` None = no CATS threshold.
+    benchmark compares the two layouts). ``idx`` None = every neuron; ``thr`` None = no CATS threshold, a
+    number, or a float32 [F] tensor of per-neuron thresholds.
 
     Example:
         >>> p = torch.randn(16, 3, 8)
@@ -63,10 +64,11 @@ def ffn_rows(
     idx64 = None if idx is None else idx.to(torch.int64).contiguous()
     n_rows = gate.shape[0] if idx is None else idx64.numel()
     sc = None if scale is None else scale.to(torch.float32).contiguous()  # [N, K]
+    tv = thr.to(torch.float32).contiguous() if isinstance(thr, Tensor) else None  # [F]
     rc = load_cpu_library().ffnkit_ffn_rows(
         DTYPE_CODES[gate.dtype], _ptr(x2), x2.shape[0], d, _ptr(gate), _ptr(up), _ptr(down_t), rs,
-        _ptr(idx64), n_rows, int(thr is not None), float(thr or 0.0), ACT_CODES[act], _ptr(sc), _ptr(y),
-        torch.get_num_threads(), PREFETCH,
+        _ptr(idx64), n_rows, int(thr is not None), 0.0 if tv is not None else float(thr or 0.0), _ptr(tv),
+        ACT_CODES[act], _ptr(sc), _ptr(y), torch.get_num_threads(), PREFETCH,
     )  # fmt: skip
     assert rc == 0
     return y.to(x.dtype).reshape(x.shape)
@@ -96,8 +98,9 @@ def gather_ffn(
     return (h @ w[:, 2, :]).reshape(x.shape)
 
 
-def threshold_ffn(x: Tensor, packed: Tensor, threshold: float, act: str = "silu") -> Tensor:
-    """CATS: dense gate, then the up rows and down columns of the neurons above ``threshold`` only.
+def threshold_ffn(x: Tensor, packed: Tensor, threshold: float | Tensor, act: str = "silu") -> Tensor:
+    """CATS: dense gate, then the up rows and down columns of the neurons above ``threshold`` (a number or
+    one per neuron, [F]) only.
 
     Example:
         >>> threshold_ffn(torch.randn(1, 8), torch.randn(16, 3, 8), 0.5).shape
@@ -112,11 +115,13 @@ def threshold_ffn(x: Tensor, packed: Tensor, threshold: float, act: str = "silu"
     idx = keep.any(0).nonzero().flatten()  # the union of the rows' active neurons
     w = packed.index_select(0, idx)  # [K, 3, D]
     h = torch.where(keep[:, idx], a[:, idx], torch.zeros_like(a[:, idx])) * (x2 @ w[:, 1, :].T)  # [N, K]
+    # (with per-neuron thresholds ``a.abs() > threshold`` broadcasts the [F] tensor over the rows)
     return (h @ w[:, 2, :]).reshape(x.shape)
 
 
-def sparse_input_linear(x: Tensor, w_t: Tensor, threshold: float) -> Tensor:
-    """TEAL: (x * [|x| >= t]) @ W_t reading only the rows of ``w_t`` [in, out] whose input is kept.
+def sparse_input_linear(x: Tensor, w_t: Tensor, threshold: float | Tensor) -> Tensor:
+    """TEAL: (x * [|x| >= t]) @ W_t reading only the rows of ``w_t`` [in, out] whose input is kept (``t`` a
+    number or one per input, [in]).
 
     Example:
         >>> sparse_input_linear(torch.randn(1, 8), torch.randn(8, 5), 0.5).shape
@@ -126,9 +131,10 @@ def sparse_input_linear(x: Tensor, w_t: Tensor, threshold: float) -> Tensor:
     if _use_c(w_t):
         x2 = x.reshape(-1, n_in).to(torch.float32).contiguous()  # [N, in]
         y = torch.empty(x2.shape[0], n_out, dtype=torch.float32)  # [N, out]
+        tv = threshold.to(torch.float32).contiguous() if isinstance(threshold, Tensor) else None  # [in]
         rc = load_cpu_library().ffnkit_input_rows(
-            DTYPE_CODES[w_t.dtype], _ptr(x2), x2.shape[0], n_in, n_out, _ptr(w_t), float(threshold),
-            _ptr(y), torch.get_num_threads(), PREFETCH,
+            DTYPE_CODES[w_t.dtype], _ptr(x2), x2.shape[0], n_in, n_out, _ptr(w_t),
+            0.0 if tv is not None else float(threshold), _ptr(tv), _ptr(y), torch.get_num_threads(), PREFETCH,
         )  # fmt: skip
         assert rc == 0
         return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
@@ -139,3 +145,26 @@ def sparse_input_linear(x: Tensor, w_t: Tensor, threshold: float) -> Tensor:
     w = w_t.index_select(0, cols)  # [K, out]: the copy the C kernel avoids
     y = xs @ w if xs.dtype == w.dtype else (xs.float() @ w.float()).to(x.dtype)  # teal_ffn passes float32 h
     return y.reshape(*x.shape[:-1], n_out)
+
+
+def teal_ffn(
+    x: Tensor,
+    gate_up_t: Tensor,
+    down_t: Tensor,
+    t_in: float | Tensor,
+    t_mid: float | Tensor,
+    act: str = "silu",
+) -> Tensor:
+    """TEAL on a whole gated FFN: two input-sparse products around the activation (C kernels, or torch).
+
+    Both products take float32 activations (the kernels read any weight dtype), so no rounding is added
+    between them and the mid threshold sees the same h as the reference.
+
+    Example:
+        >>> teal_ffn(torch.randn(1, 4), torch.randn(4, 12), torch.randn(6, 4), 0.1, 0.1).shape
+        torch.Size([1, 4])
+    """
+    f = down_t.shape[0]
+    gu = sparse_input_linear(x.float(), gate_up_t, t_in)  # [..., 2F] float32
+    h = activation(act, gu[..., :f]) * gu[..., f:]  # [..., F] float32
+    return sparse_input_linear(h, down_t, t_mid).to(x.dtype)  # [..., D]

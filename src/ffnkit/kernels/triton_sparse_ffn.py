@@ -7,8 +7,8 @@ Three small kernels, each streaming contiguous weight rows (the neuron-major lay
    rows of the neurons some row keeps (masked-off loads issue no memory traffic).
 2. ``_rows_kernel``: y_part[s, n, :] = sum over a slice s of the rows k of h[n, k] * W[row k, :], skipping
    rows whose h is zero in every batch row; the grid is (output column blocks) x (slices of k) so that a
-   short active list still fills the GPU. The same kernel is the down projection (rows = down columns of
-   the active neurons) and TEAL's sparse-input linear (rows = W transposed, h = thresholded x).
+   short active list still fills the GPU; it is the down projection (rows = down columns of the active
+   neurons). TEAL's input-sparse products live in :mod:`ffnkit.kernels.triton_teal`.
 3. ``_reduce_kernel``: y = sum over the slices, cast to the output dtype (deterministic, no atomics).
 
 A single row (decode at batch 1) takes, by default, a fourth kernel instead: ``_fused_1_kernel``, a
@@ -55,7 +55,8 @@ CONFIGS: dict[str, dict] = {
 
 
 @triton.jit
-def _act(g, ACT: tl.constexpr):
+def apply_act(g, ACT: tl.constexpr):
+    """The activation ``ACT`` (an :data:`ACT_CODES` value) of float32 ``g``, elementwise (Triton device code)."""
     if ACT == 0:
         r = g * tl.sigmoid(g)
     elif ACT == 1:
@@ -139,8 +140,9 @@ def _row_dots2(g_ptrs, wmask, D, x_ptr, offs_n, mn, BLOCK_N: tl.constexpr, BLOCK
 
 @triton.jit(do_not_specialize=["N", "K", "thr"])
 def _gate_up_kernel(
-    x_ptr, p_ptr, idx_ptr, h_ptr, scale_ptr, N, K, D, thr, stride_row,
-    HAS_IDX: tl.constexpr, USE_THR: tl.constexpr, HAS_SCALE: tl.constexpr, ACT: tl.constexpr,
+    x_ptr, p_ptr, idx_ptr, h_ptr, scale_ptr, thr_ptr, N, K, D, thr, stride_row,
+    HAS_IDX: tl.constexpr, USE_THR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_TVEC: tl.constexpr,
+    ACT: tl.constexpr,
     USE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -158,14 +160,18 @@ def _gate_up_kernel(
         g = _row_dots(
             gate_ptrs, mk, x_ptr, offs_n, mn, D, BLOCK_N, BLOCK_K, BLOCK_D, USE_DOT, IEEE
         )  # [BN, BK]
-        a = _act(g, ACT)
-        keep = (tl.abs(a) > thr) & mn[:, None]  # [BN, BK]
+        a = apply_act(g, ACT)
+        if HAS_TVEC:  # CHESS-style: one threshold per neuron
+            t = tl.load(thr_ptr + rows, mask=mk, other=0.0)[None, :]  # [1, BK]
+        else:
+            t = thr
+        keep = (tl.abs(a) > t) & mn[:, None]  # [BN, BK]
         live = mk & (tl.max(keep.to(tl.int32), axis=0) > 0)  # [BK]: some row keeps the neuron
         u = _row_dots(gate_ptrs + D, live, x_ptr, offs_n, mn, D, BLOCK_N, BLOCK_K, BLOCK_D, USE_DOT, IEEE)
         h = tl.where(keep, a * u, 0.0)
     else:
         g, u = _row_dots2(gate_ptrs, mk, D, x_ptr, offs_n, mn, BLOCK_N, BLOCK_K, BLOCK_D, USE_DOT, IEEE)
-        h = _act(g, ACT) * u
+        h = apply_act(g, ACT) * u
     hm = mn[:, None] & mk[None, :]
     if HAS_SCALE:
         h = h * tl.load(scale_ptr + offs_n[:, None] * K + offs_k[None, :], mask=hm, other=0.0).to(tl.float32)
@@ -243,7 +249,7 @@ def _fused_1_kernel(
         wg = tl.load(base[:, None] + od[None, :], mask=m2, other=0.0).to(tl.float32)  # [BK, BD]
         wu = tl.load(base[:, None] + D + od[None, :], mask=m2, other=0.0).to(tl.float32)
         wd = tl.load(base[:, None] + 2 * D + od[None, :], mask=m2, other=0.0).to(tl.float32)
-        h = _act(tl.sum(wg * xr[None, :], axis=1), ACT) * tl.sum(wu * xr[None, :], axis=1)  # [BK]
+        h = apply_act(tl.sum(wg * xr[None, :], axis=1), ACT) * tl.sum(wu * xr[None, :], axis=1)  # [BK]
         if HAS_SCALE:
             h = h * tl.load(scale_ptr + ok, mask=mk, other=0.0).to(tl.float32)
         acc += tl.sum(h[:, None] * wd, axis=0)
@@ -265,7 +271,13 @@ def _reduce_kernel(part_ptr, y_ptr, S, NM, BLOCK: tl.constexpr, BLOCK_S: tl.cons
 
 
 @functools.cache
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """The device's multiprocessor count (4 for CPU tensors, as under ``TRITON_INTERPRET=1``).
+
+    Example:
+        >>> sm_count(torch.device("cpu"))
+        4
+    """
     if device.type != "cuda":
         return 4  # the Triton interpreter (TRITON_INTERPRET=1) runs on CPU tensors
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -279,9 +291,15 @@ def _batch_block(n: int) -> tuple[int, bool, str]:
 
 
 def launch_gate_up(
-    x2: Tensor, packed: Tensor, idx: Tensor | None, thr: float | None, act: str, scale: Tensor | None
+    x2: Tensor,
+    packed: Tensor,
+    idx: Tensor | None,
+    thr: float | Tensor | None,
+    act: str,
+    scale: Tensor | None,
 ) -> Tensor:
-    """Stage 1: h [N, K] float32 for the neurons ``idx`` (all with ``idx`` None; CATS with ``thr``).
+    """Stage 1: h [N, K] float32 for the neurons ``idx`` (all with ``idx`` None; CATS with ``thr``, a number
+    or a float32 [F] tensor of per-neuron thresholds).
 
     Example:
         >>> h = launch_gate_up(x2, packed, idx, None, "silu", None)  # doctest: +SKIP
@@ -294,14 +312,16 @@ def launch_gate_up(
     bk, bd = cfg.pop("BLOCK_K"), cfg.pop("BLOCK_D")
     if not use_dot:
         # Few neurons: fewer per program (and longer row chunks) so that the grid still fills the GPU.
-        while bk > 1 and triton.cdiv(k, bk) < cfg["MIN_PROGRAMS_PER_SM"] * _sm_count(x2.device):
+        while bk > 1 and triton.cdiv(k, bk) < cfg["MIN_PROGRAMS_PER_SM"] * sm_count(x2.device):
             bk, bd = bk // 2, bd * 2
     cfg.pop("MIN_PROGRAMS_PER_SM", None)
     bd = min(bd, max(16, triton.next_power_of_2(d)))
+    tvec = isinstance(thr, Tensor)
     _gate_up_kernel[(triton.cdiv(k, bk),)](
         x2, packed, idx if idx is not None else h, h, scale if scale is not None else h,
-        n, k, d, float(thr or 0.0), packed.stride(0),
-        HAS_IDX=idx is not None, USE_THR=thr is not None, HAS_SCALE=scale is not None, ACT=ACT_CODES[act],
+        thr if tvec else h, n, k, d, 0.0 if tvec else float(thr or 0.0), packed.stride(0),
+        HAS_IDX=idx is not None, USE_THR=thr is not None, HAS_SCALE=scale is not None, HAS_TVEC=tvec,
+        ACT=ACT_CODES[act],
         USE_DOT=use_dot, IEEE=packed.dtype == torch.float32, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, **cfg,
     )  # fmt: skip
     return h
@@ -321,7 +341,7 @@ def launch_rows(h: Tensor, w_rows: Tensor, idx: Tensor | None, teal_thr: float |
     bm = min(bm, max(16, triton.next_power_of_2(m)))
     m_blocks = triton.cdiv(m, bm)
     # Slices of k so that m_blocks x slices ~ WAVES programs per multiprocessor, each at least one block.
-    splits = max(1, min(triton.cdiv(k, bk), triton.cdiv(waves * _sm_count(h.device), m_blocks)))
+    splits = max(1, min(triton.cdiv(k, bk), triton.cdiv(waves * sm_count(h.device), m_blocks)))
     k_per_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
     splits = triton.cdiv(k, k_per_split)
     part = torch.empty(splits, n, m, device=h.device, dtype=torch.float32)  # [S, N, M]
@@ -365,7 +385,7 @@ def launch_fused_1(x2: Tensor, packed: Tensor, idx: Tensor, act: str, scale: Ten
     bk, per_sm = cfg.pop("BLOCK_K"), cfg.pop("PROGRAMS_PER_SM")
     cfg.pop("MAX_D")
     n_blocks = triton.cdiv(k, bk)
-    grid = min(n_blocks, per_sm * _sm_count(x2.device))
+    grid = min(n_blocks, per_sm * sm_count(x2.device))
     part = torch.empty(grid, 1, d, device=x2.device, dtype=torch.float32)  # [G, 1, D]
     _fused_1_kernel[(grid,)](
         x2, packed, idx, part, scale if scale is not None else part, k, d, packed.stride(0), n_blocks,
@@ -391,8 +411,8 @@ def gather_ffn(
     return _rows(h, packed[:, 2, :], idx.contiguous(), None, x.dtype).reshape(x.shape)
 
 
-def threshold_ffn(x: Tensor, packed: Tensor, threshold: float, act: str = "silu") -> Tensor:
-    """CATS (see :func:`ffnkit.kernels.threshold_ffn`), on the GPU.
+def threshold_ffn(x: Tensor, packed: Tensor, threshold: float | Tensor, act: str = "silu") -> Tensor:
+    """CATS (see :func:`ffnkit.kernels.threshold_ffn`; ``threshold`` a number or float32 [F]), on the GPU.
 
     Example:
         >>> threshold_ffn(x, packed, 0.1)  # doctest: +SKIP
@@ -401,14 +421,3 @@ def threshold_ffn(x: Tensor, packed: Tensor, threshold: float, act: str = "silu"
     x2 = x.reshape(-1, d).contiguous()
     h = launch_gate_up(x2, packed, None, threshold, act, None)  # [N, F], zero where skipped
     return _rows(h, packed[:, 2, :], None, None, x.dtype).reshape(x.shape)
-
-
-def sparse_input_linear(x: Tensor, w_t: Tensor, threshold: float) -> Tensor:
-    """TEAL (see :func:`ffnkit.kernels.sparse_input_linear`), on the GPU.
-
-    Example:
-        >>> sparse_input_linear(x, w_t, 0.1)  # doctest: +SKIP
-    """
-    n_in, n_out = w_t.shape
-    x2 = x.reshape(-1, n_in).contiguous()
-    return _rows(x2, w_t, None, threshold, x.dtype).reshape(*x.shape[:-1], n_out)
