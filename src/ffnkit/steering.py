@@ -70,8 +70,9 @@ class ExpertEdit:
     """Force experts of an MoE layer on (always routed) or off (never routed), SteerMoE's rule.
 
     ``weight``: also give each forced-on expert exactly this routing weight; the token's other chosen
-    experts share what is left of its original total routing weight, in proportion (none if nothing is
-    left). None (default): the weights come from the usual softmax / top-k on the edited logits.
+    experts share, in proportion, what is left of the total routing weight the edited logits give (1
+    where the router renormalises its top-k; none if nothing is left). None (default): the weights come
+    from the usual softmax / top-k on the edited logits.
 
     Example:
         >>> ExpertEdit(layer=0, on=[3], off=[1])                 # SteerMoE
@@ -243,7 +244,7 @@ def _expert_hook(ffn: FFN, edit: ExpertEdit, clock: _Clock):
 
 def _force_weight(top_w: Tensor, top_i: Tensor, on: Tensor, weight: float, edited: Tensor) -> Tensor:
     """Routing weights [N, k] where the forced experts get ``weight`` on the edited tokens [N]; the other
-    chosen experts share the rest of the token's original total in proportion."""
+    chosen experts share the rest of the token's total in proportion."""
     forced = torch.isin(top_i, on) & edited[:, None]  # [N, k]
     total = top_w.sum(-1, keepdim=True)  # [N, 1]
     rest = (total - forced.sum(-1, keepdim=True) * weight).clamp_min(0)  # [N, 1]
