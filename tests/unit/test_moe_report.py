@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from ffnkit.core.archs import find_ffns
 from ffnkit.data import Corpus
@@ -75,3 +76,11 @@ def test_dense_model_shows_the_published_frontier_with_its_machine(tmp_path, mon
     assert entry["curves"] == {"kmeans/mlp": {0.5: 45.0, 0.25: 80.0}, "random/centroid": {0.5: 60.0}}
     assert "Published result" in body and "test-box" in body
     assert (tmp_path / "moe_frontier_cpu.png").is_file()
+
+
+def test_activation_statistics_of_an_all_moe_model_skip_every_layer(tmp_path):
+    from ffnkit.report.stats import activation_stats
+
+    ctx = _ctx("olmoe", tmp_path)
+    rows = activation_stats(ctx.model, ctx.ffns, torch.zeros(1, 4, dtype=torch.long), progress=False)
+    assert [(r["index"], r["kind"]) for r in rows] == [(0, "moe"), (1, "moe")]

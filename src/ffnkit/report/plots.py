@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # no screen: render to files only
 import matplotlib.pyplot as plt  # noqa: E402
@@ -76,9 +77,10 @@ def expert_load_heatmap(rows: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 0.25 * len(rows) + 1.6))
     im = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
     ax.set_yticks(range(len(rows)), [str(r["layer"]) for r in rows], fontsize=7)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("expert")
     ax.set_ylabel("FFN (layer)")
-    fig.colorbar(im, ax=ax, label="load / fair share (1 = balanced)")
+    fig.colorbar(im, ax=ax, label="load / fair share")
     return _save(fig, path)
 
 
@@ -90,6 +92,7 @@ def router_balance(rows: list[dict], path: Path) -> Path:
     ax.plot(x, [r["imbalance"]["cv"] for r in rows], "s--", label="coefficient of variation of load")
     ax.plot(x, [r["entropy"]["mean_normalised"] for r in rows], "^:", label="router entropy / ln E")
     ax.axhline(1.0, color="grey", lw=0.8)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("FFN (layer)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
