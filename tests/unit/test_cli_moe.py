@@ -124,6 +124,30 @@ def test_contrast_and_steer_json(saved):
         (1, [2], [], 0.7),
     ]
     assert isinstance(doc["plain"], str) and isinstance(doc["steered"], str)
+    # experts picked by a contrast: towards A, one forced on and one off per layer at most
+    doc = _strict(
+        ffnkit(
+            "steer",
+            model,
+            "--prompt",
+            "the quick",
+            "--a",
+            str(saved["a"]),
+            "--b",
+            "small birds sing || of tea",
+            "--activate",
+            "1",
+            "--deactivate",
+            "1",
+            "--per-layer",
+            "--max-new-tokens",
+            "3",
+            "--json",
+            root=saved["root"],
+        )
+    )
+    assert doc["contrast"]["tokens"] == {"a": 7, "b": 5} and doc["edits"]
+    assert all(len(e["on"]) <= 1 and len(e["off"]) <= 1 for e in doc["edits"])
 
 
 @pytest.mark.parametrize(
@@ -135,6 +159,8 @@ def test_contrast_and_steer_json(saved):
         (["steer", "/nonexistent/model", "--prompt", "x", "--on", "0-1"], "LAYER:EXPERT"),
         (["steer", "/nonexistent/model", "--prompt", "x", "--off", "0:1", "--weight", "0.5"], "--weight"),
         (["contrast", "/nonexistent/model", "--a", "missing.txt", "--b", "x"], "not found"),
+        (["steer", "/nonexistent/model", "--prompt", "x", "--activate", "2"], "give --a and --b"),
+        (["steer", "/nonexistent/model", "--prompt", "x", "--a", "p || q", "--b", "r"], "--activate N"),
         (["steer", "{olmoe}", "--prompt", "x", "--on", "0:9"], "out of range"),
     ],
 )

@@ -213,13 +213,31 @@ def steer(
         typer.Option("--weight", help="Routing weight of each forced-on expert (default: router's)."),
     ] = None,
     positions: Annotated[str, typer.Option("--positions", help="all | last | 0,3,7 (absolute).")] = "all",
+    a: Annotated[
+        str | None,
+        typer.Option("--a", help="Steer towards this prompt set (file or ' || ' prompts), against --b."),
+    ] = None,
+    b: Annotated[str | None, typer.Option("--b", help="The prompt set to steer away from.")] = None,
+    activate: Annotated[int, typer.Option("--activate", help="With --a/--b: experts of A forced on.")] = 0,
+    deactivate: Annotated[
+        int, typer.Option("--deactivate", help="With --a/--b: experts of B forced off.")
+    ] = 0,
+    per_layer: Annotated[
+        bool,
+        typer.Option(
+            "--per-layer", help="With --a/--b: pick --activate/--deactivate experts in every layer."
+        ),
+    ] = False,
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", help="Tokens to generate (greedy).")
     ] = 20,
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Greedy generation with and without forcing experts on/off (SteerMoE), side by side."""
+    """Greedy generation with and without forcing experts on/off (SteerMoE), side by side.
+
+    Experts come from --on/--off, and/or from a contrast: with --a/--b, the --activate experts most
+    favoured by A (largest risk difference) are forced on and the --deactivate most favoured by B off."""
     from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.core.runner import check_causal_lm
     from ffnkit.steering import ExpertEdit, generate_pair
@@ -229,11 +247,39 @@ def steer(
     if max_new_tokens < 1:
         raise InvalidArgumentError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     forced_on, forced_off = parse_experts(on, "--on"), parse_experts(off, "--off")
-    if not forced_on and not forced_off:
-        raise InvalidArgumentError("give experts to force: --on 0:3 and/or --off 1:2 (LAYER:EXPERT)")
-    if weight is not None and not forced_on:
+    sets = None
+    if a is not None or b is not None:
+        if a is None or b is None:
+            raise InvalidArgumentError("steering from a contrast needs both prompt sets: --a ... --b ...")
+        if activate < 0 or deactivate < 0 or activate + deactivate == 0:
+            raise InvalidArgumentError("with --a/--b, give --activate N and/or --deactivate N (N >= 1)")
+        sets = prompt_set(a, "--a"), prompt_set(b, "--b")
+    elif activate or deactivate or per_layer:
+        raise InvalidArgumentError(
+            "--activate/--deactivate/--per-layer pick experts from a contrast: give --a and --b"
+        )
+    if not forced_on and not forced_off and sets is None:
+        raise InvalidArgumentError(
+            "give experts to force: --on 0:3 and/or --off 1:2 (LAYER:EXPERT), or --a/--b"
+        )
+    if weight is not None and not forced_on and (sets is None or not activate):
         raise InvalidArgumentError("--weight applies to experts forced on: give --on LAYER:EXPERT too")
     where = positions if positions in ("all", "last") else parse_ints(positions, "positions")
+    net, tok = _load_moe(model, sorted(set(forced_on) | set(forced_off)) or None, trust_remote_code)
+    check_causal_lm(net, "moe steer")
+    contrast_doc = None
+    if sets is not None:
+        from ffnkit.inspect.moe_contrast import expert_contrast
+
+        res = expert_contrast(net, tok, *sets)
+        for edit in res.edits("a", activate=activate, deactivate=deactivate, per_layer=per_layer):
+            for e in edit.on:
+                if e not in forced_on.setdefault(edit.layer, []):
+                    forced_on[edit.layer].append(e)
+            for e in edit.off:
+                if e not in forced_off.setdefault(edit.layer, []):
+                    forced_off[edit.layer].append(e)
+        contrast_doc = {"a": a, "b": b, "tokens": res.tokens, "activate": activate, "deactivate": deactivate}
     edits = [
         ExpertEdit(
             layer=layer,
@@ -243,10 +289,13 @@ def steer(
             weight=weight if forced_on.get(layer) else None,
         )
         for layer in sorted(set(forced_on) | set(forced_off))
+        if forced_on.get(layer) or forced_off.get(layer)
     ]
-    net, tok = _load_moe(model, sorted(set(forced_on) | set(forced_off)), trust_remote_code)
-    check_causal_lm(net, "moe steer")
+    if not edits:
+        raise InvalidArgumentError("the contrast of --a and --b favours no expert (every difference is 0)")
     doc = {"model": model, **generate_pair(net, tok, prompt, edits, max_new_tokens).to_dict()}
+    if contrast_doc is not None:
+        doc["contrast"] = contrast_doc
     if json:
         print_json(doc)
         return
