@@ -110,7 +110,7 @@ def test_reducer_on_constructed_routing():
     weights = torch.tensor([[0.75, 0.25]]).repeat(n, 1)
     indices = torch.tensor([[0, 1]]).repeat(n, 1)
     red = RoutingReducer(e, bins=4)
-    red.update(routing_matrix((logits, weights, indices), None, e, 2, True))
+    red.update(routing_matrix((logits, weights, indices), e, 2, True))
     r = red.result()
     assert r["load"].tolist() == [1.0, 1.0, 0.0, 0.0]
     assert r["weight_share"].tolist() == [0.75, 0.25, 0.0, 0.0]  # of all routing weight
@@ -119,7 +119,7 @@ def test_reducer_on_constructed_routing():
     assert r["entropy_hist"].tolist() == [0, 0, 0, n]  # H / ln E = 1: the last bin
     # an index equal to E means "no expert" (transformers v5 convention): it counts nowhere
     red2 = RoutingReducer(e).update(
-        routing_matrix((logits, weights, torch.tensor([[0, e]]).repeat(n, 1)), None, e, 2, True)
+        routing_matrix((logits, weights, torch.tensor([[0, e]]).repeat(n, 1)), e, 2, True)
     )
     assert red2.result()["load"].tolist() == [1.0, 0.0, 0.0, 0.0]
     with pytest.raises(InvalidArgumentError):
@@ -152,3 +152,13 @@ def test_expert_vocab_matches_a_direct_projection(models):
         assert [t["id"] for t in row["neurons"][0]["promoted"]] == top0
     with pytest.raises(InvalidArgumentError):
         expert_vocab(model, tok, top_k=0)
+
+
+def test_bare_router_logits_are_routed_with_the_usual_rule():
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0], [0.0, 3.0, -2.0, 2.5]])  # [N=2, E=4]
+    m = routing_matrix(logits, 4, 2, True)  # [2, 12]
+    assert m[:, 8:].tolist() == [[1, 0, 1, 0], [0, 1, 0, 1]]
+    p = torch.softmax(logits, -1)
+    w0 = p[0, [0, 2]] / p[0, [0, 2]].sum()
+    torch.testing.assert_close(m[0, 4:8], torch.stack([w0[0], torch.tensor(0.0), w0[1], torch.tensor(0.0)]))
+    torch.testing.assert_close(m[:, :4], logits)

@@ -82,9 +82,7 @@ def moe_ffns(
     return moe
 
 
-def routing_matrix(
-    out: Any, router_module: nn.Module, num_experts: int, top_k: int, norm_topk: bool
-) -> Tensor:
+def routing_matrix(out: Any, num_experts: int, top_k: int, norm_topk: bool) -> Tensor:
     """A router's output as one tensor [N, 3E]: logits | routing weight per expert | chosen (0/1).
 
     ``out`` is what the router returned: ``(logits [N, E], weights [N, k], indices [N, k])`` in the
@@ -92,7 +90,7 @@ def routing_matrix(
     usual softmax / top-k (/ renormalise) rule.
 
     Example:
-        >>> m = routing_matrix(gate(x), gate, 4, 2, True); m[:, 8:].sum(-1)   # == 2 per token
+        >>> m = routing_matrix(gate(x), 4, 2, True); m[:, 8:].sum(-1)   # == 2 per token
     """
     if isinstance(out, tuple) and len(out) == 3:
         logits, weights, indices = out  # [N, E], [N, k], [N, k]
@@ -120,7 +118,7 @@ class RoutingReducer(Reducer):
     [E], co-selection counts [E, E], Σ H, Σ H², and a histogram of H / ln E (``bins`` bins over [0, 1]).
 
     Example:
-        >>> r = RoutingReducer(4); r.update(routing_matrix(gate(x), gate, 4, 2, True)); r.result()["load"]
+        >>> r = RoutingReducer(4); r.update(routing_matrix(gate(x), 4, 2, True)); r.result()["load"]
     """
 
     name = "routing"
@@ -307,7 +305,7 @@ def moe_stats(
 
     def router_hook(ffn: FFN):
         def hook(mod, args, out):
-            m = routing_matrix(out, mod, ffn.num_experts, ffn.router.top_k, ffn.router.norm_topk)
+            m = routing_matrix(out, ffn.num_experts, ffn.router.top_k, ffn.router.norm_topk)
             reducers[ffn.index].update(m.detach())
 
         return hook
