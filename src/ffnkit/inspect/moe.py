@@ -174,7 +174,12 @@ class RoutingReducer(Reducer):
 
 @dataclass
 class LayerRouting(Result):
-    """Routing statistics of one MoE layer (tensors [E] / [E, E] on the CPU, float64)."""
+    """Routing statistics of one MoE layer (tensors [E] / [E, E] on the CPU, float64).
+
+    Example:
+        >>> row = moe_stats(model, batches).layer(0)
+        >>> row.load.sum(), row.token_share.sum(), row.imbalance["cv"]     # top_k, 1.0, ...
+    """
 
     layer: int  # FFN index (as in find_ffns)
     name: str
@@ -230,7 +235,11 @@ class LayerRouting(Result):
 
 @dataclass
 class MoEStats(Result):
-    """What :func:`moe_stats` returns: one :class:`LayerRouting` per MoE layer, and the token count."""
+    """What :func:`moe_stats` returns: one :class:`LayerRouting` per MoE layer, and the token count.
+
+    Example:
+        >>> doc = moe_stats(model, batches).to_dict(); doc["layers"][0]["entropy"]["mean_nats"]
+    """
 
     layers: list[LayerRouting] = field(default_factory=list)
     n_tokens: int = 0
@@ -354,7 +363,11 @@ def moe_stats(
 # ----- vocabulary projection of experts --------------------------------------------------------------
 @dataclass
 class ExpertVocab(Result):
-    """Promoted / suppressed tokens of each expert's mean value vector (and of its largest neurons)."""
+    """Promoted / suppressed tokens of each expert's mean value vector (and of its largest neurons).
+
+    Example:
+        >>> expert_vocab(model, tok, layers=[0]).experts[0]["promoted"][0]   # {'token': ..., 'id': ..., 'logit': ...}
+    """
 
     basis: str
     top_k: int

@@ -37,7 +37,12 @@ __all__ = ["ExpertContrast", "expert_contrast", "expert_contrast_stats"]
 
 @dataclass
 class ExpertContrast(Result):
-    """Per MoE layer: p_a, p_b, delta = p_a − p_b [E] (lists), with token and prompt counts."""
+    """Per MoE layer: p_a, p_b, delta = p_a − p_b [E] (lists), with token and prompt counts.
+
+    Example:
+        >>> res = expert_contrast(model, tok, ["I love it."], ["I hate it."])
+        >>> res.layers[0]["delta"], res.ranked("b")[0]
+    """
 
     layers: list[dict[str, Any]] = field(default_factory=list)
     tokens: dict[str, int] = field(default_factory=dict)
