@@ -67,12 +67,29 @@ class NeuronEdit:
 
 @dataclass
 class ExpertEdit:
-    """Force experts of an MoE layer on (always routed) or off (never routed), SteerMoE's rule."""
+    """Force experts of an MoE layer on (always routed) or off (never routed), SteerMoE's rule.
+
+    ``weight``: also give each forced-on expert exactly this routing weight; the token's other chosen
+    experts share, in proportion, what is left of the total routing weight the edited logits give (1
+    where the router renormalises its top-k; none if nothing is left). None (default): the weights come
+    from the usual softmax / top-k on the edited logits.
+
+    Example:
+        >>> ExpertEdit(layer=0, on=[3], off=[1])                 # SteerMoE
+        >>> ExpertEdit(layer=0, on=[3], weight=0.5)               # expert 3 in every top-k with weight 0.5
+    """
 
     layer: int
     on: list[int] = field(default_factory=list)
     off: list[int] = field(default_factory=list)
     positions: Positions = "all"
+    weight: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight is not None:
+            check_finite(self.weight, "weight")
+            if self.weight < 0:
+                raise InvalidArgumentError(f"an expert's routing weight must be >= 0, got {self.weight}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -210,15 +227,31 @@ def _expert_hook(ffn: FFN, edit: ExpertEdit, clock: _Clock):
             new[:, local] = rows
         else:
             new[:, torch.as_tensor(local)] = rows
+        edited = torch.zeros(new.shape[:2], dtype=torch.bool, device=new.device)  # [B, T]
+        edited[:, local if isinstance(local, slice) else torch.as_tensor(local)] = True
         new = new.view_as(logits)
         # the usual routing on the edited logits (Router.route's rule)
         probs = torch.softmax(new.float(), dim=-1)
-        top_w, top_i = torch.topk(probs, router.top_k, dim=-1)
+        top_w, top_i = torch.topk(probs, router.top_k, dim=-1)  # [N, k]
         if router.norm_topk:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        if edit.weight is not None and on.numel():
+            top_w = _force_weight(top_w, top_i, on.to(top_i.device), edit.weight, edited.reshape(-1))
         return new, top_w.to(weights.dtype), top_i.to(indices.dtype)
 
     return ffn.router_module.register_forward_hook(hook)
+
+
+def _force_weight(top_w: Tensor, top_i: Tensor, on: Tensor, weight: float, edited: Tensor) -> Tensor:
+    """Routing weights [N, k] where the forced experts get ``weight`` on the edited tokens [N]; the other
+    chosen experts share the rest of the token's total in proportion."""
+    forced = torch.isin(top_i, on) & edited[:, None]  # [N, k]
+    total = top_w.sum(-1, keepdim=True)  # [N, 1]
+    rest = (total - forced.sum(-1, keepdim=True) * weight).clamp_min(0)  # [N, 1]
+    others = (top_w * ~forced).sum(-1, keepdim=True)  # [N, 1]
+    scale = torch.where(others > 0, rest / others.clamp_min(torch.finfo(top_w.dtype).tiny), 0.0)
+    out = torch.where(forced, torch.full_like(top_w, weight), top_w * scale)
+    return torch.where(edited[:, None], out, top_w)
 
 
 # ----- validation and the context manager --------------------------------------------------------
@@ -236,6 +269,8 @@ def _target_ffn(ffns: list[FFN], edit: NeuronEdit | ExpertEdit) -> FFN:
                 )
         if set(edit.on) & set(edit.off):
             raise InvalidArgumentError(f"experts {sorted(set(edit.on) & set(edit.off))} are both on and off")
+        if edit.weight is not None and not edit.on:
+            raise InvalidArgumentError("a routing weight applies to experts forced on: give on=[...] too")
         if len(edit.on) > ffn.router.top_k:
             raise InvalidArgumentError(
                 f"{len(edit.on)} experts forced on, but {ffn.name} routes each token to top-{ffn.router.top_k}"

@@ -14,6 +14,7 @@ from ffnkit.cli.compress import compress
 from ffnkit.cli.evaluate import eval_
 from ffnkit.cli.inspect import inspect_app
 from ffnkit.cli.models import models_app
+from ffnkit.cli.moe import moe_app
 from ffnkit.cli.report import report
 from ffnkit.cli.steer import steer_app
 
@@ -31,6 +32,7 @@ app.command("compress")(compress)
 app.add_typer(inspect_app, name="inspect")
 app.add_typer(steer_app, name="steer")
 app.add_typer(bench_app, name="bench")
+app.add_typer(moe_app, name="moe")
 
 
 def _version(value: bool) -> None:

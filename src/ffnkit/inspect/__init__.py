@@ -17,6 +17,9 @@ _EXPORTS = {
     "word_token_ids": "ffnkit.inspect.vocab",
     "Projection": "ffnkit.inspect.vocab",
     "SearchResult": "ffnkit.inspect.vocab",
+    "moe_stats": "ffnkit.inspect.moe",
+    "expert_vocab": "ffnkit.inspect.moe",
+    "expert_contrast": "ffnkit.inspect.moe_contrast",
     "trace": "ffnkit.inspect.tracing",
     "Trace": "ffnkit.inspect.tracing",
 }

@@ -162,6 +162,9 @@ SECTIONS.register("spectral", section_spectral, help="spectral utilisation of th
 SECTIONS.register("importance", section_importance, help="block influence and FinerCut order")
 SECTIONS.register("perplexity", section_perplexity, help="perplexity on the evaluation split")
 SECTIONS.register("frontier", section_frontier, help="the compression frontier of the benchmarks")
+SECTIONS.register(
+    "moe", "ffnkit.report.moe_section:section_moe", help="expert routing, or the moefication frontier"
+)
 
 
 def build_report(

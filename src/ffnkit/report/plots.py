@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # no screen: render to files only
 import matplotlib.pyplot as plt  # noqa: E402
@@ -66,4 +67,49 @@ def firing_rate_heatmap(rows: list[dict], path: Path) -> Path:
     ax.set_xlabel("firing rate (share of tokens on which the neuron fires)")
     ax.set_ylabel("FFN (layer)")
     fig.colorbar(im, ax=ax, label="share of the layer's neurons")
+    return _save(fig, path)
+
+
+def expert_load_heatmap(rows: list[dict], path: Path) -> Path:
+    """MoE layers × experts: each expert's load relative to a perfectly balanced router (1 = its fair
+    share top_k / E; rows are ``moe_stats(...).to_dict()["layers"]``)."""
+    grid = np.array([[v * r["experts"] / r["top_k"] for v in r["load"]] for r in rows], dtype=float)
+    fig, ax = plt.subplots(figsize=(7, 0.25 * len(rows) + 1.6))
+    im = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_yticks(range(len(rows)), [str(r["layer"]) for r in rows], fontsize=7)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("FFN (layer)")
+    fig.colorbar(im, ax=ax, label="load / fair share")
+    return _save(fig, path)
+
+
+def router_balance(rows: list[dict], path: Path) -> Path:
+    """Per MoE layer: load imbalance (max/mean, coefficient of variation) and normalised router entropy."""
+    x = [r["layer"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.plot(x, [r["imbalance"]["max_over_mean"] for r in rows], "o-", label="max load / mean load")
+    ax.plot(x, [r["imbalance"]["cv"] for r in rows], "s--", label="coefficient of variation of load")
+    ax.plot(x, [r["entropy"]["mean_normalised"] for r in rows], "^:", label="router entropy / ln E")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("FFN (layer)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def moe_frontier(curves: dict[str, dict[float, float]], dense: float | None, path: Path) -> Path:
+    """Perplexity against the share of FFN neurons active per token, one curve per split/router."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for label, points in sorted(curves.items()):
+        xs = sorted(points)
+        ax.plot([100 * v for v in xs], [points[v] for v in xs], "o-", ms=4, label=label)
+    if dense is not None:
+        ax.axhline(dense, color="black", ls=":", label=f"dense ({dense:.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("FFN neurons active per token (%)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     return _save(fig, path)

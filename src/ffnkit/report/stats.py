@@ -73,6 +73,11 @@ def activation_stats(
         >>> activation_stats(model, find_ffns(model), batches)[0]["mean_firing_rate"]
     """
     dense = [f for f in ffns if f.kind != "moe"]
+    if not dense:  # an all-MoE model: nothing to capture (the report's MoE section reads the routing)
+        return [
+            {"index": f.index, "layer": f.layer, "kind": "moe", "note": "experts run fused: skipped"}
+            for f in ffns
+        ]
     with ExitStack() as stack:
         cap = stack.enter_context(
             capture(
