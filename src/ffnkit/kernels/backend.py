@@ -46,6 +46,14 @@ KERNELS: dict[tuple[str, str], str] = {
     ("sparse_input_linear", "reference"): "ffnkit.kernels.reference:sparse_input_linear",
     ("sparse_input_linear", "cpu"): "ffnkit.kernels.cpu_sparse_ffn:sparse_input_linear",
     ("sparse_input_linear", "triton"): "ffnkit.kernels.triton_sparse_ffn:sparse_input_linear",
+    # quantised matmul: repack once per matrix and device, then run; the GPU path ("triton" backend) is
+    # torch's int4 CUDA kernel (tinygemm), which needs no Triton itself
+    ("quant_pack", "reference"): "ffnkit.kernels.quant_matmul:reference_pack",
+    ("quant_pack", "cpu"): "ffnkit.kernels.cpu_quant:quant_pack",
+    ("quant_pack", "triton"): "ffnkit.kernels.cuda_quant:quant_pack",
+    ("quant_linear", "reference"): "ffnkit.kernels.quant_matmul:reference_linear",
+    ("quant_linear", "cpu"): "ffnkit.kernels.cpu_quant:quant_linear",
+    ("quant_linear", "triton"): "ffnkit.kernels.cuda_quant:quant_linear",
 }
 
 _CURRENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("ffnkit_kernel_backend", default=None)
