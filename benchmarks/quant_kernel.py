@@ -208,7 +208,7 @@ def run_shape(args, name: str, d: int, f: int) -> dict:
                 }
                 checks[v + "_paths"] = paths
 
-        def call(v: str, ref_backend: bool = False) -> Callable[[int], object]:
+        def call(v: str, ref_backend: bool = False, xs: list = xs) -> Callable[[int], object]:
             def fn(c: int) -> object:
                 with torch.no_grad():
                     if ref_backend:
@@ -290,8 +290,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=0, help="default: cpu 60, cuda 20")
     p.add_argument("--calls", type=int, default=50, help="calls per CUDA graph")
     p.add_argument("--shapes", nargs="*", default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch (and kernel) threads; 0 = torch's default")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.copies = args.copies or (4 if args.device == "cpu" else 8)
     args.rounds = args.rounds or (60 if args.device == "cpu" else 20)
     result = {
@@ -312,7 +315,10 @@ def main() -> None:
         result["nibble_probe"] = nibble_probe()
         print(json.dumps(result["nibble_probe"]), file=sys.stderr, flush=True)
         sm = single_matrix(args.rounds, args.calls)
-        result["single_matrix_14336x4096_batch1"] = {**sm, "speedup": sm["bf16"]["median_us"] / sm["int4"]["median_us"]}
+        result["single_matrix_14336x4096_batch1"] = {
+            **sm,
+            "speedup": sm["bf16"]["median_us"] / sm["int4"]["median_us"],
+        }
         print(json.dumps(result["single_matrix_14336x4096_batch1"]), file=sys.stderr, flush=True)
     shapes = SHAPES[args.device]
     result["shapes"] = [run_shape(args, n, *shapes[n]) for n in (args.shapes or shapes)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 
 import torch
 from torch import Tensor
@@ -24,6 +25,8 @@ from ffnkit.kernels.cpu_quant_source import SOURCE
 from ffnkit.kernels.quant_matmul import QuantPack, reference_linear, reference_pack
 
 _ERROR: list[str] = []
+# below this many weight bytes x batch rows a call runs on one thread (FFNKIT_QUANT_PARALLEL_BYTES)
+PARALLEL_BYTES = int(os.environ.get("FFNKIT_QUANT_PARALLEL_BYTES", str(1 << 20)))
 
 
 @functools.cache
@@ -96,13 +99,27 @@ def quant_linear(x: Tensor, pack: QuantPack, bias: Tensor | None = None) -> Tens
         return reference_linear(x, pack, bias)
     w, s, z = pack.tensors
     n, out = pack.in_features, pack.out_features
-    x2 = x.reshape(-1, n).to(torch.float32).contiguous()  # [N, in]
-    y = torch.empty(x2.shape[0], out, dtype=torch.float32)  # [N, out], written by the kernel
+    plain = x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()
+    x2 = x if plain else x.reshape(-1, n).to(torch.float32).contiguous()  # [N, in]
+    rows = x2.shape[0]
+    y = torch.empty(rows, out, dtype=torch.float32)  # [N, out], written by the kernel
     b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    bits = 4 if pack.path == "cpu_int4" else 8
     rc = quant_library().ffnkit_qlinear(
-        bits, x2.shape[0], x2.data_ptr(), n, out, w.data_ptr(), s.data_ptr(), z.data_ptr(), pack.group_size,
-        None if b is None else b.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+        4 if pack.path == "cpu_int4" else 8, rows, x2.data_ptr(), n, out, w.data_ptr(), s.data_ptr(),
+        z.data_ptr(), pack.group_size, None if b is None else b.data_ptr(), y.data_ptr(),
+        threads(w.numel() * rows),
     )  # fmt: skip
     assert rc == 0, f"ffnkit_qlinear returned {rc}"
-    return y.to(x.dtype).reshape(*x.shape[:-1], out)
+    return y if plain else y.to(x.dtype).reshape(*x.shape[:-1], out)
+
+
+def threads(work_bytes: int) -> int:
+    """OpenMP threads for a call that streams ``work_bytes`` of weights (times batch rows): one below
+    ``PARALLEL_BYTES``, as MKL does for small products (a parallel region costs a wake-up of every thread,
+    which on a busy 2-core machine measured milliseconds), else ``torch.get_num_threads()``.
+
+    Example:
+        >>> threads(1000)
+        1
+    """
+    return 1 if work_bytes < PARALLEL_BYTES else torch.get_num_threads()

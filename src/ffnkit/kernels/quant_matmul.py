@@ -103,7 +103,9 @@ def check_ints(q: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int) -
             f"scale {tuple(scale.shape)} must be [out, groups] with groups dividing in={q.shape[1]}"
         )
     if zero_point is not None and zero_point.shape != scale.shape:
-        raise InvalidArgumentError(f"zero_point {tuple(zero_point.shape)} must match scale {tuple(scale.shape)}")
+        raise InvalidArgumentError(
+            f"zero_point {tuple(zero_point.shape)} must match scale {tuple(scale.shape)}"
+        )
 
 
 def reference_pack(

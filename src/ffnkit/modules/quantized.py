@@ -239,20 +239,23 @@ class QuantizedLinear(RuntimeModule):
 
     def kernel_pack(self, backend: str, dtype: torch.dtype) -> QuantPack:
         """The weights repacked for ``backend``'s kernel and activations of ``dtype``: made once, cached per
-        (backend, device, dtype) and rebuilt when the stored buffers change (loading fills them in place).
+        (backend, dtype) for the buffers' current device and rebuilt when the stored buffers change (loading fills them in place).
 
         Example:
             >>> QuantizedLinear(64, 16, 4, 64).kernel_pack("cpu", torch.float32).path in ("cpu_int4", "reference")
             True
         """
         cache = self.__dict__.setdefault("_kernel_packs", {})
-        stamp = tuple((t.data_ptr(), t._version) for t in self.packed_tensors())
-        key = (backend, str(self.qweight.device), dtype)
+        qw, sc, zp = self.qweight, self.scale, self.zero_point
+        # the buffers' storage and in-place versions: .to(), load_state_dict and copy_ all change them
+        stamp = (qw.data_ptr(), qw._version, sc.data_ptr(), sc._version)
+        stamp += () if zp is None else (zp.data_ptr(), zp._version)
+        key = (backend, dtype)
         hit = cache.get(key)
         if hit is None or hit[0] != stamp:
             with torch.no_grad():
-                q, scale, zp = self.ints()
-                hit = (stamp, pack_quant(q, scale, zp, bits=self.bits, dtype=dtype, backend=backend))
+                q, scale, z = self.ints()
+                hit = (stamp, pack_quant(q, scale, z, bits=self.bits, dtype=dtype, backend=backend))
             cache[key] = hit
         return hit[1]
 
