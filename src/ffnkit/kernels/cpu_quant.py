@@ -27,6 +27,9 @@ from ffnkit.kernels.quant_matmul import QuantPack, reference_linear, reference_p
 _ERROR: list[str] = []
 # below this many weight bytes x batch rows a call runs on one thread (FFNKIT_QUANT_PARALLEL_BYTES)
 PARALLEL_BYTES = int(os.environ.get("FFNKIT_QUANT_PARALLEL_BYTES", str(1 << 20)))
+# from this many rows of x on: dequantise once (C) and run a BLAS matmul; the loops decode every weight
+# once per 4 rows (benchmarks/results/quant_kernel_cpu.json: faster than float at 8 rows, slower at 64)
+DEQUANT_ROWS = int(os.environ.get("FFNKIT_QUANT_DEQUANT_ROWS", "32"))
 
 
 @functools.cache
@@ -35,7 +38,7 @@ def quant_library() -> ctypes.CDLL | None:
 
     Example:
         >>> lib = quant_library()
-        >>> lib is None or lib.ffnkit_quant_abi_version() == 1
+        >>> lib is None or lib.ffnkit_quant_abi_version() == 2
         True
     """
     try:
@@ -46,6 +49,8 @@ def quant_library() -> ctypes.CDLL | None:
     i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.ffnkit_qlinear.argtypes = [c_int, c_int, vp, i64, i64, vp, vp, vp, i64, vp, vp, c_int]
     lib.ffnkit_qlinear.restype = c_int
+    lib.ffnkit_qdequant.argtypes = [c_int, i64, i64, vp, vp, vp, i64, vp, c_int]
+    lib.ffnkit_qdequant.restype = c_int
     lib.ffnkit_quant_abi_version.restype = c_int
     return lib
 
@@ -102,10 +107,20 @@ def quant_linear(x: Tensor, pack: QuantPack, bias: Tensor | None = None) -> Tens
     plain = x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()
     x2 = x if plain else x.reshape(-1, n).to(torch.float32).contiguous()  # [N, in]
     rows = x2.shape[0]
-    y = torch.empty(rows, out, dtype=torch.float32)  # [N, out], written by the kernel
+    bits = 4 if pack.path == "cpu_int4" else 8
     b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    if rows >= DEQUANT_ROWS:  # prefill: one float32 copy of W, then BLAS
+        wf = torch.empty(out, n, dtype=torch.float32)  # [out, in]
+        rc = quant_library().ffnkit_qdequant(
+            bits, n, out, w.data_ptr(), s.data_ptr(), z.data_ptr(), pack.group_size, wf.data_ptr(),
+            threads(w.numel()),
+        )  # fmt: skip
+        assert rc == 0, f"ffnkit_qdequant returned {rc}"
+        y = torch.nn.functional.linear(x2, wf, b)  # [N, out]
+        return y if plain else y.to(x.dtype).reshape(*x.shape[:-1], out)
+    y = torch.empty(rows, out, dtype=torch.float32)  # [N, out], written by the kernel
     rc = quant_library().ffnkit_qlinear(
-        4 if pack.path == "cpu_int4" else 8, rows, x2.data_ptr(), n, out, w.data_ptr(), s.data_ptr(),
+        bits, rows, x2.data_ptr(), n, out, w.data_ptr(), s.data_ptr(),
         z.data_ptr(), pack.group_size, None if b is None else b.data_ptr(), y.data_ptr(),
         threads(w.numel() * rows),
     )  # fmt: skip

@@ -14,6 +14,10 @@ The group sums of x are computed once per call; per weight the loop widens, conv
 int4 layout (repacked once from ffnkit's saved format): per row, blocks of 16 weights in 8 bytes, byte j
 holding weight j in its low nibble and weight 8 + j in its high nibble, stored unsigned (q + 8, zero point
 z + 8). int8 layout: the signed integers as they are, row-major.
+
+From ``DEQUANT_ROWS`` rows of x on (prefill), decoding every weight once per 4 rows costs more than it
+saves: ``ffnkit_qdequant`` writes the float32 matrix once (the same values as torchao's dequantisation)
+and a BLAS matmul follows.
 """
 
 from __future__ import annotations
@@ -122,6 +126,33 @@ int ffnkit_qlinear(int bits, int nb, const float *x, int64_t k, int64_t n, const
   if (bits == 8 && g % 8 == 0) { qlinear<8>(nb, x, k, n, w, s, z, g, bias, y, nt); return 0; }
   return 1;
 }
-int ffnkit_quant_abi_version(void) { return 1; }
+// W [n, k] float32 = (q - z) * s, element for element what torchao's dequantisation gives (q - z is an
+// exact small integer, then one rounding): the prefill path, followed by a BLAS matmul.
+int ffnkit_qdequant(int bits, int64_t k, int64_t n, const uint8_t *w, const float *s, const float *z, int64_t g,
+                    float *out, int nt) {
+  if (g <= 0 || k % g || (bits == 4 && g % 16) || (bits == 8 && g % 8)) return 1;
+  if (nt < 1) nt = 1;
+  const int64_t G = k / g, rowb = bits == 4 ? k / 2 : k;
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t o = 0; o < n; ++o) {
+    const uint8_t *wr = w + o * rowb;
+    float *dst = out + o * k;
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const v8f sv = bcast(s[o * G + gi]), zv = bcast(z[o * G + gi]);
+      for (int64_t i = gi * g; i < (gi + 1) * g; i += bits == 4 ? 16 : 8) {
+        if (bits == 4) {
+          v8f lo, hi;
+          q4_block(wr + i / 2, lo, hi);
+          *(v8f *)(dst + i) = (lo - zv) * sv;
+          *(v8f *)(dst + i + 8) = (hi - zv) * sv;
+        } else {
+          *(v8f *)(dst + i) = (q8_block((const int8_t *)wr + i) - zv) * sv;
+        }
+      }
+    }
+  }
+  return 0;
+}
+int ffnkit_quant_abi_version(void) { return 2; }
 }
 """
