@@ -259,6 +259,32 @@ def single_matrix(rounds: int, calls: int) -> dict:
     return time_cuda({"bf16": f(lins), "int4": f(qs)}, copies, rounds, calls)
 
 
+def tinygemm_probe(rounds: int, calls: int) -> dict:
+    """tinygemm alone at batch 1 for inner_k_tiles x kernel group size x matrix shape (gate/up, down, and
+    gate+up fused into one [2 d_ff, d] matrix), against cuBLAS bf16 on the same shape."""
+    torch.manual_seed(0)
+    out = {}
+    x = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (4096, 14336)}
+    for n, k in ((14336, 4096), (4096, 14336), (28672, 4096)):
+        copies = 4
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        fns = {"bf16": lambda c, ws=ws, k=k: F.linear(x[k], ws[c])}
+        u = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int32)
+        nib = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8).contiguous()
+        for tiles in (2, 4, 8):
+            packed = [torch.ops.aten._convert_weight_to_int4pack(nib, tiles) for _ in range(copies)]
+            for g in (64, 128, 256):
+                sz = torch.rand(k // g, n, 2, device="cuda", dtype=torch.bfloat16)
+                fns[f"tiles{tiles}_g{g}"] = lambda c, p=packed, g=g, sz=sz, k=k: (
+                    torch.ops.aten._weight_int4pack_mm(x[k], p[c], g, sz)
+                )
+        t = time_cuda(fns, copies, rounds, calls)
+        out[f"{n}x{k}"] = {name: v["median_us"] for name, v in t.items()}
+        print(json.dumps({f"{n}x{k}": out[f"{n}x{k}"]}), file=sys.stderr, flush=True)
+        del ws, packed
+    return out
+
+
 def nibble_probe() -> dict:
     """Which nibble order aten._convert_weight_to_int4pack expects on this torch (ffnkit packs even-high)."""
     torch.manual_seed(1)
@@ -292,6 +318,7 @@ def main() -> None:
     p.add_argument("--shapes", nargs="*", default=None)
     p.add_argument("--threads", type=int, default=0, help="torch (and kernel) threads; 0 = torch's default")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--probe", action="store_true", help="GPU: time tinygemm per inner_k_tiles and group size")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -320,6 +347,8 @@ def main() -> None:
             "speedup": sm["bf16"]["median_us"] / sm["int4"]["median_us"],
         }
         print(json.dumps(result["single_matrix_14336x4096_batch1"]), file=sys.stderr, flush=True)
+        if args.probe:
+            result["tinygemm_probe_batch1_us"] = tinygemm_probe(args.rounds, args.calls)
     shapes = SHAPES[args.device]
     result["shapes"] = [run_shape(args, n, *shapes[n]) for n in (args.shapes or shapes)]
     text = json.dumps(result, indent=2)

@@ -19,12 +19,16 @@ Example:
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
 from ffnkit.kernels.quant_matmul import QuantPack, reference_linear, reference_pack
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes tinygemm accepts, largest first
+# inner k tiles tried in order (the first that divides in / 16 wins); FFNKIT_TINYGEMM_TILES="4,8,2" reorders
+TILES = tuple(int(t) for t in os.environ.get("FFNKIT_TINYGEMM_TILES", "8,4,2").split(",")) + (2,)
 
 
 def unsupported(q: Tensor, scale: Tensor, bits: int, dtype: torch.dtype) -> str | None:
@@ -65,7 +69,7 @@ def quant_pack(
     out, n = q.shape
     g = n // scale.shape[1]
     kg = next(k for k in KERNEL_GROUPS if g % k == 0)
-    tiles = next(t for t in (8, 4, 2) if n % (16 * t) == 0)  # n is a multiple of 32 (g is)
+    tiles = next(t for t in TILES if n % (16 * t) == 0)  # n is a multiple of 32 (g is)
     u = (q.to(torch.int16) + 8).to(torch.uint8)  # [out, in], unsigned nibbles
     nibbles = ((u[:, ::2] << 4) | u[:, 1::2]).contiguous()  # [out, in/2], even input high
     w = torch.ops.aten._convert_weight_to_int4pack(nibbles, tiles)
