@@ -169,7 +169,7 @@ def test_c_kernel_reads_three_separate_tensors():
 
 def test_dispatch_table_is_complete():
     kernels = {k for k, _ in KERNELS}
-    assert kernels == {"gather_ffn", "threshold_ffn", "sparse_input_linear"}
+    assert kernels == {"gather_ffn", "threshold_ffn", "sparse_input_linear", "quant_pack", "quant_linear"}
     assert {(k, b) for k in kernels for b in BACKENDS} == set(KERNELS)
 
 
