@@ -285,6 +285,40 @@ def tinygemm_probe(rounds: int, calls: int) -> dict:
     return out
 
 
+def cpu_torch_op_probe(rounds: int, copies: int) -> dict:
+    """CPU, batch 1, one 1536x576 matrix: float32 F.linear, ffnkit's C int4 loop and torch's own CPU int4 op
+    (``aten._weight_int4pack_mm_for_cpu``, inner_k_tiles 4, group 64), each checked against its oracle."""
+    from ffnkit.kernels.quant_matmul import pack_quant, quant_linear
+
+    torch.manual_seed(0)
+    n, k, g = 1536, 576, 64
+    x = torch.randn(1, k)
+    fl, packs, ops = [], [], []
+    for _ in range(copies):
+        u = torch.randint(0, 16, (n, k), dtype=torch.int32)
+        s = torch.rand(n, k // g) * 0.01 + 0.001
+        w = (u.float() - 8) * s.repeat_interleave(g, 1)  # [out, in], what all three multiply by
+        fl.append(w)
+        packs.append(pack_quant((u - 8).to(torch.int8), s, None, bits=4, backend="cpu"))
+        sz = torch.stack([s.T, torch.zeros_like(s.T)], -1).contiguous()  # [in/g, out, 2]
+        ops.append((torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 4), sz))
+    ref = x @ fl[0].T
+    errs = {
+        "ffnkit_c_int4": ((quant_linear(x, packs[0]) - ref).abs().max() / ref.abs().max()).item(),
+        "torch_int4_op": (
+            (torch.ops.aten._weight_int4pack_mm_for_cpu(x, ops[0][0], g, ops[0][1]) - ref).abs().max()
+            / ref.abs().max()
+        ).item(),
+    }
+    fns = {
+        "float": lambda c: F.linear(x, fl[c]),
+        "ffnkit_c_int4": lambda c: quant_linear(x, packs[c]),
+        "torch_int4_op": lambda c: torch.ops.aten._weight_int4pack_mm_for_cpu(x, ops[c][0], g, ops[c][1]),
+    }
+    t = time_cpu(fns, copies, rounds, torch.randn(16 << 20))
+    return {"shape": [n, k], "batch": 1, "times": t, "max_rel_err": errs}
+
+
 def nibble_probe() -> dict:
     """Which nibble order aten._convert_weight_to_int4pack expects on this torch (ffnkit packs even-high)."""
     torch.manual_seed(1)
@@ -318,7 +352,10 @@ def main() -> None:
     p.add_argument("--shapes", nargs="*", default=None)
     p.add_argument("--threads", type=int, default=0, help="torch (and kernel) threads; 0 = torch's default")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--probe", action="store_true", help="GPU: time tinygemm per inner_k_tiles and group size")
+    p.add_argument(
+        "--probe", action="store_true", help="GPU: tinygemm per inner_k_tiles/group; CPU: torch's int4 op"
+    )
+    p.add_argument("--probe-only", action="store_true", help="CPU: the probe alone, no FFN shapes")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -349,8 +386,14 @@ def main() -> None:
         print(json.dumps(result["single_matrix_14336x4096_batch1"]), file=sys.stderr, flush=True)
         if args.probe:
             result["tinygemm_probe_batch1_us"] = tinygemm_probe(args.rounds, args.calls)
+    if args.device == "cpu" and args.probe:
+        result["torch_cpu_int4_op"] = cpu_torch_op_probe(args.rounds, args.copies)
+        print(json.dumps(result["torch_cpu_int4_op"]), file=sys.stderr, flush=True)
+        if args.probe_only:
+            args.shapes = []
     shapes = SHAPES[args.device]
-    result["shapes"] = [run_shape(args, n, *shapes[n]) for n in (args.shapes or shapes)]
+    names = shapes if args.shapes is None else args.shapes
+    result["shapes"] = [run_shape(args, n, *shapes[n]) for n in names]
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
