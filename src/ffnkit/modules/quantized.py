@@ -239,7 +239,8 @@ class QuantizedLinear(RuntimeModule):
 
     def kernel_pack(self, backend: str, dtype: torch.dtype) -> QuantPack:
         """The weights repacked for ``backend``'s kernel and activations of ``dtype``: made once, cached per
-        (backend, dtype) for the buffers' current device and rebuilt when the stored buffers change (loading fills them in place).
+        (backend, dtype) for the buffers' current storage, rebuilt when the stored buffers change (loading
+        fills them in place).
 
         Example:
             >>> QuantizedLinear(64, 16, 4, 64).kernel_pack("cpu", torch.float32).path in ("cpu_int4", "reference")
@@ -248,8 +249,7 @@ class QuantizedLinear(RuntimeModule):
         cache = self.__dict__.setdefault("_kernel_packs", {})
         qw, sc, zp = self.qweight, self.scale, self.zero_point
         # the buffers' storage and in-place versions: .to(), load_state_dict and copy_ all change them
-        stamp = (qw.data_ptr(), qw._version, sc.data_ptr(), sc._version)
-        stamp += () if zp is None else (zp.data_ptr(), zp._version)
+        stamp = tuple((t.data_ptr(), _version(t)) for t in (qw, sc, zp) if t is not None)
         key = (backend, dtype)
         hit = cache.get(key)
         if hit is None or hit[0] != stamp:
@@ -511,6 +511,14 @@ class PackedExperts(RuntimeModule):
         if record.get("zero_point"):
             init += (torch.zeros(packed_len(e * out * n // g, bits), dtype=torch.uint8, device=like.device),)
         return cls(shape, bits, g, transpose, init)
+
+
+def _version(t: Tensor) -> int:
+    """The in-place version counter of ``t``; -1 for inference tensors, which have none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 def _cache_on(module: nn.Module, args: Any) -> None:
