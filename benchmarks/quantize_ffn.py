@@ -3,8 +3,9 @@
 For each setting (bits, group size, symmetric or asymmetric): perplexity of the last 4,096 tokens of
 Persuasion in 512-token windows, the saved model.safetensors size, the perplexity after ``ffnkit.load``
 (must be identical: the packed integers reload exactly), and CPU latency of a 1×512 forward and greedy
-decode at batch 1 against the float model in the same process, the two alternated (the matrices are
-dequantised on the fly, so this measures the cost of that, not a low-bit kernel).
+decode at batch 1 against the float model in the same process, the two alternated (the quantised
+matrices run through ffnkit's quantised-matmul kernels, default backend; benchmarks/quant_kernel.py times
+the FFN alone).
 
 Run:  python benchmarks/quantize_ffn.py --out benchmarks/results/quantize_ffn_cpu.json
 Smoke run:  python benchmarks/quantize_ffn.py --limit 1 --rounds 1 --eval-tokens 512 --out /tmp/quantize_smoke.json

@@ -207,7 +207,15 @@ def test_c_kernel_reads_three_separate_tensors():
 
 def test_dispatch_table_is_complete():
     kernels = {k for k, _ in KERNELS}
-    assert kernels == {"gather_ffn", "threshold_ffn", "sparse_input_linear", "teal_ffn", "experts_forward"}
+    assert kernels == {
+        "gather_ffn",
+        "threshold_ffn",
+        "sparse_input_linear",
+        "teal_ffn",
+        "experts_forward",
+        "quant_pack",
+        "quant_linear",
+    }
     assert {(k, b) for k in kernels for b in BACKENDS} == set(KERNELS)
 
 

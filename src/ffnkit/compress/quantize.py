@@ -6,9 +6,11 @@ experts and shared experts); attention, embeddings
 and norms keep their precision. torchao (``IntxUnpackedToInt8Tensor.from_hp``) chooses the integers of
 ``bits`` bits and one scale per group of ``group_size`` inputs (per output row when ``group_size`` is
 None), symmetric or with a zero point per group (``mapping="asymmetric"``). Each matrix then keeps
-those integers *packed* (``bits`` bits per weight) with the scales in plain buffers and dequantises
-them on the fly exactly as torchao does: a ``QuantizedLinear`` replaces a dense matrix module, and a
-``PackedExperts`` parametrization (``torch.nn.utils.parametrize``) a v5 3-D expert tensor (both in
+those integers *packed* (``bits`` bits per weight) with the scales in plain buffers: a ``QuantizedLinear``
+replaces a dense matrix module and runs through the quantised-matmul kernels
+(:mod:`ffnkit.kernels.quant_matmul`: C loops on the CPU, torch's int4 tinygemm on CUDA, dequantise-then-
+matmul exactly as torchao does on backend ``reference``), and a ``PackedExperts`` parametrization
+(``torch.nn.utils.parametrize``) a v5 3-D expert tensor, dequantised on the fly (both in
 :mod:`ffnkit.modules.quantized`).
 Plain buffers save to safetensors as they are: ``ffnkit.save`` writes a folder really smaller than the
 float one and records an ``ffn_quantized`` change that ``ffnkit.load`` replays (loading and running

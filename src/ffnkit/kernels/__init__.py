@@ -1,4 +1,6 @@
-"""Kernels: pure functions with a backend switch (``reference`` torch oracle, ``cpu``, ``triton``).
+"""Kernels: pure functions with a backend switch (``reference`` torch oracle, ``cpu``, ``triton``): the
+sparse-FFN executor (:mod:`ffnkit.kernels.sparse_ffn`) and the quantised matmul
+(:mod:`ffnkit.kernels.quant_matmul`).
 
 ``import ffnkit.kernels`` imports neither triton nor touches CUDA; the Triton module is imported the first
 time a CUDA tensor takes that path.
@@ -23,6 +25,7 @@ from ffnkit.kernels.backend import (
     use_backend,
 )
 from ffnkit.kernels.moe import experts_forward
+from ffnkit.kernels.quant_matmul import QuantPack, dequant_linear, pack_quant, quant_linear
 from ffnkit.kernels.sparse_ffn import (
     ACTIVATIONS,
     TealWeights,
@@ -41,14 +44,18 @@ __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "KERNELS",
+    "QuantPack",
     "TealWeights",
     "available_backends",
+    "dequant_linear",
     "dispatch",
     "experts_forward",
     "gather_ffn",
     "kernel_activation",
     "pack_ffn",
+    "pack_quant",
     "pack_teal",
+    "quant_linear",
     "resolve_backend",
     "sparse_input_linear",
     "teal_ffn",

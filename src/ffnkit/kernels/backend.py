@@ -53,6 +53,14 @@ KERNELS: dict[tuple[str, str], str] = {
     ("teal_ffn", "reference"): "ffnkit.kernels.reference:teal_ffn",
     ("teal_ffn", "cpu"): "ffnkit.kernels.cpu_sparse_ffn:teal_ffn",
     ("teal_ffn", "triton"): "ffnkit.kernels.triton_teal:teal_ffn",
+    # quantised matmul: repack once per matrix and device, then run; the GPU path ("triton" backend) is
+    # torch's int4 CUDA kernel (tinygemm), which needs no Triton itself
+    ("quant_pack", "reference"): "ffnkit.kernels.quant_matmul:reference_pack",
+    ("quant_pack", "cpu"): "ffnkit.kernels.cpu_quant:quant_pack",
+    ("quant_pack", "triton"): "ffnkit.kernels.cuda_quant:quant_pack",
+    ("quant_linear", "reference"): "ffnkit.kernels.quant_matmul:reference_linear",
+    ("quant_linear", "cpu"): "ffnkit.kernels.cpu_quant:quant_linear",
+    ("quant_linear", "triton"): "ffnkit.kernels.cuda_quant:quant_linear",
 }
 
 _CURRENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("ffnkit_kernel_backend", default=None)
@@ -66,12 +74,18 @@ def triton_available() -> bool:
         >>> isinstance(triton_available(), bool)
         True
     """
-    return torch.cuda.is_available() and _triton_installed()
+    return torch.cuda.is_available() and triton_installed()
 
 
 @functools.cache
-def _triton_installed() -> bool:
-    # find_spec walks sys.path (tens of microseconds): once per process, not once per kernel call
+def triton_installed() -> bool:
+    """Whether the ``triton`` package can be imported (looked up once: ``find_spec`` costs ~0.1 ms, which
+    every kernel call on a CUDA tensor paid before).
+
+    Example:
+        >>> isinstance(triton_installed(), bool)
+        True
+    """
     return importlib.util.find_spec("triton") is not None
 
 

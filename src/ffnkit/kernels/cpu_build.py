@@ -57,11 +57,11 @@ def _cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
-def _compile(compiler: str, target: Path) -> None:
+def _compile(compiler: str, target: Path, source: str = SOURCE) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = Path(tmp) / "ffnkit_cpu.cpp"
-        src.write_text(SOURCE)
+        src.write_text(source)
         out = Path(tmp) / target.name
         proc = subprocess.run(
             [compiler, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300
@@ -147,3 +147,32 @@ def cpu_library_status() -> dict[str, object]:
     """
     load_cpu_library()
     return dict(_STATUS)
+
+
+def build_library(source: str, stem: str) -> ctypes.CDLL:
+    """Compile C++ ``source`` once (cached like :func:`load_cpu_library`'s, keyed by source, flags, compiler
+    and CPU) into ``<kernel cache>/<stem>_<hash>.so`` and load it; raises ``RuntimeError`` when it cannot.
+
+    For kernel families with their own source file (the quantised matmul); callers set the argtypes.
+
+    Example:
+        >>> lib = build_library('extern "C" int one(void) { return 1; }', "ffnkit_doc")  # doctest: +SKIP
+        >>> lib.one()  # doctest: +SKIP
+        1
+    """
+    if os.environ.get("FFNKIT_CPU_KERNEL", "").lower() == "torch":
+        raise RuntimeError("disabled by FFNKIT_CPU_KERNEL=torch")
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256(
+            "\n".join([source, " ".join(FLAGS), version, _cpu_signature()]).encode()
+        ).hexdigest()
+        path = kernel_cache_dir() / f"{stem}_{key[:16]}.so"
+        if not path.exists():
+            _compile(compiler, path, source)
+        return ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as err:
+        raise RuntimeError(f"{type(err).__name__}: {err}") from None

@@ -6,9 +6,13 @@ loading them needs torchao; plain packed buffers save as they are and load anywh
 chooses the integers (``ffnkit.compress.quantize``); this module only stores and unpacks them.
 
 - :func:`pack_ints` / :func:`unpack_ints`: 2/4/8 bits share bytes, 3/5/6/7 bits use bit planes;
-  :func:`packed_len` is the number of bytes, :func:`dequantise` torchao's dequantisation.
+  :func:`packed_len` is the number of bytes, :func:`dequantise` torchao's dequantisation (defined with
+  the kernels, :mod:`ffnkit.kernels.quant_matmul`).
 - :class:`QuantizedLinear` replaces a Linear (or GPT-2's Conv1D); ``weight`` reads the dequantised
-  [out, in], read-only.
+  [out, in], read-only. Its forward runs a quantised-matmul kernel (:mod:`ffnkit.kernels.quant_matmul`:
+  C loops on the CPU, torch's int4 tinygemm on CUDA) from a copy repacked once per device and dtype,
+  kept beside the saved buffers (never saved); backend ``reference``, autograd through x or the bias, or
+  a matrix no kernel fits dequantise and then multiply, as before.
 - :class:`PackedExperts`, a ``torch.nn.utils.parametrize`` parametrization of a v5 3-D expert tensor,
   dequantised once per forward of the experts module (:meth:`PackedExperts.attach` / ``detach``).
 
@@ -33,6 +37,8 @@ from torch import Tensor, nn
 
 from ffnkit.core.errors import InvalidArgumentError, SavedModelError
 from ffnkit.core.views import read_only
+from ffnkit.kernels.backend import resolve_backend
+from ffnkit.kernels.quant_matmul import QuantPack, dequantise, pack_quant, quant_linear
 from ffnkit.modules.base import RuntimeModule, dtype_source
 
 __all__ = [
@@ -104,21 +110,6 @@ def unpack_ints(packed: Tensor, bits: int, n: int) -> Tensor:
         planes = ((packed.view(bits, -1, 1) >> shifts) & 1).view(bits, -1)[:, :n]  # [b, n]
         u = (planes << torch.arange(bits, device=dev, dtype=torch.uint8)[:, None]).sum(0, dtype=torch.uint8)
     return (u.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
-
-
-def dequantise(q: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
-    """torchao's ``dequantize_affine``, bit for bit: (q - zero_point) · scale in the scale's dtype.
-
-    q [..., groups, g] int8; scale [..., groups]; zero_point (flat, int8) or None (symmetric).
-
-    Example:
-        >>> dequantise(torch.ones(1, 1, 2, dtype=torch.int8), torch.full((1, 1), 0.5), None).tolist()
-        [[[0.5, 0.5]]]
-    """
-    w = q.to(scale.dtype)
-    if zero_point is not None:
-        w = w - zero_point.view(scale.shape).to(scale.dtype)[..., None]
-    return w * scale[..., None]
 
 
 # ----- the quantised matrix -----------------------------------------------------------------------
@@ -233,7 +224,58 @@ class QuantizedLinear(RuntimeModule):
     def weight(self) -> Tensor:  # [out, in], dequantised, read-only
         return read_only(self.dequantised(), f"dequantised from {self.bits}-bit integers")
 
+    def ints(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The stored integers unpacked: q [out, in] int8, scales [out, groups], zero points [out, groups]
+        int8 or None.
+
+        Example:
+            >>> q, s, z = QuantizedLinear(8, 4, 4, 8).ints(); q.shape, s.shape, z
+            (torch.Size([4, 8]), torch.Size([4, 1]), None)
+        """
+        n, m, bits, g = self._shape
+        q = unpack_ints(self.qweight, bits, n * m).view(m, n)  # [out, in]
+        zp = None if self.zero_point is None else unpack_ints(self.zero_point, bits, m * n // g).view(m, -1)
+        return q, self.scale, zp
+
+    def kernel_pack(self, backend: str, dtype: torch.dtype) -> QuantPack:
+        """The weights repacked for ``backend``'s kernel and activations of ``dtype``: made once, cached per
+        (backend, dtype) for the buffers' current storage, rebuilt when the stored buffers change (loading
+        fills them in place).
+
+        Example:
+            >>> QuantizedLinear(64, 16, 4, 64).kernel_pack("cpu", torch.float32).path in ("cpu_int4", "reference")
+            True
+        """
+        cache = self.__dict__.setdefault("_kernel_packs", {})
+        qw, sc, zp = self.qweight, self.scale, self.zero_point
+        # the buffers' storage and in-place versions: .to(), load_state_dict and copy_ all change them
+        stamp = tuple((t.data_ptr(), _version(t)) for t in (qw, sc, zp) if t is not None)
+        key = (backend, dtype)
+        hit = cache.get(key)
+        if hit is None or hit[0] != stamp:
+            with torch.no_grad():
+                q, scale, z = self.ints()
+                hit = (stamp, pack_quant(q, scale, z, bits=self.bits, dtype=dtype, backend=backend))
+            cache[key] = hit
+        return hit[1]
+
+    def clear_kernel_cache(self) -> None:
+        """Drop the repacked copies (they are rebuilt on the next forward).
+
+        Example:
+            >>> QuantizedLinear(8, 4, 4, 8).clear_kernel_cache()
+        """
+        self.__dict__.pop("_kernel_packs", None)
+
     def forward(self, x: Tensor) -> Tensor:
+        grads = torch.is_grad_enabled() and (
+            x.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        )
+        backend = "reference" if grads else resolve_backend(x)
+        if backend != "reference":
+            pack = self.kernel_pack(backend, x.dtype)
+            if pack.path != "reference":
+                return quant_linear(x, pack, self.bias)  # [..., in] -> [..., out]
         return F.linear(x, self.dequantised(), self.bias)  # [..., in] -> [..., out]
 
     def packed_numel(self) -> int:
@@ -469,6 +511,14 @@ class PackedExperts(RuntimeModule):
         if record.get("zero_point"):
             init += (torch.zeros(packed_len(e * out * n // g, bits), dtype=torch.uint8, device=like.device),)
         return cls(shape, bits, g, transpose, init)
+
+
+def _version(t: Tensor) -> int:
+    """The in-place version counter of ``t``; -1 for inference tensors, which have none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 def _cache_on(module: nn.Module, args: Any) -> None:
