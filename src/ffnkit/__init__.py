@@ -60,6 +60,11 @@ _EXPORTS = {
     "nest_": "ffnkit.compress.nest",
     "NestConfig": "ffnkit.compress.nest",
     "slice_widths_": "ffnkit.compress.nest",
+    # mixture of experts
+    "moefy_": "ffnkit.moe.convert",
+    "MoEfyConfig": "ffnkit.moe.convert",
+    "upcycle_": "ffnkit.moe.upcycle",
+    "UpcycleConfig": "ffnkit.moe.upcycle",
     # the experiment pipeline
     "run_pipeline": "ffnkit.pipeline",
     "PipelineConfig": "ffnkit.pipeline",

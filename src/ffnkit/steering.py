@@ -211,11 +211,8 @@ def _expert_hook(ffn: FFN, edit: ExpertEdit, clock: _Clock):
         else:
             new[:, torch.as_tensor(local)] = rows
         new = new.view_as(logits)
-        # the usual routing on the edited logits (Router.route's rule)
-        probs = torch.softmax(new.float(), dim=-1)
-        top_w, top_i = torch.topk(probs, router.top_k, dim=-1)
-        if router.norm_topk:
-            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        # the router's own rule on the edited logits (Router.select)
+        top_w, top_i = router.select(new)
         return new, top_w.to(weights.dtype), top_i.to(indices.dtype)
 
     return ffn.router_module.register_forward_hook(hook)

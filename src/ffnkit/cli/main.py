@@ -12,6 +12,7 @@ from ffnkit.cli.compress import compress
 from ffnkit.cli.evaluate import eval_
 from ffnkit.cli.inspect import inspect_app
 from ffnkit.cli.models import models
+from ffnkit.cli.moe import moe_app
 from ffnkit.cli.report import report
 from ffnkit.cli.steer import steer_app
 
@@ -28,6 +29,7 @@ app.command("report")(report)
 app.command("compress")(compress)
 app.add_typer(inspect_app, name="inspect")
 app.add_typer(steer_app, name="steer")
+app.add_typer(moe_app, name="moe")
 
 
 def main() -> None:
