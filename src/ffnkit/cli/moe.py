@@ -100,6 +100,9 @@ def convert(
     zero_experts: Annotated[
         int, typer.Option(help="MoE++ zero experts (skip low-mass experts), ≤ top-k.")
     ] = 0,
+    allocation: Annotated[
+        str, typer.Option(help="uniform (one top-k) or global (top-k per layer by the router's mass recall).")
+    ] = "uniform",
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 32,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     output: OutputOpt = "",
@@ -116,6 +119,7 @@ def convert(
         "router": router,
         "shared": shared,
         "zero_experts": zero_experts,
+        "allocation": allocation,
         "samples": samples,
         "seq_len": seq_len,
         **({"active": active} if active is not None else {}),

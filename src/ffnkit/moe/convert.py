@@ -43,6 +43,7 @@ __all__ = [
     "LayerPlan",
     "MoEfyConfig",
     "MoEfyReport",
+    "global_top_k",
     "dense_targets",
     "moe_blocks",
     "moefy_",
@@ -72,6 +73,7 @@ class MoEfyConfig(JsonConfig):
     shared: int = 0  # neurons in the always-on shared expert (the most-firing ones)
     zero_experts: int = 0  # MoE++ zero experts (at most top_k)
     zero_threshold: float = 0.5  # a slot goes to a zero expert below this × 1/E predicted mass share
+    allocation: str = "uniform"  # uniform: one k per layer; global: k per layer from the router's mass recall
     router_hidden: int = 128
     router_steps: int = 300
     router_lr: float = 3e-3
@@ -106,13 +108,25 @@ class MoEfyConfig(JsonConfig):
             )
         if not self.zero_threshold > 0:
             raise InvalidArgumentError(f"zero_threshold must be > 0, got {self.zero_threshold}")
+        if self.allocation not in ("uniform", "global"):
+            raise InvalidArgumentError(f"allocation must be 'uniform' or 'global', got {self.allocation!r}")
+        if self.allocation == "global" and self.top_k is not None:
+            raise InvalidArgumentError(
+                "allocation='global' shares an active fraction: give active=, not top_k="
+            )
         if self.samples < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise InvalidArgumentError("samples and batch_size must be >= 1 and seq_len >= 2")
 
     @property
     def needs_data(self) -> bool:
         """Whether calibration text is needed (MLP router, co-activation split, shared or zero experts)."""
-        return self.router == "mlp" or self.split == "coact" or self.shared > 0 or self.zero_experts > 0
+        return (
+            self.router == "mlp"
+            or self.split == "coact"
+            or self.shared > 0
+            or self.zero_experts > 0
+            or self.allocation == "global"
+        )
 
     def top_k_for(self, d_ff: int) -> int:
         """k for an FFN of ``d_ff`` neurons (validated against the experts and the shared expert)."""
@@ -225,10 +239,12 @@ def plan_moefy(
     *,
     calibration: Tensor | None = None,
     tokenizer: Any = None,
+    splits: dict[int, LayerPlan] | None = None,
 ) -> dict[int, LayerPlan]:
     """Split and router of every chosen FFN (the expensive part of ``moefy_``), by FFN index.
 
-    ``active`` / ``top_k`` / MoE++ fields do not enter the plan, so one plan serves several of them.
+    ``active`` / ``top_k`` / MoE++ fields do not enter the plan, so one plan serves several of them;
+    ``splits``: another plan whose neuron splits to reuse (the same split with another router).
 
     Example:
         >>> plan = plan_moefy(model, MoEfyConfig(split="kmeans", router="mlp"), tokenizer=tok)
@@ -247,15 +263,18 @@ def plan_moefy(
     for f in ffns:
         x = inputs.get(f.index)
         firing, m_abs = _mean_abs_post(f, x) if x is not None else (None, None)
-        split = split_neurons(
-            f,
-            config.experts,
-            config.split,
-            shared=config.shared,
-            firing=firing,
-            m_abs=m_abs,
-            seed=config.seed,
-        )
+        if splits is not None and f.index in splits:
+            split = splits[f.index].split
+        else:
+            split = split_neurons(
+                f,
+                config.experts,
+                config.split,
+                shared=config.shared,
+                firing=firing,
+                m_abs=m_abs,
+                seed=config.seed,
+            )
         del m_abs
         info: dict[str, Any] = {}
         if config.router == "centroid":
@@ -286,6 +305,39 @@ def _router_scores(router: dict[str, Tensor], x: Tensor) -> Tensor:
         return x @ router["weight"].float().cpu().T
     h = torch.tanh(x @ router["fc1.weight"].float().cpu().T + router["fc1.bias"].float().cpu())
     return h @ router["fc2.weight"].float().cpu().T + router["fc2.bias"].float().cpu()
+
+
+def global_top_k(ffns: list[FFN], plan: dict[int, LayerPlan], config: MoEfyConfig) -> dict[int, int]:
+    """k per layer for ``config.active`` on average: start from one expert each, then give the next expert
+    to the layer where it adds the most mass recall per neuron (the router's choice on calibration tokens).
+
+    Example:
+        >>> global_top_k(ffns, plan, MoEfyConfig(active=0.5, allocation="global"))[0]
+        13
+    """
+    ks = {f.index: 1 for f in ffns}
+    gains: dict[int, list[float]] = {}
+    for f in ffns:
+        p = plan[f.index]
+        if p.scores is None:
+            raise InvalidArgumentError(
+                "allocation='global' needs calibration data (the router's mass recall)"
+            )
+        order = p.scores.argsort(dim=-1, descending=True)  # [n, E]
+        share = p.mass.gather(1, order) / p.mass.sum(-1, keepdim=True).clamp_min(1e-12)  # [n, E]
+        gains[f.index] = (share.mean(0) / p.split.expert_size).tolist()  # recall per neuron of the j-th pick
+    budget = sum(config.active * f.d_ff - plan[f.index].split.shared.numel() for f in ffns)
+    used = sum(plan[f.index].split.expert_size for f in ffns)
+    while True:
+        best = max(
+            (f for f in ffns if ks[f.index] < config.experts),
+            key=lambda f: gains[f.index][ks[f.index]],
+            default=None,
+        )
+        if best is None or used + plan[best.index].split.expert_size > budget + 1e-9:
+            return ks
+        ks[best.index] += 1
+        used += plan[best.index].split.expert_size
 
 
 # ----- building the blocks -----------------------------------------------------------------------------
@@ -392,6 +444,8 @@ def moefy_(
     missing = [f.index for f in ffns if f.index not in plan]
     if missing:
         raise InvalidArgumentError(f"the plan has no split for layers {missing}; plan them with plan_moefy")
+    if config.allocation == "global":
+        ks = global_top_k(ffns, plan, config)
     rows, blocks = [], []
     for f in ffns:
         p, k = plan[f.index], ks[f.index]
