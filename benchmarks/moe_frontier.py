@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--shared", type=int, default=0)
     ap.add_argument("--allocation", default="uniform", help="uniform or global (k per layer by mass recall)")
+    ap.add_argument("--no-compensate", action="store_true", help="no output-bias compensation")
     ap.add_argument("--router-steps", type=int, default=200)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -124,6 +125,7 @@ def main() -> None:
                 shared=args.shared,
                 router_steps=args.router_steps,
                 allocation=args.allocation,
+                compensate=not args.no_compensate,
                 samples=args.samples,
                 seq_len=args.seq_len,
             )
@@ -187,6 +189,7 @@ def document(args, actives, results, pruning, evaluation, dense, t0) -> dict:
             "shared": args.shared,
             "router_steps": args.router_steps,
             "allocation": args.allocation,
+            "compensate": not args.no_compensate,
         },
         "dense": {"perplexity": dense.perplexity, "parameters": dense.parameters},
         "results": results,

@@ -372,6 +372,18 @@ class MoEBlock(RuntimeModule):
     def num_experts(self) -> int:
         return self.experts.num_experts
 
+    @torch.no_grad()
+    def add_output_bias(self, delta: Tensor) -> None:
+        """Add ``delta`` [d] to the block's output bias (created, as a parameter, where there is none).
+
+        Example:
+            >>> block.add_output_bias(torch.full((32,), 0.1))
+        """
+        if self.bias is None:
+            like = dtype_source(self)
+            self.bias = nn.Parameter(torch.zeros(delta.shape[-1], dtype=like.dtype, device=like.device))
+        self.bias.add_(delta.to(self.bias.dtype))
+
     def _extras(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor | None:
         """What the copy and constant experts add: [N, d] (None when there are none)."""
         r = self.gate

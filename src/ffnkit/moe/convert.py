@@ -74,6 +74,7 @@ class MoEfyConfig(JsonConfig):
     zero_experts: int = 0  # MoE++ zero experts (at most top_k)
     zero_threshold: float = 0.5  # a slot goes to a zero expert below this × 1/E predicted mass share
     allocation: str = "uniform"  # uniform: one k per layer; global: k per layer from the router's mass recall
+    compensate: bool = True  # add the mean output of the experts left out to the output bias (as FLAP)
     router_hidden: int = 128
     router_steps: int = 300
     router_lr: float = 3e-3
@@ -162,6 +163,7 @@ class LayerPlan:
     scores: Tensor | None = None  # [n, E] router scores of a calibration subsample (mass recall)
     mass: Tensor | None = None  # [n, E] the true expert mass of the same tokens
     info: dict[str, Any] = field(default_factory=dict)
+    inputs: Tensor | None = None  # [n, d] those tokens' FFN inputs (the output-bias compensation)
 
 
 @dataclass
@@ -295,7 +297,7 @@ def plan_moefy(
             sub = x[torch.randperm(x.shape[0], generator=g)[:_RECALL_TOKENS]].float().cpu()  # [n, d]
             mass = expert_mass(f, sub.to(f.W_in.device), split).cpu()
             scores = _router_scores(router, sub)
-        plans[f.index] = LayerPlan(f.index, split, router, scores, mass, info)
+        plans[f.index] = LayerPlan(f.index, split, router, scores, mass, info, sub if x is not None else None)
     return plans
 
 
@@ -404,6 +406,15 @@ def _block(ffn: FFN, plan: LayerPlan, config: MoEfyConfig, k: int) -> MoEBlock:
     return block
 
 
+@torch.no_grad()
+def _compensate(ffn: FFN, block: MoEBlock, x: Tensor) -> None:
+    """Add E[dense(x) − block(x)] over calibration tokens x [n, d] to the block's output bias: what the
+    experts left out contribute on average (FLAP's bias compensation, for routed experts)."""
+    x = x.to(device=ffn.W_in.device, dtype=ffn.W_in.dtype)
+    gap = (ffn.forward(x) - block(x)).float().mean(0)  # [d]
+    block.add_output_bias(gap)
+
+
 def moe_blocks(model: nn.Module) -> list[MoEBlock]:
     """ffnkit's MoE blocks of ``model``, in order.
 
@@ -453,7 +464,10 @@ def moefy_(
             raise InvalidArgumentError(
                 "the plan was made for another number of experts or shared expert size"
             )
-        blocks.append((f.name, _block(f, p, config, k)))
+        block = _block(f, p, config, k)
+        if config.compensate and p.inputs is not None:
+            _compensate(f, block, p.inputs)
+        blocks.append((f.name, block))
         recall = (
             mass_recall(p.scores, p.mass, k) if p.scores is not None else {"router": None, "oracle": None}
         )
