@@ -63,6 +63,11 @@ _EXPORTS = {
     # fast experts (MoE execution)
     "experts_forward": "ffnkit.kernels.moe",
     "use_fast_experts": "ffnkit.kernels.moe_hf",
+    # mixture of experts
+    "moefy_": "ffnkit.moe.convert",
+    "MoEfyConfig": "ffnkit.moe.convert",
+    "upcycle_": "ffnkit.moe.upcycle",
+    "UpcycleConfig": "ffnkit.moe.upcycle",
     # the experiment pipeline
     "run_pipeline": "ffnkit.pipeline",
     "PipelineConfig": "ffnkit.pipeline",

@@ -230,11 +230,8 @@ def _expert_hook(ffn: FFN, edit: ExpertEdit, clock: _Clock):
         edited = torch.zeros(new.shape[:2], dtype=torch.bool, device=new.device)  # [B, T]
         edited[:, local if isinstance(local, slice) else torch.as_tensor(local)] = True
         new = new.view_as(logits)
-        # the usual routing on the edited logits (Router.route's rule)
-        probs = torch.softmax(new.float(), dim=-1)
-        top_w, top_i = torch.topk(probs, router.top_k, dim=-1)  # [N, k]
-        if router.norm_topk:
-            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        # the router's own rule on the edited logits (Router.select)
+        top_w, top_i = router.select(new)
         if edit.weight is not None and on.numel():
             top_w = _force_weight(top_w, top_i, on.to(top_i.device), edit.weight, edited.reshape(-1))
         return new, top_w.to(weights.dtype), top_i.to(indices.dtype)

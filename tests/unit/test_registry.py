@@ -108,7 +108,7 @@ def test_method_build_rules():
         svd.build({"bits": 4})
     assert methods_with_field("bits") == ["quantize"]
     assert set(methods_with_field("allocation")) == {
-        "magnitude", "wanda-sp", "flap", "lorap", "taylor", "frequency", "svd", "asvd", "svd-llm"
+        "magnitude", "wanda-sp", "flap", "lorap", "taylor", "frequency", "svd", "asvd", "svd-llm", "moefy"
     }  # fmt: skip
     with pytest.raises(InvalidArgumentError, match="takes a LowRankConfig"):
         svd("model", METHODS.get("flap").build({}))

@@ -1,13 +1,155 @@
-"""``ffnkit moe ...``: mixture-of-experts commands (reading and steering: cli/moe_inspect.py)."""
+"""``ffnkit moe convert|upcycle MODEL ... -o DIR``: dense FFNs → mixtures of experts, saved loadable
+(``moe stats|contrast|steer`` come from cli/moe_inspect.py).
+
+A thin layer over :func:`ffnkit.pipeline.run_pipeline` with one step, ``moefy`` (:class:`MoEfyConfig`)
+or ``upcycle`` (:class:`UpcycleConfig`); every option maps onto a config field and is checked (with the
+output folder) before the model loads. ``ffnkit eval DIR`` runs the saved model.
+"""
 
 from __future__ import annotations
 
+import shlex
+import sys
+from typing import Annotated, Any
+
 import typer
 
+from ffnkit.cli.common import (
+    CorpusOpt,
+    JsonOpt,
+    ModelArg,
+    OverwriteOpt,
+    TrustRemoteCodeOpt,
+    print_json,
+    print_table,
+)
 from ffnkit.cli.moe_inspect import register_moe_inspect
 
 moe_app = typer.Typer(
-    help="Mixture-of-experts models: expert load and routing statistics, contrastive experts, steering.",
+    help="Mixture of experts: convert dense FFNs into experts, upcycle; expert load, contrast and steering.",
     no_args_is_help=True,
 )
+
+OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Folder to save the converted model in.")]
+NoEvalOpt = Annotated[bool, typer.Option("--no-eval", help="Skip perplexity before/after.")]
+
+
+def _run(
+    model: str,
+    method: str,
+    fields: dict[str, Any],
+    output: str,
+    corpus: str,
+    no_eval: bool,
+    overwrite: bool,
+    trust_remote_code: bool,
+    json: bool,
+) -> None:
+    from ffnkit.compress.registry import METHODS
+    from ffnkit.core.errors import InvalidArgumentError
+    from ffnkit.pipeline import PerplexityProtocol, PipelineConfig, Step, run_pipeline
+
+    if not output:
+        raise InvalidArgumentError("give an output folder with -o DIR (the converted model is saved there)")
+    METHODS.get(method).build(fields)  # every option is checked here, before the model loads
+    config = PipelineConfig(
+        model=model,
+        steps=[Step(method, fields)],
+        corpus=corpus,
+        evaluation=None if no_eval else PerplexityProtocol(),
+        output=output,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+    )
+    command = "ffnkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    record = run_pipeline(config, progress=not json, command=command)
+    report = record.steps[0].report
+    doc = {**record.to_dict(), "method": method, "report": report}
+    if json:
+        print_json(doc)
+        return
+    rows = [
+        {
+            "": "parameters (FFN)",
+            "before": record.parameters_before["ffn"],
+            "after": record.parameters_after["ffn"],
+        },
+        {"": "active FFN fraction", "before": 1.0, "after": report.get("active_fraction")},
+    ]
+    if record.perplexity_before is not None:
+        rows.append({"": "perplexity", "before": record.perplexity_before, "after": record.perplexity_after})
+    print_table(f"{method} ({record.seconds['steps']:.1f} s)", rows, ["", "before", "after"])
+    sys.stdout.write(f"saved to {output} (run it with `ffnkit eval {output}` or ffnkit.load)\n")
+
+
+@moe_app.command("convert")
+def convert(
+    model: ModelArg = "smollm2-135m",
+    active: Annotated[
+        float | None,
+        typer.Option("--active", "-F", help="Share of FFN neurons active per token, (0, 1] (default 0.5)."),
+    ] = None,
+    experts: Annotated[
+        int, typer.Option("--experts", "-E", help="Experts per FFN (must divide d_ff − shared).")
+    ] = 32,
+    split: Annotated[str, typer.Option(help="How neurons are grouped: kmeans, coact or random.")] = "kmeans",
+    router: Annotated[
+        str, typer.Option(help="Router: mlp (trained on calibration text) or centroid.")
+    ] = "mlp",
+    shared: Annotated[int, typer.Option(help="Neurons of an always-on shared expert (the most-firing).")] = 0,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", help="Experts per token (instead of --active).")
+    ] = None,
+    zero_experts: Annotated[
+        int, typer.Option(help="MoE++ zero experts (skip low-mass experts), ≤ top-k.")
+    ] = 0,
+    allocation: Annotated[
+        str, typer.Option(help="uniform (one top-k) or global (top-k per layer by the router's mass recall).")
+    ] = "uniform",
+    samples: Annotated[int, typer.Option(help="Calibration windows.")] = 32,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
+    output: OutputOpt = "",
+    corpus: CorpusOpt = "shakespeare",
+    no_eval: NoEvalOpt = False,
+    overwrite: OverwriteOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Split every dense FFN of MODEL into experts with a router (MoEfication), save it to DIR."""
+    fields = {
+        "experts": experts,
+        "split": split,
+        "router": router,
+        "shared": shared,
+        "zero_experts": zero_experts,
+        "allocation": allocation,
+        "samples": samples,
+        "seq_len": seq_len,
+        **({"active": active} if active is not None else {}),
+        **({"top_k": top_k} if top_k is not None else {}),
+    }
+    _run(model, "moefy", fields, output, corpus, no_eval, overwrite, trust_remote_code, json)
+
+
+@moe_app.command("upcycle")
+def upcycle(
+    model: ModelArg = "smollm2-135m",
+    experts: Annotated[int, typer.Option("--experts", "-E", help="Experts per FFN.")] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", help="Experts per token.")] = 2,
+    granular: Annotated[
+        bool,
+        typer.Option("--granular", help="Experts are slices of the FFN (equal to it at init), not copies."),
+    ] = False,
+    output: OutputOpt = "",
+    corpus: CorpusOpt = "shakespeare",
+    no_eval: NoEvalOpt = False,
+    overwrite: OverwriteOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Upcycle every dense FFN of MODEL into experts (copies or slices) with a new router, save to DIR."""
+    fields = {"experts": experts, "top_k": top_k, "granular": granular}
+    _run(model, "upcycle", fields, output, corpus, no_eval, overwrite, trust_remote_code, json)
+
+
 register_moe_inspect(moe_app)

@@ -233,3 +233,17 @@ register_method(
     "ffnkit.compress.methods:quantize_fitting_",
     help="weight-only FFN quantisation (torchao integers, packed; saves and reloads exactly; default 4 bits)",
 )
+
+# dense -> mixture of experts (ffnkit.moe): pipeline steps and `ffnkit compress --method` like the others
+register_method(
+    "moefy",
+    "ffnkit.moe.convert:MoEfyConfig",
+    "ffnkit.moe.convert:moefy_",
+    help="dense -> MoE: split each FFN into experts, route the top-k per token (active: share of neurons)",
+)
+register_method(
+    "upcycle",
+    "ffnkit.moe.upcycle:UpcycleConfig",
+    "ffnkit.moe.upcycle:upcycle_",
+    help="MoE upcycling: every expert a copy (or a slice, --granular) of the dense FFN, a new router",
+)

@@ -7,6 +7,24 @@ family = one entry here + one line in the test matrix (tests/unit/test_families.
 Unknown families fall back to a structural search (a warning says so), or take a user override::
 
     find_ffns(model, spec=ArchSpec(family="mine", layers=("blocks",), ffn=("ff",), w_in="fc_in", w_out="fc_out"))
+
+The MoE-block contract (transformers v5; what Mixtral / OLMoE / Qwen2-MoE / Qwen3-MoE blocks and
+ffnkit's :class:`~ffnkit.modules.moe.MoEBlock` share). A block at an FFN path is a mixture of experts
+when it has
+
+- ``experts``: 3-D ``gate_up_proj`` [E, 2f, d] (rows [gate | up]) and ``down_proj`` [E, d, f] (or both
+  transposed), called as ``experts(x [N, d], top_k_index [N, k], top_k_weights [N, k])``; optionally
+  ``gate_up_proj_bias`` [E, 2f] (ffnkit's blocks of non-gated FFNs) and an ``act_fn``;
+- ``gate``: the router, ``gate(x [N, d]) -> (logits [N, E], weights [N, k], indices [N, k])``, with
+  ``top_k`` and either a ``weight`` [E, d] (softmax top-k routing, ``norm_topk_prob``) or its own
+  ``router_logits(x)`` and ``select(logits)`` (:class:`~ffnkit.core.ffn.Router` uses them), and
+  ``hidden_dim`` = d where ``weight`` is absent;
+- optionally ``shared_expert`` (``gate_proj``/``up_proj``/``down_proj``, always on), a sigmoid
+  ``shared_expert_gate`` Linear(d, 1), and a block-level output ``bias`` [d].
+
+Any family's block that keeps this contract is read by :func:`find_ffns` as ``kind="moe"`` (so dense
+models converted by ``moefy_`` / ``upcycle_`` keep their ``model_type`` and their adapter), and pruning,
+quantisation, capture and steering work on it unchanged.
 """
 
 from __future__ import annotations
@@ -14,7 +32,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, replace
 
-from torch import nn
+from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
 from ffnkit.core.errors import LayerIndexError, UnsupportedArchitectureError
@@ -38,8 +56,8 @@ class ArchSpec:
     # MoE blocks (detected per block: dense layers of MoE models keep the dense parts above)
     router: str = "gate"
     experts: str = "experts"
-    shared_expert: str | None = None
-    shared_expert_gate: str | None = None
+    shared_expert: str | None = "shared_expert"
+    shared_expert_gate: str | None = "shared_expert_gate"
     # what later analyses need (vocabulary projection, sublayer removal)
     final_norm: tuple[str, ...] = ("norm",)
     attn: str | None = "self_attn"
@@ -243,7 +261,7 @@ def _dense_ffn(container: nn.Module, spec: ArchSpec, config, **common) -> FFN | 
 
 def _moe_ffn(container: nn.Module, spec: ArchSpec, config, **common) -> FFN:
     router_mod, experts_mod = _get(container, spec.router), _get(container, spec.experts)
-    d_model = router_mod.weight.shape[1]
+    d_model = int(getattr(router_mod, "hidden_dim", 0) or router_mod.weight.shape[1])
     n_experts = EXPERTS.num_experts(experts_mod)
     # v5 stores gate_up as [E, 2f, d] and down as [E, d, f]; some models keep the transpose.
     gu_t, down_t = EXPERTS.orientation(experts_mod, d_model)
@@ -253,6 +271,9 @@ def _moe_ffn(container: nn.Module, spec: ArchSpec, config, **common) -> FFN:
     common_expert = dict(
         layer=common["layer"], stack=common["stack"], family=spec.family, d_model=d_model, d_ff=d_ff
     )
+    # ffnkit's MoE block of a non-gated dense FFN keeps the input biases beside the 3-D tensors
+    has_bias = isinstance(getattr(experts_mod, EXPERTS.gate_up_bias, None), Tensor)
+    bias = EXPERTS.gate_up_bias
     experts = [
         FFN(
             index=e,
@@ -264,12 +285,14 @@ def _moe_ffn(container: nn.Module, spec: ArchSpec, config, **common) -> FFN:
             w_gate=ExpertWeight(experts_mod, gate_up, e, FusedGateUp.gate(d_ff), gu_t),
             w_in=ExpertWeight(experts_mod, gate_up, e, FusedGateUp.up(d_ff), gu_t),
             w_out=ExpertWeight(experts_mod, down, e, None, down_t),
+            bias_gate=ExpertWeight(experts_mod, bias, e, FusedGateUp.gate(d_ff)) if has_bias else None,
+            bias_in=ExpertWeight(experts_mod, bias, e, FusedGateUp.up(d_ff)) if has_bias else None,
             **common_expert,
         )
         for e in range(n_experts)
     ]
     shared = None
-    if spec.shared_expert and _get(container, spec.shared_expert) is not None:
+    if spec.shared_expert and isinstance(_get(container, spec.shared_expert), nn.Module):
         shared = _dense_ffn(
             _get(container, spec.shared_expert),
             replace(spec, w_in="up_proj", w_gate="gate_proj", w_out="down_proj", fused_gate_up=False),
@@ -290,6 +313,7 @@ def _moe_ffn(container: nn.Module, spec: ArchSpec, config, **common) -> FFN:
         experts=experts,
         shared=shared,
         shared_gate=_get(container, spec.shared_expert_gate) if spec.shared_expert_gate else None,
+        bias_out=LinearBias(container) if isinstance(getattr(container, "bias", None), Tensor) else None,
         **common,
     )
 

@@ -127,6 +127,12 @@ def _plan_moe(ffn: FFN, idx: Tensor) -> list[Swap]:
             Swap(expert, "w_out", ExpertWeight(experts_mod, down, e, None, down_t)),
             Swap(expert, "d_ff", k),
         ]
+        if expert.bias_gate is not None:  # ffnkit's blocks of non-gated FFNs: [E, 2f] input biases
+            bias = expert.bias_gate.tensor
+            swaps += [
+                Swap(expert, "bias_gate", ExpertWeight(experts_mod, bias, e, FusedGateUp.gate(k))),
+                Swap(expert, "bias_in", ExpertWeight(experts_mod, bias, e, FusedGateUp.up(k))),
+            ]
     swaps.append(Swap(ffn, "d_ff", k))
     return swaps
 

@@ -149,28 +149,54 @@ class ExpertWeight(WeightRef):
 
 @dataclass
 class Router:
-    """A top-k softmax router: probabilities = softmax(W x), keep the top k, optionally renormalise."""
+    """A top-k router. transformers' routers: logits = W x, probabilities = softmax(logits), keep the top
+    k, optionally renormalise. A router module that defines ``router_logits(x)`` and ``select(logits)``
+    (ffnkit's :class:`~ffnkit.modules.moe.MoERouter`: MLP routers, weight-1 routing, MoE++ experts) is
+    asked instead, so the handle routes exactly as the module does.
+    """
 
     module: nn.Module
     top_k: int
     norm_topk: bool
 
     @property
-    def weight(self) -> Tensor:  # [E, d_model]
+    def weight(self) -> Tensor:  # [E, d_model] (linear routers)
         return self.module.weight
 
     @property
     def num_experts(self) -> int:
-        return self.weight.shape[0]
+        n = getattr(self.module, "num_experts", None)
+        return int(n) if isinstance(n, int) else self.weight.shape[0]
 
-    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [N, d] -> (logits [N, E], top-k weights [N, k], top-k expert indices [N, k])."""
-        logits = x @ self.weight.T  # [N, E]
+    def logits(self, x: Tensor) -> Tensor:
+        """x [N, d] -> router logits [N, E]."""
+        if hasattr(self.module, "router_logits"):
+            return self.module.router_logits(x)
+        return x @ self.weight.T
+
+    def select(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """logits [N, E] -> (top-k weights [N, k], expert indices [N, k]) by the module's rule."""
+        if hasattr(self.module, "select"):
+            return self.module.select(logits)
         probs = torch.softmax(logits.float(), dim=-1)
         top_w, top_i = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        return top_w, top_i
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [N, d] -> (logits [N, E], top-k weights [N, k], top-k expert indices [N, k])."""
+        logits = self.logits(x)  # [N, E]
+        top_w, top_i = self.select(logits)
         return logits, top_w.to(x.dtype), top_i
+
+    def parameters(self) -> list[Tensor]:
+        """The router's weight tensors."""
+        return list(self.module.parameters())
+
+    def flops_per_token(self) -> int:
+        """2 × the multiply-adds of its matrices per token."""
+        return sum(2 * p.numel() for p in self.module.parameters() if p.dim() == 2)
 
 
 @dataclass(eq=False)
@@ -329,6 +355,8 @@ class FFN:
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(flat)) * shared
             out = out + shared
+        if self.bias_out is not None:  # ffnkit's MoE block of a dense FFN with an output bias
+            out = out + self.b_out
         return out.reshape(shape)
 
     __call__ = forward
@@ -342,7 +370,7 @@ class FFN:
         """
         self.check_current()
         if self.kind == "moe":
-            tensors = [self.router.weight] if self.router else []
+            tensors = self.router.parameters() if self.router else []
             for expert in self.experts:
                 tensors += expert.parameters()
             if self.shared is not None:
@@ -371,7 +399,7 @@ class FFN:
         if self.kind != "moe":
             n_mats = 3 if self.kind == "gated" else 2
             return 2 * n_mats * self.d_model * self.d_ff
-        flops = 2 * self.d_model * self.num_experts
+        flops = self.router.flops_per_token()
         if self.experts:
             flops += self.router.top_k * self.experts[0].flops_per_token()
         if self.shared is not None:

@@ -296,6 +296,7 @@ class ExpertsLayout(Layout):
     name = "experts"
     dense = False
     gate_up, down = "gate_up_proj", "down_proj"  # tensor names
+    gate_up_bias = "gate_up_proj_bias"  # [E, 2f], ffnkit's MoE blocks of non-gated FFNs
 
     def matches(self, module: nn.Module) -> bool:
         tensors = [getattr(module, n, None) for n in (self.gate_up, self.down)]
@@ -364,6 +365,9 @@ class ExpertsLayout(Layout):
             Swap(module, self.gate_up, parameter_like(gate_up, new_gu)),
             Swap(module, self.down, parameter_like(down, new_down)),
         ]
+        bias = getattr(module, self.gate_up_bias, None)
+        if isinstance(bias, Tensor):  # [E, 2f]
+            swaps.append(Swap(module, self.gate_up_bias, parameter_like(bias, torch.gather(bias, 1, rows))))
         if isinstance(getattr(module, "intermediate_dim", None), int):
             swaps.append(Swap(module, "intermediate_dim", int(k)))
         return swaps

@@ -1,0 +1,94 @@
+"""`ffnkit moe convert|upcycle`: saved folders that `ffnkit eval` runs; bad input is one line, exit 2,
+nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_models import SAMPLE_TEXT, tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli-moe")
+    for family in ("llama", "mixtral"):
+        tiny_model(family).save_pretrained(root / family)
+        tiny_tokenizer().save_pretrained(root / family)
+    (root / "corpus.txt").write_text(SAMPLE_TEXT)
+    return {"root": root, "llama": root / "llama", "mixtral": root / "mixtral", "corpus": root / "corpus.txt"}
+
+
+def ffnkit(*args: str, root: Path) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "FFNKIT_CACHE": str(root / "cache"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "ffnkit", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def test_convert_then_eval(saved):
+    out = saved["root"] / "moe"
+    args = ["moe", "convert", str(saved["llama"]), "--experts", "4", "--active", "0.5", "--router", "mlp"]
+    args += [
+        "--samples",
+        "4",
+        "--seq-len",
+        "16",
+        "--corpus",
+        str(saved["corpus"]),
+        "--no-eval",
+        "-o",
+        str(out),
+        "--json",
+    ]
+    done = ffnkit(*args, root=saved["root"])
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["report"]["active_fraction"] == pytest.approx(0.5)
+    assert [row["top_k"] for row in doc["report"]["layers"]] == [2, 2]
+    run = ffnkit(
+        "eval", str(out), "--corpus", str(saved["corpus"]), "--window", "16", "--json", root=saved["root"]
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["convert", "{llama}", "--experts", "5"], "divide"),
+        (["convert", "{llama}", "--active", "0"], "(0, 1]"),
+        (["convert", "{llama}", "--active", "1.2"], "(0, 1]"),
+        (["convert", "{llama}", "--experts", "4", "--top-k", "6"], "top_k"),
+        (["convert", "{llama}", "--split", "spectral"], "kmeans"),
+        (["convert", "{mixtral}", "--experts", "4", "--router", "centroid"], "already mixtures of experts"),
+        (["upcycle", "{llama}", "--experts", "6", "--top-k", "4", "--granular"], "divid"),
+        (["upcycle", "{mixtral}", "--experts", "4"], "already mixtures of experts"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(saved, args, needle):
+    out = saved["root"] / "never"
+    argv = [
+        "moe",
+        *[a.format(**{k: str(v) for k, v in saved.items()}) for a in args],
+        "--no-eval",
+        "-o",
+        str(out),
+    ]
+    done = ffnkit(*argv, "--corpus", str(saved["corpus"]), root=saved["root"])
+    assert done.returncode == 2, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("ffnkit: error:") and needle in line and "Traceback" not in done.stderr
+    assert not out.exists()
