@@ -36,6 +36,8 @@ from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
 from ffnkit.core.errors import InvalidArgumentError
+from ffnkit.kernels.moe import ACTIVATIONS as KERNEL_ACTIVATIONS
+from ffnkit.kernels.moe import experts_forward
 from ffnkit.modules.base import HookPoint, RuntimeModule, dtype_source
 
 __all__ = [
@@ -162,7 +164,17 @@ class MoEExperts(nn.Module):
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         """hidden_states [T, d], top_k_index / top_k_weights [T, k] -> [T, d]."""
         if self.gate_up_proj_bias is None:
-            # the lead switches this call to ffnkit.kernels.moe.experts_forward (same signature)
+            needs_grad = torch.is_grad_enabled() and (
+                self.gate_up_proj.requires_grad or self.down_proj.requires_grad or hidden_states.requires_grad
+            )
+            if self.act in KERNEL_ACTIVATIONS and not needs_grad:
+                # the shared executor (kernels/moe.py: gather at decode, grouped GEMM at prefill); MoE++
+                # slots (index >= E) mean "no FFN expert" there, so they map onto index E
+                index = top_k_index.clamp(max=self.num_experts)
+                return experts_forward(
+                    hidden_states, self.gate_up_proj, self.down_proj, index, top_k_weights, self.act
+                )
+            # training (the kernels have no backward) or an activation they lack: the reference loop
             return experts_reference(
                 hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights, self.act
             )
