@@ -34,6 +34,7 @@ METHOD_OPTIONS = {
     "samples": "--samples",
     "seq_len": "--seq-len",
     "bits": "--bits",
+    "align": "--align",
 }
 HEAL_OPTIONS = {"max_minutes": "--heal-minutes", "lr": "--heal-lr"}
 
@@ -135,6 +136,13 @@ def compress(
     bits: Annotated[
         int | None, typer.Option(help="Bits per FFN weight (method quantize), 2-8; default 4.")
     ] = None,
+    align: Annotated[
+        int | None,
+        typer.Option(
+            help="Round each kept FFN width to a multiple of N (best's default: 32, whole blocks of "
+            "llama.cpp's Q8_0/Q4_0; 256 for its k-quants; 1: exact widths)."
+        ),
+    ] = None,
     heal_minutes: Annotated[
         float | None, typer.Option(help="Time budget of --heal, minutes (default 10).")
     ] = None,
@@ -163,7 +171,14 @@ def compress(
         _list_methods(json)
         return
     METHODS.entry(method)  # an unknown method lists the known ones, before anything else
-    options = {"ratio": ratio, "allocation": allocation, "samples": samples, "seq_len": seq_len, "bits": bits}
+    options = {
+        "ratio": ratio,
+        "allocation": allocation,
+        "samples": samples,
+        "seq_len": seq_len,
+        "bits": bits,
+        "align": align,
+    }
     fields = method_fields(method, options, settings)
     heal_fields = {k: v for k, v in {"max_minutes": heal_minutes, "lr": heal_lr}.items() if v is not None}
     if heal_fields and not heal:
