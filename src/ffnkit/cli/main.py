@@ -10,6 +10,7 @@ import ffnkit.cli.inspect_corpus  # noqa: F401  (adds stats/spectral/importance/
 from ffnkit.cli.common import check_params, quiet_libraries
 from ffnkit.cli.compress import compress
 from ffnkit.cli.evaluate import eval_
+from ffnkit.cli.export import export
 from ffnkit.cli.inspect import inspect_app
 from ffnkit.cli.models import models
 from ffnkit.cli.report import report
@@ -26,6 +27,7 @@ app.command("models")(models)
 app.command("eval")(eval_)
 app.command("report")(report)
 app.command("compress")(compress)
+app.command("export")(export)
 app.add_typer(inspect_app, name="inspect")
 app.add_typer(steer_app, name="steer")
 

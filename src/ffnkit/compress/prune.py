@@ -402,13 +402,16 @@ def prune_(
     tokenizer: Any = None,
     stats: dict[UnitKey, UnitStats] | None = None,
     grads: dict[UnitKey, Tensor] | None = None,
+    curves: dict[UnitKey, tuple[list[float], list[float]]] | None = None,
     progress: bool = False,
 ) -> PruneReport:
     """Remove the least important FFN neurons for real (smaller weights, updated config); atomic.
 
     ``calibration``: token ids [n, T] (default: ``config.samples`` windows of the calibration corpus,
     through ``tokenizer``). ``stats``: statistics from ``collect_stats`` on this (unpruned) model, to
-    reuse across several runs; ``grads``: Taylor scores from ``taylor_scores`` on this model, likewise.
+    reuse across several runs; ``grads``: Taylor scores from ``taylor_scores`` on this model, likewise;
+    ``curves``: the sensitivity curves of an earlier run at the same ratio (``sensitivity_curves``, or
+    ``{(int(k), None): (report.sensitivity["ratios"], v) for k, v in report.sensitivity["kl"].items()}``).
 
     Example:
         >>> report = prune_(model, PruneConfig("wanda-sp", 0.3), tokenizer=tok)
@@ -439,7 +442,7 @@ def prune_(
         needs = SCORES.meta(config.method, "needs")
         needs_data = needs is not None or config.compensate or config.allocation == "sensitivity"
         taylor = needs == "grads" and grads is None
-        sensitivity = config.allocation == "sensitivity"
+        sensitivity = config.allocation == "sensitivity" and curves is None
         ids = None
         if (needs_data and stats is None) or taylor or sensitivity:
             ids = _calibration(config, calibration, tokenizer)
@@ -454,8 +457,12 @@ def prune_(
         target = config.ratio * sum(f.num_parameters() for f in ffns)
         if config.compensate:  # a b_out added for the compensation is paid for with more neurons
             target += sum(f.d_model for f in ffns if f.kind != "moe" and f.b_out is None)
-        curves = None
-        if config.allocation == "sensitivity":
+        if config.allocation == "sensitivity" and curves is not None:
+            sens = {
+                "ratios": next(iter(curves.values()))[0],
+                "kl": {str(k[0]): c[1] for k, c in curves.items()},
+            }
+        elif config.allocation == "sensitivity":
             r = config.ratio
             # up to 2.5 r: a layer is never pruned past its last measured point (see allocate)
             grid = sorted({min(0.95, x) for x in (0.5 * r, r, 1.5 * r, 2 * r, 2.5 * r)})
