@@ -356,3 +356,25 @@ def test_prune_align_gives_multiples() -> None:
     assert all(r["d_ff_after"] % 16 == 0 for r in report.layers)
     with pytest.raises(InvalidArgumentError, match="align"):
         PruneConfig("flap", 0.3, align=0)
+
+
+def test_cli_export_gguf_json_and_hf_refusal(tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from ffnkit.cli.main import app
+    from ffnkit.io import save
+
+    folder = tmp_path / "pruned"
+    save(pruned_llama(), bpe_tokenizer(), folder)
+    out = tmp_path / "p.gguf"
+    result = CliRunner().invoke(app, ["export", str(folder), "-o", str(out), "--dtype", "f32", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["architecture"] == "deci" and doc["path"] == str(out) and out.stat().st_size == doc["bytes"]
+    again = CliRunner().invoke(app, ["export", str(folder), "-o", str(out)])
+    assert again.exit_code != 0 and isinstance(again.exception, OutputFolderError)  # exists: --overwrite
+    hf = CliRunner().invoke(app, ["export", str(folder), "--format", "hf", "-o", str(tmp_path / "h")])
+    assert isinstance(hf.exception, UnsupportedArchitectureError) and "--format gguf" in str(hf.exception)
+    assert not (tmp_path / "h").exists()

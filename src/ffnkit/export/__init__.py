@@ -84,8 +84,10 @@ def check_export_output(config: ExportConfig, source: str | os.PathLike | None =
         )
     if target.exists() and not config.overwrite:
         raise OutputFolderError(f"{target} exists; choose another file name or add --overwrite to replace it")
-    parent = target.parent if str(target.parent) else Path(".")
-    check_output_dir(parent, overwrite=True, model_source=source, needed_bytes=0, replace=False)
+    # the folder rules for the file's own path (cache, input model, writable place); an existing file
+    # (--overwrite) is checked through a sibling name, since the folder rules refuse a file
+    probe = target if not target.exists() else target.with_name(f".{target.name}.probe")
+    check_output_dir(probe, overwrite=True, model_source=source, needed_bytes=0, replace=False)
     return target
 
 
