@@ -26,6 +26,7 @@ OPTIONS = {
     "samples": ("--samples", "3", 3),
     "seq_len": ("--seq-len", "17", 17),
     "bits": ("--bits", "3", 3),
+    "align": ("--align", "16", 16),
 }
 
 

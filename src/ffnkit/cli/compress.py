@@ -41,6 +41,7 @@ METHOD_OPTIONS = {
     "reconstruct": "--reconstruct",
     "bias_compensation": "--bias-compensation",
     "layers": "--layers",
+    "align": "--align",
 }
 # recipe keys of the pipeline (PipelineConfig fields) that compress takes from a --config file
 PIPELINE_KEYS = (
@@ -207,6 +208,13 @@ def compress(
     bits: Annotated[
         int | None, typer.Option(help="Bits per FFN weight (method quantize), 2-8; default 4.")
     ] = None,
+    align: Annotated[
+        int | None,
+        typer.Option(
+            help="Round each kept FFN width to a multiple of N (best's default: 32, whole blocks of "
+            "llama.cpp's Q8_0/Q4_0; 256 for its k-quants; 1: exact widths)."
+        ),
+    ] = None,
     heal_minutes: Annotated[
         float | None, typer.Option(help="Time budget of --heal, minutes (default 10).")
     ] = None,
@@ -254,6 +262,7 @@ def compress(
         "reconstruct": reconstruct,
         "bias_compensation": bias_compensation,
         "layers": parse_ints(layers, "layers"),
+        "align": align,
     }
     heal_fields = {k: v for k, v in {"max_minutes": heal_minutes, "lr": heal_lr}.items() if v is not None}
     if heal_fields and not heal and "heal" not in recipe:

@@ -12,6 +12,7 @@ from ffnkit.cli.bench import bench_app
 from ffnkit.cli.common import check_params, quiet_libraries
 from ffnkit.cli.compress import compress
 from ffnkit.cli.evaluate import eval_
+from ffnkit.cli.export import export
 from ffnkit.cli.inspect import inspect_app
 from ffnkit.cli.models import models_app
 from ffnkit.cli.moe import moe_app
@@ -29,6 +30,7 @@ app.add_typer(models_app, name="models")
 app.command("eval")(eval_)
 app.command("report")(report)
 app.command("compress")(compress)
+app.command("export")(export)
 app.add_typer(inspect_app, name="inspect")
 app.add_typer(steer_app, name="steer")
 app.add_typer(bench_app, name="bench")

@@ -13,6 +13,11 @@ each unit loses:
   points) per parameter is lowest, hitting the same total, never past a unit's last measured ratio.
   Dense FFNs only.
 
+``align`` (N > 1) rounds every kept width to a multiple of N after the allocation (largest remainder, so
+the total stays within one step of the target; :func:`align_widths`): llama.cpp quantises a matrix in
+blocks along its rows, and ``ffn_down``'s rows are d_ff long, so Q8_0/Q4_0 (blocks of 32) need d_ff a
+multiple of 32 and its k-quants 256; other widths fall back to F16 there. Method ``best`` defaults to 32.
+
 Every unit keeps at least ``max(1, protect_min × d_ff)`` neurons. LoRAP (``keep_lowest``, default 1%
 for ``lorap``) also keeps the ⌊keep_lowest × d_ff⌋ lowest-scored neurons of each unit and removes the
 lowest of the rest, as its reference code does (``scores.lowest_protected``). FLAP's bias compensation
@@ -60,6 +65,7 @@ __all__ = [
     "METHODS",
     "PruneConfig",
     "PruneReport",
+    "align_widths",
     "allocate",
     "neuron_cost",
     "prune_",
@@ -98,6 +104,9 @@ class PruneConfig(JsonConfig):
     taylor_samples: int = 8  # calibration windows used for gradients
     sensitivity_samples: int = 2  # windows on which per-layer sensitivity (KL) is measured
     layers: list[int] | None = None  # FFN indices to prune (None = all)
+    align: int = (
+        1  # every kept width a multiple of this (or the unit's full width); 32: llama.cpp block quants
+    )
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -117,6 +126,8 @@ class PruneConfig(JsonConfig):
             raise InvalidArgumentError(f"protect_min must be in [0, 1), got {self.protect_min}")
         if self.keep_lowest is not None and not 0.0 <= self.keep_lowest < 1.0:
             raise InvalidArgumentError(f"keep_lowest must be in [0, 1), got {self.keep_lowest}")
+        if not isinstance(self.align, int) or isinstance(self.align, bool) or self.align < 1:
+            raise InvalidArgumentError(f"align must be a whole number >= 1 (e.g. 32), got {self.align!r}")
         if self.samples < 1 or self.seq_len < 2:
             raise InvalidArgumentError("samples must be >= 1 and seq_len >= 2")
         self.ratio = float(self.ratio)
@@ -217,6 +228,44 @@ def allocate(
         mins = {k: max(m, sizes[k] - math.floor(max(curves[k][0]) * sizes[k])) for k, m in mins.items()}
         return _greedy(curves, sizes, costs, mins, target)
     raise InvalidArgumentError(f"unknown allocation {allocation!r}; use one of {', '.join(ALLOCATIONS)}")
+
+
+def align_widths(
+    kept: dict[UnitKey, int], sizes: dict[UnitKey, int], multiple: int, mins: dict[UnitKey, int] | None = None
+) -> dict[UnitKey, int]:
+    """Round each unit's kept width to a multiple of ``multiple`` (or its full width), total preserved.
+
+    Largest-remainder rounding: every width goes down to a multiple, then the units with the largest
+    remainders go up one step until the kept total is as close as it gets to the requested total, so the
+    removed share moves by less than one step overall rather than by half a step per unit. A unit never
+    goes below ``mins`` rounded up to a multiple, nor above its size; a unit narrower than ``multiple``
+    keeps its full width (llama.cpp's block quants need rows that are whole blocks: 32 for Q8_0/Q4_0,
+    256 for its k-quants).
+
+    Example:
+        >>> align_widths({(0, None): 1274, (1, None): 1070}, {(0, None): 1536, (1, None): 1536}, 32)
+        {(0, None): 1280, (1, None): 1056}
+    """
+    if multiple <= 1:
+        return dict(kept)
+    mins = mins or {}
+    low: dict[UnitKey, int] = {}
+    high: dict[UnitKey, int] = {}
+    for k, want in kept.items():
+        n = sizes[k]
+        floor_min = math.ceil(mins.get(k, 1) / multiple) * multiple
+        lo = max(floor_min, (want // multiple) * multiple)
+        low[k] = min(n, lo)
+        high[k] = min(n, low[k] + multiple) if low[k] < n else n
+    out = dict(low)
+    deficit = sum(kept.values()) - sum(out.values())
+    order = sorted(kept, key=lambda k: (-(kept[k] - low[k]), str(k)))  # largest remainder first
+    for k in order:
+        step = high[k] - out[k]
+        if step > 0 and deficit >= step / 2:
+            out[k] = high[k]
+            deficit -= step
+    return out
 
 
 def _interp(curve: tuple[list[float], list[float]], r: float) -> float:
@@ -359,13 +408,16 @@ def prune_(
     tokenizer: Any = None,
     stats: dict[UnitKey, UnitStats] | None = None,
     grads: dict[UnitKey, Tensor] | None = None,
+    curves: dict[UnitKey, tuple[list[float], list[float]]] | None = None,
     progress: bool = False,
 ) -> PruneReport:
     """Remove the least important FFN neurons for real (smaller weights, updated config); atomic.
 
     ``calibration``: token ids [n, T] (default: ``config.samples`` windows of the calibration corpus,
     through ``tokenizer``). ``stats``: statistics from ``collect_stats`` on this (unpruned) model, to
-    reuse across several runs; ``grads``: Taylor scores from ``taylor_scores`` on this model, likewise.
+    reuse across several runs; ``grads``: Taylor scores from ``taylor_scores`` on this model, likewise;
+    ``curves``: the sensitivity curves of an earlier run at the same ratio (``sensitivity_curves``, or
+    ``{(int(k), None): (report.sensitivity["ratios"], v) for k, v in report.sensitivity["kl"].items()}``).
 
     Example:
         >>> report = prune_(model, PruneConfig("wanda-sp", 0.3), tokenizer=tok)
@@ -396,7 +448,7 @@ def prune_(
         needs = SCORES.meta(config.method, "needs")
         needs_data = needs is not None or config.compensate or config.allocation == "sensitivity"
         taylor = needs == "grads" and grads is None
-        sensitivity = config.allocation == "sensitivity"
+        sensitivity = config.allocation == "sensitivity" and curves is None
         ids = None
         if (needs_data and stats is None) or taylor or sensitivity:
             ids = _calibration(config, calibration, tokenizer)
@@ -411,8 +463,12 @@ def prune_(
         target = config.ratio * sum(f.num_parameters() for f in ffns)
         if config.compensate:  # a b_out added for the compensation is paid for with more neurons
             target += sum(f.d_model for f in ffns if f.kind != "moe" and f.b_out is None)
-        curves = None
-        if config.allocation == "sensitivity":
+        if config.allocation == "sensitivity" and curves is not None:
+            sens = {
+                "ratios": next(iter(curves.values()))[0],
+                "kl": {str(k[0]): c[1] for k, c in curves.items()},
+            }
+        elif config.allocation == "sensitivity":
             r = config.ratio
             # up to 2.5 r: a layer is never pruned past its last measured point (see allocate)
             grid = sorted({min(0.95, x) for x in (0.5 * r, r, 1.5 * r, 2 * r, 2.5 * r)})
@@ -429,6 +485,11 @@ def prune_(
             )
             sens = {"ratios": grid, "kl": {str(k[0]): c[1] for k, c in curves.items()}}
         kept = allocate(scores, costs, target, config.allocation, config.protect_min, curves, protected)
+        if config.align > 1:
+            sizes = {k: s.numel() for k, s in scores.items()}
+            kept = align_widths(
+                kept, sizes, config.align, {k: _min_keep(n, config.protect_min) for k, n in sizes.items()}
+            )
         keep, biases, w_out = _plan(ffns, scores, kept, stats, config, protected)
     edit_ffns_(model, keep, biases, w_out=w_out)
     after = count_parameters(model, find_ffns(model))
@@ -500,8 +561,9 @@ def _plan(
         if f.kind == "moe":
             ekeys = [(f.index, e) for e in range(f.num_experts)]
             k = round(sum(kept[e] for e in ekeys) / len(ekeys))  # one width for the 3-D tensor
-            if f.d_ff >= _MOE_MULTIPLE:  # grouped-matmul kernels need 16-byte strides
-                k = min(f.d_ff, max(_MOE_MULTIPLE, _MOE_MULTIPLE * round(k / _MOE_MULTIPLE)))
+            step = math.lcm(_MOE_MULTIPLE, config.align)
+            if f.d_ff >= step:  # grouped-matmul kernels need 16-byte strides (and --align's blocks)
+                k = min(f.d_ff, max(step, step * round(k / step)))
             if k < f.d_ff:
                 keep[f] = torch.stack([_keep_index(scores[e], k, prot.get(e)) for e in ekeys])  # [E, k]
             if f.shared is not None and kept[(f.index, "shared")] < f.shared.d_ff:

@@ -173,6 +173,7 @@ register_method(
     "best",
     *_PRUNE,
     fixed="ffnkit.compress.prune:BEST",
+    defaults={"align": 32},  # widths in whole blocks of llama.cpp's Q8_0/Q4_0 (benchmarks/export_align.py)
     help="the published frontier's best: FLAP scores, per-layer sensitivity, least-squares W_out refit",
 )
 

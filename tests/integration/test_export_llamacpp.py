@@ -1,0 +1,37 @@
+"""llama.cpp itself runs ffnkit's GGUF exports: logits of a tiny model with per-layer widths, an FFN bias,
+a removed FFN, a removed attention and a removed block equal ffnkit's. Needs llama-cpp-python (built from
+its source distribution: slow, so never part of the default test command); skipped without it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+pytestmark = pytest.mark.integration
+
+
+def test_llamacpp_logits_equal_ffnkit(tmp_path) -> None:
+    from ffnkit.compress.sublayers import SublayerConfig, remove_sublayers_
+    from ffnkit.export import ExportConfig, export_loaded
+    from tests.unit.test_export import IDS, bpe_tokenizer, logits, pruned_llama
+
+    model = pruned_llama()
+    remove_sublayers_(model, SublayerConfig("manual", remove=["layers.1.ffn", "layers.2.attn"]))
+    path = tmp_path / "m.gguf"
+    result = export_loaded(model, bpe_tokenizer(), ExportConfig("gguf", str(path), dtype="f32"))
+    assert result["architecture"] == "deci"
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    llm.eval(IDS.tolist())
+    got = np.asarray(llm.scores[: len(IDS)], dtype=np.float64)  # [T, V]
+    np.testing.assert_allclose(got, logits(model, IDS), atol=1e-3)
+    with torch.no_grad():
+        want = model.generate(torch.tensor([IDS.tolist()]), max_new_tokens=8, do_sample=False)[0, len(IDS) :]
+    out = []
+    for tok in llm.generate(IDS.tolist(), top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        out.append(int(tok))
+        if len(out) == 8:
+            break
+    assert out == want.tolist()
