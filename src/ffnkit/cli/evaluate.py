@@ -45,7 +45,7 @@ def eval_(
     from ffnkit.pipeline import PerplexityProtocol, PipelineConfig, evaluation_set, load_step, measure
 
     if tasks is not None:
-        _harness(model, tasks, limit, trust_remote_code, json)
+        _harness(model, tasks, limit, device, dtype, trust_remote_code, json)
         return
     if limit is not None:
         from ffnkit.core.errors import InvalidArgumentError
@@ -82,7 +82,9 @@ def eval_(
         print(f"decode speed: {doc['decode_speed']['tokens_per_s']:.1f} tokens/s (batch 1)")
 
 
-def _harness(model: str, tasks: str, limit: int | None, trust_remote_code: bool, json: bool) -> None:
+def _harness(
+    model: str, tasks: str, limit: int | None, device: str, dtype: str, trust_remote_code: bool, json: bool
+) -> None:
     """``--tasks``: lm-eval through its HFLM wrapper on the loaded (ffnkit) model."""
     from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.evaluate import environment
@@ -93,7 +95,11 @@ def _harness(model: str, tasks: str, limit: int | None, trust_remote_code: bool,
     if limit is not None and limit < 1:
         raise InvalidArgumentError(f"--limit must be >= 1, got {limit}")
     check_harness(names)  # lm-eval installed, corpora readable: before the model loads
-    net, tok = load_step(PipelineConfig(model=model, evaluation=None, trust_remote_code=trust_remote_code))
+    net, tok = load_step(
+        PipelineConfig(
+            model=model, evaluation=None, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    )
     doc = {"model": model, **run_harness(net, tok, names, limit=limit), "environment": environment()}
     if json:
         print_json(doc)
