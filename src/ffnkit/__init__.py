@@ -60,6 +60,9 @@ _EXPORTS = {
     "nest_": "ffnkit.compress.nest",
     "NestConfig": "ffnkit.compress.nest",
     "slice_widths_": "ffnkit.compress.nest",
+    "sparsify_": "ffnkit.sparsity.transform",
+    "SparsityConfig": "ffnkit.sparsity.config",
+    "measure_sparsity": "ffnkit.sparsity.transform",
     # the experiment pipeline
     "run_pipeline": "ffnkit.pipeline",
     "PipelineConfig": "ffnkit.pipeline",
