@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from ffnkit.core.errors import InvalidArgumentError
-from ffnkit.modules.sparse_ffn import SparseFFN
 from ffnkit.sparsity.calibrate import (
     Calibration,
     LayerPlan,
@@ -49,6 +48,7 @@ __all__ = [
     "weight_scales",
 ]
 
+PROBE_LEVEL = 0.5  # bytes skipped by one layer alone when its sensitivity is measured
 Point = tuple[float, float, float, float]  # (bytes skipped, relative output error, s_in, s_mid)
 
 
@@ -94,38 +94,78 @@ def weight_scales(cal: Calibration, index: int) -> tuple[Tensor, Tensor]:
     return cal.cache[key]
 
 
-def _input_thresholds(
-    cal: Calibration,
-    module: SparseFFN,
-    index: int,
-    s_in: float,
-    s_mid: float,
-    tokens: int | None,
-    scaled: bool,
-) -> tuple[float, float]:
-    """(t_in, t_mid) that zero the shares s_in of inputs and s_mid of intermediates on calibration text."""
-    x = cal.x(index, tokens)
-    c_in, c_mid = weight_scales(cal, index) if scaled else (torch.ones(x.shape[-1]), torch.ones(module.d_ff))
-    t_in = quantile((x.float() * c_in.to(x.device)).abs(), s_in) if s_in > 0 else 0.0
-    LayerPlan(index, t_in, 0.0, c_in, c_mid).apply(module)
-    post = cal.sites(module, x, ["post"])["post"]  # [N, f], after the input mask
-    t_mid = quantile((post * c_mid.to(post.device)).abs(), s_mid) if s_mid > 0 else 0.0
-    return t_in, t_mid
+class _InputLayer:
+    """One FFN's TEAL-style masked computation on calibration inputs, from its canonical weights (float32):
+    thresholds from quantiles and the relative output error, with the intermediate h cached per s_in."""
+
+    def __init__(self, cal: Calibration, index: int, scaled: bool, tokens: int | None) -> None:
+        ffn = next(f for f in cal.ffns if f.index == index)
+        with torch.no_grad():
+            self.x = cal.inputs[index][:tokens].float()  # [N, d]
+            self.wu, self.wd = ffn.W_in.detach().float(), ffn.W_out.detach().float()  # [f, d], [d, f]
+            self.wg = ffn.W_gate.detach().float() if ffn.W_gate is not None else None
+            self.b_in, self.b_gate, self.b_out = (
+                b.detach().float() if b is not None else None for b in (ffn.b_in, ffn.b_gate, ffn.b_out)
+            )
+            self.act = ffn.act_fn
+            d, f = self.wu.shape[1], self.wu.shape[0]
+            self.c_in, self.c_mid = weight_scales(cal, index) if scaled else (torch.ones(d), torch.ones(f))
+            self.x_score = (self.x * self.c_in).abs()  # [N, d]
+            self.y = self._out(self.post(0.0)[1])  # [N, d] dense
+            self.y_sq = float(self.y.pow(2).sum().clamp_min(1e-30))
+        self._posts: dict[float, tuple[float, Tensor]] = {}
+
+    def post(self, s_in: float) -> tuple[float, Tensor]:
+        """(t_in, h [N, f]) with the share s_in of inputs zeroed."""
+        t_in = quantile(self.x_score, s_in) if s_in > 0 else 0.0
+        x = torch.where(self.x_score >= t_in, self.x, torch.zeros_like(self.x)) if t_in > 0 else self.x
+        u = x @ self.wu.T + (self.b_in if self.b_in is not None else 0)  # [N, f]
+        if self.wg is None:
+            return t_in, self.act(u)
+        g = x @ self.wg.T + (self.b_gate if self.b_gate is not None else 0)
+        return t_in, self.act(g) * u
+
+    def _out(self, h: Tensor) -> Tensor:
+        return h @ self.wd.T + (self.b_out if self.b_out is not None else 0)
+
+    def evaluate(self, s_in: float, s_mid: float) -> tuple[float, float, float]:
+        """(relative output error, t_in, t_mid) at the shares (s_in, s_mid)."""
+        with torch.no_grad():
+            key = round(s_in, 9)
+            if key not in self._posts:
+                if len(self._posts) > 2:
+                    self._posts.pop(next(iter(self._posts)))
+                self._posts[key] = self.post(s_in)
+            t_in, h = self._posts[key]
+            h_score = (h * self.c_mid).abs()
+            t_mid = quantile(h_score, s_mid) if s_mid > 0 else 0.0
+            if t_mid > 0:
+                h = torch.where(h_score >= t_mid, h, torch.zeros_like(h))
+            err = float((self._out(h) - self.y).pow(2).sum()) / self.y_sq
+        return err, t_in, t_mid
+
+
+def _layer(cal: Calibration, index: int, scaled: bool, tokens: int | None) -> _InputLayer:
+    key = ("input_layer", index, scaled, tokens)
+    if key not in cal.cache:
+        if tokens is None:  # the full set is used once per plan: do not keep it
+            return _InputLayer(cal, index, scaled, tokens)
+        cal.cache[key] = _InputLayer(cal, index, scaled, tokens)
+    return cal.cache[key]
 
 
 def _plan_input(
     cal: Calibration, index: int, s_in: float, s_mid: float, scaled: bool, tokens: int | None = None
 ) -> LayerPlan:
-    module = cal.module(index, "input")
-    t_in, t_mid = _input_thresholds(cal, module, index, s_in, s_mid, tokens, scaled)
-    c_in, c_mid = weight_scales(cal, index) if scaled else (None, None)
-    gated = module.spec.gated
+    layer = _layer(cal, index, scaled, tokens)
+    _, t_in, t_mid = layer.evaluate(s_in, s_mid)
+    gated = layer.wg is not None
     return LayerPlan(
         index,
         t_in,
         t_mid,
-        c_in,
-        c_mid,
+        layer.c_in if scaled else None,
+        layer.c_mid if scaled else None,
         site_sparsity={"in": s_in, "post": s_mid},
         bytes_skipped=bytes_skipped("input", gated, s_in, s_mid),
     )
@@ -144,9 +184,8 @@ def input_path(
     """
     key = (index, scaled, config.step, config.path_tokens)
     pts: list[Point] = cal.paths.setdefault(key, [(0.0, 0.0, 0.0, 0.0)])
-    module = cal.module(index, "input")
-    w = site_weights(module.spec.gated)
-    tokens = config.path_tokens
+    layer = _layer(cal, index, scaled, config.path_tokens)
+    gated = layer.wg is not None
     while pts[-1][0] < upto - 1e-9:
         b, err, s_in, s_mid = pts[-1]
         best: tuple[float, Point] | None = None
@@ -155,18 +194,14 @@ def input_path(
             s[site] = min(s[site] + config.step, 0.99)
             if s[site] <= [s_in, s_mid][site] + 1e-12:
                 continue
-            t_in, t_mid = _input_thresholds(cal, module, index, s[0], s[1], tokens, scaled)
-            c_in, c_mid = weight_scales(cal, index) if scaled else (None, None)
-            LayerPlan(index, t_in, t_mid, c_in, c_mid).apply(module)
-            e = cal.error(module, index, tokens)
-            nb = bytes_skipped("input", module.spec.gated, s[0], s[1])
+            e, _, _ = layer.evaluate(s[0], s[1])
+            nb = bytes_skipped("input", gated, s[0], s[1])
             slope = (e - err) / max(nb - b, 1e-12)
             if best is None or slope < best[0]:
                 best = (slope, (nb, e, s[0], s[1]))
         if best is None:
             break
         pts.append(best[1])
-    _ = w
     return pts
 
 
@@ -254,19 +289,18 @@ def _sensitivity_rule(cal: Calibration, config: SparsityConfig, scaled: bool) ->
     s = config.sparsity
     cap = min(0.95, s + 0.3)
     paths = {f.index: input_path(cal, f.index, config, scaled, cap) for f in cal.ffns}
-    key = ("sensitivity", scaled, round(s, 6), config.step, config.path_tokens, config.probe_windows)
+    # one probe level for every target (the KL per unit of output error varies little with the level)
+    level = PROBE_LEVEL
+    key = ("sensitivity", scaled, level, config.step, config.path_tokens, config.probe_windows)
     if key not in cal.cache:
-        probe = {
-            f.index: _plan_input(cal, f.index, *_interpolate(paths[f.index], s), scaled, config.path_tokens)
-            for f in cal.ffns
-        }
-        kl = _probe_kl(cal, config, probe)
-        weights = {}
+        probe_paths = {f.index: input_path(cal, f.index, config, scaled, level) for f in cal.ffns}
+        probe, errors = {}, {}
         for f in cal.ffns:
-            module = cal.module(f.index, "input")
-            probe[f.index].apply(module)
-            err = cal.error(module, f.index, config.path_tokens)
-            weights[f.index] = max(kl[f.index], 1e-9) / max(err, 1e-9)
+            s_in, s_mid = _interpolate(probe_paths[f.index], level)
+            probe[f.index] = _plan_input(cal, f.index, s_in, s_mid, scaled, config.path_tokens)
+            errors[f.index] = _layer(cal, f.index, scaled, config.path_tokens).evaluate(s_in, s_mid)[0]
+        kl = _probe_kl(cal, config, probe)
+        weights = {i: max(kl[i], 1e-9) / max(errors[i], 1e-9) for i in kl}
         cal.cache[key] = (weights, kl)
     weights, _ = cal.cache[key]
     targets = _allocate(paths, weights, {f.index: _size(cal, f.index) for f in cal.ffns}, s)

@@ -15,7 +15,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +33,14 @@ from ffnkit.sparsity.calibrate import Calibration, LayerPlan, bytes_skipped
 from ffnkit.sparsity.config import RULES, SparsityConfig
 from ffnkit.sparsity.predictor import predictor_overhead
 
-__all__ = ["SparsityMeasurement", "SparsityResult", "measure_sparsity", "replay_sparsity", "sparsify_"]
+__all__ = [
+    "count_sparsity",
+    "SparsityMeasurement",
+    "SparsityResult",
+    "measure_sparsity",
+    "replay_sparsity",
+    "sparsify_",
+]
 
 
 @dataclass
@@ -77,6 +86,58 @@ def _sparse_modules(model: nn.Module) -> list[tuple[int, Any, SparseFFN]]:
     return [(f.index, f, f.module) for f in find_ffns(model) if isinstance(f.module, SparseFFN)]
 
 
+@contextlib.contextmanager
+def count_sparsity(model: nn.Module) -> Iterator[Callable[[], SparsityMeasurement]]:
+    """Count what the selectors zero while the block runs; the yielded function gives the measurement.
+
+    Example:
+        >>> with count_sparsity(model) as result:
+        ...     perplexity(model, tokens)
+        >>> result().bytes_skipped
+    """
+    mods = _sparse_modules(model)
+    if not mods:
+        raise InvalidArgumentError("the model has no sparse FFN: run sparsify_ first")
+    for _, _, m in mods:
+        m.counter = {}
+    try:
+        yield lambda: _measurement(mods)
+    finally:
+        for _, _, m in mods:
+            m.counter = None
+
+
+def _measurement(mods: list[tuple[int, Any, SparseFFN]]) -> SparsityMeasurement:
+    rows, weighted, total, tokens = [], 0.0, 0.0, 0
+    sums: dict[str, float] = {}
+    for index, ffn, m in mods:
+        c = m.counter or {}
+        sites = ("in", "post") if m.mode == "input" else ("post",)
+        zeroed = {
+            s: c.get(f"{s}_zeroed", 0.0) / c[f"{s}_total"] if c.get(f"{s}_total") else 0.0 for s in sites
+        }
+        tokens = max(tokens, int(c.get("post_total", 0.0)) // m.d_ff)
+        over = predictor_overhead(m.d_model, m.d_ff, m.rank, m.spec.gated) if m.mode == "predictor" else 0.0
+        skipped = bytes_skipped(m.mode, m.spec.gated, zeroed.get("in", 0.0), zeroed["post"], over)
+        if m.mode == "predictor" and zeroed["post"] == 0.0:
+            skipped = 0.0  # predictor off: nothing read for it either
+        size = (3 if m.spec.gated else 2) * m.d_model * m.d_ff
+        weighted += skipped * size
+        total += size
+        for s, v in zeroed.items():
+            sums[s] = sums.get(s, 0.0) + v
+        rows.append(
+            {"index": index, "name": ffn.name, "mode": m.mode, "zeroed": zeroed, "bytes_skipped": skipped}
+        )
+    counts = {s: sum(1 for r in rows if s in r["zeroed"]) for s in sums}
+    return SparsityMeasurement(
+        tokens=tokens,
+        bytes_skipped=weighted / total,
+        zeroed={s: v / counts[s] for s, v in sums.items()},
+        layers=rows,
+    )
+
+
 def measure_sparsity(model: nn.Module, ids: Tensor, *, batch_size: int = 4) -> SparsityMeasurement:
     """Run ``ids`` [n, T] through a sparsified model and count what the selectors zeroed.
 
@@ -86,48 +147,11 @@ def measure_sparsity(model: nn.Module, ids: Tensor, *, batch_size: int = 4) -> S
     """
     ids = torch.as_tensor(ids).long()
     ids = ids[None] if ids.dim() == 1 else ids
-    mods = _sparse_modules(model)
-    if not mods:
-        raise InvalidArgumentError("the model has no sparse FFN: run sparsify_ first")
     device = next(model.parameters()).device
-    for _, _, m in mods:
-        m.counter = {}
-    try:
-        with torch.no_grad():
-            for b in range(0, ids.shape[0], batch_size):
-                model(input_ids=ids[b : b + batch_size].to(device))
-        rows, weighted, total = [], 0.0, 0.0
-        sums: dict[str, float] = {}
-        for index, ffn, m in mods:
-            c = m.counter
-            zeroed = {
-                s: c.get(f"{s}_zeroed", 0.0) / c[f"{s}_total"] if c.get(f"{s}_total") else 0.0
-                for s in (("in", "post") if m.mode == "input" else ("post",))
-            }
-            over = (
-                predictor_overhead(m.d_model, m.d_ff, m.rank, m.spec.gated) if m.mode == "predictor" else 0.0
-            )
-            skipped = bytes_skipped(m.mode, m.spec.gated, zeroed.get("in", 0.0), zeroed["post"], over)
-            if m.mode == "predictor" and zeroed["post"] == 0.0:
-                skipped = 0.0  # predictor off: nothing read for it either
-            size = (3 if m.spec.gated else 2) * m.d_model * m.d_ff
-            weighted += skipped * size
-            total += size
-            for s, v in zeroed.items():
-                sums[s] = sums.get(s, 0.0) + v
-            rows.append(
-                {"index": index, "name": ffn.name, "mode": m.mode, "zeroed": zeroed, "bytes_skipped": skipped}
-            )
-    finally:
-        for _, _, m in mods:
-            m.counter = None
-    counts = {s: sum(1 for r in rows if s in r["zeroed"]) for s in sums}
-    return SparsityMeasurement(
-        tokens=int(ids.numel()),
-        bytes_skipped=weighted / total,
-        zeroed={s: v / counts[s] for s, v in sums.items()},
-        layers=rows,
-    )
+    with count_sparsity(model) as result, torch.no_grad():
+        for b in range(0, ids.shape[0], batch_size):
+            model(input_ids=ids[b : b + batch_size].to(device))
+        return result()
 
 
 def _heldout(config: SparsityConfig, tokenizer: Any) -> Tensor:
