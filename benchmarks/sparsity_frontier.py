@@ -75,8 +75,15 @@ def main() -> None:
 
     for level in levels:
         for rule in rules:
-            fields = dict(rule=rule, sparsity=level, samples=args.samples, seq_len=args.seq_len,
-                          tokens=args.tokens, path_tokens=args.path_tokens, **extra)
+            fields = dict(
+                rule=rule,
+                sparsity=level,
+                samples=args.samples,
+                seq_len=args.seq_len,
+                tokens=args.tokens,
+                path_tokens=args.path_tokens,
+                **extra,
+            )
             row: dict = {"rule": rule, "sparsity": level}
             try:
                 config = SparsityConfig(**fields)
@@ -107,8 +114,10 @@ def main() -> None:
             results.append(row)
             first = next(iter(evals))
             e = row["evaluation"][first]
-            log(f"{level:.0%} {rule:10s} ppl {e['perplexity']:8.3f} (x{e['perplexity_vs_dense']:.3f}) "
-                f"bytes skipped {e['bytes_skipped']:.3f} zeroed {e['zeroed']}")
+            log(
+                f"{level:.0%} {rule:10s} ppl {e['perplexity']:8.3f} (x{e['perplexity_vs_dense']:.3f}) "
+                f"bytes skipped {e['bytes_skipped']:.3f} zeroed {e['zeroed']}"
+            )
             del model
             write(done=False)  # partial results survive an interrupted run
     write(done=True)
@@ -121,8 +130,11 @@ def document(args, levels, rules, results, evals, dense_ppl, t0) -> dict:
     for corpus in evals:
         per = {}
         for level in levels:
-            rows = {r["rule"]: r["evaluation"][corpus] for r in results
-                    if r["sparsity"] == level and "evaluation" in r}
+            rows = {
+                r["rule"]: r["evaluation"][corpus]
+                for r in results
+                if r["sparsity"] == level and "evaluation" in r
+            }
             if not rows:
                 continue
             best, teal = rows.get("best"), rows.get("teal")
@@ -131,7 +143,8 @@ def document(args, levels, rules, results, evals, dense_ppl, t0) -> dict:
                 "perplexity": {k: v["perplexity"] for k, v in rows.items()},
                 "best_vs_dense": best["perplexity_vs_dense"] if best else None,
                 "best_vs_teal": best["perplexity"] / teal["perplexity"] if best and teal else None,
-                "best_beats_every_single_rule": bool(best) and all(best["perplexity"] < v for v in singles.values()),
+                "best_beats_every_single_rule": bool(best)
+                and all(best["perplexity"] < v for v in singles.values()),
             }
         summary[corpus] = per
     first = next(iter(evals))
@@ -148,10 +161,18 @@ def document(args, levels, rules, results, evals, dense_ppl, t0) -> dict:
         "command": "python " + " ".join(sys.argv),
         "model": "smollm2-135m",
         "sparsity_measure": "share of FFN weight bytes a batch-1 decode step does not read (W_in, W_gate, W_out)",
-        "evaluation": {c: {"corpus": ev.corpus, "split": ev.split, "tokens": int(ev.tokens.numel()), "window": 512}
-                       for c, ev in evals.items()},
-        "calibration": {"corpus": "shakespeare", "samples": args.samples, "seq_len": args.seq_len, "seed": 0,
-                        "tokens_per_layer": args.tokens, "path_tokens": args.path_tokens},
+        "evaluation": {
+            c: {"corpus": ev.corpus, "split": ev.split, "tokens": int(ev.tokens.numel()), "window": 512}
+            for c, ev in evals.items()
+        },
+        "calibration": {
+            "corpus": "shakespeare",
+            "samples": args.samples,
+            "seq_len": args.seq_len,
+            "seed": 0,
+            "tokens_per_layer": args.tokens,
+            "path_tokens": args.path_tokens,
+        },
         "dense": {"perplexity": dense_ppl},
         "results": results,
         "summary": summary,

@@ -13,6 +13,7 @@ from ffnkit.cli.evaluate import eval_
 from ffnkit.cli.inspect import inspect_app
 from ffnkit.cli.models import models
 from ffnkit.cli.report import report
+from ffnkit.cli.sparsify import sparsify
 from ffnkit.cli.steer import steer_app
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ app.command("models")(models)
 app.command("eval")(eval_)
 app.command("report")(report)
 app.command("compress")(compress)
+app.command("sparsify")(sparsify)
 app.add_typer(inspect_app, name="inspect")
 app.add_typer(steer_app, name="steer")
 

@@ -118,6 +118,11 @@ class SparsityConfig(JsonConfig):
                 f"sparsity must be in [0, 1) (the share of FFN weight bytes skipped), got {s!r}"
             )
         self.sparsity = float(s)
+        if self.mode in ("gate", "stat") and self.sparsity >= 2.0 / 3.0:
+            raise InvalidArgumentError(
+                f"rule {self.rule!r} reads the whole gate: it can skip at most 67% of the weight bytes of a "
+                "gated FFN; choose --sparsity below 0.67, or rule teal or best"
+            )
         if self.allocation is None:
             self.allocation = {"best": "sensitivity", "teal": "greedy"}.get(self.rule, "uniform")
         if self.allocation not in ALLOCATIONS:
