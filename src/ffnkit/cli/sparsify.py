@@ -107,7 +107,7 @@ def run_sparsify(
     start = time.perf_counter()
     log = (lambda msg: sys.stderr.write(msg + "\n")) if progress else (lambda msg: None)
     net, tok = load_step(PipelineConfig(model=model, trust_remote_code=trust_remote_code))
-    evaluation = evaluation_set(PerplexityProtocol(), tok) if evaluate else None
+    evaluation = evaluation_set(PerplexityProtocol(), tok, corpus=config.corpus) if evaluate else None
     before = measure(net, evaluation).perplexity if evaluation is not None else None
     log(f"calibrating {config.rule} to skip {config.sparsity:.0%} of FFN weight bytes")
     result = sparsify_(net, config, tokenizer=tok)

@@ -104,7 +104,8 @@ class SparsityConfig(JsonConfig):
     tokens: int = 4096  # calibration tokens kept per layer for thresholds
     path_tokens: int = 512  # tokens for the per-layer error paths (greedy / sensitivity)
     step: float = 0.05  # site-sparsity step of the greedy paths
-    probe_windows: int = 4  # calibration windows for the sensitivity probes
+    probe_windows: int = 2  # calibration windows for the sensitivity probes
+    probe_tokens: int = 256  # tokens of each probe window
     predictor_rank: int = 64
     predictor_steps: int = 300
     version: int = 1
@@ -134,7 +135,15 @@ class SparsityConfig(JsonConfig):
                 f"allocation {self.allocation!r} splits TEAL-style input/intermediate sites; rule "
                 f"{self.rule!r} has one site: use allocation='uniform'"
             )
-        for name in ("samples", "seq_len", "tokens", "path_tokens", "probe_windows", "predictor_rank"):
+        for name in (
+            "samples",
+            "seq_len",
+            "tokens",
+            "path_tokens",
+            "probe_windows",
+            "probe_tokens",
+            "predictor_rank",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InvalidArgumentError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not 0.0 < float(self.step) <= 0.5:

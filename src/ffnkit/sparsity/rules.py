@@ -259,7 +259,7 @@ def calibrate_best(cal: Calibration, config: SparsityConfig) -> list[LayerPlan]:
 # ----- sensitivity allocation ---------------------------------------------------------------------
 def _probe_kl(cal: Calibration, config: SparsityConfig, plans: dict[int, LayerPlan]) -> dict[int, float]:
     """Mean KL(dense ‖ sparse) of the next-token distributions when each FFN alone takes its plan."""
-    ids = cal.ids[: config.probe_windows]
+    ids = cal.ids[: config.probe_windows, : config.probe_tokens]
     model = cal.model
     device = next(model.parameters()).device
     key = ("dense_logprobs", ids.shape[0])
@@ -291,7 +291,15 @@ def _sensitivity_rule(cal: Calibration, config: SparsityConfig, scaled: bool) ->
     paths = {f.index: input_path(cal, f.index, config, scaled, cap) for f in cal.ffns}
     # one probe level for every target (the KL per unit of output error varies little with the level)
     level = PROBE_LEVEL
-    key = ("sensitivity", scaled, level, config.step, config.path_tokens, config.probe_windows)
+    key = (
+        "sensitivity",
+        scaled,
+        level,
+        config.step,
+        config.path_tokens,
+        config.probe_windows,
+        config.probe_tokens,
+    )
     if key not in cal.cache:
         probe_paths = {f.index: input_path(cal, f.index, config, scaled, level) for f in cal.ffns}
         probe, errors = {}, {}
