@@ -72,6 +72,7 @@ REPLAYS.register("ffn_lowrank", "ffnkit.compress.lowrank:replay_lowrank", help="
 REPLAYS.register("sublayers_removed", "ffnkit.compress.sublayers:replay_sublayers", help="removed sublayers")
 REPLAYS.register("blocks_removed", "ffnkit.compress.sublayers:replay_blocks", help="removed blocks")
 REPLAYS.register("ffn_quantized", "ffnkit.compress.quantize:replay_quantized", help="packed integer weights")
+REPLAYS.register("ffn_drelu", "ffnkit.sparsity.drelu:replay_drelu", help="dReLU FFNs")
 REPLAYS.register("ffn_sparsity", "ffnkit.sparsity.transform:replay_sparsity", help="sparse FFN thresholds")
 
 

@@ -249,3 +249,22 @@ def test_config_round_trip():
     assert SparsityConfig.from_dict(c.to_dict()) == c
     assert c.allocation == "sensitivity"
     assert SparsityConfig("cats", 0.3).allocation == "uniform"
+
+
+def test_drelu_conversion_saves_and_reloads(tmp_path):
+    from ffnkit.io import load, save
+    from ffnkit.sparsity import drelu_
+
+    model = tiny_model("llama")
+    drelu_(model)
+    ffn = find_ffns(model)[0]
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        want = (torch.relu(x @ ffn.W_gate.T) * torch.relu(x @ ffn.W_in.T)) @ ffn.W_out.T  # the dReLU oracle
+        torch.testing.assert_close(ffn.module(x), want, atol=1e-5, rtol=1e-5)
+    inputs = tiny_inputs(model)
+    save(model, None, tmp_path / "d")
+    loaded, _ = load(tmp_path / "d")
+    torch.testing.assert_close(_logits(loaded, inputs), _logits(model, inputs), atol=0, rtol=0)
+    with pytest.raises(InvalidArgumentError, match="gated"):
+        drelu_(tiny_model("gpt2"))
