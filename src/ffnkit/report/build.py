@@ -26,6 +26,7 @@ from ffnkit.core.runner import is_causal_lm
 from ffnkit.report import html, plots
 from ffnkit.report.frontier import section_frontier
 from ffnkit.report.inspect_sections import section_concept_neurons, section_importance, section_spectral
+from ffnkit.report.sparsity_section import section_sparsity
 from ffnkit.report.stats import SPARSITY_EPS, activation_stats
 
 
@@ -155,6 +156,7 @@ SECTIONS.register("spectral", section_spectral, help="spectral utilisation of th
 SECTIONS.register("importance", section_importance, help="block influence and FinerCut order")
 SECTIONS.register("perplexity", section_perplexity, help="perplexity on the evaluation split")
 SECTIONS.register("frontier", section_frontier, help="the compression frontier of the benchmarks")
+SECTIONS.register("sparsity", section_sparsity, help="the activation-sparsity frontier of the benchmarks")
 
 
 def build_report(
