@@ -44,7 +44,15 @@ def main() -> None:
     dense, tok = load_step(PipelineConfig(model="smollm2-135m"))
     sparse = copy.deepcopy(dense)
     calib = calibration_batches(load_corpus("shakespeare"), tok, args.samples, 256, seed=0)
-    config = SparsityConfig(args.rule, args.sparsity, samples=args.samples)
+    config = SparsityConfig(
+        args.rule,
+        args.sparsity,
+        samples=args.samples,
+        tokens=2048,
+        path_tokens=128,
+        probe_windows=1,
+        probe_tokens=128,
+    )
     result = sparsify_(sparse, config, calibration=calib, tokenizer=tok)
     log(f"sparsified: held-out bytes skipped {result.measured['bytes_skipped']:.3f}")
     modules = [f.module for f in find_ffns(sparse)]
