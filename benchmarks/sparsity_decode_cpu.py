@@ -34,6 +34,10 @@ def main() -> None:
     ap.add_argument("--rule", default="best")
     ap.add_argument("--sparsity", type=float, default=0.4)
     ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument(
+        "--allocation", default=None, help="e.g. uniform: the same kernel and bytes, cheaper calibration"
+    )
+    ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/sparsity_decode_cpu.json")
@@ -90,6 +94,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "model": "smollm2-135m",
         "rule": args.rule,
+        "allocation": config.allocation,
         "sparsity": args.sparsity,
         "heldout_bytes_skipped": result.measured["bytes_skipped"],
         "protocol": {
