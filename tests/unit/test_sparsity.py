@@ -268,3 +268,15 @@ def test_drelu_conversion_saves_and_reloads(tmp_path):
     torch.testing.assert_close(_logits(loaded, inputs), _logits(model, inputs), atol=0, rtol=0)
     with pytest.raises(InvalidArgumentError, match="gated"):
         drelu_(tiny_model("gpt2"))
+
+
+def test_count_sparsity_is_readable_after_the_block():
+    from ffnkit.sparsity.transform import count_sparsity
+
+    model = tiny_model("llama")
+    sparsify_(model, _config("cats", 0.4), calibration=_ids(0))
+    with count_sparsity(model) as counted, torch.no_grad():
+        model(input_ids=_ids(7, n=4))
+    inside = measure_sparsity(model, _ids(7, n=4))
+    after = counted()
+    assert after.bytes_skipped > 0.2 and after.bytes_skipped == pytest.approx(inside.bytes_skipped)

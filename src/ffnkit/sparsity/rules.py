@@ -111,9 +111,16 @@ class _InputLayer:
             d, f = self.wu.shape[1], self.wu.shape[0]
             self.c_in, self.c_mid = weight_scales(cal, index) if scaled else (torch.ones(d), torch.ones(f))
             self.x_score = (self.x * self.c_in).abs()  # [N, d]
-            self.y = self._out(self.post(0.0)[1])  # [N, d] dense
-            self.y_sq = float(self.y.pow(2).sum().clamp_min(1e-30))
+        self._y: Tensor | None = None  # the dense output, computed when an error is first asked for
         self._posts: dict[float, tuple[float, Tensor]] = {}
+
+    @property
+    def y(self) -> Tensor:
+        if self._y is None:
+            with torch.no_grad():
+                self._y = self._out(self.post(0.0)[1])  # [N, d] dense
+                self.y_sq = float(self._y.pow(2).sum().clamp_min(1e-30))
+        return self._y
 
     def post(self, s_in: float) -> tuple[float, Tensor]:
         """(t_in, h [N, f]) with the share s_in of inputs zeroed."""
@@ -128,8 +135,15 @@ class _InputLayer:
     def _out(self, h: Tensor) -> Tensor:
         return h @ self.wd.T + (self.b_out if self.b_out is not None else 0)
 
+    def thresholds(self, s_in: float, s_mid: float) -> tuple[float, float]:
+        """(t_in, t_mid) at the shares (s_in, s_mid), without the output error."""
+        with torch.no_grad():
+            t_in, h = self.post(s_in)
+            return t_in, quantile((h * self.c_mid).abs(), s_mid) if s_mid > 0 else 0.0
+
     def evaluate(self, s_in: float, s_mid: float) -> tuple[float, float, float]:
         """(relative output error, t_in, t_mid) at the shares (s_in, s_mid)."""
+        y = self.y
         with torch.no_grad():
             key = round(s_in, 9)
             if key not in self._posts:
@@ -141,7 +155,7 @@ class _InputLayer:
             t_mid = quantile(h_score, s_mid) if s_mid > 0 else 0.0
             if t_mid > 0:
                 h = torch.where(h_score >= t_mid, h, torch.zeros_like(h))
-            err = float((self._out(h) - self.y).pow(2).sum()) / self.y_sq
+            err = float((self._out(h) - y).pow(2).sum()) / self.y_sq
         return err, t_in, t_mid
 
 
@@ -158,7 +172,7 @@ def _plan_input(
     cal: Calibration, index: int, s_in: float, s_mid: float, scaled: bool, tokens: int | None = None
 ) -> LayerPlan:
     layer = _layer(cal, index, scaled, tokens)
-    _, t_in, t_mid = layer.evaluate(s_in, s_mid)
+    t_in, t_mid = layer.thresholds(s_in, s_mid)
     gated = layer.wg is not None
     return LayerPlan(
         index,

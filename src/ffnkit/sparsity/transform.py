@@ -98,20 +98,20 @@ def count_sparsity(model: nn.Module) -> Iterator[Callable[[], SparsityMeasuremen
     mods = _sparse_modules(model)
     if not mods:
         raise InvalidArgumentError("the model has no sparse FFN: run sparsify_ first")
-    for _, _, m in mods:
-        m.counter = {}
+    counters = [{} for _ in mods]  # kept after the block: the result can be read there
+    for (_, _, m), c in zip(mods, counters, strict=True):
+        m.counter = c
     try:
-        yield lambda: _measurement(mods)
+        yield lambda: _measurement(mods, counters)
     finally:
         for _, _, m in mods:
             m.counter = None
 
 
-def _measurement(mods: list[tuple[int, Any, SparseFFN]]) -> SparsityMeasurement:
+def _measurement(mods: list[tuple[int, Any, SparseFFN]], counters: list[dict]) -> SparsityMeasurement:
     rows, weighted, total, tokens = [], 0.0, 0.0, 0
     sums: dict[str, float] = {}
-    for index, ffn, m in mods:
-        c = m.counter or {}
+    for (index, ffn, m), c in zip(mods, counters, strict=True):
         sites = ("in", "post") if m.mode == "input" else ("post",)
         zeroed = {
             s: c.get(f"{s}_zeroed", 0.0) / c[f"{s}_total"] if c.get(f"{s}_total") else 0.0 for s in sites
