@@ -68,6 +68,10 @@ _EXPORTS = {
     "MoEfyConfig": "ffnkit.moe.convert",
     "upcycle_": "ffnkit.moe.upcycle",
     "UpcycleConfig": "ffnkit.moe.upcycle",
+    # activation sparsity
+    "sparsify_": "ffnkit.sparsity.transform",
+    "SparsityConfig": "ffnkit.sparsity.config",
+    "measure_sparsity": "ffnkit.sparsity.transform",
     # the experiment pipeline
     "run_pipeline": "ffnkit.pipeline",
     "PipelineConfig": "ffnkit.pipeline",

@@ -73,6 +73,8 @@ REPLAYS.register("sublayers_removed", "ffnkit.compress.sublayers:replay_sublayer
 REPLAYS.register("blocks_removed", "ffnkit.compress.sublayers:replay_blocks", help="removed blocks")
 REPLAYS.register("ffn_quantized", "ffnkit.compress.quantize:replay_quantized", help="packed integer weights")
 REPLAYS.register("ffn_moe", "ffnkit.moe.convert:replay_moe", help="mixture-of-experts blocks")
+REPLAYS.register("ffn_drelu", "ffnkit.sparsity.drelu:replay_drelu", help="dReLU FFNs")
+REPLAYS.register("ffn_sparsity", "ffnkit.sparsity.transform:replay_sparsity", help="sparse FFN thresholds")
 
 
 def register_replay(kind: str, fn: Callable[[nn.Module, dict], None] | str, help: str = "") -> None:

@@ -17,6 +17,7 @@ from ffnkit.cli.inspect import inspect_app
 from ffnkit.cli.models import models_app
 from ffnkit.cli.moe import moe_app
 from ffnkit.cli.report import report
+from ffnkit.cli.sparsify import sparsify
 from ffnkit.cli.steer import steer_app
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ app.command("eval")(eval_)
 app.command("report")(report)
 app.command("compress")(compress)
 app.command("export")(export)
+app.command("sparsify")(sparsify)
 app.add_typer(inspect_app, name="inspect")
 app.add_typer(steer_app, name="steer")
 app.add_typer(bench_app, name="bench")

@@ -27,6 +27,7 @@ from ffnkit.report import html, plots
 from ffnkit.report.concepts_section import section_concept_panels
 from ffnkit.report.frontier import section_frontier
 from ffnkit.report.inspect_sections import section_importance, section_spectral
+from ffnkit.report.sparsity_section import section_sparsity
 from ffnkit.report.stats import SPARSITY_EPS, activation_stats
 
 
@@ -165,6 +166,7 @@ SECTIONS.register("frontier", section_frontier, help="the compression frontier o
 SECTIONS.register(
     "moe", "ffnkit.report.moe_section:section_moe", help="expert routing, or the moefication frontier"
 )
+SECTIONS.register("sparsity", section_sparsity, help="the activation-sparsity frontier of the benchmarks")
 
 
 def build_report(

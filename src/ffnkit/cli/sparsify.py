@@ -1,0 +1,127 @@
+"""``ffnkit sparsify MODEL --rule R --sparsity S -o DIR``: calibrate activation sparsity, measure, save.
+
+A thin layer over :func:`ffnkit.sparsity.sparsify_`: every option maps 1:1 onto a field of
+:class:`~ffnkit.sparsity.SparsityConfig`, and every option is checked (and the output folder refused when
+it must not be written) before the model loads. The saved folder loads with ``ffnkit.load`` and runs with
+``ffnkit eval DIR``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from ffnkit.cli.common import (
+    CorpusOpt,
+    JsonOpt,
+    ModelArg,
+    OverwriteOpt,
+    TrustRemoteCodeOpt,
+    print_json,
+    print_table,
+)
+
+
+def _rule_help() -> str:
+    from ffnkit.sparsity.config import RULES
+
+    return f"One of: {', '.join(RULES)}."
+
+
+def sparsify(
+    model: ModelArg = "smollm2-135m",
+    rule: Annotated[str, typer.Option("--rule", help=_rule_help())] = "best",
+    sparsity: Annotated[
+        float, typer.Option("--sparsity", "-s", help="Share of FFN weight bytes a decode step skips, [0, 1).")
+    ] = 0.4,
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder to save the sparse model in.")] = "",
+    samples: Annotated[int, typer.Option(help="Calibration windows.")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
+    corpus: CorpusOpt = "shakespeare",
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip perplexity before/after.")] = False,
+    overwrite: OverwriteOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Sparsify MODEL's FFN activations with RULE to skip SPARSITY of FFN weight bytes; save to DIR."""
+    from ffnkit.core.errors import InvalidArgumentError
+    from ffnkit.folders import check_output_dir
+    from ffnkit.sparsity.config import SparsityConfig
+
+    config = SparsityConfig(rule=rule, sparsity=sparsity, samples=samples, seq_len=seq_len, corpus=corpus)
+    if not output:
+        raise InvalidArgumentError("give an output folder with -o DIR (the sparse model is saved there)")
+    check_output_dir(output, overwrite=overwrite, model_source=model)
+    command = "ffnkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    doc = run_sparsify(
+        model,
+        config,
+        output,
+        evaluate=not no_eval,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+        progress=not json,
+        command=command,
+    )
+    if json:
+        print_json(doc)
+        return
+    measured = doc["result"]["measured"] or {}
+    rows = [
+        {"": "FFN weight bytes skipped (held-out)", "value": measured.get("bytes_skipped")},
+        {"": "zeroed activations (held-out)", "value": measured.get("zeroed")},
+    ]
+    if doc["perplexity_before"] is not None:
+        rows += [
+            {"": "perplexity before", "value": doc["perplexity_before"]},
+            {"": "perplexity after", "value": doc["perplexity_after"]},
+        ]
+    print_table(f"{rule} at {sparsity:.0%} of FFN weight bytes ({doc['seconds']:.1f} s)", rows, ["", "value"])
+    sys.stdout.write(f"saved to {output} (run it with `ffnkit eval {output}` or ffnkit.load)\n")
+
+
+def run_sparsify(
+    model: str,
+    config: object,
+    output: str,
+    *,
+    evaluate: bool = True,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    command: str = "",
+) -> dict:
+    """Load ``model``, sparsify it with ``config``, measure perplexity before/after, save to ``output``.
+
+    Example:
+        >>> doc = run_sparsify("smollm2-135m", SparsityConfig("teal", 0.4), "out/teal40")
+    """
+    from ffnkit.io import save
+    from ffnkit.pipeline import PerplexityProtocol, PipelineConfig, evaluation_set, load_step, measure
+    from ffnkit.sparsity import sparsify_
+
+    start = time.perf_counter()
+    log = (lambda msg: sys.stderr.write(msg + "\n")) if progress else (lambda msg: None)
+    net, tok = load_step(PipelineConfig(model=model, trust_remote_code=trust_remote_code))
+    evaluation = evaluation_set(PerplexityProtocol(), tok, corpus=config.corpus) if evaluate else None
+    before = measure(net, evaluation).perplexity if evaluation is not None else None
+    log(f"calibrating {config.rule} to skip {config.sparsity:.0%} of FFN weight bytes")
+    result = sparsify_(net, config, tokenizer=tok)
+    after = measure(net, evaluation).perplexity if evaluation is not None else None
+    save(net, tok, output, report=result, overwrite=overwrite)
+    return {
+        "model": model,
+        "output": output,
+        "command": command,
+        "rule": config.rule,
+        "sparsity": config.sparsity,
+        "perplexity_before": before,
+        "perplexity_after": after,
+        "protocol": PerplexityProtocol().to_dict() if evaluate else None,
+        "result": result.to_dict(),
+        "seconds": time.perf_counter() - start,
+    }

@@ -1,0 +1,64 @@
+"""Report section: the quality-versus-sparsity frontier of every activation-sparsity rule.
+
+Measuring it takes far too long for a report (benchmarks/sparsity_frontier.py), so the section shows the
+committed result file when the report is about the model it measured, and says where it was published
+and on which machine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ffnkit.report import html
+
+RESULT = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "sparsity_frontier_cpu.json"
+
+
+def frontier_rows(doc: dict, corpus: str) -> tuple[list[dict], list[str]]:
+    """Table rows (one per rule) of perplexity × dense and held-out bytes skipped at each level.
+
+    Example:
+        >>> rows, columns = frontier_rows(json.loads(RESULT.read_text()), "austen")
+    """
+    levels = sorted({r["sparsity"] for r in doc.get("results", [])})
+    columns = [f"{100 * lv:.0f}%" for lv in levels]
+    rows: dict[str, dict] = {}
+    for r in doc.get("results", []):
+        row = rows.setdefault(r["rule"], {"rule": r["rule"]})
+        ev = r.get("evaluation", {}).get(corpus)
+        cell = (
+            "n/a"
+            if ev is None
+            else f"{ev['perplexity']:.2f} (×{ev['perplexity_vs_dense']:.3f}, {ev['bytes_skipped']:.0%})"
+        )
+        row[f"{100 * r['sparsity']:.0f}%"] = cell
+    return list(rows.values()), columns
+
+
+def section_sparsity(ctx) -> tuple[str, str]:
+    """(heading, html) of the sparsity frontier, from the committed benchmark JSON."""
+    title = "Activation sparsity frontier"
+    if ctx.model_name != "smollm2-135m" or not RESULT.is_file():
+        ctx.json["sparsity_frontier"] = None
+        return title, (
+            "<p class='note'>Published for smollm2-135m only. Measure one point with "
+            "<code>ffnkit sparsify MODEL --rule best --sparsity 0.4 -o DIR --json</code>.</p>"
+        )
+    doc = json.loads(RESULT.read_text())
+    corpus = next(iter(doc.get("dense", {}).get("perplexity", {"austen": None})))
+    rows, columns = frontier_rows(doc, corpus)
+    env = doc.get("environment", {})
+    ctx.json["sparsity_frontier"] = {
+        "file": f"benchmarks/results/{RESULT.name}",
+        "summary": doc.get("summary"),
+    }
+    machine = f"{env.get('processor') or env.get('machine')}, {env.get('threads')} threads, torch {env.get('torch')}"
+    return title, (
+        f"<p class='note'>Published in benchmarks/results/{html.esc(RESULT.name)} (machine: {html.esc(machine)}; "
+        f"complete: {html.esc(doc.get('complete'))}). Perplexity on {html.esc(corpus)} "
+        f"({html.esc(doc['evaluation'][corpus]['tokens'])} tokens, 512-token windows; dense "
+        f"{doc['dense']['perplexity'][corpus]:.2f}), × dense, and the share of FFN weight bytes a decode step "
+        "skips, measured on the same text. Columns: the target share.</p>"
+        + html.table(rows, ["rule", *columns])
+    )
