@@ -16,6 +16,8 @@ import typer
 
 from ffnkit.cli.common import (
     CorpusOpt,
+    DeviceOpt,
+    DtypeOpt,
     JsonOpt,
     ModelArg,
     OverwriteOpt,
@@ -44,6 +46,8 @@ def _run(
     overwrite: bool,
     trust_remote_code: bool,
     json: bool,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> None:
     from ffnkit.compress.registry import METHODS
     from ffnkit.core.errors import InvalidArgumentError
@@ -60,9 +64,11 @@ def _run(
         output=output,
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
+        device=device,
+        dtype=dtype,
     )
     command = "ffnkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    record = run_pipeline(config, progress=not json, command=command)
+    record = run_pipeline(config, progress=True, command=command)
     report = record.steps[0].report
     doc = {**record.to_dict(), "method": method, "report": report}
     if json:
@@ -112,6 +118,8 @@ def convert(
     corpus: CorpusOpt = "shakespeare",
     no_eval: NoEvalOpt = False,
     overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -128,7 +136,7 @@ def convert(
         **({"active": active} if active is not None else {}),
         **({"top_k": top_k} if top_k is not None else {}),
     }
-    _run(model, "moefy", fields, output, corpus, no_eval, overwrite, trust_remote_code, json)
+    _run(model, "moefy", fields, output, corpus, no_eval, overwrite, trust_remote_code, json, device, dtype)
 
 
 @moe_app.command("upcycle")
@@ -144,12 +152,14 @@ def upcycle(
     corpus: CorpusOpt = "shakespeare",
     no_eval: NoEvalOpt = False,
     overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Upcycle every dense FFN of MODEL into experts (copies or slices) with a new router, save to DIR."""
     fields = {"experts": experts, "top_k": top_k, "granular": granular}
-    _run(model, "upcycle", fields, output, corpus, no_eval, overwrite, trust_remote_code, json)
+    _run(model, "upcycle", fields, output, corpus, no_eval, overwrite, trust_remote_code, json, device, dtype)
 
 
 register_moe_inspect(moe_app)

@@ -14,6 +14,8 @@ import typer
 
 from ffnkit.cli.common import (
     CorpusOpt,
+    DeviceOpt,
+    DtypeOpt,
     JsonOpt,
     ModelArg,
     TrustRemoteCodeOpt,
@@ -86,11 +88,11 @@ def prompt_set(value: str, flag: str) -> list[str]:
     return prompts
 
 
-def _load_moe(model: str, layers: list[int] | None, trust_remote_code: bool):
+def _load_moe(model: str, layers: list[int] | None, trust_remote_code: bool, device: str, dtype: str):
     from ffnkit.inspect.moe import moe_ffns
     from ffnkit.sources.models import load_model
 
-    net, tok = load_model(model, trust_remote_code=trust_remote_code)
+    net, tok = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     moe_ffns(net, layers, name=model)  # a dense model (or only dense layers chosen): one-line error
     return net, tok
 
@@ -108,6 +110,8 @@ def stats(
     neurons: Annotated[
         int, typer.Option("--neurons", help="Also project each expert's N largest value vectors (0: none).")
     ] = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -120,7 +124,7 @@ def stats(
     chosen = parse_ints(layers, "layers")
     if neurons < 0:
         raise InvalidArgumentError(f"--neurons must be >= 0, got {neurons}")
-    net, tok = _load_moe(model, chosen, trust_remote_code)
+    net, tok = _load_moe(model, chosen, trust_remote_code, device, dtype)
     text = load_corpus(corpus)
     batches = calibration_batches(text, tok, n_samples=samples, seq_len=seq_len, seed=0)
     res = moe_stats(net, batches, layers=chosen, batch_size=batch_size, progress=not json)
@@ -173,6 +177,8 @@ def contrast(
     ] = "",
     layers: LayersOpt = None,
     top: Annotated[int, typer.Option("--top", help="Experts listed towards each set.")] = 10,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -182,7 +188,7 @@ def contrast(
 
     set_a, set_b = prompt_set(a, "--a"), prompt_set(b, "--b")
     chosen = parse_ints(layers, "layers")
-    net, tok = _load_moe(model, chosen, trust_remote_code)
+    net, tok = _load_moe(model, chosen, trust_remote_code, device, dtype)
     res = expert_contrast(net, tok, set_a, set_b, layers=chosen)
     doc = {
         "model": model,
@@ -231,6 +237,8 @@ def steer(
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", help="Tokens to generate (greedy).")
     ] = 20,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -265,7 +273,9 @@ def steer(
     if weight is not None and not forced_on and (sets is None or not activate):
         raise InvalidArgumentError("--weight applies to experts forced on: give --on LAYER:EXPERT too")
     where = positions if positions in ("all", "last") else parse_ints(positions, "positions")
-    net, tok = _load_moe(model, sorted(set(forced_on) | set(forced_off)) or None, trust_remote_code)
+    net, tok = _load_moe(
+        model, sorted(set(forced_on) | set(forced_off)) or None, trust_remote_code, device, dtype
+    )
     check_causal_lm(net, "moe steer")
     contrast_doc = None
     if sets is not None:

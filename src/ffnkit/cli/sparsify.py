@@ -17,6 +17,8 @@ import typer
 
 from ffnkit.cli.common import (
     CorpusOpt,
+    DeviceOpt,
+    DtypeOpt,
     JsonOpt,
     ModelArg,
     OverwriteOpt,
@@ -44,6 +46,8 @@ def sparsify(
     corpus: CorpusOpt = "shakespeare",
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip perplexity before/after.")] = False,
     overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -63,8 +67,10 @@ def sparsify(
         output,
         evaluate=not no_eval,
         overwrite=overwrite,
+        device=device,
+        dtype=dtype,
         trust_remote_code=trust_remote_code,
-        progress=not json,
+        progress=True,
         command=command,
     )
     if json:
@@ -91,6 +97,8 @@ def run_sparsify(
     *,
     evaluate: bool = True,
     overwrite: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
     trust_remote_code: bool = False,
     progress: bool = True,
     command: str = "",
@@ -106,7 +114,9 @@ def run_sparsify(
 
     start = time.perf_counter()
     log = (lambda msg: sys.stderr.write(msg + "\n")) if progress else (lambda msg: None)
-    net, tok = load_step(PipelineConfig(model=model, trust_remote_code=trust_remote_code))
+    net, tok = load_step(
+        PipelineConfig(model=model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    )
     evaluation = evaluation_set(PerplexityProtocol(), tok, corpus=config.corpus) if evaluate else None
     before = measure(net, evaluation).perplexity if evaluation is not None else None
     log(f"calibrating {config.rule} to skip {config.sparsity:.0%} of FFN weight bytes")
