@@ -110,7 +110,9 @@ def test_json_keeps_stdout_strict_while_progress_goes_to_stderr(saved):
     assert run.returncode == 0, run.stderr
     doc = json.loads(run.stdout)  # the whole of stdout is one JSON document
     assert doc["perplexity"] > 1
-    assert re.search(r"perplexity: +100%\|.*\| (\d+)/\1 \[", run.stderr), run.stderr  # a finished tqdm bar
+    # a tqdm bar on stderr (whether its 100% state is drawn before it is cleared depends on tqdm's
+    # redraw interval, i.e. on the machine's speed, so only the bar itself is asserted)
+    assert re.search(r"perplexity: +\d+%\|.*\| \d+/\d+ \[", run.stderr), run.stderr
 
 
 # ----- models ---------------------------------------------------------------------------------------
