@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ffnkit.kernels import use_backend
+from ffnkit.kernels.benchmark import time_cuda  # the one CUDA-graph timer (also used by bench sparsity)
 from ffnkit.kernels.quant_matmul import dequant_linear
 from ffnkit.modules.quantized import QuantizedLinear
 
@@ -137,53 +138,6 @@ def time_cpu(fns: dict[str, Callable[[int], object]], copies: int, rounds: int, 
             fn(c)
             times[name].append(time.perf_counter() - t)
     return {k: {"median_us": statistics.median(v) * 1e6, "min_us": min(v) * 1e6} for k, v in times.items()}
-
-
-def time_cuda(fns: dict[str, Callable[[int], object]], copies: int, rounds: int, calls: int) -> dict:
-    graphs = {}
-    for name, fn in fns.items():
-        for c in range(copies):
-            fn(c)  # warm-up: repacking, allocator
-        torch.cuda.synchronize()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn(0)
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for i in range(calls):
-                fn(i % copies)
-        graphs[name] = g
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    eager: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, g in graphs.items():
-            g.replay()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            g.replay()
-            e.record()
-            e.synchronize()
-            times[name].append(s.elapsed_time(e) * 1e3 / calls)
-        for name, fn in fns.items():
-            torch.cuda.synchronize()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            for i in range(calls):
-                fn(i % copies)
-            e.record()
-            e.synchronize()
-            eager[name].append(s.elapsed_time(e) * 1e3 / calls)
-    del graphs
-    return {
-        k: {
-            "median_us": statistics.median(times[k]),
-            "min_us": min(times[k]),
-            "eager_median_us": statistics.median(eager[k]),
-        }
-        for k in fns
-    }
 
 
 def run_shape(args, name: str, d: int, f: int) -> dict:
