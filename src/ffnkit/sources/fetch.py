@@ -75,6 +75,22 @@ def cache_dir() -> Path:
     return path
 
 
+def cache_lock(name: str):
+    """An inter-process lock on one cache entry, so two ffnkit processes started together fetch or convert
+    it once (the second waits, then finds it done). filelock (already a dependency of transformers'
+    huggingface_hub) does the locking; the lock files live in ``cache_dir()/.locks``.
+
+    Example:
+        >>> with cache_lock("models-smollm2-135m"):
+        ...     pass
+    """
+    from filelock import FileLock
+
+    folder = cache_dir() / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / f"{name}.lock"))
+
+
 # ----------------------------------------------------------------------------------------------- PyPI
 
 

