@@ -182,6 +182,9 @@ def plan_ffn_weights(ffn: FFN, weights: Mapping[str, Tensor | None]) -> list[Swa
 
 
 def _plan_keep(ffn: FFN, idx: Tensor, w_out: Tensor | None = None) -> list[Swap]:
+    refusal = getattr(ffn.module, "resize_refusal", None)
+    if refusal:  # a runtime module whose per-neuron state would go stale (e.g. calibrated thresholds)
+        raise InvalidArgumentError(f"{ffn.name}: {refusal}")
     if ffn.kind == "moe":
         if w_out is not None:
             raise InvalidArgumentError(f"{ffn.name}: new W_out values are for dense FFNs only")

@@ -90,6 +90,8 @@ class RuntimeModule(nn.Module):
     change_kind: ClassVar[str] = ""  # the change-log kind whose records rebuild this module
     weights_writable: ClassVar[bool] = True  # are the handle's canonical weights views of parameters?
     sites: ClassVar[tuple[str, ...]] = ()  # capture sites offered through HookPoint children
+    # why neuron edits (pruning, resizing) are refused on this module; None: they are allowed
+    resize_refusal: ClassVar[str | None] = None
 
     def packed_numel(self) -> int:
         """Weights held in buffers rather than parameters (packed integers), counted as what they stand for."""

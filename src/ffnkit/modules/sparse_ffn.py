@@ -80,6 +80,10 @@ class SparseFFN(RuntimeModule):
     change_kind = CHANGE_KIND
     weights_writable = True
     sites = ("in", "pre", "gate", "post", "out")
+    resize_refusal = (
+        "this FFN is sparsified: its thresholds and per-neuron scales were calibrated for its current "
+        "neurons; compress (prune) first, then sparsify"
+    )
 
     def __init__(
         self,
