@@ -187,3 +187,52 @@ def test_cuda_graph_capture(path):
     graph.replay()
     torch.cuda.synchronize()
     assert kc.rel_err(out, expect) <= kc.TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("share_kept", [1.0, 0.5, 0.1, 0.0])
+@pytest.mark.parametrize(("shape", "rank"), [((130, 257), 5), ((1000, 512), 64), ((301, 129), 0)])
+def test_predicted_ffn_equals_each_row_on_its_own_set(dtype, rows, share_kept, shape, rank):
+    err = kc.check_predicted("triton", *shape, rows, share_kept, dtype, "cuda", rank=rank, seed=rows)
+    assert err <= kc.TOL[dtype], err
+
+
+@pytest.mark.parametrize("mode", ["predictor", "input"])
+def test_sparse_ffn_module_decode_captures_in_a_cuda_graph(mode):
+    """SparseFFN's one-token kernel path never syncs: it replays in a CUDA graph and follows new inputs
+    exactly as its masked dense path does (the predictor's scores kept away from the threshold)."""
+    from torch import nn
+
+    from ffnkit.modules.sparse_ffn import SparseFFN, SparseSpec
+
+    d, f, r = 256, 700, 16
+    g = torch.Generator().manual_seed(51)
+    mlp = nn.Module()
+    for name, shape in (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f))):
+        lin = nn.Linear(shape[1], shape[0], bias=False)
+        lin.weight.data = (torch.randn(*shape, generator=g) / shape[1] ** 0.5).to(torch.bfloat16)
+        mlp.add_module(name, lin)
+    spec = SparseSpec("up_proj", "gate_proj", "down_proj", None, act_kernel="silu", act_hf="silu")
+    sparse = SparseFFN(mlp, spec, mode=mode, d_model=d, d_ff=f, rank=r).cuda()
+    if mode == "predictor":
+        sparse.pred_a.copy_(torch.randn(r, d, generator=g) / d**0.5)
+        sparse.pred_b.copy_(torch.randn(f, r, generator=g))
+        sparse.pred_bias.copy_(torch.randn(f, generator=g))
+        sparse.t_mid.fill_(0.3)
+    else:
+        sparse.t_in.fill_(0.6)
+        sparse.t_mid.fill_(0.02)
+    x = kc.make_x(1, d, torch.bfloat16, "cuda", seed=52).view(1, 1, d)
+    with torch.no_grad():
+        sparse(x)  # compile and pack outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = sparse(x)
+        for seed in (53, 54):
+            x.copy_(kc.make_x(1, d, torch.bfloat16, "cuda", seed=seed).view(1, 1, d))
+            graph.replay()
+            torch.cuda.synchronize()
+            expect = sparse.masked_forward(x)
+            assert kc.rel_err(out, expect) <= 3e-2, (seed, kc.rel_err(out, expect))
+            assert kc.rel_err(out, sparse.masked_forward(x, masks=False)) > 1e-3  # it did skip neurons

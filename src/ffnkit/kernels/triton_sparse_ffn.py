@@ -227,23 +227,39 @@ def _rows_kernel(
     tl.store(out, acc, mask=mn[:, None] & mm[None, :])
 
 
-@triton.jit(do_not_specialize=["K", "n_blocks"])
+@triton.jit(do_not_specialize=["K", "n_blocks", "thr", "R"])
 def _fused_1_kernel(
-    x_ptr, p_ptr, idx_ptr, part_ptr, scale_ptr, K, D, stride_row, n_blocks,
-    HAS_SCALE: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, p_ptr, idx_ptr, part_ptr, scale_ptr, z_ptr, pb_ptr, pbias_ptr, K, D, stride_row, n_blocks, thr, R,
+    HAS_SCALE: tl.constexpr, HAS_PRED: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """Batch 1 in one pass: a persistent program takes BLOCK_K neurons at a time, reads their three whole
-    rows (gate, up, down column: one contiguous block each), and keeps its share of y in registers."""
+    rows (gate, up, down column: one contiguous block each), and keeps its share of y in registers.
+
+    HAS_PRED (Deja Vu at decode): the blocks run over every neuron (no ``idx``) and a neuron is read only if
+    its predictor score pred_b[i] . z + pred_bias[i] > thr, computed here from z [R] (masked-off loads issue
+    no memory traffic), so the predicted set never leaves the GPU and needs no compaction launch."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     od = tl.arange(0, BLOCK_D)
     md = od < D
     xr = tl.load(x_ptr + od, mask=md, other=0.0).to(tl.float32)  # [BD]
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_PRED:
+        orr = tl.arange(0, BLOCK_R)
+        mr = orr < R
+        zr = tl.load(z_ptr + orr, mask=mr, other=0.0).to(tl.float32)  # [BR]
     for blk in range(pid, n_blocks, n_prog):
         ok = blk * BLOCK_K + tl.arange(0, BLOCK_K)
         mk = ok < K
-        rows = tl.load(idx_ptr + ok, mask=mk, other=0).to(tl.int64)
+        if HAS_PRED:
+            rows = ok.to(tl.int64)
+            pb = tl.load(pb_ptr + rows[:, None] * R + orr[None, :], mask=mk[:, None] & mr[None, :], other=0.0)
+            score = tl.sum(pb.to(tl.float32) * zr[None, :], axis=1)  # [BK]
+            score += tl.load(pbias_ptr + rows, mask=mk, other=0.0).to(tl.float32)
+            mk = mk & (score > thr)
+        else:
+            rows = tl.load(idx_ptr + ok, mask=mk, other=0).to(tl.int64)
         base = p_ptr + rows * stride_row  # [BK]
         m2 = mk[:, None] & md[None, :]
         wg = tl.load(base[:, None] + od[None, :], mask=m2, other=0.0).to(tl.float32)  # [BK, BD]
@@ -373,23 +389,37 @@ def _rows(h: Tensor, w_rows: Tensor, idx: Tensor | None, teal_thr: float | None,
     return launch_reduce(launch_rows(h, w_rows, idx, teal_thr), out_dtype)
 
 
-def launch_fused_1(x2: Tensor, packed: Tensor, idx: Tensor, act: str, scale: Tensor | None) -> Tensor:
+def launch_fused_1(
+    x2: Tensor,
+    packed: Tensor,
+    idx: Tensor | None,
+    act: str,
+    scale: Tensor | None,
+    pred: tuple[Tensor, Tensor, Tensor, float] | None = None,
+) -> Tensor:
     """Batch 1 in one pass: [G, 1, D] float32 partial sums of the G persistent programs (then reduce).
+
+    ``pred`` = (z [R] float32, pred_b [F, R] float32, pred_bias [F] float32, threshold): every neuron whose
+    score pred_b · z + pred_bias exceeds the threshold, in place of ``idx``.
 
     Example:
         >>> part = launch_fused_1(x2, packed, idx, "silu", None)  # doctest: +SKIP
     """
     d = packed.shape[2]
-    k = idx.numel()
+    k = packed.shape[0] if pred is not None else idx.numel()
     cfg = dict(CONFIGS["fused_1"])
     bk, per_sm = cfg.pop("BLOCK_K"), cfg.pop("PROGRAMS_PER_SM")
     cfg.pop("MAX_D")
     n_blocks = triton.cdiv(k, bk)
     grid = min(n_blocks, per_sm * sm_count(x2.device))
     part = torch.empty(grid, 1, d, device=x2.device, dtype=torch.float32)  # [G, 1, D]
+    z, pb, pbias, thr = pred if pred is not None else (part, part, part, 0.0)
+    r = pb.shape[1] if pred is not None else 0
     _fused_1_kernel[(grid,)](
-        x2, packed, idx, part, scale if scale is not None else part, k, d, packed.stride(0), n_blocks,
-        HAS_SCALE=scale is not None, ACT=ACT_CODES[act], BLOCK_K=bk, BLOCK_D=triton.next_power_of_2(d), **cfg,
+        x2, packed, idx if idx is not None else part, part, scale if scale is not None else part, z, pb, pbias,
+        k, d, packed.stride(0), n_blocks, float(thr), r,
+        HAS_SCALE=scale is not None, HAS_PRED=pred is not None, ACT=ACT_CODES[act], BLOCK_K=bk,
+        BLOCK_D=triton.next_power_of_2(d), BLOCK_R=max(16, triton.next_power_of_2(r)), **cfg,
     )  # fmt: skip
     return part
 
@@ -421,3 +451,33 @@ def threshold_ffn(x: Tensor, packed: Tensor, threshold: float | Tensor, act: str
     x2 = x.reshape(-1, d).contiguous()
     h = launch_gate_up(x2, packed, None, threshold, act, None)  # [N, F], zero where skipped
     return _rows(h, packed[:, 2, :], None, None, x.dtype).reshape(x.shape)
+
+
+def predicted_ffn(
+    x: Tensor,
+    packed: Tensor,
+    z: Tensor,
+    pred_b: Tensor,
+    pred_bias: Tensor,
+    threshold: float,
+    act: str = "silu",
+) -> Tensor:
+    """Deja Vu (see :func:`ffnkit.kernels.predicted_ffn`) on the GPU: one row in one pass that scores the
+    neurons itself (no host sync, capturable); more rows gather the union of the rows' sets, each row
+    weighted by its own keep mask.
+
+    Example:
+        >>> predicted_ffn(x, packed, z, pred_b, pred_bias, 0.0)  # doctest: +SKIP
+    """
+    d = packed.shape[2]
+    x2 = x.reshape(-1, d).contiguous()  # [N, D]
+    z2 = z.reshape(x2.shape[0], -1).to(torch.float32).contiguous()  # [N, R]
+    pb, pbias = pred_b.to(torch.float32).contiguous(), pred_bias.to(torch.float32).contiguous()
+    if x2.shape[0] == 1 and d <= CONFIGS["fused_1"]["MAX_D"]:
+        part = launch_fused_1(x2, packed, None, act, None, pred=(z2[0], pb, pbias, float(threshold)))
+        return launch_reduce(part, x.dtype).reshape(x.shape)
+    keep = (z2 @ pb.T + pbias) > threshold  # [N, F]
+    idx = keep.any(0).nonzero()[:, 0]  # the union (a host sync: batches are not the decode path)
+    if idx.numel() == 0:
+        return torch.zeros_like(x)
+    return gather_ffn(x, packed, idx, act, keep[:, idx].to(torch.float32))
