@@ -6,7 +6,11 @@ one scale and one zero point per group of 64 inputs (a plain min/max affine quan
 device has no torchao; the speed does not depend on the values). Variants:
 - ``float``: three nn.Linear (CPU float32 / MKL; GPU bfloat16 / cuBLAS), the baseline;
 - ``int4`` / ``int8``: three QuantizedLinear, default kernel backend (CPU: the C loops; GPU: tinygemm);
-- ``int4_dequant``: the same modules on backend ``reference`` (dequantise, then matmul: ffnkit before).
+- ``int4_dequant``: the same modules on backend ``reference`` (dequantise, then matmul: ffnkit before);
+- GPU only, ``int4_fused``: the same int4 modules through :func:`ffnkit.modules.quantized.quantized_gated_ffn`
+  (at most 8 rows: the Triton kernels of :mod:`ffnkit.kernels.triton_quant`, [gate | up] in one pass with
+  SiLU·up fused, then down; more rows: the three modules). ``--sweep-int4`` first times that kernel's
+  launch configurations on the 8B shapes and keeps the fastest of each (``triton_int4_sweep``).
 Each variant's output is checked against the dequantised weights in float32 first (``max_rel_err``).
 
 Protocol: ``--copies`` copies of every FFN are rotated so no call finds its weights in a cache (as in a
@@ -40,7 +44,7 @@ from torch import nn
 from ffnkit.kernels import use_backend
 from ffnkit.kernels.benchmark import time_cuda  # the one CUDA-graph timer (also used by bench sparsity)
 from ffnkit.kernels.quant_matmul import dequant_linear
-from ffnkit.modules.quantized import QuantizedLinear
+from ffnkit.modules.quantized import QuantizedLinear, quantized_gated_ffn
 
 SHAPES = {
     "cpu": {"smollm2-135m": (576, 1536), "qwen2.5-0.5b": (896, 4864)},
@@ -96,11 +100,20 @@ class FFN(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))  # [B, d]
 
 
+class FusedFFN(FFN):
+    """The same three QuantizedLinear through ffnkit's fused int4 FFN path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_gated_ffn(x, self.gate, self.up, self.down, "silu")
+
+
 def build(d: int, f: int, dtype: torch.dtype, device: str, bits_list: tuple[int, ...]) -> dict[str, FFN]:
     ws = [torch.randn(f, d) / d**0.5, torch.randn(f, d) / d**0.5, torch.randn(d, f) / f**0.5]
     out = {"float": FFN(*[_linear(w, dtype, device) for w in ws])}
     for bits in bits_list:
         out[f"int{bits}"] = FFN(*[quantise(w.to(device, dtype), bits, 64) for w in ws])
+    if device == "cuda" and "int4" in out:
+        out["int4_fused"] = FusedFFN(out["int4"].gate, out["int4"].up, out["int4"].down)
     return out
 
 
@@ -239,6 +252,44 @@ def tinygemm_probe(rounds: int, calls: int) -> dict:
     return out
 
 
+def triton_int4_sweep(rounds: int, calls: int) -> dict:
+    """The Triton int4 kernel's launch configurations at batch 1 on the 8B FFN's matrices ([gate | up]
+    28672x4096 with the fused activation; down 4096x14336), group 64; keeps the fastest of each kind in
+    ``triton_quant.CONFIGS`` for the rest of the run."""
+    from ffnkit.kernels import triton_quant as TQ
+
+    torch.manual_seed(0)
+    out: dict = {}
+    for kind, (n, k) in (("pair", (28672, 4096)), ("single", (4096, 14336))):
+        copies = 4
+        packs = []
+        for _ in range(copies):
+            q = torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int8)
+            sc = torch.rand(n, k // 64, device="cuda", dtype=torch.bfloat16) * 0.02
+            zp = torch.randint(-8, 8, (n, k // 64), device="cuda", dtype=torch.int8)
+            packs.append(TQ.int4_pack(q, sc, zp))
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        fns = {}
+        for bo, bg, warps in itertools.product((1, 2, 4, 8), (8, 16, 32), (4, 8)):
+            if (kind == "pair" and bo == 1) or (kind == "single" and bo == 8):
+                continue
+            cfg = {"BLOCK_O": bo, "BLOCK_G": bg, "num_warps": warps, "num_stages": 2}
+
+            def fn(c, cfg=cfg, kind=kind, packs=packs, x=x):
+                TQ.CONFIGS[kind] = cfg
+                return TQ.int4_gemv(x, packs[c], pair=kind == "pair")
+
+            fns[f"o{bo}_g{bg}_w{warps}"] = fn
+        t = time_cuda(fns, copies, rounds, calls)
+        best = min(t, key=lambda v: t[v]["median_us"])
+        bo, bg, warps = (int(p[1:]) for p in best.split("_"))
+        TQ.CONFIGS[kind] = {"BLOCK_O": bo, "BLOCK_G": bg, "num_warps": warps, "num_stages": 2}
+        out[f"{kind}_{n}x{k}"] = {"us": {v: round(r["median_us"], 2) for v, r in t.items()}, "best": best}
+        print(json.dumps({kind: out[f"{kind}_{n}x{k}"]}), file=sys.stderr, flush=True)
+        del packs
+    return out
+
+
 def cpu_torch_op_probe(rounds: int, copies: int) -> dict:
     """CPU, batch 1, one 1536x576 matrix: float32 F.linear, ffnkit's C int4 loop and torch's own CPU int4 op
     (``aten._weight_int4pack_mm_for_cpu``, inner_k_tiles 4, group 64), each checked against its oracle."""
@@ -310,6 +361,7 @@ def main() -> None:
         "--probe", action="store_true", help="GPU: tinygemm per inner_k_tiles/group; CPU: torch's int4 op"
     )
     p.add_argument("--probe-only", action="store_true", help="CPU: the probe alone, no FFN shapes")
+    p.add_argument("--sweep-int4", action="store_true", help="GPU: time the Triton int4 launch configs first")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -340,6 +392,11 @@ def main() -> None:
         print(json.dumps(result["single_matrix_14336x4096_batch1"]), file=sys.stderr, flush=True)
         if args.probe:
             result["tinygemm_probe_batch1_us"] = tinygemm_probe(args.rounds, args.calls)
+        if args.sweep_int4:
+            result["triton_int4_sweep_batch1_us"] = triton_int4_sweep(args.rounds, args.calls)
+        from ffnkit.kernels import triton_quant
+
+        result["triton_int4_configs"] = triton_quant.CONFIGS
     if args.device == "cpu" and args.probe:
         result["torch_cpu_int4_op"] = cpu_torch_op_probe(args.rounds, args.copies)
         print(json.dumps(result["torch_cpu_int4_op"]), file=sys.stderr, flush=True)

@@ -346,6 +346,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--attn", default="bmm,sum", help="attention formulations to try (fastest kept)")
     ap.add_argument("--no-teal", action="store_true")
+    ap.add_argument(
+        "--fused-sweep",
+        default="",
+        help="extra fused-kernel configs BLOCK_K:PROGRAMS_PER_SM:num_warps,... for predictor_50",
+    )
     args = ap.parse_args()
     DEV["device"] = args.device
     if args.tiny:
@@ -448,6 +453,22 @@ def main() -> None:
         add(f"predictor_{round(level * 100)}", pred_mods, info={
             "ffn": "SparseFFN mode=predictor (z = A x, then predicted_ffn)", "ffn_neurons_skipped_calibration": round(1 - statistics.mean(kept), 4),
         })  # fmt: skip
+    if args.fused_sweep and dev == "cuda":
+        import ffnkit.kernels.triton_sparse_ffn as T
+
+        default = dict(T.CONFIGS["fused_1"])
+        with torch.no_grad():
+            for sp, sc in zip(pred_mods, scores, strict=True):
+                sp.t_mid.fill_(quantile([sc], 0.5))
+        for spec in args.fused_sweep.split(","):
+            bk, per_sm, warps = (int(v) for v in spec.split(":"))
+            T.CONFIGS["fused_1"] = {**default, "BLOCK_K": bk, "PROGRAMS_PER_SM": per_sm, "num_warps": warps}
+            add(
+                f"predictor_50_k{bk}p{per_sm}w{warps}",
+                pred_mods,
+                info={"fused_1": dict(T.CONFIGS["fused_1"])},
+            )
+        T.CONFIGS["fused_1"] = default
     del scores
     packed = [sp._packed() for sp in pred_mods]
     with torch.no_grad():
