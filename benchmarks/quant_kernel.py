@@ -8,9 +8,8 @@ device has no torchao; the speed does not depend on the values). Variants:
 - ``int4`` / ``int8``: three QuantizedLinear, default kernel backend (CPU: the C loops; GPU: tinygemm);
 - ``int4_dequant``: the same modules on backend ``reference`` (dequantise, then matmul: ffnkit before);
 - GPU only, ``int4_fused``: the same int4 modules through :func:`ffnkit.modules.quantized.quantized_gated_ffn`
-  (at most 8 rows: the Triton kernels of :mod:`ffnkit.kernels.triton_quant`, [gate | up] in one pass with
-  SiLU·up fused, then down; more rows: the three modules). ``--sweep-int4`` first times that kernel's
-  launch configurations on the 8B shapes and keeps the fastest of each (``triton_int4_sweep``).
+  (at most 8 rows: :mod:`ffnkit.kernels.triton_quant`, one tinygemm product over [gate | up], one Triton
+  SiLU·up kernel, tinygemm down; more rows: the three modules).
 Each variant's output is checked against the dequantised weights in float32 first (``max_rel_err``).
 
 Protocol: ``--copies`` copies of every FFN are rotated so no call finds its weights in a cache (as in a
@@ -252,44 +251,6 @@ def tinygemm_probe(rounds: int, calls: int) -> dict:
     return out
 
 
-def triton_int4_sweep(rounds: int, calls: int) -> dict:
-    """The Triton int4 kernel's launch configurations at batch 1 on the 8B FFN's matrices ([gate | up]
-    28672x4096 with the fused activation; down 4096x14336), group 64; keeps the fastest of each kind in
-    ``triton_quant.CONFIGS`` for the rest of the run."""
-    from ffnkit.kernels import triton_quant as TQ
-
-    torch.manual_seed(0)
-    out: dict = {}
-    for kind, (n, k) in (("pair", (28672, 4096)), ("single", (4096, 14336))):
-        copies = 4
-        packs = []
-        for _ in range(copies):
-            q = torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int8)
-            sc = torch.rand(n, k // 64, device="cuda", dtype=torch.bfloat16) * 0.02
-            zp = torch.randint(-8, 8, (n, k // 64), device="cuda", dtype=torch.int8)
-            packs.append(TQ.int4_pack(q, sc, zp))
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        fns = {}
-        for bo, bg, warps in itertools.product((1, 2, 4, 8), (8, 16, 32), (4, 8)):
-            if (kind == "pair" and bo == 1) or (kind == "single" and bo == 8):
-                continue
-            cfg = {"BLOCK_O": bo, "BLOCK_G": bg, "num_warps": warps, "num_stages": 2}
-
-            def fn(c, cfg=cfg, kind=kind, packs=packs, x=x):
-                TQ.CONFIGS[kind] = cfg
-                return TQ.int4_gemv(x, packs[c], pair=kind == "pair")
-
-            fns[f"o{bo}_g{bg}_w{warps}"] = fn
-        t = time_cuda(fns, copies, rounds, calls)
-        best = min(t, key=lambda v: t[v]["median_us"])
-        bo, bg, warps = (int(p[1:]) for p in best.split("_"))
-        TQ.CONFIGS[kind] = {"BLOCK_O": bo, "BLOCK_G": bg, "num_warps": warps, "num_stages": 2}
-        out[f"{kind}_{n}x{k}"] = {"us": {v: round(r["median_us"], 2) for v, r in t.items()}, "best": best}
-        print(json.dumps({kind: out[f"{kind}_{n}x{k}"]}), file=sys.stderr, flush=True)
-        del packs
-    return out
-
-
 def cpu_torch_op_probe(rounds: int, copies: int) -> dict:
     """CPU, batch 1, one 1536x576 matrix: float32 F.linear, ffnkit's C int4 loop and torch's own CPU int4 op
     (``aten._weight_int4pack_mm_for_cpu``, inner_k_tiles 4, group 64), each checked against its oracle."""
@@ -361,7 +322,6 @@ def main() -> None:
         "--probe", action="store_true", help="GPU: tinygemm per inner_k_tiles/group; CPU: torch's int4 op"
     )
     p.add_argument("--probe-only", action="store_true", help="CPU: the probe alone, no FFN shapes")
-    p.add_argument("--sweep-int4", action="store_true", help="GPU: time the Triton int4 launch configs first")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -392,11 +352,6 @@ def main() -> None:
         print(json.dumps(result["single_matrix_14336x4096_batch1"]), file=sys.stderr, flush=True)
         if args.probe:
             result["tinygemm_probe_batch1_us"] = tinygemm_probe(args.rounds, args.calls)
-        if args.sweep_int4:
-            result["triton_int4_sweep_batch1_us"] = triton_int4_sweep(args.rounds, args.calls)
-        from ffnkit.kernels import triton_quant
-
-        result["triton_int4_configs"] = triton_quant.CONFIGS
     if args.device == "cpu" and args.probe:
         result["torch_cpu_int4_op"] = cpu_torch_op_probe(args.rounds, args.copies)
         print(json.dumps(result["torch_cpu_int4_op"]), file=sys.stderr, flush=True)

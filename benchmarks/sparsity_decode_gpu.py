@@ -95,7 +95,94 @@ def attn_core_sum(qkv, cos, sin, k_cache, v_cache, pos, bias) -> torch.Tensor:
     return o.to(qkv.dtype).reshape(1, S["HEADS"] * S["HEAD_DIM"])
 
 
-ATTN = {"bmm": attn_core_bmm, "sum": attn_core_sum}
+def attn_core_sdpa(qkv, cos, sin, k_cache, v_cache, pos, bias) -> torch.Tensor:
+    """The same attention through F.scaled_dot_product_attention (GQA, the additive mask)."""
+    q = rotary_and_cache(qkv, cos, sin, k_cache, v_cache, pos)  # [KV, G, hd]
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(0), k_cache, v_cache, attn_mask=bias.unsqueeze(0), scale=S["HEAD_DIM"] ** -0.5
+    )  # [1, KV, G, hd]: each KV head attends with its G query heads as G query positions
+    return o.reshape(1, S["HEADS"] * S["HEAD_DIM"])
+
+
+def decode_attn_kernel():
+    """The Triton kernel of :func:`attn_core_triton` (defined on first use: the CPU smoke test has no Triton)."""
+    global triton, tl  # module globals: the JIT resolves the kernel's names there, not in this function
+    if "kernel" in _KERNEL:
+        return _KERNEL["kernel"]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _decode_attn_kernel(
+        qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, L, scale,
+        H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr,
+    ):  # fmt: skip
+        """One KV head per program: rotary of its key and of its G queries, the KV-cache write of the new token,
+        then online-softmax attention over positions <= pos (one launch for the whole attention core)."""
+        kv = tl.program_id(0)
+        p = tl.load(pos_ptr)
+        d = tl.arange(0, HD)
+        half: tl.constexpr = HD // 2
+        dr = (d + half) % HD
+        sign = tl.where(d < half, -1.0, 1.0)
+        cs = tl.load(cos_ptr + d).to(tl.float32)
+        sn = tl.load(sin_ptr + d).to(tl.float32)
+        koff = (H + kv) * HD
+        kn = tl.load(qkv_ptr + koff + d).to(tl.float32)
+        knr = tl.load(qkv_ptr + koff + dr).to(tl.float32)
+        k_rot = kn * cs + sign * knr * sn
+        cache = kv * L * HD
+        tl.store(k_ptr + cache + p * HD + d, k_rot.to(k_ptr.dtype.element_ty))
+        vn = tl.load(qkv_ptr + (H + KV + kv) * HD + d)
+        tl.store(v_ptr + cache + p * HD + d, vn)
+        g = tl.arange(0, BG)
+        mg = g < G
+        qoff = (kv * G + g) * HD  # [BG]
+        q = tl.load(qkv_ptr + qoff[:, None] + d[None, :], mask=mg[:, None], other=0.0).to(tl.float32)
+        qr = tl.load(qkv_ptr + qoff[:, None] + dr[None, :], mask=mg[:, None], other=0.0).to(tl.float32)
+        q = (q * cs[None, :] + sign[None, :] * qr * sn[None, :]).to(k_ptr.dtype.element_ty)  # [BG, HD]
+        tl.debug_barrier()  # the cache write above is read below by other threads of this program
+        m_i = tl.full([BG], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BG], dtype=tl.float32)
+        acc = tl.zeros([BG, HD], dtype=tl.float32)
+        for l0 in range(0, L, BL):
+            lo = l0 + tl.arange(0, BL)
+            ml = (lo <= p) & (lo < L)
+            kb = tl.load(
+                k_ptr + cache + lo[:, None] * HD + d[None, :], mask=ml[:, None], other=0.0
+            )  # [BL, HD]
+            s = tl.dot(q, tl.trans(kb)) * scale  # [BG, BL]
+            s = tl.where(ml[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            pr = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(pr, axis=1)
+            vb = tl.load(v_ptr + cache + lo[:, None] * HD + d[None, :], mask=ml[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(pr.to(vb.dtype), vb)
+            m_i = m_new
+        o = acc / l_i[:, None]
+        tl.store(o_ptr + qoff[:, None] + d[None, :], o.to(o_ptr.dtype.element_ty), mask=mg[:, None])
+
+    _KERNEL["kernel"] = _decode_attn_kernel
+    return _decode_attn_kernel
+
+
+_KERNEL: dict = {}
+
+
+def attn_core_triton(qkv, cos, sin, k_cache, v_cache, pos, bias) -> torch.Tensor:
+    """The same attention core in one Triton launch (``bias`` unused: positions <= pos are attended)."""
+    h, kvh, hd = S["HEADS"], S["KV_HEADS"], S["HEAD_DIM"]
+    o = torch.empty(1, h * hd, device=qkv.device, dtype=qkv.dtype)
+    bg = max(16, 1 << (h // kvh - 1).bit_length())  # tl.dot needs >= 16 rows
+    decode_attn_kernel()[(kvh,)](
+        qkv, cos, sin, k_cache, v_cache, pos, o, k_cache.shape[2], hd**-0.5,
+        H=h, KV=kvh, G=h // kvh, HD=hd, BG=bg, BL=64, num_warps=4,
+    )  # fmt: skip
+    return o
+
+
+ATTN = {"bmm": attn_core_bmm, "sum": attn_core_sum, "sdpa": attn_core_sdpa, "triton": attn_core_triton}
 # the small ops of a step; main() replaces them with torch.compile'd versions (fewer kernel launches)
 FNS = {"add_rms_norm": add_rms_norm, "swiglu": swiglu, "attn_core": attn_core_bmm}
 
@@ -258,12 +345,12 @@ def compile_small_ops(max_len: int, variants: tuple[str, ...]) -> tuple[str, dic
     done, out = [], {}
     for name, fn in fns.items():
         try:
-            if DEV["device"] != "cuda":
+            if DEV["device"] != "cuda" and name != "attn_triton":
                 raise RuntimeError("compile only on cuda")
-            c = torch.compile(fn, dynamic=False)
+            c = fn if name == "attn_triton" else torch.compile(fn, dynamic=False)
             a1 = [t.clone() for t in args[name]]
             a2 = [t.clone() for t in args[name]]
-            got, want = c(*a1), fn(*a2)
+            got, want = c(*a1), (attn_core_bmm if name.startswith("attn_") else fn)(*a2)  # eager oracle
             got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
             for g_, w_ in zip(got, want, strict=True):
                 err = float((g_.float() - w_.float()).norm() / w_.float().norm())
@@ -271,11 +358,12 @@ def compile_small_ops(max_len: int, variants: tuple[str, ...]) -> tuple[str, dic
                     raise ValueError(f"compiled {name} differs from eager: {err}")
             out[name] = c
             done.append(name)
-        except Exception as exc:  # keep eager
+        except Exception as exc:  # keep eager (an attention variant that fails its check is dropped)
             print(f"compile {name} failed: {exc!r}"[:300], file=sys.stderr, flush=True)
-            out[name] = fn
+            if not name.startswith("attn_") or name in ("attn_bmm", "attn_sum"):
+                out[name] = fn
     FNS["add_rms_norm"], FNS["swiglu"] = out["add_rms_norm"], out["swiglu"]
-    return ",".join(done) or "none", {v: out[f"attn_{v}"] for v in variants}
+    return ",".join(done) or "none", {v: out[f"attn_{v}"] for v in variants if f"attn_{v}" in out}
 
 
 def capture(model: Model, tok: torch.Tensor, pos: torch.Tensor, start: int):
@@ -344,12 +432,14 @@ def main() -> None:
     ap.add_argument("--pred-levels", default="0.4,0.5,0.65", help="predictor_L levels")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per timed round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--attn", default="bmm,sum", help="attention formulations to try (fastest kept)")
+    ap.add_argument(
+        "--attn", default="bmm,sum,sdpa,triton", help="attention formulations to try (fastest kept)"
+    )
     ap.add_argument("--no-teal", action="store_true")
     ap.add_argument(
         "--fused-sweep",
         default="",
-        help="extra fused-kernel configs BLOCK_K:PROGRAMS_PER_SM:num_warps,... for predictor_50",
+        help="extra predicted_ffn configs BLOCK_K:PROGRAMS_PER_SM:num_warps,... for predictor_50",
     )
     args = ap.parse_args()
     DEV["device"] = args.device
@@ -456,19 +546,19 @@ def main() -> None:
     if args.fused_sweep and dev == "cuda":
         import ffnkit.kernels.triton_sparse_ffn as T
 
-        default = dict(T.CONFIGS["fused_1"])
+        default = dict(T.CONFIGS["pred_1"])
         with torch.no_grad():
             for sp, sc in zip(pred_mods, scores, strict=True):
                 sp.t_mid.fill_(quantile([sc], 0.5))
         for spec in args.fused_sweep.split(","):
             bk, per_sm, warps = (int(v) for v in spec.split(":"))
-            T.CONFIGS["fused_1"] = {**default, "BLOCK_K": bk, "PROGRAMS_PER_SM": per_sm, "num_warps": warps}
+            T.CONFIGS["pred_1"] = {**default, "BLOCK_K": bk, "PROGRAMS_PER_SM": per_sm, "num_warps": warps}
             add(
                 f"predictor_50_k{bk}p{per_sm}w{warps}",
                 pred_mods,
-                info={"fused_1": dict(T.CONFIGS["fused_1"])},
+                info={"pred_1": dict(T.CONFIGS["pred_1"])},
             )
-        T.CONFIGS["fused_1"] = default
+        T.CONFIGS["pred_1"] = default
     del scores
     packed = [sp._packed() for sp in pred_mods]
     with torch.no_grad():

@@ -61,7 +61,7 @@ KERNELS: dict[tuple[str, str], str] = {
     ("quant_pack", "reference"): "ffnkit.kernels.quant_matmul:reference_pack",
     ("quant_pack", "cpu"): "ffnkit.kernels.cpu_quant:quant_pack",
     ("quant_pack", "triton"): "ffnkit.kernels.cuda_quant:quant_pack",
-    # the whole gated int4 FFN at decode (GPU only): [gate | up] with the activation fused, then down
+    # the whole gated int4 FFN at decode (GPU only): [gate | up] in one tinygemm product, act*up, down
     ("quant_ffn_pack", "triton"): "ffnkit.kernels.triton_quant:ffn_pack",
     ("quant_ffn", "triton"): "ffnkit.kernels.triton_quant:quant_ffn",
     ("quant_linear", "reference"): "ffnkit.kernels.quant_matmul:reference_linear",

@@ -218,9 +218,10 @@ def pack_quant_ffn(
     bits: int,
     backend: str | None = None,
 ) -> QuantFFNPack | None:
-    """The three (q, scale, zero_point) of a gated FFN packed for ``backend``'s fused FFN kernel (on the GPU:
-    one pass over [gate | up] with act(gate)·up fused, then down; :mod:`ffnkit.kernels.triton_quant`), or
-    None where the backend has none or the integers do not fit it (then run the matrices one by one).
+    """The three (q, scale, zero_point) of a gated FFN packed for ``backend``'s fused FFN path (on the GPU:
+    one tinygemm product over [gate | up], one act(gate)·up kernel, then down;
+    :mod:`ffnkit.kernels.triton_quant`), or None where the backend has none or the integers do not fit it
+    (then run the matrices one by one).
 
     Example:
         >>> q, s = torch.zeros(8, 32, dtype=torch.int8), torch.ones(8, 1)
@@ -237,9 +238,9 @@ def pack_quant_ffn(
 
 
 def quant_ffn(x: Tensor, pack: QuantFFNPack, act: str = "silu") -> Tensor:
-    """down(act(gate x) · up x) through the fused FFN kernel ``pack`` was made for; x [..., D] with at most
-    :data:`FFN_ROWS` rows. Equal to dequantise-then-matmul up to float rounding (float32 accumulation,
-    the intermediate rounded to x's dtype as in the float FFN).
+    """down(act(gate x) · up x) through the fused FFN path ``pack`` was made for; x [..., D] with at most
+    :data:`FFN_ROWS` rows. Equal to dequantise-then-matmul up to float rounding (the kernels' bfloat16
+    zero·scale terms, the intermediate rounded to x's dtype as in the float FFN).
 
     Example:
         >>> quant_ffn(torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16), pack)  # doctest: +SKIP

@@ -51,6 +51,8 @@ CONFIGS: dict[str, dict] = {
     "rows_n": {"BLOCK_K": 32, "BLOCK_M": 256, "num_warps": 4, "num_stages": 3, "WAVES": 4},
     # the whole rows of BLOCK_K neurons live in registers: only for D <= MAX_D
     "fused_1": {"BLOCK_K": 2, "num_warps": 8, "num_stages": 2, "PROGRAMS_PER_SM": 2, "MAX_D": 8192},
+    # predicted_ffn at batch 1 (the fused kernel scoring its own neurons first)
+    "pred_1": {"BLOCK_K": 4, "num_warps": 8, "num_stages": 2, "PROGRAMS_PER_SM": 2, "MAX_D": 8192},
 }
 
 
@@ -227,18 +229,35 @@ def _rows_kernel(
     tl.store(out, acc, mask=mn[:, None] & mm[None, :])
 
 
+@triton.jit
+def _neuron_block(x_ptr, p_ptr, scale_ptr, rows, ok, mk, xr, od, md, D, stride_row, HAS_SCALE: tl.constexpr,
+                  ACT: tl.constexpr):  # fmt: skip
+    """[BD] float32: sum over the BK neurons ``rows`` (mask mk) of h_k * their down column (device code)."""
+    base = p_ptr + rows * stride_row  # [BK] start of each neuron's gate row; up at +D, down column at +2D
+    m2 = mk[:, None] & md[None, :]
+    wg = tl.load(base[:, None] + od[None, :], mask=m2, other=0.0).to(tl.float32)  # [BK, BD]
+    wu = tl.load(base[:, None] + D + od[None, :], mask=m2, other=0.0).to(tl.float32)
+    wd = tl.load(base[:, None] + 2 * D + od[None, :], mask=m2, other=0.0).to(tl.float32)
+    h = apply_act(tl.sum(wg * xr[None, :], axis=1), ACT) * tl.sum(wu * xr[None, :], axis=1)  # [BK]
+    if HAS_SCALE:
+        h = h * tl.load(scale_ptr + ok, mask=mk, other=0.0).to(tl.float32)
+    return tl.sum(h[:, None] * wd, axis=0)
+
+
 @triton.jit(do_not_specialize=["K", "n_blocks", "thr", "R"])
 def _fused_1_kernel(
-    x_ptr, p_ptr, idx_ptr, part_ptr, scale_ptr, z_ptr, pb_ptr, pbias_ptr, K, D, stride_row, n_blocks, thr, R,
+    x_ptr, p_ptr, idx_ptr, part_ptr, scale_ptr, z_ptr, pb_ptr, pbias_ptr, list_ptr, K, D, stride_row, n_blocks,
+    thr, R,
     HAS_SCALE: tl.constexpr, HAS_PRED: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, SLOTS: tl.constexpr,
 ):  # fmt: skip
     """Batch 1 in one pass: a persistent program takes BLOCK_K neurons at a time, reads their three whole
     rows (gate, up, down column: one contiguous block each), and keeps its share of y in registers.
 
-    HAS_PRED (Deja Vu at decode): the blocks run over every neuron (no ``idx``) and a neuron is read only if
-    its predictor score pred_b[i] . z + pred_bias[i] > thr, computed here from z [R] (masked-off loads issue
-    no memory traffic), so the predicted set never leaves the GPU and needs no compaction launch."""
+    HAS_PRED (Deja Vu at decode, no ``idx``): first the program scores all the neurons it owns (blocks pid,
+    pid + G, ...: pred_b[i] . z + pred_bias[i] > thr, in one vectorised pass) and lists the kept ones in its
+    own slice of ``list_ptr``; then it streams only those, as the gather does, so the weight loads never
+    wait on a score and the predicted set needs no extra launch."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     od = tl.arange(0, BLOCK_D)
@@ -246,29 +265,37 @@ def _fused_1_kernel(
     xr = tl.load(x_ptr + od, mask=md, other=0.0).to(tl.float32)  # [BD]
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_PRED:
+        sl = tl.arange(0, SLOTS)  # this program's neurons: slot -> neuron
+        blk = pid + (sl // BLOCK_K) * n_prog
+        nid = blk * BLOCK_K + sl % BLOCK_K
+        ms = (blk < n_blocks) & (nid < K)
         orr = tl.arange(0, BLOCK_R)
         mr = orr < R
         zr = tl.load(z_ptr + orr, mask=mr, other=0.0).to(tl.float32)  # [BR]
-    for blk in range(pid, n_blocks, n_prog):
-        ok = blk * BLOCK_K + tl.arange(0, BLOCK_K)
-        mk = ok < K
-        if HAS_PRED:
-            rows = ok.to(tl.int64)
-            pb = tl.load(pb_ptr + rows[:, None] * R + orr[None, :], mask=mk[:, None] & mr[None, :], other=0.0)
-            score = tl.sum(pb.to(tl.float32) * zr[None, :], axis=1)  # [BK]
-            score += tl.load(pbias_ptr + rows, mask=mk, other=0.0).to(tl.float32)
-            mk = mk & (score > thr)
-        else:
+        pb = tl.load(
+            pb_ptr + nid.to(tl.int64)[:, None] * R + orr[None, :], mask=ms[:, None] & mr[None, :], other=0.0
+        )
+        score = tl.sum(pb.to(tl.float32) * zr[None, :], axis=1)  # [SLOTS]
+        score += tl.load(pbias_ptr + nid, mask=ms, other=0.0).to(tl.float32)
+        keep = (ms & (score > thr)).to(tl.int32)
+        pos = tl.cumsum(keep, 0) - 1
+        own = list_ptr + pid * SLOTS
+        tl.store(own + pos, nid, mask=keep > 0)
+        cnt = tl.sum(keep, 0)
+        tl.debug_barrier()  # the list is written by other threads of this program
+        for j0 in range(0, cnt, BLOCK_K):
+            ok = j0 + tl.arange(0, BLOCK_K)
+            mk = ok < cnt
+            rows = tl.load(own + ok, mask=mk, other=0).to(tl.int64)
+            acc += _neuron_block(x_ptr, p_ptr, scale_ptr, rows, ok, mk, xr, od, md, D, stride_row, False, ACT)
+    else:
+        for blk in range(pid, n_blocks, n_prog):
+            ok = blk * BLOCK_K + tl.arange(0, BLOCK_K)
+            mk = ok < K
             rows = tl.load(idx_ptr + ok, mask=mk, other=0).to(tl.int64)
-        base = p_ptr + rows * stride_row  # [BK]
-        m2 = mk[:, None] & md[None, :]
-        wg = tl.load(base[:, None] + od[None, :], mask=m2, other=0.0).to(tl.float32)  # [BK, BD]
-        wu = tl.load(base[:, None] + D + od[None, :], mask=m2, other=0.0).to(tl.float32)
-        wd = tl.load(base[:, None] + 2 * D + od[None, :], mask=m2, other=0.0).to(tl.float32)
-        h = apply_act(tl.sum(wg * xr[None, :], axis=1), ACT) * tl.sum(wu * xr[None, :], axis=1)  # [BK]
-        if HAS_SCALE:
-            h = h * tl.load(scale_ptr + ok, mask=mk, other=0.0).to(tl.float32)
-        acc += tl.sum(h[:, None] * wd, axis=0)
+            acc += _neuron_block(
+                x_ptr, p_ptr, scale_ptr, rows, ok, mk, xr, od, md, D, stride_row, HAS_SCALE, ACT
+            )
     tl.store(part_ptr + pid * D + od, acc, mask=md)
 
 
@@ -407,7 +434,7 @@ def launch_fused_1(
     """
     d = packed.shape[2]
     k = packed.shape[0] if pred is not None else idx.numel()
-    cfg = dict(CONFIGS["fused_1"])
+    cfg = dict(CONFIGS["pred_1" if pred is not None else "fused_1"])
     bk, per_sm = cfg.pop("BLOCK_K"), cfg.pop("PROGRAMS_PER_SM")
     cfg.pop("MAX_D")
     n_blocks = triton.cdiv(k, bk)
@@ -415,11 +442,15 @@ def launch_fused_1(
     part = torch.empty(grid, 1, d, device=x2.device, dtype=torch.float32)  # [G, 1, D]
     z, pb, pbias, thr = pred if pred is not None else (part, part, part, 0.0)
     r = pb.shape[1] if pred is not None else 0
+    slots = triton.next_power_of_2(triton.cdiv(n_blocks, grid) * bk) if pred is not None else 1
+    lst = (
+        torch.empty(grid * slots, device=x2.device, dtype=torch.int32) if pred is not None else part
+    )  # [G*SLOTS]
     _fused_1_kernel[(grid,)](
-        x2, packed, idx if idx is not None else part, part, scale if scale is not None else part, z, pb, pbias,
+        x2, packed, idx if idx is not None else part, part, scale if scale is not None else part, z, pb, pbias, lst,
         k, d, packed.stride(0), n_blocks, float(thr), r,
         HAS_SCALE=scale is not None, HAS_PRED=pred is not None, ACT=ACT_CODES[act], BLOCK_K=bk,
-        BLOCK_D=triton.next_power_of_2(d), BLOCK_R=max(16, triton.next_power_of_2(r)), **cfg,
+        BLOCK_D=triton.next_power_of_2(d), BLOCK_R=max(16, triton.next_power_of_2(r)), SLOTS=slots, **cfg,
     )  # fmt: skip
     return part
 
@@ -473,7 +504,7 @@ def predicted_ffn(
     x2 = x.reshape(-1, d).contiguous()  # [N, D]
     z2 = z.reshape(x2.shape[0], -1).to(torch.float32).contiguous()  # [N, R]
     pb, pbias = pred_b.to(torch.float32).contiguous(), pred_bias.to(torch.float32).contiguous()
-    if x2.shape[0] == 1 and d <= CONFIGS["fused_1"]["MAX_D"]:
+    if x2.shape[0] == 1 and d <= CONFIGS["pred_1"]["MAX_D"]:
         part = launch_fused_1(x2, packed, None, act, None, pred=(z2[0], pb, pbias, float(threshold)))
         return launch_reduce(part, x.dtype).reshape(x.shape)
     keep = (z2 @ pb.T + pbias) > threshold  # [N, F]

@@ -526,9 +526,9 @@ def quantized_gated_ffn(
     x: Tensor, gate: QuantizedLinear, up: QuantizedLinear, down: QuantizedLinear, act: str = "silu"
 ) -> Tensor:
     """down(act(gate x) · up x) for three QuantizedLinear of one gated FFN. At decode on the GPU (at most
-    ``FFN_ROWS`` rows, 2–4 bits, no bias, no gradient) the fused FFN kernel: [gate | up] read in one pass
-    with the activation product fused, then down (two launches; the repack is cached on ``gate`` and
-    rebuilt when any of the three changes). Anything else runs the three modules as they are.
+    ``FFN_ROWS`` rows, 2–4 bits, no bias, no gradient) the fused FFN path: [gate | up] in one int4 product,
+    one activation-product kernel, then down (three launches instead of five; the repack is cached on
+    ``gate`` and rebuilt when any of the three changes). Anything else runs the three modules as they are.
 
     Example:
         >>> g, u, d = QuantizedLinear(64, 32, 4, 32), QuantizedLinear(64, 32, 4, 32), QuantizedLinear(32, 64, 4, 32)
