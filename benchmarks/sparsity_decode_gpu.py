@@ -7,8 +7,9 @@ One decode step (embedding -> 32 layers -> lm_head -> argmax -> next token and p
 device) is captured in a CUDA graph per configuration, so Python overhead does not hide the FFN. The small
 ops are torch.compile'd once and shared by every configuration (each checked against eager): the residual
 add fused with the next RMSNorm, the SwiGLU product, and the attention core (rotary, KV-cache write, GQA
-attention), of which two formulations (``bmm``: baddbmm/softmax/bmm; ``sum``: broadcast products and sums
-that the compiler fuses) are timed on the dense model and the faster is kept for all. Each configuration
+attention), of which four formulations (``bmm``: baddbmm/softmax/bmm; ``sum``: broadcast products and sums
+that the compiler fuses; ``sdpa``: F.scaled_dot_product_attention; ``triton``: one Triton launch written
+here) are checked against eager ``bmm``, timed on the dense model, and the fastest is kept for all. Each configuration
 replays its graph for ``--tokens`` tokens from a random 128-token cache, configurations alternate within
 every round, and the median over rounds is reported (warm-up and compilation excluded).
 
@@ -20,7 +21,8 @@ neurons inside the gather kernel). ``gather_L``: ``gather_ffn`` on the same modu
 fixed random active set of exactly (1 - L) of the neurons (the kernel alone, no predictor). ``teal_50``:
 ``SparseFFN`` in ``input`` mode (TEAL: t_in and t_mid per layer at the 50% quantiles of |x| and |h|);
 ``teal_attn_50``: TEAL on the attention projections too (q/k/v fused, o; ``sparse_input_linear``). The
-measured kept shares are reported. Capturing each configuration in a CUDA graph is the check that the
+measured kept shares are reported. ``--atomic``: gather_50 and predictor_50 again with the fused kernel
+summing its partials itself (``CONFIGS["batch1"]["reduce"] = "atomic"``: one launch per FFN). Capturing each configuration in a CUDA graph is the check that the
 module's decode path never syncs.
 
 Run:  python benchmarks/sparsity_decode_gpu.py --out benchmarks/results/sparsity_decode_h200.json
@@ -437,6 +439,9 @@ def main() -> None:
     )
     ap.add_argument("--no-teal", action="store_true")
     ap.add_argument(
+        "--atomic", action="store_true", help="also gather_50 / predictor_50 with the in-kernel reduce"
+    )
+    ap.add_argument(
         "--fused-sweep",
         default="",
         help="extra predicted_ffn configs BLOCK_K:PROGRAMS_PER_SM:num_warps,... for predictor_50",
@@ -559,6 +564,7 @@ def main() -> None:
                 info={"pred_1": dict(T.CONFIGS["pred_1"])},
             )
         T.CONFIGS["pred_1"] = default
+    pred_t50 = [quantile([sc], 0.5) for sc in scores]
     del scores
     packed = [sp._packed() for sp in pred_mods]
     with torch.no_grad():
@@ -573,6 +579,33 @@ def main() -> None:
             "ffn": "gather_ffn on SparseFFN's packed weights, fixed random active set", "ffn_bytes_skipped": level,
         })  # fmt: skip
 
+    if args.atomic and dev == "cuda":
+        # the same FFNs with the partial sums reduced inside the fused kernel (no reduce launch)
+        import ffnkit.kernels.triton_sparse_ffn as T
+
+        T.CONFIGS["batch1"]["reduce"] = "atomic"
+        with torch.no_grad():
+            ok = all(
+                float((probe(x).float() - want.float()).norm() / want.float().norm()) < 1e-2 for _ in range(3)
+            )
+            record["check_atomic_gather_ok"] = ok
+        if ok:
+            keep = S["FF"] // 2
+            ffns = [GatherFFN(p, torch.randperm(S["FF"], device=dev)[:keep].sort().values) for p in packed]
+            add(
+                "gather_50_atomic",
+                ffns,
+                info={"ffn": "gather_ffn, reduce inside the kernel", "ffn_bytes_skipped": 0.5},
+            )
+            with torch.no_grad():
+                for sp, t in zip(pred_mods, pred_t50, strict=True):
+                    sp.t_mid.fill_(t)
+            add(
+                "predictor_50_atomic",
+                pred_mods,
+                info={"ffn": "SparseFFN mode=predictor, reduce inside the kernel"},
+            )
+        T.CONFIGS["batch1"]["reduce"] = "kernel"
     if not args.no_teal:
         teal = []
         with torch.no_grad():

@@ -236,3 +236,45 @@ def test_sparse_ffn_module_decode_captures_in_a_cuda_graph(mode):
             expect = sparse.masked_forward(x)
             assert kc.rel_err(out, expect) <= 3e-2, (seed, kc.rel_err(out, expect))
             assert kc.rel_err(out, sparse.masked_forward(x, masks=False)) > 1e-3  # it did skip neurons
+
+
+@pytest.fixture
+def atomic_reduce(monkeypatch):
+    """Batch 1 sums its partials inside the fused kernel (CONFIGS["batch1"]["reduce"] = "atomic")."""
+    import ffnkit.kernels.triton_sparse_ffn as T
+
+    monkeypatch.setitem(T.CONFIGS, "batch1", {"path": "fused", "reduce": "atomic"})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("level", kc.LEVELS)
+def test_atomic_reduce_gather_equals_reference(dtype, shape, level, atomic_reduce):
+    for seed in range(3):  # repeated calls: the sum and the ticket must be left at zero each time
+        err = kc.check_gather("triton", *shape, 1, level, dtype, "cuda", seed=seed)
+        assert err <= kc.TOL[dtype], (seed, err)
+
+
+@pytest.mark.parametrize("share_kept", [1.0, 0.5, 0.0])
+def test_atomic_reduce_predicted_equals_oracle(share_kept, atomic_reduce):
+    for seed in range(2):
+        err = kc.check_predicted(
+            "triton", 1000, 512, 1, share_kept, torch.bfloat16, "cuda", rank=64, seed=seed
+        )
+        assert err <= kc.TOL[torch.bfloat16], (seed, err)
+
+
+def test_atomic_reduce_replays_in_a_cuda_graph(atomic_reduce):
+    _, packed = kc.make_ffn(4096, 1024, torch.bfloat16, "cuda", seed=61)
+    x = kc.make_x(1, 1024, torch.bfloat16, "cuda", seed=62)
+    idx = torch.randperm(4096, device="cuda")[:2048]
+    gather_ffn(x, packed, idx, backend="triton")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gather_ffn(x, packed, idx, backend="triton")
+    for seed in range(4):
+        x.copy_(kc.make_x(1, 1024, torch.bfloat16, "cuda", seed=70 + seed))
+        graph.replay()
+        torch.cuda.synchronize()
+        expect = gather_ffn(x, packed, idx, backend="reference")
+        assert kc.rel_err(out, expect) <= kc.TOL[torch.bfloat16], seed
