@@ -44,14 +44,17 @@ ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 # "batch1" picks the path of a single row: "fused" (one persistent pass + reduce), "split" (the "1"
 # kernels) or "dot" (the "n" kernels with the row padded to 16).
 CONFIGS: dict[str, dict] = {
-    "batch1": {"path": "fused", "reduce": "kernel"},  # reduce: "kernel" (a second launch) or "atomic"
+    # reduce: "kernel" (a second launch) or "atomic" (in the fused kernel; 8B decode, gather at 50%: 3.242
+    # against 3.249 ms/token, results/sparsity_decode_h200.json gather_50_atomic: no real gain, so off)
+    "batch1": {"path": "fused", "reduce": "kernel"},
     "gate_up_1": {"BLOCK_K": 4, "BLOCK_D": 1024, "num_warps": 4, "num_stages": 3, "MIN_PROGRAMS_PER_SM": 2},
     "gate_up_n": {"BLOCK_K": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3},
     "rows_1": {"BLOCK_K": 32, "BLOCK_M": 128, "num_warps": 4, "num_stages": 3, "WAVES": 4},
     "rows_n": {"BLOCK_K": 32, "BLOCK_M": 256, "num_warps": 4, "num_stages": 3, "WAVES": 4},
     # the whole rows of BLOCK_K neurons live in registers: only for D <= MAX_D
     "fused_1": {"BLOCK_K": 2, "num_warps": 8, "num_stages": 2, "PROGRAMS_PER_SM": 2, "MAX_D": 8192},
-    # predicted_ffn at batch 1 (the fused kernel scoring its own neurons first)
+    # predicted_ffn at batch 1 (the fused kernel scoring its own neurons first): fastest of five in the 8B
+    # decode (results/sparsity_decode_h200.json, predictor_50*: 3.821 ms/token against 3.825-4.114)
     "pred_1": {"BLOCK_K": 4, "num_warps": 8, "num_stages": 2, "PROGRAMS_PER_SM": 2, "MAX_D": 8192},
 }
 
