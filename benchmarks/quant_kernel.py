@@ -6,7 +6,10 @@ one scale and one zero point per group of 64 inputs (a plain min/max affine quan
 device has no torchao; the speed does not depend on the values). Variants:
 - ``float``: three nn.Linear (CPU float32 / MKL; GPU bfloat16 / cuBLAS), the baseline;
 - ``int4`` / ``int8``: three QuantizedLinear, default kernel backend (CPU: the C loops; GPU: tinygemm);
-- ``int4_dequant``: the same modules on backend ``reference`` (dequantise, then matmul: ffnkit before).
+- ``int4_dequant``: the same modules on backend ``reference`` (dequantise, then matmul: ffnkit before);
+- GPU only, ``int4_fused``: the same int4 modules through :func:`ffnkit.modules.quantized.quantized_gated_ffn`
+  (at most 8 rows: :mod:`ffnkit.kernels.triton_quant`, one tinygemm product over [gate | up], one Triton
+  SiLU·up kernel, tinygemm down; more rows: the three modules).
 Each variant's output is checked against the dequantised weights in float32 first (``max_rel_err``).
 
 Protocol: ``--copies`` copies of every FFN are rotated so no call finds its weights in a cache (as in a
@@ -40,7 +43,7 @@ from torch import nn
 from ffnkit.kernels import use_backend
 from ffnkit.kernels.benchmark import time_cuda  # the one CUDA-graph timer (also used by bench sparsity)
 from ffnkit.kernels.quant_matmul import dequant_linear
-from ffnkit.modules.quantized import QuantizedLinear
+from ffnkit.modules.quantized import QuantizedLinear, quantized_gated_ffn
 
 SHAPES = {
     "cpu": {"smollm2-135m": (576, 1536), "qwen2.5-0.5b": (896, 4864)},
@@ -96,11 +99,20 @@ class FFN(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))  # [B, d]
 
 
+class FusedFFN(FFN):
+    """The same three QuantizedLinear through ffnkit's fused int4 FFN path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_gated_ffn(x, self.gate, self.up, self.down, "silu")
+
+
 def build(d: int, f: int, dtype: torch.dtype, device: str, bits_list: tuple[int, ...]) -> dict[str, FFN]:
     ws = [torch.randn(f, d) / d**0.5, torch.randn(f, d) / d**0.5, torch.randn(d, f) / f**0.5]
     out = {"float": FFN(*[_linear(w, dtype, device) for w in ws])}
     for bits in bits_list:
         out[f"int{bits}"] = FFN(*[quantise(w.to(device, dtype), bits, 64) for w in ws])
+    if device == "cuda" and "int4" in out:
+        out["int4_fused"] = FusedFFN(out["int4"].gate, out["int4"].up, out["int4"].down)
     return out
 
 

@@ -1,25 +1,33 @@
-"""Benchmark: greedy decode of a Llama-3-8B-shaped model, dense FFN vs sparse FFN kernels, tokens/s.
+"""Benchmark: greedy decode of a Llama-3-8B-shaped model, dense FFN vs ffnkit's SparseFFN module, tokens/s.
 
 The model is a minimal Llama decoder written here with the shapes and operations of Llama-3-8B (32 layers,
 d 4096, d_ff 14336, 32 query / 8 key-value heads of 128, vocab 128256, RMSNorm, rotary embeddings, GQA
 attention over a static KV cache, SwiGLU FFN), random bf16 weights (speed does not depend on the values).
 One decode step (embedding -> 32 layers -> lm_head -> argmax -> next token and position written back on the
-device) is captured in a CUDA graph per configuration, so Python overhead does not hide the FFN (the
-RMSNorm, SwiGLU product and rotary/KV-cache/attention core are torch.compile'd first, same for every
-configuration, so they take fewer launches; ``--no-compile`` keeps them eager); each
-configuration replays its graph for ``--tokens`` tokens from a random 128-token cache, configurations
-alternate within every round, and the median over rounds is reported (warm-up and compilation excluded).
+device) is captured in a CUDA graph per configuration, so Python overhead does not hide the FFN. The small
+ops are torch.compile'd once and shared by every configuration (each checked against eager): the residual
+add fused with the next RMSNorm, the SwiGLU product, and the attention core (rotary, KV-cache write, GQA
+attention), of which four formulations (``bmm``: baddbmm/softmax/bmm; ``sum``: broadcast products and sums
+that the compiler fuses; ``sdpa``: F.scaled_dot_product_attention; ``triton``: one Triton launch written
+here) are checked against eager ``bmm``, timed on the dense model, and the fastest is kept for all. Each configuration
+replays its graph for ``--tokens`` tokens from a random 128-token cache, configurations alternate within
+every round, and the median over rounds is reported (warm-up and compilation excluded).
 
-Configurations: ``dense`` (cuBLAS via nn.Linear); ``gather_L`` for each level L: the FFN replaced by
-:func:`make_sparse_ffn` (predictor-style: a fixed random active set of (1 - L) of the neurons per layer,
-:func:`ffnkit.kernels.gather_ffn` on the packed neuron-major weights; fine for speed with random weights);
-``teal_ffn_50``: TEAL on the FFN (thresholds calibrated per layer on decode inputs so 50% of the inputs and
-of the intermediates fall below them, :func:`ffnkit.kernels.teal_ffn`); ``teal_ffn_attn_50``: TEAL on the
-attention projections too (q/k/v fused, o). The measured share of kept inputs of each TEAL site is reported.
-Every configuration is captured in a CUDA graph, which is the check that the kernels are capturable at
-decode (no host sync, fixed shapes).
+Configurations (all FFNs through the kernels ffnkit's ``SparseFFN`` dispatches to at decode):
+``dense``: nn.Linear (cuBLAS) gate, up, down. ``predictor_L``: every FFN replaced by a ``SparseFFN`` in
+``predictor`` mode (Deja Vu: a random rank-64 predictor; t_mid per layer at the L quantile of its scores
+on 16 calibration steps; the module's decode path: z = A x, then ``predicted_ffn``, which scores the
+neurons inside the gather kernel). ``gather_L``: ``gather_ffn`` on the same modules' packed weights with a
+fixed random active set of exactly (1 - L) of the neurons (the kernel alone, no predictor). ``teal_50``:
+``SparseFFN`` in ``input`` mode (TEAL: t_in and t_mid per layer at the 50% quantiles of |x| and |h|);
+``teal_attn_50``: TEAL on the attention projections too (q/k/v fused, o; ``sparse_input_linear``). The
+measured kept shares are reported. ``--atomic``: gather_50 and predictor_50 again with the fused kernel
+summing its partials itself (``CONFIGS["batch1"]["reduce"] = "atomic"``: one launch per FFN). Capturing each configuration in a CUDA graph is the check that the
+module's decode path never syncs.
 
 Run:  python benchmarks/sparsity_decode_gpu.py --out benchmarks/results/sparsity_decode_h200.json
+CPU smoke test of the harness (tiny shapes, eager, no graphs):
+      python benchmarks/sparsity_decode_gpu.py --device cpu --tiny --out /tmp/decode_smoke.json
 """
 
 from __future__ import annotations
@@ -35,45 +43,150 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ffnkit.kernels import gather_ffn, pack_ffn, pack_teal, sparse_input_linear, teal_ffn
+from ffnkit.kernels import gather_ffn, sparse_input_linear
 from ffnkit.kernels.benchmark import environment
+from ffnkit.modules.sparse_ffn import SparseFFN, SparseSpec
 
-D, FF, LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 4096, 14336, 32, 32, 8, 128, 128256
+S = {"D": 4096, "FF": 14336, "LAYERS": 32, "HEADS": 32, "KV_HEADS": 8, "HEAD_DIM": 128, "VOCAB": 128256}
+TINY = {"D": 256, "FF": 704, "LAYERS": 2, "HEADS": 4, "KV_HEADS": 2, "HEAD_DIM": 64, "VOCAB": 1000}
+DEV = {"device": "cuda"}
+RANK = 64  # the predictor's rank (ffnkit's SparsityConfig.predictor_rank default)
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), w, 1e-5)
+def kw() -> dict:
+    return {"device": DEV["device"], "dtype": torch.bfloat16}
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + delta, RMSNorm(h + delta)): the residual add fused with the next norm."""
+    h = h + delta
+    return h, F.rms_norm(h, (h.shape[-1],), w, 1e-5)
 
 
 def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
 
 
-def attn_core(qkv, cos, sin, k_cache, v_cache, pos, bias) -> torch.Tensor:
-    """Rotary embedding, KV-cache write and GQA attention of one token over the static cache."""
-    nq = (HEADS + KV_HEADS) * HEAD_DIM
-    qk = qkv[:, :nq].reshape(HEADS + KV_HEADS, HEAD_DIM)  # [H + KV, hd]
-    half = HEAD_DIM // 2
+def rotary_and_cache(qkv, cos, sin, k_cache, v_cache, pos):
+    """Rotary embedding of q and k, and the KV-cache write of the new token. Returns q [KV, G, hd]."""
+    h, kvh, hd = S["HEADS"], S["KV_HEADS"], S["HEAD_DIM"]
+    nq = (h + kvh) * hd
+    qk = qkv[:, :nq].reshape(h + kvh, hd)  # [H + KV, hd]
+    half = hd // 2
     qk = qk * cos + torch.cat([-qk[:, half:], qk[:, :half]], -1) * sin
-    q = qk[:HEADS].reshape(KV_HEADS, HEADS // KV_HEADS, HEAD_DIM)  # [KV, G, hd]: heads grouped per KV head
-    k_cache.index_copy_(2, pos, qk[HEADS:].reshape(1, KV_HEADS, 1, HEAD_DIM))
-    v_cache.index_copy_(2, pos, qkv[:, nq:].reshape(1, KV_HEADS, 1, HEAD_DIM))
-    s = torch.baddbmm(bias, q, k_cache[0].transpose(1, 2), alpha=HEAD_DIM**-0.5)  # [KV, G, L]
+    k_cache.index_copy_(2, pos, qk[h:].reshape(1, kvh, 1, hd))
+    v_cache.index_copy_(2, pos, qkv[:, nq:].reshape(1, kvh, 1, hd))
+    return qk[:h].reshape(kvh, h // kvh, hd)  # heads grouped per KV head
+
+
+def attn_core_bmm(qkv, cos, sin, k_cache, v_cache, pos, bias) -> torch.Tensor:
+    """GQA attention of one token over the static cache through baddbmm / softmax / bmm."""
+    q = rotary_and_cache(qkv, cos, sin, k_cache, v_cache, pos)
+    s = torch.baddbmm(bias, q, k_cache[0].transpose(1, 2), alpha=S["HEAD_DIM"] ** -0.5)  # [KV, G, L]
     p = s.softmax(-1, dtype=torch.float32).to(qkv.dtype)
-    return torch.bmm(p, v_cache[0]).reshape(1, HEADS * HEAD_DIM)  # [1, H * hd]
+    return torch.bmm(p, v_cache[0]).reshape(1, S["HEADS"] * S["HEAD_DIM"])  # [1, H * hd]
 
 
-# the small ops of a step; main() may replace them with torch.compile'd versions (fewer kernel launches)
-FNS = {"rms_norm": rms_norm, "swiglu": swiglu, "attn_core": attn_core}
+def attn_core_sum(qkv, cos, sin, k_cache, v_cache, pos, bias) -> torch.Tensor:
+    """The same attention as broadcast products and sums (pointwise + reductions the compiler can fuse)."""
+    q = rotary_and_cache(qkv, cos, sin, k_cache, v_cache, pos).float()  # [KV, G, hd]
+    k, v = k_cache[0].float(), v_cache[0].float()  # [KV, L, hd]
+    s = (q[:, :, None, :] * k[:, None, :, :]).sum(-1) * S["HEAD_DIM"] ** -0.5 + bias.float()  # [KV, G, L]
+    p = s.softmax(-1)
+    o = (p[:, :, :, None] * v[:, None, :, :]).sum(2)  # [KV, G, hd]
+    return o.to(qkv.dtype).reshape(1, S["HEADS"] * S["HEAD_DIM"])
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, d: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(d, device="cuda", dtype=torch.bfloat16))
+def attn_core_sdpa(qkv, cos, sin, k_cache, v_cache, pos, bias) -> torch.Tensor:
+    """The same attention through F.scaled_dot_product_attention (GQA, the additive mask)."""
+    q = rotary_and_cache(qkv, cos, sin, k_cache, v_cache, pos)  # [KV, G, hd]
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(0), k_cache, v_cache, attn_mask=bias.unsqueeze(0), scale=S["HEAD_DIM"] ** -0.5
+    )  # [1, KV, G, hd]: each KV head attends with its G query heads as G query positions
+    return o.reshape(1, S["HEADS"] * S["HEAD_DIM"])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return FNS["rms_norm"](x, self.weight)
+
+def decode_attn_kernel():
+    """The Triton kernel of :func:`attn_core_triton` (defined on first use: the CPU smoke test has no Triton)."""
+    global triton, tl  # module globals: the JIT resolves the kernel's names there, not in this function
+    if "kernel" in _KERNEL:
+        return _KERNEL["kernel"]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _decode_attn_kernel(
+        qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, L, scale,
+        H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr,
+    ):  # fmt: skip
+        """One KV head per program: rotary of its key and of its G queries, the KV-cache write of the new token,
+        then online-softmax attention over positions <= pos (one launch for the whole attention core)."""
+        kv = tl.program_id(0)
+        p = tl.load(pos_ptr)
+        d = tl.arange(0, HD)
+        half: tl.constexpr = HD // 2
+        dr = (d + half) % HD
+        sign = tl.where(d < half, -1.0, 1.0)
+        cs = tl.load(cos_ptr + d).to(tl.float32)
+        sn = tl.load(sin_ptr + d).to(tl.float32)
+        koff = (H + kv) * HD
+        kn = tl.load(qkv_ptr + koff + d).to(tl.float32)
+        knr = tl.load(qkv_ptr + koff + dr).to(tl.float32)
+        k_rot = kn * cs + sign * knr * sn
+        cache = kv * L * HD
+        tl.store(k_ptr + cache + p * HD + d, k_rot.to(k_ptr.dtype.element_ty))
+        vn = tl.load(qkv_ptr + (H + KV + kv) * HD + d)
+        tl.store(v_ptr + cache + p * HD + d, vn)
+        g = tl.arange(0, BG)
+        mg = g < G
+        qoff = (kv * G + g) * HD  # [BG]
+        q = tl.load(qkv_ptr + qoff[:, None] + d[None, :], mask=mg[:, None], other=0.0).to(tl.float32)
+        qr = tl.load(qkv_ptr + qoff[:, None] + dr[None, :], mask=mg[:, None], other=0.0).to(tl.float32)
+        q = (q * cs[None, :] + sign[None, :] * qr * sn[None, :]).to(k_ptr.dtype.element_ty)  # [BG, HD]
+        tl.debug_barrier()  # the cache write above is read below by other threads of this program
+        m_i = tl.full([BG], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BG], dtype=tl.float32)
+        acc = tl.zeros([BG, HD], dtype=tl.float32)
+        for l0 in range(0, L, BL):
+            lo = l0 + tl.arange(0, BL)
+            ml = (lo <= p) & (lo < L)
+            kb = tl.load(
+                k_ptr + cache + lo[:, None] * HD + d[None, :], mask=ml[:, None], other=0.0
+            )  # [BL, HD]
+            s = tl.dot(q, tl.trans(kb)) * scale  # [BG, BL]
+            s = tl.where(ml[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            pr = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(pr, axis=1)
+            vb = tl.load(v_ptr + cache + lo[:, None] * HD + d[None, :], mask=ml[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(pr.to(vb.dtype), vb)
+            m_i = m_new
+        o = acc / l_i[:, None]
+        tl.store(o_ptr + qoff[:, None] + d[None, :], o.to(o_ptr.dtype.element_ty), mask=mg[:, None])
+
+    _KERNEL["kernel"] = _decode_attn_kernel
+    return _decode_attn_kernel
+
+
+_KERNEL: dict = {}
+
+
+def attn_core_triton(qkv, cos, sin, k_cache, v_cache, pos, bias) -> torch.Tensor:
+    """The same attention core in one Triton launch (``bias`` unused: positions <= pos are attended)."""
+    h, kvh, hd = S["HEADS"], S["KV_HEADS"], S["HEAD_DIM"]
+    o = torch.empty(1, h * hd, device=qkv.device, dtype=qkv.dtype)
+    bg = max(16, 1 << (h // kvh - 1).bit_length())  # tl.dot needs >= 16 rows
+    decode_attn_kernel()[(kvh,)](
+        qkv, cos, sin, k_cache, v_cache, pos, o, k_cache.shape[2], hd**-0.5,
+        H=h, KV=kvh, G=h // kvh, HD=hd, BG=bg, BL=64, num_warps=4,
+    )  # fmt: skip
+    return o
+
+
+ATTN = {"bmm": attn_core_bmm, "sum": attn_core_sum, "sdpa": attn_core_sdpa, "triton": attn_core_triton}
+# the small ops of a step; main() replaces them with torch.compile'd versions (fewer kernel launches)
+FNS = {"add_rms_norm": add_rms_norm, "swiglu": swiglu, "attn_core": attn_core_bmm}
 
 
 class MLP(nn.Module):
@@ -81,12 +194,9 @@ class MLP(nn.Module):
 
     def __init__(self, d: int, f: int):
         super().__init__()
-        kw = {"bias": False, "device": "cuda", "dtype": torch.bfloat16}
-        self.gate_proj, self.up_proj, self.down_proj = (
-            nn.Linear(d, f, **kw),
-            nn.Linear(d, f, **kw),
-            nn.Linear(f, d, **kw),
-        )
+        self.gate_proj = nn.Linear(d, f, bias=False, **kw())
+        self.up_proj = nn.Linear(d, f, bias=False, **kw())
+        self.down_proj = nn.Linear(f, d, bias=False, **kw())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(FNS["swiglu"](self.gate_proj(x), self.up_proj(x)))
@@ -95,15 +205,13 @@ class MLP(nn.Module):
 class Attention(nn.Module):
     def __init__(self, max_len: int):
         super().__init__()
-        kw = {"bias": False, "device": "cuda", "dtype": torch.bfloat16}
-        self.qkv = nn.Linear(D, (HEADS + 2 * KV_HEADS) * HEAD_DIM, **kw)  # q, k, v fused
-        self.o_proj = nn.Linear(HEADS * HEAD_DIM, D, **kw)
-        self.k_cache = torch.randn(1, KV_HEADS, max_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        self.v_cache = torch.randn(1, KV_HEADS, max_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        h, kvh, hd, d = S["HEADS"], S["KV_HEADS"], S["HEAD_DIM"], S["D"]
+        self.qkv = nn.Linear(d, (h + 2 * kvh) * hd, bias=False, **kw())  # q, k, v fused
+        self.o_proj = nn.Linear(h * hd, d, bias=False, **kw())
+        self.k_cache = torch.randn(1, kvh, max_len, hd, **kw())
+        self.v_cache = torch.randn(1, kvh, max_len, hd, **kw())
 
-    def forward(
-        self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias
-    ) -> torch.Tensor:
+    def forward(self, x, pos, cos, sin, bias) -> torch.Tensor:
         o = FNS["attn_core"](self.qkv(x), cos, sin, self.k_cache, self.v_cache, pos, bias)
         return self.o_proj(o)  # [1, D]
 
@@ -111,35 +219,42 @@ class Attention(nn.Module):
 class Layer(nn.Module):
     def __init__(self, max_len: int):
         super().__init__()
-        self.input_norm, self.post_norm = RMSNorm(D), RMSNorm(D)
-        self.attn, self.mlp = Attention(max_len), MLP(D, FF)
+        self.input_norm = nn.Parameter(torch.ones(S["D"], **kw()))
+        self.post_norm = nn.Parameter(torch.ones(S["D"], **kw()))
+        self.attn, self.mlp = Attention(max_len), MLP(S["D"], S["FF"])
 
-    def forward(self, x, pos, cos, sin, mask):
-        x = x + self.attn(self.input_norm(x), pos, cos, sin, mask)
-        return x + self.mlp(self.post_norm(x))
+    def forward(self, h, delta, pos, cos, sin, bias):
+        """(h, delta) -> (h', FFN output): the previous block's output is added here, fused with the norm."""
+        h, a = FNS["add_rms_norm"](h, delta, self.input_norm)
+        h, a = FNS["add_rms_norm"](h, self.attn(a, pos, cos, sin, bias), self.post_norm)
+        return h, self.mlp(a)
 
 
 class Model(nn.Module):
     def __init__(self, layers: int, max_len: int):
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, D, device="cuda", dtype=torch.bfloat16)
+        dev = DEV["device"]
+        self.embed = nn.Embedding(S["VOCAB"], S["D"], **kw())
         self.layers = nn.ModuleList([Layer(max_len) for _ in range(layers)])
-        self.norm = RMSNorm(D)
-        self.lm_head = nn.Linear(D, VOCAB, bias=False, device="cuda", dtype=torch.bfloat16)
-        inv = 1.0 / (500000.0 ** (torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM))
-        ang = torch.arange(max_len, device="cuda").float()[:, None] * inv[None, :]  # [L, hd/2]
+        self.norm = nn.Parameter(torch.ones(S["D"], **kw()))
+        self.lm_head = nn.Linear(S["D"], S["VOCAB"], bias=False, **kw())
+        hd = S["HEAD_DIM"]
+        inv = 1.0 / (500000.0 ** (torch.arange(0, hd, 2, device=dev).float() / hd))
+        ang = torch.arange(max_len, device=dev).float()[:, None] * inv[None, :]  # [L, hd/2]
         self.cos = torch.cat([ang.cos(), ang.cos()], -1).to(torch.bfloat16)  # [L, hd]
         self.sin = torch.cat([ang.sin(), ang.sin()], -1).to(torch.bfloat16)
-        self.positions = torch.arange(max_len, device="cuda")
+        self.positions = torch.arange(max_len, device=dev)
 
     def forward(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tok)  # [1, D]
+        h = self.embed(tok)  # [1, D]
+        delta = torch.zeros_like(h)
         cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [1, hd]
         # additive mask over the static cache: no host sync, fixed shapes
-        bias = torch.where(self.positions <= pos, 0.0, float("-inf")).to(x.dtype).view(1, 1, -1)  # [1, 1, L]
+        bias = torch.where(self.positions <= pos, 0.0, float("-inf")).to(h.dtype).view(1, 1, -1)  # [1, 1, L]
         for layer in self.layers:
-            x = layer(x, pos, cos, sin, bias)
-        return self.lm_head(self.norm(x))  # [1, V]
+            h, delta = layer(h, delta, pos, cos, sin, bias)
+        _, a = FNS["add_rms_norm"](h, delta, self.norm)
+        return self.lm_head(a)  # [1, V]
 
 
 # ------------------------------------------------------------------------------------------ sparse FFNs
@@ -156,37 +271,6 @@ class GatherFFN(nn.Module):
         return gather_ffn(x, self.packed, self.idx)
 
 
-def make_sparse_ffn(mlp: nn.Module, level: float) -> nn.Module:
-    """The sparse FFN of this harness: ``mlp``'s weights packed neuron-major and a fixed random active set
-    of round((1 - level) * d_ff) neurons (predictor-style; one replaceable function, so a SparseFFN module
-    can be plugged in here later).
-
-    Example:
-        >>> ffn = make_sparse_ffn(model.layers[0].mlp, 0.5)  # doctest: +SKIP
-    """
-    f = mlp.gate_proj.weight.shape[0]
-    packed = pack_ffn(mlp.gate_proj.weight.data, mlp.up_proj.weight.data, mlp.down_proj.weight.data)
-    keep = round((1 - level) * f)
-    idx = torch.randperm(f, device=packed.device)[:keep].sort().values
-    return GatherFFN(packed, idx)
-
-
-class TealFFN(nn.Module):
-    def __init__(self, mlp: nn.Module, t_in: float, t_mid: float):
-        super().__init__()
-        self.w = pack_teal(mlp.gate_proj.weight.data, mlp.up_proj.weight.data, mlp.down_proj.weight.data)
-        self.t_in, self.t_mid, self.stats = t_in, t_mid, None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stats is not None:  # eager measuring pass only (syncs; never inside a graph)
-            f = self.w.down_t.shape[0]
-            gu = (torch.where(x.abs() >= self.t_in, x, 0) @ self.w.gate_up_t).float()  # [1, 2F]
-            h = F.silu(gu[:, :f]) * gu[:, f:]  # [1, F]
-            kept_in = float((x.abs() >= self.t_in).float().mean())
-            self.stats.append((kept_in, float((h.abs() >= self.t_mid).float().mean())))
-        return teal_ffn(x, self.w, self.t_in, self.t_mid)
-
-
 class TealLinear(nn.Module):
     def __init__(self, linear: nn.Linear, t: float):
         super().__init__()
@@ -198,74 +282,95 @@ class TealLinear(nn.Module):
         return sparse_input_linear(x, self.w_t, self.t)
 
 
-def calibrate(model: Model, tokens: int, level: float) -> dict[str, list[float]]:
-    """Per-layer thresholds that drop ``level`` of the inputs of each site, from ``tokens`` eager decode steps."""
+SPEC = SparseSpec("up_proj", "gate_proj", "down_proj", None, act_kernel="silu", act_hf="silu")
+
+
+def sparse_module(mlp: MLP, mode: str, rank: int = 0) -> SparseFFN:
+    """ffnkit's SparseFFN around the harness's MLP (its own Linear children, no copy of them)."""
+    return SparseFFN(mlp, SPEC, mode=mode, d_model=S["D"], d_ff=S["FF"], rank=rank).to(DEV["device"])
+
+
+def collect(model: Model, tokens: int) -> dict[str, list[torch.Tensor]]:
+    """Inputs of each FFN ("ffn{i}"), its down projection ("mid{i}") and the attention projections, over
+    ``tokens`` eager decode steps (float32, flattened)."""
     seen: dict[str, list[torch.Tensor]] = {}
     hooks = []
     for i, layer in enumerate(model.layers):
-        for name, mod in (
+        sites = (
             ("ffn", layer.mlp),
             ("qkv", layer.attn.qkv),
             ("o", layer.attn.o_proj),
             ("mid", layer.mlp.down_proj),
-        ):
-            hooks.append(
-                mod.register_forward_pre_hook(
-                    lambda m, a, key=f"{name}{i}": seen.setdefault(key, []).append(
-                        a[0].detach().float().abs().flatten()
-                    )
-                )
-            )
-    tok = torch.randint(0, VOCAB, (1,), device="cuda")
+        )
+        for name, mod in sites:
+            hooks.append(mod.register_forward_pre_hook(
+                lambda m, a, key=f"{name}{i}": seen.setdefault(key, []).append(a[0].detach().float().flatten())
+            ))  # fmt: skip
+    tok = torch.randint(0, S["VOCAB"], (1,), device=DEV["device"])
     with torch.no_grad():
         for p in range(tokens):
-            tok = model(tok, torch.tensor([p], device="cuda")).argmax(-1)
+            tok = model(tok, torch.tensor([p], device=DEV["device"])).argmax(-1)
     for h in hooks:
         h.remove()
-    return {k: float(torch.quantile(torch.cat(v), level)) for k, v in seen.items()}
+    return seen
+
+
+def quantile(values: list[torch.Tensor], level: float) -> float:
+    v = torch.cat(values)
+    if v.numel() > 8_000_000:
+        v = v[torch.randperm(v.numel(), device=v.device)[:8_000_000]]
+    return float(torch.quantile(v, level))
 
 
 # ------------------------------------------------------------------------------------------- harness
 
 
-def compile_small_ops(max_len: int) -> str:
-    """torch.compile the norm, SwiGLU product and attention core (each checked against eager on random
-    inputs); any that fails stays eager. Returns what happened."""
-    args = {
-        "rms_norm": (
-            torch.randn(1, D, device="cuda", dtype=torch.bfloat16),
-            torch.rand(D, device="cuda", dtype=torch.bfloat16),
-        ),
-        "swiglu": tuple(torch.randn(1, FF, device="cuda", dtype=torch.bfloat16) for _ in range(2)),
-    }
-    pos = torch.tensor([5], device="cuda")
+def compile_small_ops(max_len: int, variants: tuple[str, ...]) -> tuple[str, dict]:
+    """torch.compile the fused add+norm, the SwiGLU product and each attention formulation (each checked
+    against eager on random inputs); any that fails stays eager. Returns (what happened, compiled cores)."""
+    dev, d, ff, kvh, hd = DEV["device"], S["D"], S["FF"], S["KV_HEADS"], S["HEAD_DIM"]
+    pos = torch.tensor([5], device=dev)
     bias = (
-        torch.where(torch.arange(max_len, device="cuda") <= pos, 0.0, float("-inf"))
+        torch.where(torch.arange(max_len, device=dev) <= pos, 0.0, float("-inf"))
         .to(torch.bfloat16)
         .view(1, 1, -1)
     )
-    kv = [torch.randn(1, KV_HEADS, max_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-    cos_sin = [torch.rand(1, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-    qkv = torch.randn(1, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    args["attn_core"] = (qkv, *cos_sin, kv[0], kv[1], pos, bias)
-    done = []
-    for name, fn in list(FNS.items()):
+    kv = [torch.randn(1, kvh, max_len, hd, **kw()) for _ in range(2)]
+    cos_sin = [torch.rand(1, hd, **kw()) for _ in range(2)]
+    qkv = torch.randn(1, (S["HEADS"] + 2 * kvh) * hd, **kw())
+    args = {
+        "add_rms_norm": (torch.randn(1, d, **kw()), torch.randn(1, d, **kw()), torch.rand(d, **kw())),
+        "swiglu": tuple(torch.randn(1, ff, **kw()) for _ in range(2)),
+        **{f"attn_{v}": (qkv, *cos_sin, kv[0], kv[1], pos, bias) for v in variants},
+    }  # fmt: skip
+    fns = {"add_rms_norm": add_rms_norm, "swiglu": swiglu, **{f"attn_{v}": ATTN[v] for v in variants}}
+    done, out = [], {}
+    for name, fn in fns.items():
         try:
-            c = torch.compile(fn, dynamic=False)
+            if DEV["device"] != "cuda" and name != "attn_triton":
+                raise RuntimeError("compile only on cuda")
+            c = fn if name == "attn_triton" else torch.compile(fn, dynamic=False)
             a1 = [t.clone() for t in args[name]]
             a2 = [t.clone() for t in args[name]]
-            got, want = c(*a1), fn(*a2)
-            err = float((got.float() - want.float()).norm() / want.float().norm())
-            if err > 2e-2:
-                raise ValueError(f"compiled {name} differs from eager: {err}")
-            FNS[name] = c
+            got, want = c(*a1), (attn_core_bmm if name.startswith("attn_") else fn)(*a2)  # eager oracle
+            got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+            for g_, w_ in zip(got, want, strict=True):
+                err = float((g_.float() - w_.float()).norm() / w_.float().norm())
+                if err > 2e-2:
+                    raise ValueError(f"compiled {name} differs from eager: {err}")
+            out[name] = c
             done.append(name)
-        except Exception as exc:  # keep eager
-            print(f"compile {name} failed: {exc!r}"[:300], flush=True)
-    return ",".join(done) or "none"
+        except Exception as exc:  # keep eager (an attention variant that fails its check is dropped)
+            print(f"compile {name} failed: {exc!r}"[:300], file=sys.stderr, flush=True)
+            if not name.startswith("attn_") or name in ("attn_bmm", "attn_sum"):
+                out[name] = fn
+    FNS["add_rms_norm"], FNS["swiglu"] = out["add_rms_norm"], out["swiglu"]
+    return ",".join(done) or "none", {v: out[f"attn_{v}"] for v in variants if f"attn_{v}" in out}
 
 
-def capture(model: Model, tok: torch.Tensor, pos: torch.Tensor, start: int) -> torch.cuda.CUDAGraph:
+def capture(model: Model, tok: torch.Tensor, pos: torch.Tensor, start: int):
+    """The decode step as a CUDA graph (on CPU: the eager step, for the smoke test)."""
+
     def step():
         nxt = model(tok, pos).argmax(-1)
         tok.copy_(nxt)
@@ -274,6 +379,8 @@ def capture(model: Model, tok: torch.Tensor, pos: torch.Tensor, start: int) -> t
     with torch.no_grad():
         pos.fill_(start)
         step()  # compile the kernels outside the capture
+        if DEV["device"] != "cuda":
+            return step
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -285,32 +392,80 @@ def capture(model: Model, tok: torch.Tensor, pos: torch.Tensor, start: int) -> t
         pos.fill_(start)
         with torch.cuda.graph(g):
             step()
-    return g
+    return g.replay
+
+
+def time_graphs(
+    configs: dict, pos: torch.Tensor, start: int, tokens: int, rounds: int
+) -> dict[str, list[float]]:
+    """Seconds per token of each configuration's graph, ``rounds`` times, configurations alternating."""
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for _ in range(rounds):
+        for name, replay in configs.items():
+            pos.fill_(start)
+            replay()
+            replay()
+            if DEV["device"] != "cuda":
+                t0 = time.perf_counter()
+                pos.fill_(start)
+                for _ in range(tokens):
+                    replay()
+                times[name].append((time.perf_counter() - t0) / tokens)
+                continue
+            torch.cuda.synchronize()
+            pos.fill_(start)
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(tokens):
+                replay()
+            e.record()
+            e.synchronize()
+            times[name].append(s.elapsed_time(e) / 1e3 / tokens)
+    return times
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--layers", type=int, default=LAYERS)
-    ap.add_argument("--levels", default="0.25,0.4,0.5,0.65")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test of the harness)")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--levels", default="0.25,0.4,0.5,0.65", help="gather_L levels (fixed active set)")
+    ap.add_argument("--pred-levels", default="0.4,0.5,0.65", help="predictor_L levels")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per timed round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--attn", default="bmm,sum,sdpa,triton", help="attention formulations to try (fastest kept)"
+    )
     ap.add_argument("--no-teal", action="store_true")
-    ap.add_argument("--no-compile", action="store_true", help="keep the small ops eager (more launches)")
+    ap.add_argument(
+        "--atomic", action="store_true", help="also gather_50 / predictor_50 with the in-kernel reduce"
+    )
+    ap.add_argument(
+        "--fused-sweep",
+        default="",
+        help="extra predicted_ffn configs BLOCK_K:PROGRAMS_PER_SM:num_warps,... for predictor_50",
+    )
     args = ap.parse_args()
+    DEV["device"] = args.device
+    if args.tiny:
+        S.update(TINY)
+    if args.layers:
+        S["LAYERS"] = args.layers
     torch.manual_seed(0)
+    dev = args.device
     start, max_len = 128, 128 + 2 * args.tokens + 8
-    compiled = compile_small_ops(max_len) if not args.no_compile else "off"
-    model = Model(args.layers, max_len)
+    variants = tuple(v for v in args.attn.split(",") if v)
+    compiled, cores = compile_small_ops(max_len, variants)
+    model = Model(S["LAYERS"], max_len)
     dense_mlps = [layer.mlp for layer in model.layers]
     dense_attn = [(layer.attn.qkv, layer.attn.o_proj) for layer in model.layers]
     record = {
         "benchmark": "sparsity_decode_gpu",
         "command": "python " + " ".join(sys.argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "environment": environment("cuda"),
-        "model": {"layers": args.layers, "d_model": D, "d_ff": FF, "heads": HEADS, "kv_heads": KV_HEADS,
-                  "vocab": VOCAB, "dtype": "bfloat16", "cache_start": start,
+        "environment": environment(dev),
+        "model": {**S, "dtype": "bfloat16", "cache_start": start, "predictor_rank": RANK,
                   "weight_bytes": sum(p.numel() * 2 for p in model.parameters()),
                   "ffn_weight_bytes": sum(p.numel() * 2 for m in dense_mlps for p in m.parameters())},
         "protocol": __doc__.split("\n\n")[1].replace("\n", " "),
@@ -322,102 +477,185 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1) + "\n")
 
-    tok = torch.zeros(1, dtype=torch.long, device="cuda")
-    pos = torch.zeros(1, dtype=torch.long, device="cuda")
-    configs: dict[str, dict] = {}
+    tok = torch.zeros(1, dtype=torch.long, device=dev)
+    pos = torch.zeros(1, dtype=torch.long, device=dev)
+    configs: dict[str, object] = {}
+    keep_alive: list = []
 
     def add(name: str, ffns: list[nn.Module], attn: list | None = None, info: dict | None = None) -> None:
         for layer, ffn in zip(model.layers, ffns, strict=True):
             layer.mlp = ffn
-        saved_attn = [(layer.attn.qkv, layer.attn.o_proj) for layer in model.layers]
         if attn is not None:
             for layer, (q, o) in zip(model.layers, attn, strict=True):
                 layer.attn.qkv, layer.attn.o_proj = q, o
         try:
-            g = capture(model, tok, pos, start)
-            configs[name] = {"graph": g, "keep": (ffns, attn)}
-            record["configs"][name] = {"captured": True, **(info or {})}
+            configs[name] = capture(model, tok, pos, start)
+            keep_alive.append((ffns, attn))
+            record["configs"][name] = {"captured": dev == "cuda", **(info or {})}
         except Exception as exc:
             record["configs"][name] = {"error": repr(exc)[:400], **(info or {})}
-            print(name, "failed:", repr(exc)[:400], flush=True)
-        for layer, (q, o) in zip(model.layers, saved_attn, strict=True):
-            layer.attn.qkv, layer.attn.o_proj = q, o
-        save()
-
-    add("dense", dense_mlps, info={"ffn": "nn.Linear (cuBLAS)", "ffn_bytes_skipped": 0.0})
-    # a kernel check on layer 0 before timing: the 50% gather equals the masked dense reference
-    with torch.no_grad():
-        probe = make_sparse_ffn(dense_mlps[0], 0.5)
-        x = torch.randn(1, D, device="cuda", dtype=torch.bfloat16)
-        ref = gather_ffn(x, probe.packed, probe.idx, backend="reference")
-        record["check_gather_rel_err"] = float((probe(x).float() - ref.float()).norm() / ref.float().norm())
-        del probe
-    for level in [float(v) for v in args.levels.split(",")]:
-        with torch.no_grad():
-            ffns = [make_sparse_ffn(m, level) for m in dense_mlps]
-        add(
-            f"gather_{round(level * 100)}",
-            ffns,
-            info={"ffn": "make_sparse_ffn (gather, fixed random set)", "ffn_bytes_skipped": level},
-        )
-    if not args.no_teal:
-        for layer, m in zip(model.layers, dense_mlps, strict=True):
-            layer.mlp = m
-        thr = calibrate(model, 16, 0.5)
-        record["teal_thresholds_first_layer"] = {
-            k: v for k, v in thr.items() if k.endswith("0") and len(k) <= 4
-        }
-        with torch.no_grad():
-            teal = [TealFFN(m, thr[f"ffn{i}"], thr[f"mid{i}"]) for i, m in enumerate(dense_mlps)]
-            attn = [
-                (TealLinear(layer.attn.qkv, thr[f"qkv{i}"]), TealLinear(layer.attn.o_proj, thr[f"o{i}"]))
-                for i, layer in enumerate(model.layers)
-            ]
-        add(
-            "teal_ffn_50",
-            teal,
-            info={"ffn": "teal_ffn, thresholds at the 50% quantile of 16 calibration steps"},
-        )
-        add(
-            "teal_ffn_attn_50",
-            teal,
-            attn,
-            info={"ffn": "teal_ffn", "attention": "sparse_input_linear on qkv and o, 50% quantile"},
-        )
-        # measured kept shares on fresh decode steps (eager, outside the timing)
-        for layer, m, (q, o) in zip(model.layers, teal, attn, strict=True):
-            layer.mlp, layer.attn.qkv, layer.attn.o_proj = m, q, o
-            m.stats, q.stats, o.stats = [], [], []
-        with torch.no_grad():
-            t = torch.randint(0, VOCAB, (1,), device="cuda")
-            for p in range(start, start + 16):
-                t = model(t, torch.tensor([p], device="cuda")).argmax(-1)
-        kin = statistics.mean(s[0] for m in teal for s in m.stats)
-        kmid = statistics.mean(s[1] for m in teal for s in m.stats)
-        kattn = statistics.mean(v for q, o in attn for v in q.stats + o.stats)
-        record["teal_measured"] = {"ffn_inputs_kept": round(kin, 4), "ffn_intermediates_kept": round(kmid, 4),
-                                   "ffn_bytes_skipped": round(1 - (2 * kin + kmid) / 3, 4), "attn_inputs_kept": round(kattn, 4)}  # fmt: skip
-        for m, (q, o) in zip(teal, attn, strict=True):
-            m.stats = q.stats = o.stats = None
+            print(name, "failed:", repr(exc)[:400], file=sys.stderr, flush=True)
         for layer, (q, o) in zip(model.layers, dense_attn, strict=True):
             layer.attn.qkv, layer.attn.o_proj = q, o
+        for layer, m in zip(model.layers, dense_mlps, strict=True):
+            layer.mlp = m
         save()
-    # timing: configurations alternate within every round
-    times: dict[str, list[float]] = {k: [] for k in configs}
-    for _ in range(args.rounds):
-        for name, c in configs.items():
-            pos.fill_(start)
-            c["graph"].replay()
-            c["graph"].replay()
-            torch.cuda.synchronize()
-            pos.fill_(start)
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            for _ in range(args.tokens):
-                c["graph"].replay()
-            e.record()
-            e.synchronize()
-            times[name].append(s.elapsed_time(e) / 1e3 / args.tokens)
+
+    # the attention formulation: the fastest on the dense model, then the same for every configuration
+    if len(cores) > 1:
+        trial = {}
+        for v, fn in cores.items():
+            FNS["attn_core"] = fn
+            try:
+                trial[v] = capture(model, tok, pos, start)
+            except Exception as exc:  # a formulation that cannot be captured is dropped
+                print(f"attention {v} failed: {exc!r}"[:300], file=sys.stderr, flush=True)
+        t = time_graphs(trial, pos, start, args.tokens, 2)
+        record["attn_core_trial_ms"] = {v: round(statistics.median(ts) * 1e3, 3) for v, ts in t.items()}
+        best = min(t, key=lambda v: statistics.median(t[v]))
+        del trial
+    else:
+        best = next(iter(cores))
+    FNS["attn_core"] = cores[best]
+    record["attn_core"] = best
+    print("attention core:", best, record.get("attn_core_trial_ms"), file=sys.stderr, flush=True)
+
+    add("dense", dense_mlps, info={"ffn": "nn.Linear (cuBLAS) gate, up, down", "ffn_bytes_skipped": 0.0})
+    seen = collect(model, 16)
+
+    # predictor mode: one SparseFFN per layer (its packed weights shared by every level and by gather_L)
+    g = torch.Generator(device=dev).manual_seed(1)
+    pred_mods, scores = [], []
+    with torch.no_grad():
+        for i, m in enumerate(dense_mlps):
+            sp = sparse_module(m, "predictor", RANK)
+            sp.pred_a.copy_(torch.randn(RANK, S["D"], generator=g, device=dev) / S["D"] ** 0.5)
+            sp.pred_b.copy_(torch.randn(S["FF"], RANK, generator=g, device=dev) / RANK**0.5)
+            sp.pred_bias.copy_(0.5 * torch.randn(S["FF"], generator=g, device=dev))
+            xs = torch.stack([v for v in seen[f"ffn{i}"]]).to(dev)  # [T, D]
+            scores.append(sp.predict(xs).flatten())  # [T * F] calibration scores
+            pred_mods.append(sp)
+        # the module's kernel path on layer 0 against its masked dense path, before any timing
+        sp = pred_mods[0]
+        sp.t_mid.fill_(quantile([scores[0]], 0.5))
+        x = seen["ffn0"][-1].to(torch.bfloat16).view(1, 1, -1)
+        fast, slow = sp(x), sp.masked_forward(x)
+        record["check_predictor_rel_err"] = float((fast.float() - slow.float()).norm() / slow.float().norm())
+    for level in [float(v) for v in args.pred_levels.split(",") if v]:
+        kept = []
+        with torch.no_grad():
+            for sp, sc in zip(pred_mods, scores, strict=True):
+                t_mid = quantile([sc], level)
+                sp.t_mid.fill_(t_mid)
+                kept.append(float((sc > t_mid).float().mean()))
+        add(f"predictor_{round(level * 100)}", pred_mods, info={
+            "ffn": "SparseFFN mode=predictor (z = A x, then predicted_ffn)", "ffn_neurons_skipped_calibration": round(1 - statistics.mean(kept), 4),
+        })  # fmt: skip
+    if args.fused_sweep and dev == "cuda":
+        import ffnkit.kernels.triton_sparse_ffn as T
+
+        default = dict(T.CONFIGS["pred_1"])
+        with torch.no_grad():
+            for sp, sc in zip(pred_mods, scores, strict=True):
+                sp.t_mid.fill_(quantile([sc], 0.5))
+        for spec in args.fused_sweep.split(","):
+            bk, per_sm, warps = (int(v) for v in spec.split(":"))
+            T.CONFIGS["pred_1"] = {**default, "BLOCK_K": bk, "PROGRAMS_PER_SM": per_sm, "num_warps": warps}
+            add(
+                f"predictor_50_k{bk}p{per_sm}w{warps}",
+                pred_mods,
+                info={"pred_1": dict(T.CONFIGS["pred_1"])},
+            )
+        T.CONFIGS["pred_1"] = default
+    pred_t50 = [quantile([sc], 0.5) for sc in scores]
+    del scores
+    packed = [sp._packed() for sp in pred_mods]
+    with torch.no_grad():
+        probe = GatherFFN(packed[0], torch.randperm(S["FF"], device=dev)[: S["FF"] // 2].sort().values)
+        x = torch.randn(1, S["D"], **kw())
+        want = gather_ffn(x, probe.packed, probe.idx, backend="reference")
+        record["check_gather_rel_err"] = float((probe(x).float() - want.float()).norm() / want.float().norm())
+    for level in [float(v) for v in args.levels.split(",") if v]:
+        keep = round((1 - level) * S["FF"])
+        ffns = [GatherFFN(p, torch.randperm(S["FF"], device=dev)[:keep].sort().values) for p in packed]
+        add(f"gather_{round(level * 100)}", ffns, info={
+            "ffn": "gather_ffn on SparseFFN's packed weights, fixed random active set", "ffn_bytes_skipped": level,
+        })  # fmt: skip
+
+    if args.atomic and dev == "cuda":
+        # the same FFNs with the partial sums reduced inside the fused kernel (no reduce launch)
+        import ffnkit.kernels.triton_sparse_ffn as T
+
+        T.CONFIGS["batch1"]["reduce"] = "atomic"
+        with torch.no_grad():
+            ok = all(
+                float((probe(x).float() - want.float()).norm() / want.float().norm()) < 1e-2 for _ in range(3)
+            )
+            record["check_atomic_gather_ok"] = ok
+        if ok:
+            keep = S["FF"] // 2
+            ffns = [GatherFFN(p, torch.randperm(S["FF"], device=dev)[:keep].sort().values) for p in packed]
+            add(
+                "gather_50_atomic",
+                ffns,
+                info={"ffn": "gather_ffn, reduce inside the kernel", "ffn_bytes_skipped": 0.5},
+            )
+            with torch.no_grad():
+                for sp, t in zip(pred_mods, pred_t50, strict=True):
+                    sp.t_mid.fill_(t)
+            add(
+                "predictor_50_atomic",
+                pred_mods,
+                info={"ffn": "SparseFFN mode=predictor, reduce inside the kernel"},
+            )
+        T.CONFIGS["batch1"]["reduce"] = "kernel"
+    if not args.no_teal:
+        teal = []
+        with torch.no_grad():
+            for i, m in enumerate(dense_mlps):
+                sp = sparse_module(m, "input")
+                sp.t_in.fill_(quantile([v.abs() for v in seen[f"ffn{i}"]], 0.5))
+                sp.t_mid.fill_(quantile([v.abs() for v in seen[f"mid{i}"]], 0.5))
+                teal.append(sp)
+            attn = [
+                (TealLinear(layer.attn.qkv, quantile([v.abs() for v in seen[f"qkv{i}"]], 0.5)),
+                 TealLinear(layer.attn.o_proj, quantile([v.abs() for v in seen[f"o{i}"]], 0.5)))
+                for i, layer in enumerate(model.layers)
+            ]  # fmt: skip
+            x = seen["ffn0"][-1].to(torch.bfloat16).view(1, 1, -1)
+            fast, slow = teal[0](x), teal[0].masked_forward(x)
+            record["check_teal_rel_err"] = float((fast.float() - slow.float()).norm() / slow.float().norm())
+        add("teal_50", teal, info={"ffn": "SparseFFN mode=input (teal_ffn), 50% quantiles of |x| and |h|"})
+        add("teal_attn_50", teal, attn, info={
+            "ffn": "SparseFFN mode=input", "attention": "sparse_input_linear on qkv and o, 50% quantile",
+        })  # fmt: skip
+        # measured kept shares on fresh decode steps (eager, outside the timing)
+        for layer, m in zip(model.layers, teal, strict=True):
+            layer.mlp = m
+        fresh = collect(model, 16)
+        kin = statistics.mean(
+            float((torch.cat(fresh[f"ffn{i}"]).abs() >= float(m.t_in)).float().mean())
+            for i, m in enumerate(teal)
+        )
+        mids = []
+        with torch.no_grad():
+            for i, m in enumerate(teal):
+                xs = torch.stack(fresh[f"ffn{i}"]).to(torch.bfloat16)  # [T, D]
+                xs = torch.where(xs.abs() >= m.t_in.to(xs.dtype), xs, 0)
+                hmid = F.silu(m.gate_proj(xs).float()) * m.up_proj(xs).float()  # [T, F]
+                mids.append(float((hmid.abs() >= float(m.t_mid)).float().mean()))
+        kattn = statistics.mean(
+            float((torch.cat(fresh[f"{s}{i}"]).abs() >= t.t).float().mean())
+            for i, (q, o) in enumerate(attn) for s, t in (("qkv", q), ("o", o))
+        )  # fmt: skip
+        kmid = statistics.mean(mids)
+        record["teal_measured"] = {"ffn_inputs_kept": round(kin, 4), "ffn_intermediates_kept": round(kmid, 4),
+                                   "ffn_bytes_skipped": round(1 - (2 * kin + kmid) / 3, 4), "attn_inputs_kept": round(kattn, 4)}  # fmt: skip
+        for layer, m in zip(model.layers, dense_mlps, strict=True):
+            layer.mlp = m
+        save()
+
+    times = time_graphs(configs, pos, start, args.tokens, args.rounds)
     dense_s = statistics.median(times["dense"])
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -434,7 +672,8 @@ def main() -> None:
             )
         else:
             print(name, c)
-    print(json.dumps({k: record.get(k) for k in ("check_gather_rel_err", "teal_measured")}))
+    keys = ("attn_core", "attn_core_trial_ms", "check_gather_rel_err", "check_predictor_rel_err", "check_teal_rel_err", "teal_measured")  # fmt: skip
+    print(json.dumps({k: record.get(k) for k in keys}))
 
 
 if __name__ == "__main__":

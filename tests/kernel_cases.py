@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from ffnkit.kernels import gather_ffn, pack_ffn, pack_teal, sparse_input_linear, teal_ffn, threshold_ffn
+from ffnkit.kernels import (
+    gather_ffn,
+    pack_ffn,
+    pack_teal,
+    predicted_ffn,
+    sparse_input_linear,
+    teal_ffn,
+    threshold_ffn,
+)
 from ffnkit.kernels import reference as ref
 
 # Stated tolerances (relative Frobenius error against the float32 reference): float32 kernels accumulate in
@@ -94,6 +102,37 @@ def check_scaled_union(backend: str, f: int, d: int, rows: int, dtype, device: s
             for n in range(rows)
         ]
     )
+    return rel_err(out, alone)
+
+
+def check_predicted(
+    backend: str, f: int, d: int, rows: int, share_kept: float, dtype, device: str, act="silu", rank=5, seed=0
+) -> float:
+    """Deja Vu's scored FFN against an oracle that shares nothing with it: the scores in float64, the
+    threshold halfway between two scores (no rounding flips a neuron), then each row alone through the
+    reference gather over its own kept neurons."""
+    _, packed = make_ffn(f, d, dtype, device, seed)
+    x = make_x(rows, d, dtype, device, seed + 1)
+    g = torch.Generator().manual_seed(seed + 4)
+    z = torch.randn(rows, rank, generator=g)
+    pb, bias = torch.randn(f, rank, generator=g), torch.randn(f, generator=g)
+    scores = z.double() @ pb.double().T + bias.double()  # [N, F]
+    t = midpoint_threshold(scores.flatten(), round(share_kept * scores.numel()))
+    if share_kept >= 1.0:
+        t = float(scores.min()) - 1.0
+    out = predicted_ffn(x, packed, z.to(device), pb.to(device), bias.to(device), t, act=act, backend=backend)
+    keep = scores > t
+    alone = torch.cat(
+        [
+            gather_ffn(
+                x[n : n + 1], packed, keep[n].nonzero().flatten().to(device), act=act, backend="reference"
+            )
+            for n in range(rows)
+        ]
+    )
+    assert out.shape == x.shape and out.dtype == x.dtype
+    if share_kept == 0.0:
+        assert torch.count_nonzero(out) == 0
     return rel_err(out, alone)
 
 

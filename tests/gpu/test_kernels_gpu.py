@@ -187,3 +187,94 @@ def test_cuda_graph_capture(path):
     graph.replay()
     torch.cuda.synchronize()
     assert kc.rel_err(out, expect) <= kc.TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("share_kept", [1.0, 0.5, 0.1, 0.0])
+@pytest.mark.parametrize(("shape", "rank"), [((130, 257), 5), ((1000, 512), 64), ((301, 129), 0)])
+def test_predicted_ffn_equals_each_row_on_its_own_set(dtype, rows, share_kept, shape, rank):
+    err = kc.check_predicted("triton", *shape, rows, share_kept, dtype, "cuda", rank=rank, seed=rows)
+    assert err <= kc.TOL[dtype], err
+
+
+@pytest.mark.parametrize("mode", ["predictor", "input"])
+def test_sparse_ffn_module_decode_captures_in_a_cuda_graph(mode):
+    """SparseFFN's one-token kernel path never syncs: it replays in a CUDA graph and follows new inputs
+    exactly as its masked dense path does (the predictor's scores kept away from the threshold)."""
+    from torch import nn
+
+    from ffnkit.modules.sparse_ffn import SparseFFN, SparseSpec
+
+    d, f, r = 256, 700, 16
+    g = torch.Generator().manual_seed(51)
+    mlp = nn.Module()
+    for name, shape in (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f))):
+        lin = nn.Linear(shape[1], shape[0], bias=False)
+        lin.weight.data = (torch.randn(*shape, generator=g) / shape[1] ** 0.5).to(torch.bfloat16)
+        mlp.add_module(name, lin)
+    spec = SparseSpec("up_proj", "gate_proj", "down_proj", None, act_kernel="silu", act_hf="silu")
+    sparse = SparseFFN(mlp, spec, mode=mode, d_model=d, d_ff=f, rank=r).cuda()
+    if mode == "predictor":
+        sparse.pred_a.copy_(torch.randn(r, d, generator=g) / d**0.5)
+        sparse.pred_b.copy_(torch.randn(f, r, generator=g))
+        sparse.pred_bias.copy_(torch.randn(f, generator=g))
+        sparse.t_mid.fill_(0.3)
+    else:
+        sparse.t_in.fill_(0.6)
+        sparse.t_mid.fill_(0.02)
+    x = kc.make_x(1, d, torch.bfloat16, "cuda", seed=52).view(1, 1, d)
+    with torch.no_grad():
+        sparse(x)  # compile and pack outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = sparse(x)
+        for seed in (53, 54):
+            x.copy_(kc.make_x(1, d, torch.bfloat16, "cuda", seed=seed).view(1, 1, d))
+            graph.replay()
+            torch.cuda.synchronize()
+            expect = sparse.masked_forward(x)
+            assert kc.rel_err(out, expect) <= 3e-2, (seed, kc.rel_err(out, expect))
+            assert kc.rel_err(out, sparse.masked_forward(x, masks=False)) > 1e-3  # it did skip neurons
+
+
+@pytest.fixture
+def atomic_reduce(monkeypatch):
+    """Batch 1 sums its partials inside the fused kernel (CONFIGS["batch1"]["reduce"] = "atomic")."""
+    import ffnkit.kernels.triton_sparse_ffn as T
+
+    monkeypatch.setitem(T.CONFIGS, "batch1", {"path": "fused", "reduce": "atomic"})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("level", kc.LEVELS)
+def test_atomic_reduce_gather_equals_reference(dtype, shape, level, atomic_reduce):
+    for seed in range(3):  # repeated calls: the sum and the ticket must be left at zero each time
+        err = kc.check_gather("triton", *shape, 1, level, dtype, "cuda", seed=seed)
+        assert err <= kc.TOL[dtype], (seed, err)
+
+
+@pytest.mark.parametrize("share_kept", [1.0, 0.5, 0.0])
+def test_atomic_reduce_predicted_equals_oracle(share_kept, atomic_reduce):
+    for seed in range(2):
+        err = kc.check_predicted(
+            "triton", 1000, 512, 1, share_kept, torch.bfloat16, "cuda", rank=64, seed=seed
+        )
+        assert err <= kc.TOL[torch.bfloat16], (seed, err)
+
+
+def test_atomic_reduce_replays_in_a_cuda_graph(atomic_reduce):
+    _, packed = kc.make_ffn(4096, 1024, torch.bfloat16, "cuda", seed=61)
+    x = kc.make_x(1, 1024, torch.bfloat16, "cuda", seed=62)
+    idx = torch.randperm(4096, device="cuda")[:2048]
+    gather_ffn(x, packed, idx, backend="triton")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gather_ffn(x, packed, idx, backend="triton")
+    for seed in range(4):
+        x.copy_(kc.make_x(1, 1024, torch.bfloat16, "cuda", seed=70 + seed))
+        graph.replay()
+        torch.cuda.synchronize()
+        expect = gather_ffn(x, packed, idx, backend="reference")
+        assert kc.rel_err(out, expect) <= kc.TOL[torch.bfloat16], seed

@@ -23,6 +23,7 @@ from ffnkit.kernels import (
     kernel_activation,
     pack_ffn,
     pack_teal,
+    predicted_ffn,
     resolve_backend,
     sparse_input_linear,
     teal_ffn,
@@ -210,13 +211,22 @@ def test_dispatch_table_is_complete():
     assert kernels == {
         "gather_ffn",
         "threshold_ffn",
+        "predicted_ffn",
         "sparse_input_linear",
         "teal_ffn",
         "experts_forward",
         "quant_pack",
         "quant_linear",
+        "quant_ffn_pack",
+        "quant_ffn",
     }
-    assert {(k, b) for k in kernels for b in BACKENDS} == set(KERNELS)
+    gpu_only = {
+        "quant_ffn_pack",
+        "quant_ffn",
+    }  # the fused int4 FFN: other backends run the matrices one by one
+    assert {(k, b) for k in kernels - gpu_only for b in BACKENDS} | {(k, "triton") for k in gpu_only} == set(
+        KERNELS
+    )
 
 
 def test_backend_resolution_and_precedence(monkeypatch):
@@ -331,3 +341,19 @@ def test_c_kernel_with_software_prefetch(monkeypatch, distance):
     assert kc.check_gather("cpu", 130, 257, 3, "half", torch.float32, "cpu") <= 1e-5
     assert kc.check_threshold("cpu", 130, 257, 2, 0.3, torch.float32, "cpu") <= 1e-5
     assert kc.check_input_linear("cpu", 101, 67, 2, 0.4, torch.float32, "cpu") <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("share_kept", [1.0, 0.5, 0.1, 0.0])
+def test_predicted_ffn_equals_each_row_on_its_own_set(backend, rows, share_kept):
+    err = kc.check_predicted(backend, 70, 33, rows, share_kept, torch.float32, "cpu", seed=rows)
+    assert err <= kc.TOL[torch.float32], err
+
+
+def test_predicted_ffn_rejects_mis_shaped_predictor():
+    _, packed = kc.make_ffn(10, 4, torch.float32, "cpu", seed=0)
+    with pytest.raises(InvalidArgumentError, match="pred_b must be"):
+        predicted_ffn(torch.randn(1, 4), packed, torch.randn(1, 2), torch.randn(9, 2), torch.zeros(10), 0.0)
+    with pytest.raises(InvalidArgumentError, match="z must be"):
+        predicted_ffn(torch.randn(1, 4), packed, torch.randn(1, 3), torch.randn(10, 2), torch.zeros(10), 0.0)

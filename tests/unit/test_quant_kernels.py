@@ -169,3 +169,24 @@ def test_modules_built_in_inference_mode_run_the_kernels():
         y = mod(x)
     assert mod.kernel_pack("cpu", torch.float32).path == "cpu_int4"
     torch.testing.assert_close(y.double(), oracle(x, q, scale, zp), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_ffn_has_no_cpu_path_and_falls_back_to_the_three_modules():
+    from ffnkit.kernels.quant_matmul import pack_quant_ffn
+    from ffnkit.modules.quantized import quantized_gated_ffn
+
+    g = torch.Generator().manual_seed(0)
+
+    def mod(out: int, n: int) -> QuantizedLinear:
+        q = torch.randint(-8, 8, (out, n), generator=g, dtype=torch.int8)
+        return QuantizedLinear.from_ints(q, torch.rand(out, n // 32, generator=g) * 0.05, None, None, bits=4)
+
+    gate, up, down = mod(96, 64), mod(96, 64), mod(64, 96)
+    assert pack_quant_ffn(gate.ints(), up.ints(), down.ints(), bits=4) is None
+    x = torch.randn(1, 64, generator=g)
+    with torch.no_grad():
+        y = quantized_gated_ffn(x, gate, up, down, "relu")
+        want = down(torch.relu(gate(x)) * up(x))
+    torch.testing.assert_close(y, want, atol=0, rtol=0)
+    with pytest.raises(InvalidArgumentError, match="bits must be"):
+        pack_quant_ffn(gate.ints(), up.ints(), down.ints(), bits=9)

@@ -170,14 +170,32 @@ def test_capture_sums_back_to_the_output(family):
         torch.testing.assert_close(ffn.module(cap["in", 0]), out, atol=1e-5, rtol=1e-5)
 
 
-def test_kernel_and_hooked_paths_agree_on_one_token():
+@pytest.mark.parametrize("rule", ["best", "predictor", "teal", "cats"])
+def test_kernel_and_hooked_paths_agree_on_one_token(rule):
     model = tiny_model("llama")
-    sparsify_(model, _config("best", 0.5), calibration=_ids(0))
+    sparsify_(model, _config(rule, 0.5), calibration=_ids(0))
     ids = tiny_inputs(model)["input_ids"][:1, :1]
     fast = _logits(model, {"input_ids": ids})
     with capture(model, sites=["post"]):
         slow = _logits(model, {"input_ids": ids})
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rule", ["predictor", "teal"])
+def test_kernel_path_follows_a_threshold_change(rule):
+    """The kernel path reads its thresholds once per change of the buffers: a new t_mid takes effect."""
+    model = tiny_model("llama")
+    sparsify_(model, _config(rule, 0.5), calibration=_ids(0))
+    sparse = find_ffns(model)[0].module
+    x = torch.randn(1, 1, sparse.d_model)
+    with torch.no_grad():
+        before = sparse(x)
+        sparse.t_mid.fill_(1e6)  # nothing passes
+        after = sparse(x)
+        slow = sparse.masked_forward(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, slow, atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(after) == 0
 
 
 def test_steer_still_works_on_a_sparse_model():

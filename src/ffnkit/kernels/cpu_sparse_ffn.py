@@ -98,6 +98,32 @@ def gather_ffn(
     return (h @ w[:, 2, :]).reshape(x.shape)
 
 
+def predicted_ffn(
+    x: Tensor,
+    packed: Tensor,
+    z: Tensor,
+    pred_b: Tensor,
+    pred_bias: Tensor,
+    threshold: float,
+    act: str = "silu",
+) -> Tensor:
+    """Deja Vu: score the neurons, then :func:`gather_ffn` over the union of the rows' kept neurons, each
+    row weighted by its own keep mask.
+
+    Example:
+        >>> predicted_ffn(torch.randn(1, 8), torch.randn(16, 3, 8), torch.randn(1, 2), torch.randn(16, 2),
+        ...               torch.zeros(16), 0.0).shape
+        torch.Size([1, 8])
+    """
+    d = packed.shape[2]
+    rows = x.numel() // d
+    keep = (z.reshape(rows, -1).float() @ pred_b.float().T + pred_bias.float()) > threshold  # [N, F]
+    idx = keep.any(0).nonzero().flatten()
+    if idx.numel() == 0:
+        return torch.zeros_like(x)
+    return gather_ffn(x, packed, idx, act, keep[:, idx].to(x.dtype))
+
+
 def threshold_ffn(x: Tensor, packed: Tensor, threshold: float | Tensor, act: str = "silu") -> Tensor:
     """CATS: dense gate, then the up rows and down columns of the neurons above ``threshold`` (a number or
     one per neuron, [F]) only.

@@ -29,9 +29,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ffnkit.core.errors import InvalidArgumentError
-from ffnkit.kernels.backend import kernel_function, resolve_backend
+from ffnkit.kernels.backend import KERNELS, kernel_function, resolve_backend
 
-__all__ = ["QuantPack", "dequant_linear", "dequantise", "pack_quant", "quant_linear"]
+__all__ = [
+    "QuantFFNPack",
+    "QuantPack",
+    "dequant_linear",
+    "dequantise",
+    "pack_quant",
+    "pack_quant_ffn",
+    "quant_ffn",
+    "quant_linear",
+]
 
 
 def dequantise(q: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
@@ -183,3 +192,62 @@ def quant_linear(x: Tensor, pack: QuantPack, bias: Tensor | None = None) -> Tens
     if pack.path == "reference":
         return reference_linear(x, pack, bias)
     return kernel_function("quant_linear", pack.backend)(x, pack, bias)
+
+
+@dataclass(frozen=True)
+class QuantFFNPack:
+    """A whole gated FFN (gate, up, down) packed for a backend's fused FFN path (:func:`pack_quant_ffn`).
+
+    Example:
+        >>> QuantFFNPack("triton", ()).backend
+        'triton'
+    """
+
+    backend: str
+    tensors: tuple = field(repr=False)
+
+
+FFN_ROWS = 8  # the fused FFN path reads the weights once per row of x: decode only (more rows: per matrix)
+
+
+def pack_quant_ffn(
+    gate: tuple[Tensor, Tensor, Tensor | None],
+    up: tuple[Tensor, Tensor, Tensor | None],
+    down: tuple[Tensor, Tensor, Tensor | None],
+    *,
+    bits: int,
+    backend: str | None = None,
+) -> QuantFFNPack | None:
+    """The three (q, scale, zero_point) of a gated FFN packed for ``backend``'s fused FFN path (on the GPU:
+    one tinygemm product over [gate | up], one act(gate)·up kernel, then down;
+    :mod:`ffnkit.kernels.triton_quant`), or None where the backend has none or the integers do not fit it
+    (then run the matrices one by one).
+
+    Example:
+        >>> q, s = torch.zeros(8, 32, dtype=torch.int8), torch.ones(8, 1)
+        >>> pack_quant_ffn((q, s, None), (q, s, None), (q.T.contiguous(), torch.ones(32, 1), None), bits=4) is None
+        True
+    """
+    for q, scale, zp in (gate, up, down):
+        check_ints(q, scale, zp, bits)
+    name = resolve_backend(gate[0], backend)
+    if ("quant_ffn_pack", name) not in KERNELS:
+        return None
+    packs = kernel_function("quant_ffn_pack", name)(gate, up, down, int(bits))
+    return None if packs is None else QuantFFNPack(name, packs)
+
+
+def quant_ffn(x: Tensor, pack: QuantFFNPack, act: str = "silu") -> Tensor:
+    """down(act(gate x) · up x) through the fused FFN path ``pack`` was made for; x [..., D] with at most
+    :data:`FFN_ROWS` rows. Equal to dequantise-then-matmul up to float rounding (the kernels' bfloat16
+    zero·scale terms, the intermediate rounded to x's dtype as in the float FFN).
+
+    Example:
+        >>> quant_ffn(torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16), pack)  # doctest: +SKIP
+    """
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows > FFN_ROWS:
+        raise InvalidArgumentError(
+            f"the fused FFN path takes at most {FFN_ROWS} rows, got {rows}: run per matrix"
+        )
+    return kernel_function("quant_ffn", pack.backend)(x, pack.tensors, act)

@@ -114,6 +114,30 @@ def teal_ffn(
     return (h @ down_t.float()).to(x.dtype).reshape(x.shape)
 
 
+def predicted_ffn(
+    x: Tensor,
+    packed: Tensor,
+    z: Tensor,
+    pred_b: Tensor,
+    pred_bias: Tensor,
+    threshold: float,
+    act: str = "silu",
+) -> Tensor:
+    """The dense FFN with every neuron of score pred_b · z + pred_bias <= threshold zeroed, per row.
+
+    Example:
+        >>> predicted_ffn(torch.randn(1, 4), torch.randn(6, 3, 4), torch.randn(1, 2), torch.randn(6, 2),
+        ...               torch.zeros(6), 0.0).shape
+        torch.Size([1, 4])
+    """
+    d = packed.shape[2]
+    x2 = x.reshape(-1, d).float()  # [N, D]
+    a, up = _dense_hidden(x2, packed, act)  # [N, F] each
+    score = z.reshape(x2.shape[0], -1).float() @ pred_b.float().T + pred_bias.float()  # [N, F]
+    h = torch.where(score > threshold, a * up, torch.zeros_like(up))
+    return (h @ packed[:, 2, :].float()).to(x.dtype).reshape(x.shape)
+
+
 def bytes_read_fraction(active: float, kind: str) -> float:
     """The share of FFN weight bytes a kernel reads when a share ``active`` of its units is kept.
 
@@ -135,6 +159,7 @@ __all__ = [
     "activation",
     "gather_ffn",
     "threshold_ffn",
+    "predicted_ffn",
     "sparse_input_linear",
     "teal_ffn",
     "bytes_read_fraction",

@@ -44,13 +44,18 @@ ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 # "batch1" picks the path of a single row: "fused" (one persistent pass + reduce), "split" (the "1"
 # kernels) or "dot" (the "n" kernels with the row padded to 16).
 CONFIGS: dict[str, dict] = {
-    "batch1": {"path": "fused"},
+    # reduce: "kernel" (a second launch) or "atomic" (in the fused kernel; 8B decode, gather at 50%: 3.242
+    # against 3.249 ms/token, results/sparsity_decode_h200.json gather_50_atomic: no real gain, so off)
+    "batch1": {"path": "fused", "reduce": "kernel"},
     "gate_up_1": {"BLOCK_K": 4, "BLOCK_D": 1024, "num_warps": 4, "num_stages": 3, "MIN_PROGRAMS_PER_SM": 2},
     "gate_up_n": {"BLOCK_K": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3},
     "rows_1": {"BLOCK_K": 32, "BLOCK_M": 128, "num_warps": 4, "num_stages": 3, "WAVES": 4},
     "rows_n": {"BLOCK_K": 32, "BLOCK_M": 256, "num_warps": 4, "num_stages": 3, "WAVES": 4},
     # the whole rows of BLOCK_K neurons live in registers: only for D <= MAX_D
     "fused_1": {"BLOCK_K": 2, "num_warps": 8, "num_stages": 2, "PROGRAMS_PER_SM": 2, "MAX_D": 8192},
+    # predicted_ffn at batch 1 (the fused kernel scoring its own neurons first): fastest of five in the 8B
+    # decode (results/sparsity_decode_h200.json, predictor_50*: 3.821 ms/token against 3.825-4.114)
+    "pred_1": {"BLOCK_K": 4, "num_warps": 8, "num_stages": 2, "PROGRAMS_PER_SM": 2, "MAX_D": 8192},
 }
 
 
@@ -227,33 +232,89 @@ def _rows_kernel(
     tl.store(out, acc, mask=mn[:, None] & mm[None, :])
 
 
-@triton.jit(do_not_specialize=["K", "n_blocks"])
+@triton.jit
+def _neuron_block(x_ptr, p_ptr, scale_ptr, rows, ok, mk, xr, od, md, D, stride_row, HAS_SCALE: tl.constexpr,
+                  ACT: tl.constexpr):  # fmt: skip
+    """[BD] float32: sum over the BK neurons ``rows`` (mask mk) of h_k * their down column (device code)."""
+    base = p_ptr + rows * stride_row  # [BK] start of each neuron's gate row; up at +D, down column at +2D
+    m2 = mk[:, None] & md[None, :]
+    wg = tl.load(base[:, None] + od[None, :], mask=m2, other=0.0).to(tl.float32)  # [BK, BD]
+    wu = tl.load(base[:, None] + D + od[None, :], mask=m2, other=0.0).to(tl.float32)
+    wd = tl.load(base[:, None] + 2 * D + od[None, :], mask=m2, other=0.0).to(tl.float32)
+    h = apply_act(tl.sum(wg * xr[None, :], axis=1), ACT) * tl.sum(wu * xr[None, :], axis=1)  # [BK]
+    if HAS_SCALE:
+        h = h * tl.load(scale_ptr + ok, mask=mk, other=0.0).to(tl.float32)
+    return tl.sum(h[:, None] * wd, axis=0)
+
+
+@triton.jit(do_not_specialize=["K", "n_blocks", "thr", "R"])
 def _fused_1_kernel(
-    x_ptr, p_ptr, idx_ptr, part_ptr, scale_ptr, K, D, stride_row, n_blocks,
-    HAS_SCALE: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, p_ptr, idx_ptr, part_ptr, scale_ptr, z_ptr, pb_ptr, pbias_ptr, list_ptr, y_ptr, sum_ptr, ticket_ptr,
+    K, D, stride_row, n_blocks, thr, R,
+    HAS_SCALE: tl.constexpr, HAS_PRED: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, SLOTS: tl.constexpr, ATOMIC: tl.constexpr,
 ):  # fmt: skip
     """Batch 1 in one pass: a persistent program takes BLOCK_K neurons at a time, reads their three whole
-    rows (gate, up, down column: one contiguous block each), and keeps its share of y in registers."""
+    rows (gate, up, down column: one contiguous block each), and keeps its share of y in registers.
+
+    HAS_PRED (Deja Vu at decode, no ``idx``): first the program scores all the neurons it owns (blocks pid,
+    pid + G, ...: pred_b[i] . z + pred_bias[i] > thr, in one vectorised pass) and lists the kept ones in its
+    own slice of ``list_ptr``; then it streams only those, as the gather does, so the weight loads never
+    wait on a score and the predicted set needs no extra launch.
+
+    ATOMIC: no partial sums and no reduce launch: each program adds its share into the float32 ``sum_ptr``
+    [D] and takes a ticket; the last one reads the sum, writes y in its dtype and re-zeroes the sum and the
+    ticket for the next call (both buffers start at zero)."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     od = tl.arange(0, BLOCK_D)
     md = od < D
     xr = tl.load(x_ptr + od, mask=md, other=0.0).to(tl.float32)  # [BD]
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for blk in range(pid, n_blocks, n_prog):
-        ok = blk * BLOCK_K + tl.arange(0, BLOCK_K)
-        mk = ok < K
-        rows = tl.load(idx_ptr + ok, mask=mk, other=0).to(tl.int64)
-        base = p_ptr + rows * stride_row  # [BK]
-        m2 = mk[:, None] & md[None, :]
-        wg = tl.load(base[:, None] + od[None, :], mask=m2, other=0.0).to(tl.float32)  # [BK, BD]
-        wu = tl.load(base[:, None] + D + od[None, :], mask=m2, other=0.0).to(tl.float32)
-        wd = tl.load(base[:, None] + 2 * D + od[None, :], mask=m2, other=0.0).to(tl.float32)
-        h = apply_act(tl.sum(wg * xr[None, :], axis=1), ACT) * tl.sum(wu * xr[None, :], axis=1)  # [BK]
-        if HAS_SCALE:
-            h = h * tl.load(scale_ptr + ok, mask=mk, other=0.0).to(tl.float32)
-        acc += tl.sum(h[:, None] * wd, axis=0)
-    tl.store(part_ptr + pid * D + od, acc, mask=md)
+    if HAS_PRED:
+        sl = tl.arange(0, SLOTS)  # this program's neurons: slot -> neuron
+        blk = pid + (sl // BLOCK_K) * n_prog
+        nid = blk * BLOCK_K + sl % BLOCK_K
+        ms = (blk < n_blocks) & (nid < K)
+        orr = tl.arange(0, BLOCK_R)
+        mr = orr < R
+        zr = tl.load(z_ptr + orr, mask=mr, other=0.0).to(tl.float32)  # [BR]
+        pb = tl.load(
+            pb_ptr + nid.to(tl.int64)[:, None] * R + orr[None, :], mask=ms[:, None] & mr[None, :], other=0.0
+        )
+        score = tl.sum(pb.to(tl.float32) * zr[None, :], axis=1)  # [SLOTS]
+        score += tl.load(pbias_ptr + nid, mask=ms, other=0.0).to(tl.float32)
+        keep = (ms & (score > thr)).to(tl.int32)
+        pos = tl.cumsum(keep, 0) - 1
+        own = list_ptr + pid * SLOTS
+        tl.store(own + pos, nid, mask=keep > 0)
+        cnt = tl.sum(keep, 0)
+        tl.debug_barrier()  # the list is written by other threads of this program
+        for j0 in range(0, cnt, BLOCK_K):
+            ok = j0 + tl.arange(0, BLOCK_K)
+            mk = ok < cnt
+            rows = tl.load(own + ok, mask=mk, other=0).to(tl.int64)
+            acc += _neuron_block(x_ptr, p_ptr, scale_ptr, rows, ok, mk, xr, od, md, D, stride_row, False, ACT)
+    else:
+        for blk in range(pid, n_blocks, n_prog):
+            ok = blk * BLOCK_K + tl.arange(0, BLOCK_K)
+            mk = ok < K
+            rows = tl.load(idx_ptr + ok, mask=mk, other=0).to(tl.int64)
+            acc += _neuron_block(
+                x_ptr, p_ptr, scale_ptr, rows, ok, mk, xr, od, md, D, stride_row, HAS_SCALE, ACT
+            )
+    if ATOMIC:
+        tl.atomic_add(sum_ptr + od, acc, mask=md, sem="release")
+        tl.debug_barrier()  # every thread's share is added before the ticket is taken
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+        if ticket == n_prog - 1:
+            zero = tl.zeros([BLOCK_D], dtype=tl.float32)
+            total = tl.atomic_add(sum_ptr + od, zero, mask=md, sem="acquire")  # read at L2: every share is in
+            tl.store(y_ptr + od, total.to(y_ptr.dtype.element_ty), mask=md)
+            tl.store(sum_ptr + od, zero, mask=md)  # the other programs are done: plain stores re-zero
+            tl.store(ticket_ptr, 0)
+    else:
+        tl.store(part_ptr + pid * D + od, acc, mask=md)
 
 
 @triton.jit(do_not_specialize=["S", "NM"])
@@ -373,25 +434,70 @@ def _rows(h: Tensor, w_rows: Tensor, idx: Tensor | None, teal_thr: float | None,
     return launch_reduce(launch_rows(h, w_rows, idx, teal_thr), out_dtype)
 
 
-def launch_fused_1(x2: Tensor, packed: Tensor, idx: Tensor, act: str, scale: Tensor | None) -> Tensor:
-    """Batch 1 in one pass: [G, 1, D] float32 partial sums of the G persistent programs (then reduce).
+_SUMS: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def atomic_buffers(device: torch.device, d: int) -> tuple[Tensor, Tensor]:
+    """The zeroed float32 sum [D] and int32 ticket of the ATOMIC path on ``device`` (made once; every
+    call leaves them zero again). Kernels on one stream share them; calls on concurrent streams must not.
 
     Example:
-        >>> part = launch_fused_1(x2, packed, idx, "silu", None)  # doctest: +SKIP
+        >>> s, t = atomic_buffers(torch.device("cpu"), 4); s.tolist(), t.tolist()
+        ([0.0, 0.0, 0.0, 0.0], [0])
+    """
+    key = (device, d)
+    if key not in _SUMS:
+        _SUMS[key] = (
+            torch.zeros(d, device=device, dtype=torch.float32),
+            torch.zeros(1, device=device, dtype=torch.int32),
+        )
+    return _SUMS[key]
+
+
+def launch_fused_1(
+    x2: Tensor,
+    packed: Tensor,
+    idx: Tensor | None,
+    act: str,
+    scale: Tensor | None,
+    pred: tuple[Tensor, Tensor, Tensor, float] | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Batch 1 in one pass: y [1, D] in ``out_dtype`` (partial sums of the G persistent programs, then
+    the reduce launch; or with CONFIGS["batch1"]["reduce"] == "atomic", summed inside the kernel).
+
+    ``pred`` = (z [R] float32, pred_b [F, R] float32, pred_bias [F] float32, threshold): every neuron whose
+    score pred_b · z + pred_bias exceeds the threshold, in place of ``idx``.
+
+    Example:
+        >>> y = launch_fused_1(x2, packed, idx, "silu", None, out_dtype=torch.bfloat16)  # doctest: +SKIP
     """
     d = packed.shape[2]
-    k = idx.numel()
-    cfg = dict(CONFIGS["fused_1"])
+    out_dtype = out_dtype or x2.dtype
+    k = packed.shape[0] if pred is not None else idx.numel()
+    cfg = dict(CONFIGS["pred_1" if pred is not None else "fused_1"])
     bk, per_sm = cfg.pop("BLOCK_K"), cfg.pop("PROGRAMS_PER_SM")
     cfg.pop("MAX_D")
     n_blocks = triton.cdiv(k, bk)
     grid = min(n_blocks, per_sm * sm_count(x2.device))
-    part = torch.empty(grid, 1, d, device=x2.device, dtype=torch.float32)  # [G, 1, D]
+    atomic = CONFIGS["batch1"].get("reduce", "kernel") == "atomic"
+    y = torch.empty(1, d, device=x2.device, dtype=out_dtype)  # [1, D]
+    part = y if atomic else torch.empty(grid, 1, d, device=x2.device, dtype=torch.float32)  # [G, 1, D]
+    sums, ticket = atomic_buffers(x2.device, d) if atomic else (part, part)
+    z, pb, pbias, thr = pred if pred is not None else (part, part, part, 0.0)
+    r = pb.shape[1] if pred is not None else 0
+    slots = triton.next_power_of_2(triton.cdiv(n_blocks, grid) * bk) if pred is not None else 1
+    lst = (
+        torch.empty(grid * slots, device=x2.device, dtype=torch.int32) if pred is not None else part
+    )  # [G*SLOTS]
     _fused_1_kernel[(grid,)](
-        x2, packed, idx, part, scale if scale is not None else part, k, d, packed.stride(0), n_blocks,
-        HAS_SCALE=scale is not None, ACT=ACT_CODES[act], BLOCK_K=bk, BLOCK_D=triton.next_power_of_2(d), **cfg,
+        x2, packed, idx if idx is not None else part, part, scale if scale is not None else part, z, pb, pbias, lst,
+        y, sums, ticket, k, d, packed.stride(0), n_blocks, float(thr), r,
+        HAS_SCALE=scale is not None, HAS_PRED=pred is not None, ACT=ACT_CODES[act], BLOCK_K=bk,
+        BLOCK_D=triton.next_power_of_2(d), BLOCK_R=max(16, triton.next_power_of_2(r)), SLOTS=slots, ATOMIC=atomic,
+        **cfg,
     )  # fmt: skip
-    return part
+    return y if atomic else launch_reduce(part, out_dtype).reshape(1, d)
 
 
 def gather_ffn(
@@ -406,7 +512,7 @@ def gather_ffn(
     x2 = x.reshape(-1, d).contiguous()  # [N, D]
     sc = None if scale is None else scale.to(torch.float32).contiguous()
     if x2.shape[0] == 1 and CONFIGS["batch1"]["path"] == "fused" and d <= CONFIGS["fused_1"]["MAX_D"]:
-        return launch_reduce(launch_fused_1(x2, packed, idx.contiguous(), act, sc), x.dtype).reshape(x.shape)
+        return launch_fused_1(x2, packed, idx.contiguous(), act, sc, out_dtype=x.dtype).reshape(x.shape)
     h = launch_gate_up(x2, packed, idx.contiguous(), None, act, sc)  # [N, K] float32
     return _rows(h, packed[:, 2, :], idx.contiguous(), None, x.dtype).reshape(x.shape)
 
@@ -421,3 +527,35 @@ def threshold_ffn(x: Tensor, packed: Tensor, threshold: float | Tensor, act: str
     x2 = x.reshape(-1, d).contiguous()
     h = launch_gate_up(x2, packed, None, threshold, act, None)  # [N, F], zero where skipped
     return _rows(h, packed[:, 2, :], None, None, x.dtype).reshape(x.shape)
+
+
+def predicted_ffn(
+    x: Tensor,
+    packed: Tensor,
+    z: Tensor,
+    pred_b: Tensor,
+    pred_bias: Tensor,
+    threshold: float,
+    act: str = "silu",
+) -> Tensor:
+    """Deja Vu (see :func:`ffnkit.kernels.predicted_ffn`) on the GPU: one row in one pass that scores the
+    neurons itself (no host sync, capturable); more rows gather the union of the rows' sets, each row
+    weighted by its own keep mask.
+
+    Example:
+        >>> predicted_ffn(x, packed, z, pred_b, pred_bias, 0.0)  # doctest: +SKIP
+    """
+    d = packed.shape[2]
+    x2 = x.reshape(-1, d).contiguous()  # [N, D]
+    z2 = z.reshape(x2.shape[0], -1).to(torch.float32).contiguous()  # [N, R]
+    pb, pbias = pred_b.to(torch.float32).contiguous(), pred_bias.to(torch.float32).contiguous()
+    if x2.shape[0] == 1 and d <= CONFIGS["pred_1"]["MAX_D"]:
+        y = launch_fused_1(
+            x2, packed, None, act, None, pred=(z2[0], pb, pbias, float(threshold)), out_dtype=x.dtype
+        )
+        return y.reshape(x.shape)
+    keep = (z2 @ pb.T + pbias) > threshold  # [N, F]
+    idx = keep.any(0).nonzero()[:, 0]  # the union (a host sync: batches are not the decode path)
+    if idx.numel() == 0:
+        return torch.zeros_like(x)
+    return gather_ffn(x, packed, idx, act, keep[:, idx].to(torch.float32))

@@ -12,8 +12,10 @@ the selector's thresholds as buffers (saved with the weights). Modes (what the s
 - ``predictor`` (Deja Vu): neurons whose low-rank score B(A x) + b <= t_mid.
 
 Paths: one token with no hook attached and no gradient runs the kernels of :mod:`ffnkit.kernels.sparse_ffn`
-(``teal_ffn``, ``threshold_ffn``, ``gather_ffn`` over a neuron-major packed copy built on first use and
-rebuilt when a weight changes). Anything else (prefill, batches, training, hooks attached) runs the exact
+(``teal_ffn``, ``threshold_ffn``, ``predicted_ffn``, ``gather_ffn`` over a neuron-major packed copy built on
+first use and rebuilt when a weight changes). In the modes ``input``, ``predictor`` and ``gate`` (without
+per-neuron scales) that path never syncs the GPU (thresholds are read once per change of the buffers), so a
+decode step through it can be captured in a CUDA graph. Anything else (prefill, batches, training, hooks attached) runs the exact
 masked dense computation through the container's own projections, passing every site through a
 :class:`~ffnkit.modules.base.HookPoint` (``hook_in`` ... ``hook_out``) so ``capture`` and ``steer`` see the
 masked tensors (``post`` is what W_out reads). With every threshold off it equals the original FFN bit for bit.
@@ -135,6 +137,7 @@ class SparseFFN(RuntimeModule):
         self.use_kernels = True  # False: always the masked dense path
         self.counter: dict[str, float] | None = None  # set by ffnkit.sparsity.measure_sparsity
         self._cache: tuple[tuple, Any] | None = None
+        self._t_cache: tuple[tuple, tuple[float, float]] | None = None
 
     # ----- parts ---------------------------------------------------------------------------------
     # (not named in_proj / gate_proj: those are often the container's own child names)
@@ -248,6 +251,12 @@ class SparseFFN(RuntimeModule):
 
     def _packed(self) -> Any:
         """The kernels' layout of the current weights (rebuilt when a weight or a scale changes)."""
+        packed = self._pack_entry()
+        return None if packed is None else packed[0]
+
+    def _pack_entry(self) -> tuple[Any, bool, bool] | None:
+        """(packed weights, c_in all ones, c_mid all ones), cached: the two flags are read on the host once
+        per pack, not per token (a read per token would sync the GPU and break CUDA-graph capture)."""
         from ffnkit.kernels.sparse_ffn import pack_ffn, pack_teal
 
         weights = self._kernel_weights()
@@ -264,25 +273,42 @@ class SparseFFN(RuntimeModule):
             packed = pack_teal(wg / c_in, wu * c_mid[:, None] / c_in, wd / c_mid)
         else:
             packed = pack_ffn(wg, wu, wd)
-        self._cache = (key, packed)
-        return packed
+        entry = (packed, bool((self.c_in == 1).all()), bool((self.c_mid == 1).all()))
+        self._cache = (key, entry)
+        return entry
+
+    def _thresholds(self) -> tuple[float, float]:
+        """(t_in, t_mid) as numbers, cached on the buffers' version counters (no GPU sync per token)."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.t_in, self.t_mid))
+        cached = self._t_cache
+        if cached is None or cached[0] != key:
+            cached = (key, (float(self.t_in), float(self.t_mid)))
+            self._t_cache = cached
+        return cached[1]
 
     def _kernel_forward(self, x: Tensor) -> Tensor | None:
-        from ffnkit.kernels.sparse_ffn import gather_ffn, teal_ffn, threshold_ffn
+        from ffnkit.kernels.sparse_ffn import gather_ffn, predicted_ffn, teal_ffn, threshold_ffn
 
-        packed = self._packed()
-        if packed is None:
+        entry = self._pack_entry()
+        if entry is None:
             return None
+        packed, c_in_ones, c_mid_ones = entry
         act, bias = self.spec.act_kernel, self.w_out_module.bias
         w_dtype = packed.down_t.dtype if self.mode == "input" else packed.dtype
         if x.dtype != w_dtype:
             return None
         flat = x.reshape(1, self.d_model)  # [1, d]
-        t = float(self.t_mid)
+        t_in, t = self._thresholds()
         if self.mode == "input":
-            y = teal_ffn(flat * self.c_in.to(x.dtype), packed, float(self.t_in), t, act=act)
-        elif self.mode == "gate" and bool((self.c_mid == 1).all()):
+            xin = flat if c_in_ones else flat * self.c_in.to(x.dtype)
+            y = teal_ffn(xin, packed, t_in, t, act=act)
+        elif self.mode == "gate" and c_mid_ones:
             y = threshold_ffn(flat, packed, t, act=act)
+        elif self.mode == "predictor":
+            # the low-rank projection here, the scores inside the kernel: same mask as _mid_mask's predict
+            # up to float32 summation order (see predicted_ffn)
+            z = flat.float() @ self.pred_a.float().T  # [1, rank]
+            y = predicted_ffn(flat, packed, z, self.pred_b, self.pred_bias, t, act=act)
         else:
             g = flat @ self._kernel_weights()[0].T  # [1, f]: the whole gate, contiguous rows
             if self.mode == "gate":
