@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ffnkit.kernels.moe import sort_pairs
+
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 # Route thresholds (pairs S = tokens x K) and launch parameters; "sorted" configs are keyed by the mean rows
@@ -290,16 +292,6 @@ def gather_experts(
     return out
 
 
-def _sort_pairs(idx: Tensor, e: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(order [S] pair ids grouped by expert, position [S] of each pair in that order, counts [E+1])."""
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # [S]
-    counts = torch.bincount(flat, minlength=e + 1)  # [E+1]
-    pos = torch.empty_like(order)
-    pos[order] = torch.arange(order.numel(), device=order.device)
-    return order, pos, counts
-
-
 def _sorted_config(s: int, e: int, itemsize: int) -> dict:
     """The launch config for S pairs over E experts; K-tiles halved until the stages fit in shared memory."""
     per_expert = s / max(e, 1)
@@ -328,7 +320,7 @@ def sorted_experts(
     f = f2 // 2
     t, k = idx.shape
     s = t * k
-    order, pos, counts = _sort_pairs(idx, e)
+    order, pos, counts = sort_pairs(idx, e)
     c = _sorted_config(s, e, x.element_size())
     bm = c["BLOCK_M"]
     max_blocks = triton.cdiv(s, bm) + min(e, s)  # upper bound: one partial block per expert
@@ -377,7 +369,7 @@ def grouped_mm_experts(
     f = f2 // 2
     t, k = idx.shape
     s = t * k
-    order, pos, counts = _sort_pairs(idx, e)
+    order, pos, counts = sort_pairs(idx, e)
     offs = torch.cumsum(counts[:e], 0, dtype=torch.int32)  # [E] end row of each expert
     xs = x.index_select(0, order // k)  # [S, D]
     gu = _grouped_mm(xs, gate_up.transpose(1, 2), offs)  # [S, 2F]; rows past offs[-1] left unset
