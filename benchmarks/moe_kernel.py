@@ -19,7 +19,20 @@ from pathlib import Path
 
 import torch
 
-from ffnkit.kernels.moe_bench import bench_experts, calibrate
+from ffnkit.kernels.moe_bench import SHAPES, bench_experts, calibrate, make_routing
+
+
+def _calibrate_gather() -> dict:
+    """The decode kernels' configs at the benchmark's GPU shape (random experts, 4 routings per size)."""
+    from ffnkit.kernels.moe_graph import calibrate_gather
+
+    sh = SHAPES["cuda"]
+    d, f, e, k = sh["hidden"], sh["width"], sh["experts"], sh["top_k"]
+    torch.manual_seed(0)
+    gate_up = torch.randn(e, 2 * f, d, device="cuda", dtype=torch.bfloat16) / d**0.5  # [E, 2F, D]
+    down = torch.randn(e, d, f, device="cuda", dtype=torch.bfloat16) / f**0.5  # [E, D, F]
+    routings = {t: [make_routing(t, e, k, 1.0, "cuda", 500 + 10 * t + r) for r in range(4)] for t in (1, 16)}
+    return calibrate_gather(gate_up, down, routings)
 
 
 def main() -> None:
@@ -33,10 +46,19 @@ def main() -> None:
         "--calibrate", action="store_true", help="GPU: first pick the Triton routes' thresholds and configs"
     )
     ap.add_argument("--no-graph", action="store_true", help="GPU: skip the CUDA-graph timings")
+    ap.add_argument(
+        "--calibrate-gather",
+        action="store_true",
+        help="GPU: first pick the decode (gather) kernels' launch configs from in-graph timings at 1 and 16 tokens",
+    )
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     calibration = calibrate() if args.calibrate and args.device == "cuda" else None
+    gather_calibration = None
+    if args.calibrate_gather and args.device == "cuda":
+        gather_calibration = _calibrate_gather()
+        print(f"gather configs: {gather_calibration['chosen']}", file=sys.stderr, flush=True)
     doc = bench_experts(
         args.device,
         tuple(args.tokens) if args.tokens else None,
@@ -46,6 +68,8 @@ def main() -> None:
     )
     if calibration is not None:
         doc["calibration"] = calibration
+    if gather_calibration is not None:
+        doc["gather_calibration"] = gather_calibration
     doc["command"] = " ".join(["python", *sys.argv])
     for entry in doc.get("targets", []):
         print(json.dumps(entry), file=sys.stderr, flush=True)

@@ -112,3 +112,32 @@ def test_hf_experts_module_on_ffnkit_captures():
             ref = m(x2, idx2, w2)
             m.config._experts_implementation = "ffnkit"
             assert mc.rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_moe_block_decode_step_captures(tokens):
+    """ffnkit's own MoE block (router, experts, shared expert) syncs nowhere and replays in a graph as eager
+    (cuBLAS may pick another kernel for the router and shared expert inside a capture: 1e-3, not bitwise)."""
+    from ffnkit.modules.moe import MoEBlock
+
+    block = MoEBlock(D, F, E, K, shared=64, dtype=torch.bfloat16, device="cuda").eval()
+    g0 = torch.Generator(device="cuda").manual_seed(7)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g0, device="cuda") / p.shape[-1] ** 0.5)
+    x = torch.randn(1, tokens, D, device="cuda", dtype=torch.bfloat16)
+    static = [x.clone()]
+    with torch.no_grad():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            block(*static)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        g, out = _capture(lambda a: block(a), static)
+        for r in range(3):
+            x2 = torch.randn(1, tokens, D, device="cuda", dtype=torch.bfloat16, generator=g0)
+            static[0].copy_(x2)
+            g.replay()
+            torch.cuda.synchronize()
+            assert mc.rel_err(out, block(x2)) < 1e-3, r

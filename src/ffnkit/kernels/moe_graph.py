@@ -160,4 +160,80 @@ def target_summary(doc: dict, bandwidth_max: float = 3.0, compute_max: float = 1
     return out
 
 
-__all__ = ["CAPTURED", "compare_like_for_like", "graph_times", "sync_free", "target_summary"]
+GATHER_SWEEP = {
+    "gather": [
+        {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4},
+        {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4},
+        {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4},
+        {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4},
+        {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 8},
+        {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 8},
+    ],
+    "gather_down": [
+        {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4},
+        {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4},
+        {"BLOCK_N": 2, "BLOCK_K": 1024, "num_warps": 4},
+        {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 8},
+        {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4},
+        {"BLOCK_N": 2, "BLOCK_K": 512, "num_warps": 2},
+    ],
+}
+
+
+def calibrate_gather(
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    routings: dict[int, list[tuple[torch.Tensor, torch.Tensor]]],
+    rounds: int = 3,
+    calls: int = 40,
+) -> dict:
+    """GPU: time the decode (gather) route's launch configs in CUDA graphs; keep and apply the fastest.
+
+    One kernel's config at a time (``gather`` = gate/up, then ``gather_down`` = down + combine, the other
+    held at its current value), scored by the summed in-graph time over ``routings`` (tokens -> routings
+    rotated). Sets :data:`ffnkit.kernels.moe_triton.CONFIGS` to the winners and returns every timing.
+
+    Example:
+        >>> calibrate_gather(gu, dn, {1: [make_routing(1, 64, 8, 1.0, "cuda", 0)]})  # doctest: +SKIP
+    """
+    from ffnkit.kernels import moe_triton
+
+    fn = moe_triton.ROUTES["gather"]
+    xs = {t: torch.randn(t, gate_up.shape[2], device=gate_up.device, dtype=gate_up.dtype) for t in routings}
+    timings: list[dict] = []
+    for key, candidates in GATHER_SWEEP.items():
+        kept = dict(moe_triton.CONFIGS[key])
+        scores: list[tuple[float, dict]] = []
+        for cfg in candidates:
+            moe_triton.CONFIGS[key] = dict(cfg)
+            total, entry = 0.0, {"kernel": key, "config": cfg, "us": {}}
+            try:
+                for t, rs in routings.items():
+
+                    def call(i: int, t=t, rs=rs) -> object:
+                        return fn(xs[t], gate_up, down, *rs[i % len(rs)], "silu")
+
+                    with torch.no_grad():
+                        us = time_cuda({"g": call}, len(rs), rounds, calls)["g"]["median_us"]
+                    entry["us"][t] = us
+                    total += us
+                scores.append((total, cfg))
+            except Exception as err:  # a config that does not compile or fit is recorded, not fatal
+                entry["error"] = f"{type(err).__name__}: {str(err).strip()[:200]}"
+            timings.append(entry)
+        moe_triton.CONFIGS[key] = dict(min(scores, key=lambda s: s[0])[1]) if scores else kept
+    return {
+        "timings": timings,
+        "chosen": {k: moe_triton.CONFIGS[k] for k in GATHER_SWEEP},
+    }
+
+
+__all__ = [
+    "CAPTURED",
+    "GATHER_SWEEP",
+    "calibrate_gather",
+    "compare_like_for_like",
+    "graph_times",
+    "sync_free",
+    "target_summary",
+]
