@@ -35,6 +35,16 @@ def _calibrate_gather() -> dict:
     return calibrate_gather(gate_up, down, routings)
 
 
+def _write_partial(out: Path | None, row: dict) -> None:
+    """Keep the rows measured so far on disk (a run cut short by a time limit still leaves its numbers)."""
+    if out is None:
+        return
+    part = out.with_suffix(".partial.json")
+    rows = json.loads(part.read_text())["results"] if part.exists() else []
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_text(json.dumps({"partial": True, "results": [*rows, row]}, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -65,6 +75,7 @@ def main() -> None:
         rounds=args.rounds,
         graphs=not args.no_graph,
         progress=lambda s: print(s, file=sys.stderr, flush=True),
+        on_row=lambda row: _write_partial(args.out, row),
     )
     if calibration is not None:
         doc["calibration"] = calibration
@@ -77,6 +88,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+        args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     else:
         print(text)
 

@@ -185,13 +185,14 @@ def bench_experts(
     routes: bool = True,
     graphs: bool = True,
     progress: Callable[[str], None] | None = None,
+    on_row: Callable[[dict], None] | None = None,
 ) -> dict:
     """Time transformers' experts implementations and ffnkit's at each token count; return a JSON document.
 
     ``skew``: the skewed-routing run gives expert 0 that many times the others' odds (a second table).
     ``graphs`` (GPU): also time every implementation inside a CUDA graph (:mod:`ffnkit.kernels.moe_graph`);
     each row then has ``capture``, ``graph_us`` and ``like_for_like`` (graph vs graph where both capture,
-    else eager vs eager), and the document ``targets``.
+    else eager vs eager), and the document ``targets``. ``on_row`` sees each result row as it is measured.
 
     Example:
         >>> doc = bench_experts("cpu", (1,), rounds=1)  # doctest: +SKIP
@@ -313,10 +314,16 @@ def bench_experts(
                 row["ffnkit_graph_over_compute_floor"] = g_us / row["compute_floor_us"]
                 row["ffnkit_graph_over_roofline"] = g_us / row["roofline_us"]
             results.append(row)
+            if on_row is not None:
+                on_row(row)
             say(
                 f"{kind} T={t}: "
                 + ", ".join(f"{n} {u:.0f}us" for n, u in row["us"].items())
-                + (" | graph: " + ", ".join(f"{n} {u:.0f}us" for n, u in row.get("graph_us", {}).items()))
+                + "".join(
+                    " | graph: " + ", ".join(f"{n} {u:.0f}us" for n, u in g.items())
+                    for g in [row.get("graph_us")]
+                    if g
+                )
                 + f" | floors bw {row['bandwidth_floor_us']:.0f}us, compute {row['compute_floor_us']:.0f}us"
             )
             if device == "cuda":
