@@ -45,6 +45,28 @@ def _write_partial(out: Path | None, row: dict) -> None:
     part.write_text(json.dumps({"partial": True, "results": [*rows, row]}, indent=2) + "\n")
 
 
+def _breakdown(floors: dict) -> list[dict]:
+    """Stage times of the large-batch route (uniform routing) with each grouped GEMM's compute floor."""
+    from ffnkit.kernels.moe_graph import prefill_breakdown
+
+    sh = SHAPES["cuda"]
+    d, f, e, k = sh["hidden"], sh["width"], sh["experts"], sh["top_k"]
+    torch.manual_seed(1)
+    gate_up = torch.randn(e, 2 * f, d, device="cuda", dtype=torch.bfloat16) / d**0.5  # [E, 2F, D]
+    down = torch.randn(e, d, f, device="cuda", dtype=torch.bfloat16) / f**0.5  # [E, D, F]
+    rows = []
+    for t in (4096, 16384):
+        idx, w = make_routing(t, e, k, 1.0, "cuda", 900 + t)
+        us = prefill_breakdown(gate_up, down, idx, w)
+        floor = {
+            "gemm_gate_up": 1e6 * 2 * t * k * 2 * f * d / floors["matmul_flops"],
+            "gemm_down": 1e6 * 2 * t * k * f * d / floors["matmul_flops"],
+        }
+        rows.append({"tokens": t, "us": us, "compute_floor_us": floor})
+        print(f"breakdown T={t}: {us}", file=sys.stderr, flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -60,6 +82,11 @@ def main() -> None:
         "--calibrate-gather",
         action="store_true",
         help="GPU: first pick the decode (gather) kernels' launch configs from in-graph timings at 1 and 16 tokens",
+    )
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="GPU: also time the large-batch route's stages alone at 4,096 and 16,384 tokens",
     )
     args = ap.parse_args()
     if args.device == "cpu":
@@ -81,6 +108,8 @@ def main() -> None:
         doc["calibration"] = calibration
     if gather_calibration is not None:
         doc["gather_calibration"] = gather_calibration
+    if args.breakdown and args.device == "cuda":
+        doc["prefill_breakdown"] = _breakdown(doc["floors"])
     doc["command"] = " ".join(["python", *sys.argv])
     for entry in doc.get("targets", []):
         print(json.dumps(entry), file=sys.stderr, flush=True)

@@ -234,6 +234,68 @@ __all__ = [
     "calibrate_gather",
     "compare_like_for_like",
     "graph_times",
+    "prefill_breakdown",
     "sync_free",
     "target_summary",
 ]
+
+
+def prefill_breakdown(
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    rounds: int = 3,
+    calls: int = 4,
+) -> dict[str, object]:
+    """GPU: where the large-batch route's time goes, each stage alone in a CUDA graph (median us per call).
+
+    Stages of the ``grouped_mm`` route written with public torch ops: ``sort`` (:func:`sort_pairs` and the
+    offsets), ``permute`` (gathering x's rows in expert order), ``gemm_gate_up`` and ``gemm_down`` (torch's
+    grouped GEMM), ``act`` (act(gate) * up, unfused torch ops), ``combine`` (rows back in token order,
+    weighted sum over K); and the whole ``grouped_mm`` and ``sorted`` routes as ffnkit runs them.
+
+    Example:
+        >>> prefill_breakdown(gu, dn, idx, w)["gemm_gate_up"]  # doctest: +SKIP
+    """
+    from ffnkit.kernels import moe_triton
+    from ffnkit.kernels.moe import sort_pairs
+
+    e, f2, d = gate_up.shape
+    f = f2 // 2
+    t, k = top_k_index.shape
+    x = torch.randn(t, d, device=gate_up.device, dtype=gate_up.dtype)  # [T, D]
+    gmm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    order, pos, counts = sort_pairs(top_k_index, e)
+    offs = torch.cumsum(counts[:e], 0, dtype=torch.int32)  # [E]
+    xs = x.index_select(0, order // k)  # [S, D]
+    gu = gmm(xs, gate_up.transpose(1, 2), offs=offs)  # [S, 2F]
+    h = torch.nn.functional.silu(gu[:, :f]) * gu[:, f:]  # [S, F]
+    y = gmm(h, down.transpose(1, 2), offs=offs)  # [S, D]
+    wf = top_k_weights.to(y.dtype).unsqueeze(-1)  # [T, K, 1]
+
+    def sort_stage(i: int) -> object:
+        o, p, c = sort_pairs(top_k_index, e)
+        return torch.cumsum(c[:e], 0, dtype=torch.int32)
+
+    stages = {
+        "sort": sort_stage,
+        "permute": lambda i: x.index_select(0, order // k),
+        "gemm_gate_up": lambda i: gmm(xs, gate_up.transpose(1, 2), offs=offs),
+        "act": lambda i: torch.nn.functional.silu(gu[:, :f]) * gu[:, f:],
+        "gemm_down": lambda i: gmm(h, down.transpose(1, 2), offs=offs),
+        "combine": lambda i: (y.index_select(0, pos).view(t, k, d) * wf).sum(1),
+    }
+    for name in ("grouped_mm", "sorted"):
+        route = moe_triton.ROUTES[name]
+        stages[f"route_{name}"] = lambda i, route=route: route(x, gate_up, down, top_k_index, top_k_weights)
+    out: dict[str, object] = {}
+    for name, fn in stages.items():
+        try:
+            with torch.no_grad():
+                out[name] = time_cuda({name: fn}, 1, rounds, calls)[name]["median_us"]
+        except Exception as err:  # one stage that cannot be timed leaves the others
+            out[name] = float("nan")
+            out[f"{name}_error"] = f"{type(err).__name__}: {str(err).strip()[:200]}"
+        torch.cuda.empty_cache()
+    return out
