@@ -45,7 +45,9 @@ CONFIGS: dict[str, object] = {
     "gather_max_pairs": 128,  # gather fastest at 1 and 16 tokens (top-8), sorted from 128 tokens
     "grouped_mm_min_pairs": 32768,  # torch's grouped GEMM fastest from 4,096 tokens (top-8)
     "gather": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4},
-    "gather_down": {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4},
+    # down + combine: 4 rows per program (2x the programs of 8) measured fastest over 1 + 16 tokens in CUDA
+    # graphs (benchmarks/results/moe_kernel_h200_graph.json, gather_calibration: 40 vs 47 us at 1 token)
+    "gather_down": {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4},
     "sorted": {
         16: {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
         32: {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
