@@ -134,6 +134,28 @@ def experts_forward(
     return y.reshape(x.shape)
 
 
+def sort_pairs(top_k_index: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Group the token-expert pairs by expert without a device->host sync (CUDA-graph capturable).
+
+    ``top_k_index`` [T, K] (index E = no expert). Returns ``order`` [S] (pair ids sorted by expert, stable,
+    no-expert pairs last), ``pos`` [S] (the sorted row of each pair: ``order[pos[p]] == p``) and ``counts``
+    [E+1] int64 (pairs per expert, the last entry the no-expert pairs). Every shape depends on S = T x K
+    only, never on the routing (``torch.bincount`` would read its input's maximum back to the host).
+
+    Example:
+        >>> order, pos, counts = sort_pairs(torch.tensor([[2, 0], [0, 3]]), 3)
+        >>> order.tolist(), pos.tolist(), counts.tolist()
+        ([1, 2, 0, 3], [2, 0, 1, 3], [2, 0, 1, 1])
+    """
+    flat = top_k_index.reshape(-1)  # [S]
+    order = torch.argsort(flat, stable=True)  # [S]
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)  # [E+1]
+    counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int64))
+    rows = torch.arange(order.numel(), device=order.device)  # [S]
+    pos = torch.empty_like(order).scatter_(0, order, rows)  # [S] inverse permutation
+    return order, pos, counts
+
+
 def experts_cost(
     tokens: int, top_k_index: Tensor | None, num_experts: int, d: int, f: int, k: int, itemsize: int
 ) -> dict[str, float]:
@@ -158,4 +180,4 @@ def experts_cost(
     }
 
 
-__all__ = ["ACTIVATIONS", "check_experts", "experts_cost", "experts_forward"]
+__all__ = ["ACTIVATIONS", "check_experts", "experts_cost", "experts_forward", "sort_pairs"]

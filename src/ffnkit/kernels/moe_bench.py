@@ -9,7 +9,9 @@ ffnkit's Triton routes alone (``gather``, ``sorted``, ``grouped_mm``) to set the
 Protocol: several routings (and, on the CPU, several copies of the weights) are rotated so that no call finds
 its weights in a cache; implementations alternate within every round; the median over rounds of the mean
 time per call (GPU: CUDA events around ``calls`` back-to-back calls launched from Python, so launch overhead
-counts) is reported; warm-up (and Triton compilation) excluded. Every implementation is first checked
+counts) is reported; warm-up (and Triton compilation) excluded. GPU, in addition: every implementation
+inside a CUDA graph as a decode loop runs it (:mod:`ffnkit.kernels.moe_graph`; ``graph_us``, or ``not
+capturable`` with the reason in ``capture``). Every implementation is first checked
 against ffnkit's reference (float32) at the sizes where the reference is cheap. Floors: the active experts'
 weight bytes over the measured copy bandwidth (bytes read + written by a large copy), and the FLOPs over the
 measured matmul rate (GPU: an 8192^3 bf16 product; CPU: a 1024 x 512 x 512 float32 product, the shape of
@@ -32,6 +34,7 @@ import torch
 
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.kernels.moe import experts_cost
+from ffnkit.kernels.moe_graph import compare_like_for_like, graph_times, target_summary
 from ffnkit.kernels.moe_reference import experts_forward as reference_forward
 
 SHAPES = {
@@ -39,6 +42,12 @@ SHAPES = {
     "cpu": {"hidden": 512, "width": 256, "experts": 16, "top_k": 4, "dtype": "float32"},
 }
 TOKENS = {"cuda": (1, 16, 128, 1024, 4096, 16384), "cpu": (1, 16, 256, 2048)}
+GRAPH_PROTOCOL = (
+    "each implementation alone: one run under torch.cuda.set_sync_debug_mode('error') (a host sync means not "
+    "capturable), then kernels/benchmark.py time_cuda: warm-up, one CUDA graph of calls_per_timing calls "
+    "(routings and inputs rotated), per round one replay timed with CUDA events and the same calls launched "
+    "eagerly; median over rounds (graph_us; graph_eager_us the eager launches of that same loop)"
+)
 HF_IMPLS = {"cuda": ("eager", "batched_mm", "grouped_mm"), "cpu": ("eager", "grouped_mm")}
 
 
@@ -174,11 +183,16 @@ def bench_experts(
     rounds: int = 5,
     skew: float = 4.0,
     routes: bool = True,
+    graphs: bool = True,
     progress: Callable[[str], None] | None = None,
+    on_row: Callable[[dict], None] | None = None,
 ) -> dict:
     """Time transformers' experts implementations and ffnkit's at each token count; return a JSON document.
 
     ``skew``: the skewed-routing run gives expert 0 that many times the others' odds (a second table).
+    ``graphs`` (GPU): also time every implementation inside a CUDA graph (:mod:`ffnkit.kernels.moe_graph`);
+    each row then has ``capture``, ``graph_us`` and ``like_for_like`` (graph vs graph where both capture,
+    else eager vs eager), and the document ``targets``. ``on_row`` sees each result row as it is measured.
 
     Example:
         >>> doc = bench_experts("cpu", (1,), rounds=1)  # doctest: +SKIP
@@ -226,6 +240,8 @@ def bench_experts(
                     if name.startswith("route_"):
                         fn = route_fns[name[6:]]
                         return fn(xs[i % 2], m.gate_up_proj, m.down_proj, idx, w, "silu")
+                    if m.config._experts_implementation != name:  # a graph is captured after other runners
+                        m.config._experts_implementation = name
                     return m(xs[i % 2], idx, w)
 
                 return call
@@ -262,6 +278,11 @@ def bench_experts(
                 for _ in range(rounds):
                     for n in live:
                         times[n].append(_time_calls(runner(n), n_calls[n], device))
+            graph_status: dict[str, str] = {}
+            graph: dict[str, dict] = {}
+            if device == "cuda" and graphs:
+                with torch.no_grad():
+                    graph_status, graph = graph_times({n: runner(n) for n in live}, n_calls, rounds)
             bytes_floor = statistics.mean(c["weight_bytes"] + c["activation_bytes"] for c in cost)
             flops = cost[0]["flops"]
             row = {
@@ -274,6 +295,11 @@ def bench_experts(
                 "calls_per_timing": n_calls,
                 "us": {n: 1e6 * statistics.median(v) for n, v in times.items()},
             }
+            if graph_status:
+                row["capture"] = graph_status
+                row["graph_us"] = {n: g["median_us"] for n, g in graph.items()}
+                row["graph_eager_us"] = {n: g["eager_median_us"] for n, g in graph.items()}
+                row["like_for_like"] = compare_like_for_like(row, HF_IMPLS[device])
             row["roofline_us"] = max(row["bandwidth_floor_us"], row["compute_floor_us"])
             hf = [row["us"][n] for n in HF_IMPLS[device] if n in row["us"]]
             if hf and "ffnkit" in row["us"]:
@@ -282,15 +308,27 @@ def bench_experts(
                 row["ffnkit_over_roofline"] = row["us"]["ffnkit"] / row["roofline_us"]
                 row["ffnkit_over_bandwidth_floor"] = row["us"]["ffnkit"] / row["bandwidth_floor_us"]
                 row["ffnkit_over_compute_floor"] = row["us"]["ffnkit"] / row["compute_floor_us"]
+            if "ffnkit" in row.get("graph_us", {}):
+                g_us = row["graph_us"]["ffnkit"]
+                row["ffnkit_graph_over_bandwidth_floor"] = g_us / row["bandwidth_floor_us"]
+                row["ffnkit_graph_over_compute_floor"] = g_us / row["compute_floor_us"]
+                row["ffnkit_graph_over_roofline"] = g_us / row["roofline_us"]
             results.append(row)
+            if on_row is not None:
+                on_row(row)
             say(
                 f"{kind} T={t}: "
                 + ", ".join(f"{n} {u:.0f}us" for n, u in row["us"].items())
+                + "".join(
+                    " | graph: " + ", ".join(f"{n} {u:.0f}us" for n, u in g.items())
+                    for g in [row.get("graph_us")]
+                    if g
+                )
                 + f" | floors bw {row['bandwidth_floor_us']:.0f}us, compute {row['compute_floor_us']:.0f}us"
             )
             if device == "cuda":
                 torch.cuda.empty_cache()
-    return {
+    doc = {
         "benchmark": "moe_kernel",
         "device": device,
         "shape": shape,
@@ -299,6 +337,10 @@ def bench_experts(
         "protocol": {"rounds": rounds, "skew": skew, "weight_copies": copies, "routings_rotated": 4},
         "results": results,
     }
+    if device == "cuda" and graphs:
+        doc["protocol"]["graph"] = GRAPH_PROTOCOL
+        doc["targets"] = target_summary(doc)
+    return doc
 
 
 __all__ = ["HF_IMPLS", "SHAPES", "TOKENS", "bench_experts", "environment", "make_routing", "measure_floors"]

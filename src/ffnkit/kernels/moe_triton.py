@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ffnkit.kernels.moe import sort_pairs
+
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 # Route thresholds (pairs S = tokens x K) and launch parameters; "sorted" configs are keyed by the mean rows
@@ -43,7 +45,9 @@ CONFIGS: dict[str, object] = {
     "gather_max_pairs": 128,  # gather fastest at 1 and 16 tokens (top-8), sorted from 128 tokens
     "grouped_mm_min_pairs": 32768,  # torch's grouped GEMM fastest from 4,096 tokens (top-8)
     "gather": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4},
-    "gather_down": {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4},
+    # down + combine: 4 rows per program (2x the programs of 8) measured fastest over 1 + 16 tokens in CUDA
+    # graphs (benchmarks/results/moe_kernel_h200_graph.json, gather_calibration: 40 vs 47 us at 1 token)
+    "gather_down": {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4},
     "sorted": {
         16: {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
         32: {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
@@ -290,16 +294,6 @@ def gather_experts(
     return out
 
 
-def _sort_pairs(idx: Tensor, e: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(order [S] pair ids grouped by expert, position [S] of each pair in that order, counts [E+1])."""
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # [S]
-    counts = torch.bincount(flat, minlength=e + 1)  # [E+1]
-    pos = torch.empty_like(order)
-    pos[order] = torch.arange(order.numel(), device=order.device)
-    return order, pos, counts
-
-
 def _sorted_config(s: int, e: int, itemsize: int) -> dict:
     """The launch config for S pairs over E experts; K-tiles halved until the stages fit in shared memory."""
     per_expert = s / max(e, 1)
@@ -328,7 +322,7 @@ def sorted_experts(
     f = f2 // 2
     t, k = idx.shape
     s = t * k
-    order, pos, counts = _sort_pairs(idx, e)
+    order, pos, counts = sort_pairs(idx, e)
     c = _sorted_config(s, e, x.element_size())
     bm = c["BLOCK_M"]
     max_blocks = triton.cdiv(s, bm) + min(e, s)  # upper bound: one partial block per expert
@@ -377,7 +371,7 @@ def grouped_mm_experts(
     f = f2 // 2
     t, k = idx.shape
     s = t * k
-    order, pos, counts = _sort_pairs(idx, e)
+    order, pos, counts = sort_pairs(idx, e)
     offs = torch.cumsum(counts[:e], 0, dtype=torch.int32)  # [E] end row of each expert
     xs = x.index_select(0, order // k)  # [S, D]
     gu = _grouped_mm(xs, gate_up.transpose(1, 2), offs)  # [S, 2F]; rows past offs[-1] left unset
