@@ -101,7 +101,7 @@ def _oracle(ffn, x: torch.Tensor, sparse: SparseFFN) -> torch.Tensor:
     elif sparse.mode == "gate":
         h = h * (a.abs() * c_mid > t_mid)
     elif sparse.mode == "stat":
-        s = g if g is not None else u
+        s = a.abs()  # the activation magnitude's per-token statistic
         h = h * (s >= s.mean(-1, keepdim=True) + t_mid * s.std(-1, keepdim=True))
     else:
         score = (x @ sparse.pred_a.double().T) @ sparse.pred_b.double().T + sparse.pred_bias.double()

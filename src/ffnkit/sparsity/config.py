@@ -69,7 +69,7 @@ register_rule(
     "stat-topk",
     "ffnkit.sparsity.rules:calibrate_stat_topk",
     mode="stat",
-    help="Spark-style statistical top-k: keep gate pre-activations above mean + z·std per token (no sort)",
+    help="Spark-style statistical top-k: keep |act(gate)| above mean + z·std of the token (no sort)",
 )
 register_rule(
     "predictor",

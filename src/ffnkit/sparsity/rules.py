@@ -10,7 +10,7 @@
   model-wide byte budget over layers and sites.
 - :func:`calibrate_cats` (CATS): |act(W_gate x)| > t, t a per-layer quantile.
 - :func:`calibrate_chess` (CHESS): |act(gate_i)|·E|up_i| > τ, channel-wise thresholds t_i = τ / E|up_i|.
-- :func:`calibrate_stat_topk` (Spark-style): keep gate pre-activations g_i ≥ mean(g) + z·std(g) per token;
+- :func:`calibrate_stat_topk` (Spark-style): keep v_i = |act(g_i)| ≥ mean(v) + z·std(v) per token;
   z calibrated so the share kept matches the target (no sort at run time).
 
 Example:
@@ -424,7 +424,8 @@ def calibrate_chess(cal: Calibration, config: SparsityConfig) -> list[LayerPlan]
 
 
 def calibrate_stat_topk(cal: Calibration, config: SparsityConfig) -> list[LayerPlan]:
-    """Spark-style statistical top-k: z such that g ≥ mean(g) + z·std(g) keeps the wanted share per token.
+    """Spark-style statistical top-k: z such that v ≥ mean(v) + z·std(v), v = |act(g)|, keeps the wanted
+    share per token (the statistic of the activation magnitude: see :mod:`ffnkit.modules.sparse_ffn`).
 
     Example:
         >>> calibrate_stat_topk(cal, SparsityConfig("stat-topk", 0.4))[0].t_mid
@@ -437,7 +438,8 @@ def calibrate_stat_topk(cal: Calibration, config: SparsityConfig) -> list[LayerP
         q = _neuron_share(cal, config, f.index)
         site = "gate" if gated else "pre"
         g = cal.sites(module, cal.x(f.index), [site], masks=False)[site]  # [N, f]
-        z = (g - g.mean(-1, keepdim=True)) / g.std(-1, keepdim=True).clamp_min(1e-12)
+        v = module.activation(g.float()).abs()  # [N, f]
+        z = (v - v.mean(-1, keepdim=True)) / v.std(-1, keepdim=True).clamp_min(1e-12)
         t = quantile(z, q) if q > 0 else float("-inf")
         plans.append(_neuron_plan(f.index, "stat", gated, t, q))
     return plans
