@@ -305,7 +305,11 @@ class MoERouter(nn.Module):
     def select(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """logits [N, E'] -> (weights [N, k], indices [N, k]) by this router's rule."""
         if self.weighting == "ones":
-            _, top_i = torch.topk(logits, self.top_k, dim=-1)
+            top_l, top_i = torch.topk(logits, self.top_k, dim=-1)
+            if top_l.requires_grad:
+                # training (healing): exp(l − l) is exactly 1 forward, and passes the loss's gradient
+                # to the chosen logits, so the router trains through the weights it does not use
+                return torch.exp(top_l - top_l.detach()), top_i
             return torch.ones(top_i.shape, dtype=logits.dtype, device=logits.device), top_i
         probs = torch.softmax(logits.float(), dim=-1)
         top_w, top_i = torch.topk(probs, self.top_k, dim=-1)

@@ -37,7 +37,14 @@ from ffnkit.core.ffn import FFN
 from ffnkit.core.transaction import Transaction
 from ffnkit.modules.moe import MoEBlock, link_routing_state
 from ffnkit.moe.cluster import SPLITS, Split, split_neurons
-from ffnkit.moe.router import ROUTERS, centroid_weight, expert_mass, mass_recall, train_mlp_router
+from ffnkit.moe.router import (
+    ROUTER_TARGETS,
+    ROUTERS,
+    centroid_weight,
+    expert_importance,
+    mass_recall,
+    train_mlp_router,
+)
 
 __all__ = [
     "LayerPlan",
@@ -78,6 +85,8 @@ class MoEfyConfig(JsonConfig):
     router_hidden: int = 128
     router_steps: int = 300
     router_lr: float = 3e-3
+    router_batch: int = 1024  # calibration tokens per router training step
+    router_target: str = "mass"  # what the MLP router learns to rank: mass (Σ|m|) or norm (‖expert output‖)
     layers: list[int] | None = None
     samples: int = 32
     seq_len: int = 256
@@ -103,9 +112,19 @@ class MoEfyConfig(JsonConfig):
             )
         if self.top_k is not None and not 1 <= self.top_k <= self.experts:
             raise InvalidArgumentError(f"top_k must be in [1, experts={self.experts}], got {self.top_k}")
-        if self.shared < 0 or self.zero_experts < 0 or self.router_hidden < 1 or self.router_steps < 1:
+        if (
+            self.shared < 0
+            or self.zero_experts < 0
+            or self.router_hidden < 1
+            or self.router_steps < 1
+            or self.router_batch < 1
+        ):
             raise InvalidArgumentError(
-                "shared and zero_experts must be >= 0, router_hidden and router_steps >= 1"
+                "shared and zero_experts must be >= 0, router_hidden, router_steps and router_batch >= 1"
+            )
+        if self.router_target not in ROUTER_TARGETS:
+            raise InvalidArgumentError(
+                f"unknown router_target {self.router_target!r}; use one of {', '.join(ROUTER_TARGETS)}"
             )
         if not self.zero_threshold > 0:
             raise InvalidArgumentError(f"zero_threshold must be > 0, got {self.zero_threshold}")
@@ -170,8 +189,9 @@ class LayerPlan:
 class MoEfyReport:
     """What ``moefy_`` changed (JSON-ready through ``to_dict``). ``active_fraction``: share of FFN
     neurons computed per token, averaged over converted layers (before zero experts take slots);
-    ``mass_recall``: share of the activation mass |m| in the chosen experts on calibration tokens
-    (``oracle``: in the best k)."""
+    ``mass_recall``: share of the router's target (activation mass |m|, or expert output norms with
+    ``router_target="norm"``) in the chosen experts on calibration tokens (``oracle``: in the best k;
+    ``overlap``: share of the best k the router chose)."""
 
     transform: str
     config: dict[str, Any]
@@ -282,20 +302,22 @@ def plan_moefy(
         if config.router == "centroid":
             router = {"weight": centroid_weight(f, split)}
         else:
-            mass = expert_mass(f, x, split)
+            target = expert_importance(f, x, split, config.router_target)
             router, info = train_mlp_router(
                 x,
-                mass,
+                target,
                 hidden=config.router_hidden,
                 steps=config.router_steps,
                 lr=config.router_lr,
+                batch=config.router_batch,
                 seed=config.seed,
             )
+            del target
         scores = mass = None
         if x is not None:
             g = torch.Generator().manual_seed(config.seed)
             sub = x[torch.randperm(x.shape[0], generator=g)[:_RECALL_TOKENS]].float().cpu()  # [n, d]
-            mass = expert_mass(f, sub.to(f.W_in.device), split).cpu()
+            mass = expert_importance(f, sub.to(f.W_in.device), split, config.router_target).cpu()
             scores = _router_scores(router, sub)
         plans[f.index] = LayerPlan(f.index, split, router, scores, mass, info, sub if x is not None else None)
     return plans
@@ -469,7 +491,9 @@ def moefy_(
             _compensate(f, block, p.inputs)
         blocks.append((f.name, block))
         recall = (
-            mass_recall(p.scores, p.mass, k) if p.scores is not None else {"router": None, "oracle": None}
+            mass_recall(p.scores, p.mass, k)
+            if p.scores is not None
+            else {"router": None, "oracle": None, "overlap": None}
         )
         rows.append(
             {
@@ -510,7 +534,7 @@ def moefy_(
         config=config.to_dict(),
         layers=rows,
         active_fraction=sum(r["active_fraction"] for r in rows) / len(rows),
-        mass_recall={"router": mean("router"), "oracle": mean("oracle")},
+        mass_recall={"router": mean("router"), "oracle": mean("oracle"), "overlap": mean("overlap")},
         ffn_flops_per_token_before=flops_before,
         ffn_flops_per_token_after=sum(after[f.index].flops_per_token() for f in ffns),
         parameters_before=before,
