@@ -72,6 +72,12 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--shared", type=int, default=0)
     ap.add_argument("--allocation", default="uniform", help="uniform or global (k per layer by mass recall)")
     ap.add_argument("--no-compensate", action="store_true", help="no output-bias compensation")
+    ap.add_argument(
+        "--variants",
+        default="",
+        help="conversions to compare, E:S[:target[:allocation]],... (experts, shared neurons, mass|norm, "
+        "uniform|global); heal rows use the first",
+    )
     ap.add_argument("--router-steps", type=int, default=200)
     ap.add_argument("--router-hidden", type=int, default=128)
     ap.add_argument("--router-batch", type=int, default=1024)
@@ -98,6 +104,26 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default="benchmarks/results/moe_frontier_cpu.json")
     return ap.parse_args()
+
+
+def variants(args: argparse.Namespace) -> list[tuple[int, int, str, str]]:
+    """(experts, shared, router target, allocation) of each conversion variant, from ``--variants``
+    ``E:S[:target[:allocation]],...`` (default: ``--experts``, ``--shared``, ``--router-target``,
+    ``--allocation``)."""
+    if not args.variants:
+        return [(args.experts, args.shared, args.router_target, args.allocation)]
+    out = []
+    for item in args.variants.split(","):
+        parts = item.split(":")
+        out.append(
+            (
+                int(parts[0]),
+                int(parts[1]) if len(parts) > 1 else 0,
+                parts[2] if len(parts) > 2 else args.router_target,
+                parts[3] if len(parts) > 3 else args.allocation,
+            )
+        )
+    return out
 
 
 def reload_gap(model, tok, ids: torch.Tensor) -> float:
@@ -184,79 +210,99 @@ def main() -> None:
                 **extra,
             }
         )
-        log(f"{kind} {split}/{router} active {a:.0%}: ppl {ppl:.2f} (x{ppl / dense_m.perplexity:.3f})")
+        log(f"{label(results[-1])} active {a:.0%}: ppl {ppl:.2f} (x{ppl / dense_m.perplexity:.3f})")
         write(False)
 
-    for split in splits:
-        plan = None
-        for router in routers:
-            fields = dict(
-                experts=args.experts,
-                split=split,
-                router=router,
-                shared=args.shared,
-                router_steps=args.router_steps,
-                router_hidden=args.router_hidden,
-                router_batch=args.router_batch,
-                router_lr=args.router_lr,
-                router_target=args.router_target,
-                allocation=args.allocation,
-                compensate=not args.no_compensate,
-                samples=args.samples,
-                seq_len=args.seq_len,
-            )
-            start = time.perf_counter()
-            plan = plan_moefy(dense, MoEfyConfig(**fields), calibration=calib, splits=plan)  # reuse the split
-            plan_s = time.perf_counter() - start
-            log(f"plan {split}/{router}: {plan_s:.0f} s")
-            for a in actives:
-                model = copy.deepcopy(dense)
-                report = moefy_(model, MoEfyConfig(**fields, active=a), plan=plan)
-                ppl = measure(model, evaluation).perplexity
-                row("router", split, router, a, report, ppl, plan_seconds=plan_s)
-                if args.oracle and router == routers[0]:
-                    with oracle_routing(model):
-                        ppl = measure(model, evaluation).perplexity
-                    row("oracle", split, "oracle (true output norms)", a, report, ppl)
-                if (
-                    args.heal_minutes > 0
-                    and (split, router) == (heal_split, heal_router)
-                    and a in heal_actives
-                ):
-                    heal_cfg = HealConfig(
-                        steps=args.heal_steps,
-                        lr=args.heal_lr,
-                        samples=args.heal_samples,
-                        seq_len=args.heal_seq_len,
-                        batch_size=args.heal_batch,
-                        max_minutes=args.heal_minutes,
-                        corpus=args.heal_corpus,
-                    )
-                    healed = heal_(model, dense, heal_cfg, tokenizer=tok, progress=False)
+    heal_ids = None
+    if args.heal_minutes > 0:
+        heal_ids = calibration_batches(
+            load_corpus(args.heal_corpus), tok, args.heal_samples, args.heal_seq_len, seed=1
+        )
+    for v, (experts, shared, target, alloc) in enumerate(variants(args)):
+        tag = {"experts": experts, "shared": shared, "router_target": target, "allocation": alloc}
+        log(f"variant {tag}")
+        for split in splits:
+            plan = None
+            for router in routers:
+                fields = dict(
+                    experts=experts,
+                    split=split,
+                    router=router,
+                    shared=shared,
+                    router_steps=args.router_steps,
+                    router_hidden=args.router_hidden,
+                    router_batch=args.router_batch,
+                    router_lr=args.router_lr,
+                    router_target=target,
+                    allocation=alloc,
+                    compensate=not args.no_compensate,
+                    samples=args.samples,
+                    seq_len=args.seq_len,
+                )
+                start = time.perf_counter()
+                plan = plan_moefy(
+                    dense, MoEfyConfig(**fields), calibration=calib, splits=plan
+                )  # reuse the split
+                plan_s = time.perf_counter() - start
+                log(f"plan {split}/{router}: {plan_s:.0f} s")
+                for a in actives:
+                    model = copy.deepcopy(dense)
+                    report = moefy_(model, MoEfyConfig(**fields, active=a), plan=plan)
                     ppl = measure(model, evaluation).perplexity
-                    gap = reload_gap(model, tok, calib[:2])
-                    row(
-                        "heal",
-                        split,
-                        f"{router}+heal",
-                        a,
-                        report,
-                        ppl,
-                        heal={
-                            "minutes": healed.seconds / 60,
-                            "steps": healed.steps,
-                            "tokens": healed.tokens_seen,
-                            "stopped_by": healed.stopped_by,
-                            "corpus": args.heal_corpus,
-                            "lr": args.heal_lr,
-                            "trainable_parameters": healed.trainable_parameters,
-                            "kl_first_last": [healed.loss_curve[0], healed.loss_curve[-1]],
-                        },
-                        reload_max_abs_logit_diff=gap,
-                    )
-                del model
+                    row("router", split, router, a, report, ppl, plan_seconds=plan_s, **tag)
+                    if args.oracle and router == routers[0]:
+                        with oracle_routing(model):
+                            ppl = measure(model, evaluation).perplexity
+                        row("oracle", split, "oracle (true output norms)", a, report, ppl, **tag)
+                    if (
+                        args.heal_minutes > 0
+                        and (split, router) == (heal_split, heal_router)
+                        and v == 0
+                        and a in heal_actives
+                    ):
+                        heal_cfg = HealConfig(
+                            steps=args.heal_steps,
+                            lr=args.heal_lr,
+                            samples=args.heal_samples,
+                            seq_len=args.heal_seq_len,
+                            batch_size=args.heal_batch,
+                            max_minutes=args.heal_minutes,
+                            corpus=args.heal_corpus,
+                        )
+                        healed = heal_(model, dense, heal_cfg, calibration=heal_ids, progress=False)
+                        ppl = measure(model, evaluation).perplexity
+                        gap = reload_gap(model, tok, calib[:2])
+                        row(
+                            "heal",
+                            split,
+                            f"{router}+heal",
+                            a,
+                            report,
+                            ppl,
+                            heal={
+                                "minutes": healed.seconds / 60,
+                                "steps": healed.steps,
+                                "tokens": healed.tokens_seen,
+                                "stopped_by": healed.stopped_by,
+                                "corpus": args.heal_corpus,
+                                "lr": args.heal_lr,
+                                "trainable_parameters": healed.trainable_parameters,
+                                "kl_first_last": [healed.loss_curve[0], healed.loss_curve[-1]],
+                            },
+                            reload_max_abs_logit_diff=gap,
+                            **tag,
+                        )
+                    del model
     write(True)
     log(f"wrote {args.out}")
+
+
+def label(r: dict) -> str:
+    """A row's name: kind split/router E<experts> S<shared> <router target> <allocation>."""
+    return (
+        f"{r['kind']} {r['split']}/{r['router']} E{r.get('experts')} S{r.get('shared')} "
+        f"{r.get('router_target')} {r.get('allocation')}"
+    )
 
 
 def document(args, actives, results, pruning, evaluation, dense, t0) -> dict:
@@ -272,7 +318,7 @@ def document(args, actives, results, pruning, evaluation, dense, t0) -> dict:
                 continue
             best = min(rows, key=lambda r: r["perplexity"])
             entry[kind] = {
-                "best": f"{best['split']}/{best['router']}",
+                "best": label(best),
                 "perplexity": best["perplexity"],
                 "vs_dense": best["perplexity"] / dense.perplexity,
                 "below_pruning_in_run": best["perplexity"] < prune["perplexity"] if prune else None,
@@ -302,6 +348,7 @@ def document(args, actives, results, pruning, evaluation, dense, t0) -> dict:
                 "heal_seq_len",
                 "heal_batch",
                 "heal_corpus",
+                "variants",
             )
         }
         | {"compensate": not args.no_compensate},
