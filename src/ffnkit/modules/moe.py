@@ -161,6 +161,26 @@ class MoEExperts(nn.Module):
             ub = up_bias if up_bias is not None else zeros
             self.gate_up_proj_bias.copy_(torch.cat([gb, ub], dim=1))
 
+    @torch.no_grad()
+    def output_norms(self, x: Tensor, *, chunk: int = 1024) -> Tensor:
+        """‖down_e(act(gate_e x) · up_e x)‖ of every expert on every token: x [T, d] -> [T, E] (float32);
+        costs every expert (what oracle routing compares).
+
+        Example:
+            >>> MoEExperts(4, 32, 12).output_norms(torch.randn(3, 32)).shape
+            torch.Size([3, 4])
+        """
+        f = self.intermediate_dim
+        out = []
+        for part in x.split(chunk):
+            h = torch.einsum("nd,eid->nei", part, self.gate_up_proj)  # [n, E, 2f]
+            if self.gate_up_proj_bias is not None:
+                h = h + self.gate_up_proj_bias
+            m = self.act_fn(h[..., :f]) * h[..., f:]  # [n, E, f]
+            y = torch.einsum("nef,edf->ned", m, self.down_proj)  # [n, E, d]
+            out.append(y.float().norm(dim=-1))  # [n, E]
+        return torch.cat(out)
+
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         """hidden_states [T, d], top_k_index / top_k_weights [T, k] -> [T, d]."""
         if self.gate_up_proj_bias is None:

@@ -22,28 +22,7 @@ from torch import Tensor, nn
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.modules.moe import MoEBlock
 
-__all__ = ["expert_output_norms", "oracle_routing"]
-
-
-@torch.no_grad()
-def expert_output_norms(block: MoEBlock, x: Tensor, *, chunk: int = 1024) -> Tensor:
-    """‖down_e(act(gate_e x) · up_e x)‖ of every FFN expert of ``block``: x [N, d] -> [N, E] (float32).
-
-    Example:
-        >>> expert_output_norms(block, torch.randn(5, block.gate.hidden_dim)).shape
-        torch.Size([5, 4])
-    """
-    ex = block.experts
-    f = ex.intermediate_dim
-    out = []
-    for part in x.split(chunk):
-        h = torch.einsum("nd,eid->nei", part, ex.gate_up_proj)  # [n, E, 2f]
-        if ex.gate_up_proj_bias is not None:
-            h = h + ex.gate_up_proj_bias
-        m = ex.act_fn(h[..., :f]) * h[..., f:]  # [n, E, f]
-        y = torch.einsum("nef,edf->ned", m, ex.down_proj)  # [n, E, d]
-        out.append(y.float().norm(dim=-1))  # [n, E]
-    return torch.cat(out)
+__all__ = ["oracle_routing"]
 
 
 @contextmanager
@@ -69,7 +48,7 @@ def oracle_routing(model: nn.Module) -> Iterator[list[MoEBlock]]:
         for b in blocks:
 
             def logits(x: Tensor, previous: Tensor | None = None, *, _b: MoEBlock = b) -> Tensor:
-                norms = expert_output_norms(_b, x)  # [N, E]
+                norms = _b.experts.output_norms(x)  # [N, E]
                 return torch.log_softmax(norms.clamp_min(1e-30).log(), dim=-1).to(x.dtype)
 
             b.gate.router_logits = logits  # an instance attribute shadows the method
