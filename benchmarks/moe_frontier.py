@@ -218,11 +218,12 @@ def main() -> None:
         heal_ids = calibration_batches(
             load_corpus(args.heal_corpus), tok, args.heal_samples, args.heal_seq_len, seed=1
         )
+    plans: dict[tuple, tuple[dict, float]] = {}
+    split_plans: dict[tuple, dict] = {}
     for v, (experts, shared, target, alloc) in enumerate(variants(args)):
         tag = {"experts": experts, "shared": shared, "router_target": target, "allocation": alloc}
         log(f"variant {tag}")
         for split in splits:
-            plan = None
             for router in routers:
                 fields = dict(
                     experts=experts,
@@ -239,12 +240,15 @@ def main() -> None:
                     samples=args.samples,
                     seq_len=args.seq_len,
                 )
-                start = time.perf_counter()
-                plan = plan_moefy(
-                    dense, MoEfyConfig(**fields), calibration=calib, splits=plan
-                )  # reuse the split
-                plan_s = time.perf_counter() - start
-                log(f"plan {split}/{router}: {plan_s:.0f} s")
+                key = (experts, shared, target, split, router)  # what a plan depends on (not allocation)
+                if key not in plans:
+                    start = time.perf_counter()
+                    same_split = split_plans.get((experts, shared, split))  # reuse the split
+                    plan = plan_moefy(dense, MoEfyConfig(**fields), calibration=calib, splits=same_split)
+                    plans[key] = plan, time.perf_counter() - start
+                    split_plans[(experts, shared, split)] = plan
+                    log(f"plan {split}/{router}: {plans[key][1]:.0f} s")
+                plan, plan_s = plans[key]
                 for a in actives:
                     model = copy.deepcopy(dense)
                     report = moefy_(model, MoEfyConfig(**fields, active=a), plan=plan)
