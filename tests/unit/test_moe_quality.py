@@ -150,3 +150,24 @@ def test_healing_a_converted_model_trains_the_router_and_reloads_exactly(tmp_pat
     with torch.no_grad():
         got = again(**inputs).logits
         assert torch.equal(got, want), (got - want).abs().max()
+
+
+def test_training_path_equals_the_reference_loop_in_values_and_gradients():
+    from ffnkit.modules.moe import MoEExperts, experts_reference
+
+    torch.manual_seed(0)
+    ex = MoEExperts(6, 16, 5)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_()
+        ex.down_proj.normal_()
+    x = torch.randn(11, 16, requires_grad=True)
+    index = torch.randint(0, 7, (11, 3))  # 6 = no expert (an MoE++ slot)
+    index[0] = torch.tensor([2, 2, 6])  # the same expert twice: weights add
+    weights = torch.rand(11, 3, requires_grad=True)
+    got = ex(x, index, weights)  # grad enabled: the masked dense path
+    want = experts_reference(x, ex.gate_up_proj, ex.down_proj, index, weights)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    g_got = torch.autograd.grad(got.square().sum(), (x, weights, ex.gate_up_proj))
+    g_want = torch.autograd.grad(want.square().sum(), (x, weights, ex.gate_up_proj))
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)

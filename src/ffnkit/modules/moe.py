@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 ROUTER_KINDS = ("linear", "mlp")
+_MASKED_MAX = 1 << 27  # largest T × E × 2f that training computes as one masked dense FFN (512 MB fp32)
 WEIGHTINGS = ("softmax", "ones")
 
 
@@ -161,6 +162,29 @@ class MoEExperts(nn.Module):
             ub = up_bias if up_bias is not None else zeros
             self.gate_up_proj_bias.copy_(torch.cat([gb, ub], dim=1))
 
+    def masked_dense(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """The experts' sum computed as one dense FFN over all experts with each token's expert weights
+        (0 for experts not chosen): two large matmuls instead of a loop, differentiable in the weights
+        (healing trains router and experts through it). x [T, d] -> [T, d].
+
+        Example:
+            >>> ex = MoEExperts(4, 32, 12)
+            >>> ex.masked_dense(torch.randn(3, 32), torch.tensor([[0, 2]] * 3), torch.ones(3, 2)).shape
+            torch.Size([3, 32])
+        """
+        n_experts, f = self.num_experts, self.intermediate_dim
+        t, d = hidden_states.shape
+        gu = hidden_states @ self.gate_up_proj.reshape(-1, d).T  # [T, E·2f]
+        gu = gu.view(t, n_experts, 2 * f)  # [T, E, 2f]
+        if self.gate_up_proj_bias is not None:
+            gu = gu + self.gate_up_proj_bias
+        m = self.act_fn(gu[..., :f]) * gu[..., f:]  # [T, E, f]
+        # each token's weight per expert (slots with index >= E choose nothing: the extra column is dropped)
+        w = torch.zeros(t, n_experts + 1, dtype=m.dtype, device=m.device)
+        w = w.scatter_add(1, top_k_index.clamp(max=n_experts), top_k_weights.to(m.dtype))[:, :n_experts]
+        down = self.down_proj.permute(1, 0, 2).reshape(d, -1)  # [E, d, f] -> [d, E·f]
+        return ((m * w[..., None]).reshape(t, -1) @ down.T).to(hidden_states.dtype)  # [T, d]
+
     @torch.no_grad()
     def output_norms(self, x: Tensor, *, chunk: int = 1024) -> Tensor:
         """‖down_e(act(gate_e x) · up_e x)‖ of every expert on every token: x [T, d] -> [T, E] (float32);
@@ -194,7 +218,10 @@ class MoEExperts(nn.Module):
                 return experts_forward(
                     hidden_states, self.gate_up_proj, self.down_proj, index, top_k_weights, self.act
                 )
-            # training (the kernels have no backward) or an activation they lack: the reference loop
+            if needs_grad and hidden_states.shape[0] * self.gate_up_proj.shape[:2].numel() <= _MASKED_MAX:
+                # training (the kernels have no backward): every expert at once, unchosen ones weighted 0
+                return self.masked_dense(hidden_states, top_k_index, top_k_weights)
+            # a large training batch or an activation the kernels lack: the reference loop
             return experts_reference(
                 hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights, self.act
             )
