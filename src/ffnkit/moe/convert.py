@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 CHANGE_KIND = MoEBlock.change_kind  # "ffn_moe"
-_RECALL_TOKENS = 2048  # calibration tokens kept per layer to report the router's mass recall
+_RECALL_TOKENS = 2048  # calibration tokens per layer held out of router training (recall, compensation)
 
 
 @dataclass
@@ -179,10 +179,10 @@ class LayerPlan:
     index: int
     split: Split
     router: dict[str, Tensor]  # "weight" (centroid) or the MLP's fc1./fc2. tensors
-    scores: Tensor | None = None  # [n, E] router scores of a calibration subsample (mass recall)
+    scores: Tensor | None = None  # [n, E] router scores of held-out calibration tokens (mass recall)
     mass: Tensor | None = None  # [n, E] the true expert mass of the same tokens
     info: dict[str, Any] = field(default_factory=dict)
-    inputs: Tensor | None = None  # [n, d] those tokens' FFN inputs (the output-bias compensation)
+    inputs: Tensor | None = None  # [n, d] calibration FFN inputs (the output-bias compensation)
 
 
 @dataclass
@@ -190,7 +190,8 @@ class MoEfyReport:
     """What ``moefy_`` changed (JSON-ready through ``to_dict``). ``active_fraction``: share of FFN
     neurons computed per token, averaged over converted layers (before zero experts take slots);
     ``mass_recall``: share of the router's target (activation mass |m|, or expert output norms with
-    ``router_target="norm"``) in the chosen experts on calibration tokens (``oracle``: in the best k;
+    ``router_target="norm"``) in the chosen experts on calibration tokens held out of router training
+    (``oracle``: in the best k;
     ``overlap``: share of the best k the router chose)."""
 
     transform: str
@@ -299,12 +300,19 @@ def plan_moefy(
             )
         del m_abs
         info: dict[str, Any] = {}
+        held = train = None
+        if x is not None:
+            # tokens held out of router training: the recall (and global allocation) measure generalisation
+            perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed))
+            n_held = min(_RECALL_TOKENS, x.shape[0] // 4) or 1
+            held, train = perm[:n_held], perm[n_held:] if x.shape[0] > n_held else perm
         if config.router == "centroid":
             router = {"weight": centroid_weight(f, split)}
         else:
-            target = expert_importance(f, x, split, config.router_target)
+            xt = x[train.to(x.device)]  # [n_train, d]
+            target = expert_importance(f, xt, split, config.router_target)
             router, info = train_mlp_router(
-                x,
+                xt,
                 target,
                 hidden=config.router_hidden,
                 steps=config.router_steps,
@@ -312,14 +320,14 @@ def plan_moefy(
                 batch=config.router_batch,
                 seed=config.seed,
             )
-            del target
-        scores = mass = None
+            del target, xt
+        scores = mass = sub = None
         if x is not None:
-            g = torch.Generator().manual_seed(config.seed)
-            sub = x[torch.randperm(x.shape[0], generator=g)[:_RECALL_TOKENS]].float().cpu()  # [n, d]
-            mass = expert_importance(f, sub.to(f.W_in.device), split, config.router_target).cpu()
-            scores = _router_scores(router, sub)
-        plans[f.index] = LayerPlan(f.index, split, router, scores, mass, info, sub if x is not None else None)
+            sub = x[perm[:_RECALL_TOKENS].to(x.device)].float().cpu()  # [n, d] compensation tokens
+            xh = sub[: held.numel()]  # [n_held, d] the held-out ones among them
+            mass = expert_importance(f, xh.to(f.W_in.device), split, config.router_target).cpu()
+            scores = _router_scores(router, xh)
+        plans[f.index] = LayerPlan(f.index, split, router, scores, mass, info, sub)
     return plans
 
 
