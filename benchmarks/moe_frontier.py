@@ -23,6 +23,15 @@ Runs on ``--device cuda`` in one process (model, calibration, router training, e
     python benchmarks/moe_frontier.py --out benchmarks/results/moe_frontier_cpu.json
     python benchmarks/moe_frontier.py --splits kmeans --routers mlp --active 0.5 --eval-tokens 512 \\
         --samples 4 --out /tmp/moe_smoke.json        # a smoke run
+
+The full protocol on a GPU, in three processes of under 10 minutes each (frontier, healing, pruning):
+
+    G="--device cuda --samples 256 --seq-len 256 --router-steps 1000 --router-batch 8192 --router-hidden 256"
+    PYTHONPATH=src python benchmarks/moe_frontier.py $G --variants 80:256:norm:global \\
+        --splits coact,kmeans,random --routers mlp,centroid --oracle --out $OUT/moe_frontier_h200.json
+    PYTHONPATH=src python benchmarks/moe_frontier.py $G --variants 80:256:norm:global --splits coact \\
+        --routers mlp --heal-minutes 2 --out $OUT/moe_frontier_heal_h200.json
+    PYTHONPATH=src python benchmarks/moe_frontier.py $G --splits "" --prune --out $OUT/moe_frontier_prune_h200.json
 """
 
 from __future__ import annotations
@@ -143,8 +152,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     actives = [float(a) for a in args.active.split(",")]
-    splits, routers = args.splits.split(","), args.routers.split(",")
-    heal_split, heal_router = args.heal_split or splits[0], args.heal_router or routers[0]
+    splits = [s for s in args.splits.split(",") if s]  # empty: no conversion (only --prune rows)
+    routers = [r for r in args.routers.split(",") if r]
+    heal_split = args.heal_split or (splits[0] if splits else "")
+    heal_router = args.heal_router or (routers[0] if routers else "")
     heal_actives = [float(a) for a in args.heal_active.split(",")] if args.heal_active else actives
     t0 = time.perf_counter()
     log = lambda *a: print(f"[{time.perf_counter() - t0:7.1f}s]", *a, file=sys.stderr, flush=True)  # noqa: E731
