@@ -27,9 +27,9 @@ Runs on ``--device cuda`` in one process (model, calibration, router training, e
 The full protocol on a GPU, in three processes of under 10 minutes each (frontier, healing, pruning):
 
     G="--device cuda --samples 256 --seq-len 256 --router-steps 1000 --router-batch 8192 --router-hidden 256"
-    PYTHONPATH=src python benchmarks/moe_frontier.py $G --variants 80:256:norm:global \\
+    PYTHONPATH=src python benchmarks/moe_frontier.py $G --variants 80:256:norm:uniform \\
         --splits coact,kmeans,random --routers mlp,centroid --oracle --out $OUT/moe_frontier_h200.json
-    PYTHONPATH=src python benchmarks/moe_frontier.py $G --variants 80:256:norm:global --splits coact \\
+    PYTHONPATH=src python benchmarks/moe_frontier.py $G --variants 80:256:norm:uniform --splits coact \\
         --routers mlp --heal-minutes 2 --out $OUT/moe_frontier_heal_h200.json
     PYTHONPATH=src python benchmarks/moe_frontier.py $G --splits "" --prune --out $OUT/moe_frontier_prune_h200.json
 """
