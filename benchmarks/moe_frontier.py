@@ -231,7 +231,7 @@ def main() -> None:
         )
     plans: dict[tuple, tuple[dict, float]] = {}
     split_plans: dict[tuple, dict] = {}
-    for v, (experts, shared, target, alloc) in enumerate(variants(args)):
+    for v, (experts, shared, target, alloc) in enumerate(variants(args) if splits else []):
         tag = {"experts": experts, "shared": shared, "router_target": target, "allocation": alloc}
         log(f"variant {tag}")
         for split in splits:
