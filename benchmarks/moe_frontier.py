@@ -9,11 +9,29 @@ least-squares W_out refit (cheap on CPU; the per-layer sensitivity allocation, t
 Evaluation: the README protocol (``benchmarks/compress_frontier.py``): perplexity of the last
 ``--eval-tokens`` tokens of Austen's Persuasion in non-overlapping 512-token windows. Calibration:
 ``--samples`` × ``--seq-len`` windows of Shakespeare (seed 0); one plan (split + router) per split × router
-serves every active share. No healing.
+serves every active share. Rows (``kind``):
+
+- ``router``: the conversion as ``moefy_`` leaves it (no training beyond the router's).
+- ``oracle`` (``--oracle``): the same split and k, experts chosen per token by their true output norm
+  (:mod:`ffnkit.moe.oracle`): the router's gap, not a conversion result.
+- ``heal`` (``--heal-minutes M``): the ``--heal-split``/``--heal-router`` conversion, then ``heal_``
+  (KL distillation to the dense model, experts + router + shared expert trainable, time-budgeted) at each
+  active share; the row says minutes, steps and tokens, and whether save → load reproduced the logits.
+
+Runs on ``--device cuda`` in one process (model, calibration, router training, evaluation, healing).
 
     python benchmarks/moe_frontier.py --out benchmarks/results/moe_frontier_cpu.json
     python benchmarks/moe_frontier.py --splits kmeans --routers mlp --active 0.5 --eval-tokens 512 \\
         --samples 4 --out /tmp/moe_smoke.json        # a smoke run
+
+The full protocol on a GPU, in three processes of under 10 minutes each (frontier, healing, pruning):
+
+    G="--device cuda --samples 256 --seq-len 256 --router-steps 1000 --router-batch 8192 --router-hidden 256"
+    PYTHONPATH=src python benchmarks/moe_frontier.py $G --variants 80:256:norm:uniform \\
+        --splits coact,kmeans,random --routers mlp,centroid --oracle --out $OUT/moe_frontier_h200.json
+    PYTHONPATH=src python benchmarks/moe_frontier.py $G --variants 80:256:norm:uniform --splits coact \\
+        --routers mlp --heal-minutes 2 --out $OUT/moe_frontier_heal_h200.json
+    PYTHONPATH=src python benchmarks/moe_frontier.py $G --splits "" --prune --out $OUT/moe_frontier_prune_h200.json
 """
 
 from __future__ import annotations
@@ -22,6 +40,7 @@ import argparse
 import copy
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,8 +49,11 @@ import torch
 from ffnkit.compress.prune import PruneConfig, prune_
 from ffnkit.data import calibration_batches, load_corpus
 from ffnkit.evaluate import environment
+from ffnkit.io import load, save
 from ffnkit.moe.convert import MoEfyConfig, moefy_, plan_moefy
+from ffnkit.moe.oracle import oracle_routing
 from ffnkit.pipeline import PerplexityProtocol, PipelineConfig, evaluation_set, load_step, measure
+from ffnkit.train.heal import HealConfig, heal_
 
 COMMITTED = "benchmarks/results/compress_frontier_sensitivity_h200.json"
 
@@ -50,7 +72,7 @@ def committed_pruning() -> dict:
     return {"file": COMMITTED, "dense": doc["dense"]["perplexity"], "best_by_ratio_removed": best}
 
 
-def main() -> None:
+def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--active", default="0.5,0.25,0.75")
     ap.add_argument("--splits", default="kmeans,coact,random")
@@ -59,21 +81,87 @@ def main() -> None:
     ap.add_argument("--shared", type=int, default=0)
     ap.add_argument("--allocation", default="uniform", help="uniform or global (k per layer by mass recall)")
     ap.add_argument("--no-compensate", action="store_true", help="no output-bias compensation")
+    ap.add_argument(
+        "--variants",
+        default="",
+        help="conversions to compare, E:S[:target[:allocation]],... (experts, shared neurons, mass|norm, "
+        "uniform|global); heal rows use the first",
+    )
     ap.add_argument("--router-steps", type=int, default=200)
+    ap.add_argument("--router-hidden", type=int, default=128)
+    ap.add_argument("--router-batch", type=int, default=1024)
+    ap.add_argument("--router-lr", type=float, default=3e-3)
+    ap.add_argument("--router-target", default="mass", help="mass or norm (what the MLP router ranks)")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--oracle", action="store_true", help="also an oracle row per split (true output norms)")
+    ap.add_argument("--heal-minutes", type=float, default=0.0, help="heal each --heal-split/router model")
+    ap.add_argument("--heal-split", default="", help="split to heal (default: the first of --splits)")
+    ap.add_argument("--heal-router", default="", help="router to heal (default: the first of --routers)")
+    ap.add_argument("--heal-active", default="", help="active shares to heal (default: --active)")
+    ap.add_argument("--heal-lr", type=float, default=3e-4)
+    ap.add_argument(
+        "--heal-steps", type=int, default=100000, help="step cap (the minutes usually stop first)"
+    )
+    ap.add_argument("--heal-samples", type=int, default=2048)
+    ap.add_argument("--heal-seq-len", type=int, default=512)
+    ap.add_argument("--heal-batch", type=int, default=8)
+    ap.add_argument("--heal-corpus", default="shakespeare")
     ap.add_argument("--prune", action="store_true", help="also prune (flap/global+refit) at each share")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where everything runs")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default="benchmarks/results/moe_frontier_cpu.json")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def variants(args: argparse.Namespace) -> list[tuple[int, int, str, str]]:
+    """(experts, shared, router target, allocation) of each conversion variant, from ``--variants``
+    ``E:S[:target[:allocation]],...`` (default: ``--experts``, ``--shared``, ``--router-target``,
+    ``--allocation``)."""
+    if not args.variants:
+        return [(args.experts, args.shared, args.router_target, args.allocation)]
+    out = []
+    for item in args.variants.split(","):
+        parts = item.split(":")
+        out.append(
+            (
+                int(parts[0]),
+                int(parts[1]) if len(parts) > 1 else 0,
+                parts[2] if len(parts) > 2 else args.router_target,
+                parts[3] if len(parts) > 3 else args.allocation,
+            )
+        )
+    return out
+
+
+def reload_gap(model, tok, ids: torch.Tensor) -> float:
+    """Max |logit difference| after ffnkit.save → load of ``model`` (0.0: reproduced exactly)."""
+    device = next(model.parameters()).device
+    with tempfile.TemporaryDirectory() as tmp:
+        save(model, tok, Path(tmp) / "m")
+        again, _ = load(Path(tmp) / "m")
+    again.to(device)
+    with torch.no_grad():
+        a, b = model(ids.to(device)).logits, again(ids.to(device)).logits
+    return float((a - b).abs().max())
+
+
+def main() -> None:
+    args = parse()
     if args.threads:
         torch.set_num_threads(args.threads)
     actives = [float(a) for a in args.active.split(",")]
+    splits = [s for s in args.splits.split(",") if s]  # empty: no conversion (only --prune rows)
+    routers = [r for r in args.routers.split(",") if r]
+    heal_split = args.heal_split or (splits[0] if splits else "")
+    heal_router = args.heal_router or (routers[0] if routers else "")
+    heal_actives = [float(a) for a in args.heal_active.split(",")] if args.heal_active else actives
     t0 = time.perf_counter()
     log = lambda *a: print(f"[{time.perf_counter() - t0:7.1f}s]", *a, file=sys.stderr, flush=True)  # noqa: E731
 
-    dense, tok = load_step(PipelineConfig(model="smollm2-135m"))
+    dense, tok = load_step(PipelineConfig(model="smollm2-135m", device=args.device))
+    dense.eval()
     evaluation = evaluation_set(
         PerplexityProtocol(corpus="austen", max_tokens=args.eval_tokens, window=512), tok
     )
@@ -115,82 +203,170 @@ def main() -> None:
             )
             log(f"prune {1 - a:.0%} removed: ppl {ppl:.2f}")
             write(False)
-    for split in args.splits.split(","):
-        plan = None
-        for router in args.routers.split(","):
-            fields = dict(
-                experts=args.experts,
-                split=split,
-                router=router,
-                shared=args.shared,
-                router_steps=args.router_steps,
-                allocation=args.allocation,
-                compensate=not args.no_compensate,
-                samples=args.samples,
-                seq_len=args.seq_len,
-            )
-            start = time.perf_counter()
-            plan = plan_moefy(dense, MoEfyConfig(**fields), calibration=calib, splits=plan)  # reuse the split
-            plan_s = time.perf_counter() - start
-            log(f"plan {split}/{router}: {plan_s:.0f} s")
-            for a in actives:
-                model = copy.deepcopy(dense)
-                report = moefy_(model, MoEfyConfig(**fields, active=a), plan=plan)
-                ppl = measure(model, evaluation).perplexity
-                results.append(
-                    {
-                        "split": split,
-                        "router": router,
-                        "active": a,
-                        "active_fraction": report.active_fraction,
-                        "top_k": [r["top_k"] for r in report.layers],
-                        "perplexity": ppl,
-                        "perplexity_vs_dense": ppl / dense_m.perplexity,
-                        "mass_recall": report.mass_recall,
-                        "ffn_flops_per_token": report.ffn_flops_per_token_after,
-                        "dense_ffn_flops_per_token": report.ffn_flops_per_token_before,
-                        "plan_seconds": plan_s,
-                    }
+
+    def row(kind: str, split: str, router: str, a: float, report, ppl: float, **extra) -> None:
+        results.append(
+            {
+                "kind": kind,
+                "split": split,
+                "router": router,
+                "active": a,
+                "active_fraction": report.active_fraction,
+                "top_k": [r["top_k"] for r in report.layers],
+                "perplexity": ppl,
+                "perplexity_vs_dense": ppl / dense_m.perplexity,
+                "mass_recall": report.mass_recall,
+                "ffn_flops_per_token": report.ffn_flops_per_token_after,
+                "dense_ffn_flops_per_token": report.ffn_flops_per_token_before,
+                **extra,
+            }
+        )
+        log(f"{label(results[-1])} active {a:.0%}: ppl {ppl:.2f} (x{ppl / dense_m.perplexity:.3f})")
+        write(False)
+
+    heal_ids = None
+    if args.heal_minutes > 0:
+        heal_ids = calibration_batches(
+            load_corpus(args.heal_corpus), tok, args.heal_samples, args.heal_seq_len, seed=1
+        )
+    plans: dict[tuple, tuple[dict, float]] = {}
+    split_plans: dict[tuple, dict] = {}
+    for v, (experts, shared, target, alloc) in enumerate(variants(args) if splits else []):
+        tag = {"experts": experts, "shared": shared, "router_target": target, "allocation": alloc}
+        log(f"variant {tag}")
+        for split in splits:
+            for router in routers:
+                fields = dict(
+                    experts=experts,
+                    split=split,
+                    router=router,
+                    shared=shared,
+                    router_steps=args.router_steps,
+                    router_hidden=args.router_hidden,
+                    router_batch=args.router_batch,
+                    router_lr=args.router_lr,
+                    router_target=target,
+                    allocation=alloc,
+                    compensate=not args.no_compensate,
+                    samples=args.samples,
+                    seq_len=args.seq_len,
                 )
-                log(
-                    f"{split}/{router} active {a:.0%}: ppl {ppl:.2f} (x{ppl / dense_m.perplexity:.2f}) recall {report.mass_recall}"
-                )
-                del model
-                write(False)
+                key = (experts, shared, target, split, router)  # what a plan depends on (not allocation)
+                if key not in plans:
+                    start = time.perf_counter()
+                    same_split = split_plans.get((experts, shared, split))  # reuse the split
+                    plan = plan_moefy(dense, MoEfyConfig(**fields), calibration=calib, splits=same_split)
+                    plans[key] = plan, time.perf_counter() - start
+                    split_plans[(experts, shared, split)] = plan
+                    log(f"plan {split}/{router}: {plans[key][1]:.0f} s")
+                plan, plan_s = plans[key]
+                for a in actives:
+                    model = copy.deepcopy(dense)
+                    report = moefy_(model, MoEfyConfig(**fields, active=a), plan=plan)
+                    ppl = measure(model, evaluation).perplexity
+                    row("router", split, router, a, report, ppl, plan_seconds=plan_s, **tag)
+                    if args.oracle and router == routers[0]:
+                        with oracle_routing(model):
+                            ppl = measure(model, evaluation).perplexity
+                        row("oracle", split, "oracle (true output norms)", a, report, ppl, **tag)
+                    if (
+                        args.heal_minutes > 0
+                        and (split, router) == (heal_split, heal_router)
+                        and v == 0
+                        and a in heal_actives
+                    ):
+                        heal_cfg = HealConfig(
+                            steps=args.heal_steps,
+                            lr=args.heal_lr,
+                            samples=args.heal_samples,
+                            seq_len=args.heal_seq_len,
+                            batch_size=args.heal_batch,
+                            max_minutes=args.heal_minutes,
+                            corpus=args.heal_corpus,
+                        )
+                        healed = heal_(model, dense, heal_cfg, calibration=heal_ids, progress=False)
+                        ppl = measure(model, evaluation).perplexity
+                        gap = reload_gap(model, tok, calib[:2])
+                        row(
+                            "heal",
+                            split,
+                            f"{router}+heal",
+                            a,
+                            report,
+                            ppl,
+                            heal={
+                                "minutes": healed.seconds / 60,
+                                "steps": healed.steps,
+                                "tokens": healed.tokens_seen,
+                                "stopped_by": healed.stopped_by,
+                                "corpus": args.heal_corpus,
+                                "lr": args.heal_lr,
+                                "trainable_parameters": healed.trainable_parameters,
+                                "kl_first_last": [healed.loss_curve[0], healed.loss_curve[-1]],
+                            },
+                            reload_max_abs_logit_diff=gap,
+                            **tag,
+                        )
+                    del model
     write(True)
     log(f"wrote {args.out}")
 
 
+def label(r: dict) -> str:
+    """A row's name: kind split/router E<experts> S<shared> <router target> <allocation>."""
+    return (
+        f"{r['kind']} {r['split']}/{r['router']} E{r.get('experts')} S{r.get('shared')} "
+        f"{r.get('router_target')} {r.get('allocation')}"
+    )
+
+
 def document(args, actives, results, pruning, evaluation, dense, t0) -> dict:
-    """The results JSON (also written after every row)."""
+    """The results JSON (also written after every row). ``summary``: the best conversion per share, and
+    the best healed one separately (oracle rows never count)."""
     summary = {}
     for a in actives:
-        rows = [r for r in results if r["active"] == a]
-        if not rows:
-            continue
-        best = min(rows, key=lambda r: r["perplexity"])
         prune = next((p for p in pruning if p["active"] == a), None)
-        summary[str(a)] = {
-            "best": f"{best['split']}/{best['router']}",
-            "best_perplexity": best["perplexity"],
-            "best_vs_dense": best["perplexity"] / dense.perplexity,
-            "pruning_in_run": prune["perplexity"] if prune else None,
-            "below_pruning": best["perplexity"] < prune["perplexity"] if prune else None,
-        }
+        entry = {"pruning_in_run": prune["perplexity"] if prune else None}
+        for kind in ("router", "heal"):
+            rows = [r for r in results if r["active"] == a and r["kind"] == kind]
+            if not rows:
+                continue
+            best = min(rows, key=lambda r: r["perplexity"])
+            entry[kind] = {
+                "best": label(best),
+                "perplexity": best["perplexity"],
+                "vs_dense": best["perplexity"] / dense.perplexity,
+                "below_pruning_in_run": best["perplexity"] < prune["perplexity"] if prune else None,
+            }
+        summary[str(a)] = entry
     goal = summary.get("0.5", {})
     return {
         "benchmark": "moe_frontier",
         "command": "python " + " ".join(sys.argv),
         "model": "smollm2-135m",
+        "device": args.device,
         "evaluation": {**dense.protocol, "corpus": evaluation.corpus, "split": evaluation.split},
         "calibration": {"corpus": "shakespeare", "samples": args.samples, "seq_len": args.seq_len, "seed": 0},
         "settings": {
-            "experts": args.experts,
-            "shared": args.shared,
-            "router_steps": args.router_steps,
-            "allocation": args.allocation,
-            "compensate": not args.no_compensate,
-        },
+            k: getattr(args, k)
+            for k in (
+                "experts",
+                "shared",
+                "allocation",
+                "router_steps",
+                "router_hidden",
+                "router_batch",
+                "router_lr",
+                "router_target",
+                "heal_minutes",
+                "heal_lr",
+                "heal_seq_len",
+                "heal_batch",
+                "heal_corpus",
+                "variants",
+            )
+        }
+        | {"compensate": not args.no_compensate},
         "dense": {"perplexity": dense.perplexity, "parameters": dense.parameters},
         "results": results,
         "pruning": pruning,
@@ -198,8 +374,10 @@ def document(args, actives, results, pruning, evaluation, dense, t0) -> dict:
         "summary": summary,
         "goal_50pct": {
             "target": "perplexity <= 1.35 x dense at 50% of FFN neurons active, below the best static pruning at 25/50/75%",
-            "ratio": goal.get("best_vs_dense"),
-            "reached": goal.get("best_vs_dense") is not None and goal["best_vs_dense"] <= 1.35,
+            "ratio": goal.get("router", {}).get("vs_dense"),
+            "reached": goal.get("router", {}).get("vs_dense", 9.9) <= 1.35,
+            "ratio_healed": goal.get("heal", {}).get("vs_dense"),
+            "reached_healed": goal.get("heal", {}).get("vs_dense", 9.9) <= 1.35,
         },
         "seconds": time.perf_counter() - t0,
         "environment": environment(),

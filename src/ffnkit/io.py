@@ -393,6 +393,7 @@ def load(path: str | Path, *, trust_remote_code: bool = False) -> tuple[nn.Modul
         )
     cls = _model_class(config, manifest.get("model_class"))
     model = _from_pretrained_replayed(cls, path, config, changes, trust_remote_code)
+    _align_tensors(model)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model.eval()
@@ -403,6 +404,16 @@ def load(path: str | Path, *, trust_remote_code: bool = False) -> tuple[nn.Modul
     except (OSError, ValueError):
         tokenizer = None  # a model saved without its tokenizer
     return model, tokenizer
+
+
+@torch.no_grad()
+def _align_tensors(model: nn.Module, alignment: int = 64) -> None:
+    """Copy the tensors that point into the safetensors memory map at an unaligned address into fresh
+    memory: CPU matrix kernels round differently on unaligned operands (a saved MoE's expert matmuls gave
+    other logits in the last bit), so a loaded model computes exactly as the one saved."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "cpu" and t.data_ptr() % alignment:
+            t.data = t.data.clone()  # a shared (tied) parameter is one object: it stays shared
 
 
 def _replay_all(model: nn.Module, changes: list[dict], path: Path) -> None:

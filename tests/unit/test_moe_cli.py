@@ -41,6 +41,7 @@ def ffnkit(*args: str, root: Path) -> subprocess.CompletedProcess:
 def test_convert_then_eval(saved):
     out = saved["root"] / "moe"
     args = ["moe", "convert", str(saved["llama"]), "--experts", "4", "--active", "0.5", "--router", "mlp"]
+    args += ["--router-target", "norm", "--router-steps", "20"]
     args += [
         "--samples",
         "4",
@@ -57,6 +58,7 @@ def test_convert_then_eval(saved):
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     assert doc["report"]["active_fraction"] == pytest.approx(0.5)
+    assert doc["report"]["config"]["router_target"] == "norm"
     assert [row["top_k"] for row in doc["report"]["layers"]] == [2, 2]
     run = ffnkit(
         "eval", str(out), "--corpus", str(saved["corpus"]), "--window", "16", "--json", root=saved["root"]
@@ -73,6 +75,8 @@ def test_convert_then_eval(saved):
         (["convert", "{llama}", "--active", "1.2"], "(0, 1]"),
         (["convert", "{llama}", "--experts", "4", "--top-k", "6"], "top_k"),
         (["convert", "{llama}", "--split", "spectral"], "kmeans"),
+        (["convert", "{llama}", "--experts", "4", "--router-target", "loss"], "mass, norm"),
+        (["convert", "{llama}", "--experts", "4", "--router-steps", "0"], "router_steps"),
         (["convert", "{mixtral}", "--experts", "4", "--router", "centroid"], "already mixtures of experts"),
         (["upcycle", "{llama}", "--experts", "6", "--top-k", "4", "--granular"], "divid"),
         (["upcycle", "{mixtral}", "--experts", "4"], "already mixtures of experts"),

@@ -112,6 +112,10 @@ def convert(
     allocation: Annotated[
         str, typer.Option(help="uniform (one top-k) or global (top-k per layer by the router's mass recall).")
     ] = "uniform",
+    router_target: Annotated[
+        str, typer.Option(help="What the mlp router ranks: mass (Σ|m|) or norm (‖expert output‖).")
+    ] = "mass",
+    router_steps: Annotated[int, typer.Option(help="Training steps of the mlp router.")] = 300,
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 32,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     output: OutputOpt = "",
@@ -131,6 +135,8 @@ def convert(
         "shared": shared,
         "zero_experts": zero_experts,
         "allocation": allocation,
+        "router_target": router_target,
+        "router_steps": router_steps,
         "samples": samples,
         "seq_len": seq_len,
         **({"active": active} if active is not None else {}),

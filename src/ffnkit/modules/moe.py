@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 ROUTER_KINDS = ("linear", "mlp")
+_MASKED_MAX = 1 << 27  # largest T × E × 2f that training computes as one masked dense FFN (512 MB fp32)
 WEIGHTINGS = ("softmax", "ones")
 
 
@@ -161,6 +162,49 @@ class MoEExperts(nn.Module):
             ub = up_bias if up_bias is not None else zeros
             self.gate_up_proj_bias.copy_(torch.cat([gb, ub], dim=1))
 
+    def masked_dense(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """The experts' sum computed as one dense FFN over all experts with each token's expert weights
+        (0 for experts not chosen): two large matmuls instead of a loop, differentiable in the weights
+        (healing trains router and experts through it). x [T, d] -> [T, d].
+
+        Example:
+            >>> ex = MoEExperts(4, 32, 12)
+            >>> ex.masked_dense(torch.randn(3, 32), torch.tensor([[0, 2]] * 3), torch.ones(3, 2)).shape
+            torch.Size([3, 32])
+        """
+        n_experts, f = self.num_experts, self.intermediate_dim
+        t, d = hidden_states.shape
+        gu = hidden_states @ self.gate_up_proj.reshape(-1, d).T  # [T, E·2f]
+        gu = gu.view(t, n_experts, 2 * f)  # [T, E, 2f]
+        if self.gate_up_proj_bias is not None:
+            gu = gu + self.gate_up_proj_bias
+        m = self.act_fn(gu[..., :f]) * gu[..., f:]  # [T, E, f]
+        # each token's weight per expert (slots with index >= E choose nothing: the extra column is dropped)
+        w = torch.zeros(t, n_experts + 1, dtype=m.dtype, device=m.device)
+        w = w.scatter_add(1, top_k_index.clamp(max=n_experts), top_k_weights.to(m.dtype))[:, :n_experts]
+        down = self.down_proj.permute(1, 0, 2).reshape(d, -1)  # [E, d, f] -> [d, E·f]
+        return ((m * w[..., None]).reshape(t, -1) @ down.T).to(hidden_states.dtype)  # [T, d]
+
+    @torch.no_grad()
+    def output_norms(self, x: Tensor, *, chunk: int = 1024) -> Tensor:
+        """‖down_e(act(gate_e x) · up_e x)‖ of every expert on every token: x [T, d] -> [T, E] (float32);
+        costs every expert (what oracle routing compares).
+
+        Example:
+            >>> MoEExperts(4, 32, 12).output_norms(torch.randn(3, 32)).shape
+            torch.Size([3, 4])
+        """
+        f = self.intermediate_dim
+        out = []
+        for part in x.split(chunk):
+            h = torch.einsum("nd,eid->nei", part, self.gate_up_proj)  # [n, E, 2f]
+            if self.gate_up_proj_bias is not None:
+                h = h + self.gate_up_proj_bias
+            m = self.act_fn(h[..., :f]) * h[..., f:]  # [n, E, f]
+            y = torch.einsum("nef,edf->ned", m, self.down_proj)  # [n, E, d]
+            out.append(y.float().norm(dim=-1))  # [n, E]
+        return torch.cat(out)
+
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         """hidden_states [T, d], top_k_index / top_k_weights [T, k] -> [T, d]."""
         if self.gate_up_proj_bias is None:
@@ -174,7 +218,10 @@ class MoEExperts(nn.Module):
                 return experts_forward(
                     hidden_states, self.gate_up_proj, self.down_proj, index, top_k_weights, self.act
                 )
-            # training (the kernels have no backward) or an activation they lack: the reference loop
+            if needs_grad and hidden_states.shape[0] * self.gate_up_proj.shape[:2].numel() <= _MASKED_MAX:
+                # training (the kernels have no backward): every expert at once, unchosen ones weighted 0
+                return self.masked_dense(hidden_states, top_k_index, top_k_weights)
+            # a large training batch or an activation the kernels lack: the reference loop
             return experts_reference(
                 hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights, self.act
             )
@@ -305,7 +352,11 @@ class MoERouter(nn.Module):
     def select(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """logits [N, E'] -> (weights [N, k], indices [N, k]) by this router's rule."""
         if self.weighting == "ones":
-            _, top_i = torch.topk(logits, self.top_k, dim=-1)
+            top_l, top_i = torch.topk(logits, self.top_k, dim=-1)
+            if top_l.requires_grad:
+                # training (healing): exp(l − l) is exactly 1 forward, and passes the loss's gradient
+                # to the chosen logits, so the router trains through the weights it does not use
+                return torch.exp(top_l - top_l.detach()), top_i
             return torch.ones(top_i.shape, dtype=logits.dtype, device=logits.device), top_i
         probs = torch.softmax(logits.float(), dim=-1)
         top_w, top_i = torch.topk(probs, self.top_k, dim=-1)

@@ -37,7 +37,14 @@ from ffnkit.core.ffn import FFN
 from ffnkit.core.transaction import Transaction
 from ffnkit.modules.moe import MoEBlock, link_routing_state
 from ffnkit.moe.cluster import SPLITS, Split, split_neurons
-from ffnkit.moe.router import ROUTERS, centroid_weight, expert_mass, mass_recall, train_mlp_router
+from ffnkit.moe.router import (
+    ROUTER_TARGETS,
+    ROUTERS,
+    centroid_weight,
+    expert_importance,
+    mass_recall,
+    train_mlp_router,
+)
 
 __all__ = [
     "LayerPlan",
@@ -52,7 +59,7 @@ __all__ = [
 ]
 
 CHANGE_KIND = MoEBlock.change_kind  # "ffn_moe"
-_RECALL_TOKENS = 2048  # calibration tokens kept per layer to report the router's mass recall
+_RECALL_TOKENS = 2048  # calibration tokens per layer held out of router training (recall, compensation)
 
 
 @dataclass
@@ -78,6 +85,8 @@ class MoEfyConfig(JsonConfig):
     router_hidden: int = 128
     router_steps: int = 300
     router_lr: float = 3e-3
+    router_batch: int = 1024  # calibration tokens per router training step
+    router_target: str = "mass"  # what the MLP router learns to rank: mass (Σ|m|) or norm (‖expert output‖)
     layers: list[int] | None = None
     samples: int = 32
     seq_len: int = 256
@@ -103,9 +112,19 @@ class MoEfyConfig(JsonConfig):
             )
         if self.top_k is not None and not 1 <= self.top_k <= self.experts:
             raise InvalidArgumentError(f"top_k must be in [1, experts={self.experts}], got {self.top_k}")
-        if self.shared < 0 or self.zero_experts < 0 or self.router_hidden < 1 or self.router_steps < 1:
+        if (
+            self.shared < 0
+            or self.zero_experts < 0
+            or self.router_hidden < 1
+            or self.router_steps < 1
+            or self.router_batch < 1
+        ):
             raise InvalidArgumentError(
-                "shared and zero_experts must be >= 0, router_hidden and router_steps >= 1"
+                "shared and zero_experts must be >= 0, router_hidden, router_steps and router_batch >= 1"
+            )
+        if self.router_target not in ROUTER_TARGETS:
+            raise InvalidArgumentError(
+                f"unknown router_target {self.router_target!r}; use one of {', '.join(ROUTER_TARGETS)}"
             )
         if not self.zero_threshold > 0:
             raise InvalidArgumentError(f"zero_threshold must be > 0, got {self.zero_threshold}")
@@ -160,18 +179,20 @@ class LayerPlan:
     index: int
     split: Split
     router: dict[str, Tensor]  # "weight" (centroid) or the MLP's fc1./fc2. tensors
-    scores: Tensor | None = None  # [n, E] router scores of a calibration subsample (mass recall)
+    scores: Tensor | None = None  # [n, E] router scores of held-out calibration tokens (mass recall)
     mass: Tensor | None = None  # [n, E] the true expert mass of the same tokens
     info: dict[str, Any] = field(default_factory=dict)
-    inputs: Tensor | None = None  # [n, d] those tokens' FFN inputs (the output-bias compensation)
+    inputs: Tensor | None = None  # [n, d] calibration FFN inputs (the output-bias compensation)
 
 
 @dataclass
 class MoEfyReport:
     """What ``moefy_`` changed (JSON-ready through ``to_dict``). ``active_fraction``: share of FFN
     neurons computed per token, averaged over converted layers (before zero experts take slots);
-    ``mass_recall``: share of the activation mass |m| in the chosen experts on calibration tokens
-    (``oracle``: in the best k)."""
+    ``mass_recall``: share of the router's target (activation mass |m|, or expert output norms with
+    ``router_target="norm"``) in the chosen experts on calibration tokens held out of router training
+    (``oracle``: in the best k;
+    ``overlap``: share of the best k the router chose)."""
 
     transform: str
     config: dict[str, Any]
@@ -279,25 +300,34 @@ def plan_moefy(
             )
         del m_abs
         info: dict[str, Any] = {}
+        held = train = None
+        if x is not None:
+            # tokens held out of router training: the recall (and global allocation) measure generalisation
+            perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed))
+            n_held = min(_RECALL_TOKENS, x.shape[0] // 4) or 1
+            held, train = perm[:n_held], perm[n_held:] if x.shape[0] > n_held else perm
         if config.router == "centroid":
             router = {"weight": centroid_weight(f, split)}
         else:
-            mass = expert_mass(f, x, split)
+            xt = x[train.to(x.device)]  # [n_train, d]
+            target = expert_importance(f, xt, split, config.router_target)
             router, info = train_mlp_router(
-                x,
-                mass,
+                xt,
+                target,
                 hidden=config.router_hidden,
                 steps=config.router_steps,
                 lr=config.router_lr,
+                batch=config.router_batch,
                 seed=config.seed,
             )
-        scores = mass = None
+            del target, xt
+        scores = mass = sub = None
         if x is not None:
-            g = torch.Generator().manual_seed(config.seed)
-            sub = x[torch.randperm(x.shape[0], generator=g)[:_RECALL_TOKENS]].float().cpu()  # [n, d]
-            mass = expert_mass(f, sub.to(f.W_in.device), split).cpu()
-            scores = _router_scores(router, sub)
-        plans[f.index] = LayerPlan(f.index, split, router, scores, mass, info, sub if x is not None else None)
+            sub = x[perm[:_RECALL_TOKENS].to(x.device)].float().cpu()  # [n, d] compensation tokens
+            xh = sub[: held.numel()]  # [n_held, d] the held-out ones among them
+            mass = expert_importance(f, xh.to(f.W_in.device), split, config.router_target).cpu()
+            scores = _router_scores(router, xh)
+        plans[f.index] = LayerPlan(f.index, split, router, scores, mass, info, sub)
     return plans
 
 
@@ -469,7 +499,9 @@ def moefy_(
             _compensate(f, block, p.inputs)
         blocks.append((f.name, block))
         recall = (
-            mass_recall(p.scores, p.mass, k) if p.scores is not None else {"router": None, "oracle": None}
+            mass_recall(p.scores, p.mass, k)
+            if p.scores is not None
+            else {"router": None, "oracle": None, "overlap": None}
         )
         rows.append(
             {
@@ -510,7 +542,7 @@ def moefy_(
         config=config.to_dict(),
         layers=rows,
         active_fraction=sum(r["active_fraction"] for r in rows) / len(rows),
-        mass_recall={"router": mean("router"), "oracle": mean("oracle")},
+        mass_recall={"router": mean("router"), "oracle": mean("oracle"), "overlap": mean("overlap")},
         ffn_flops_per_token_before=flops_before,
         ffn_flops_per_token_after=sum(after[f.index].flops_per_token() for f in ffns),
         parameters_before=before,

@@ -35,6 +35,7 @@ from ffnkit.core.archs import find_ffns
 from ffnkit.core.config import JsonConfig
 from ffnkit.core.errors import FFNKitError, InvalidArgumentError
 from ffnkit.core.runner import forward, layer_states
+from ffnkit.modules.moe import MoEBlock
 
 HEAL_PARAMS = ("ffn", "blocks")
 
@@ -132,6 +133,9 @@ def _ffn_modules(model: nn.Module) -> list[nn.Module]:
         parts = [f.in_proj, f.gate_proj, f.out_proj]
         if f.kind == "moe":
             parts = [e.module for e in f.experts[:1]]  # the fused experts module holds all experts
+            if isinstance(f.module, MoEBlock):
+                # ffnkit's converted blocks: the router trains too (weight-1 routing passes it a gradient)
+                parts.append(f.router_module)
             if f.shared is not None:
                 parts += [f.shared.in_proj, f.shared.gate_proj, f.shared.out_proj]
         for m in parts:
@@ -150,6 +154,9 @@ def ffn_trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     for m in _ffn_modules(model):
         for p in m.parameters():
             params[id(p)] = p
+    for block in model.modules():
+        if isinstance(block, MoEBlock) and block.bias is not None:
+            params[id(block.bias)] = block.bias  # the output bias (compensation of the experts left out)
     return list(params.values())
 
 
