@@ -114,7 +114,7 @@ class SparsityConfig(JsonConfig):
     heal_minutes: float = 0.0
     heal_steps: int = 2000  # at most this many optimiser steps within heal_minutes
     heal_lr: float = 1e-4
-    heal_samples: int = 256  # heal windows of seq_len tokens drawn from corpus (with a tokenizer)
+    heal_samples: int = 1024  # heal windows of seq_len tokens drawn from corpus (with a tokenizer)
     version: int = 1
 
     def __post_init__(self) -> None:
