@@ -104,7 +104,7 @@ class SparsityConfig(JsonConfig):
     tokens: int = 4096  # calibration tokens kept per layer for thresholds
     path_tokens: int = 512  # tokens for the per-layer error paths (greedy / sensitivity)
     step: float = 0.05  # site-sparsity step of the greedy paths
-    probe_windows: int = 2  # calibration windows for the sensitivity probes
+    probe_windows: int = 8  # windows of the sensitivity probes (8 beat 2: sparsity_levers_cpu.json)
     probe_tokens: int = 256  # tokens of each probe window
     predictor_rank: int = 64
     predictor_steps: int = 300
@@ -113,7 +113,7 @@ class SparsityConfig(JsonConfig):
     # This changes FFN weights (saved with the model); the result reports it.
     heal_minutes: float = 0.0
     heal_steps: int = 2000  # at most this many optimiser steps within heal_minutes
-    heal_lr: float = 1e-4
+    heal_lr: float = 3e-4  # HealConfig's measured best for pruning heals (heal_sweep_h200.json)
     heal_samples: int = 1024  # heal windows of seq_len tokens drawn from corpus (with a tokenizer)
     version: int = 1
 
