@@ -41,6 +41,7 @@ def ffnkit(*args: str, cache: Path) -> subprocess.CompletedProcess:
         (["--sparsity", "-0.2"], "[0, 1)"),
         (["--rule", "nope"], "best, teal, cats, chess, stat-topk, predictor"),
         (["--rule", "cats", "--sparsity", "0.7"], "at most 67%"),
+        (["--heal-minutes", "-1"], "heal_minutes"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(saved, args, words):

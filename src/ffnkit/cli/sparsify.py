@@ -44,6 +44,13 @@ def sparsify(
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 16,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     corpus: CorpusOpt = "shakespeare",
+    heal_minutes: Annotated[
+        float,
+        typer.Option(
+            help="best+heal: minutes of distillation to the dense model with the sparsity in the loop "
+            "(changes FFN weights; 0 = off)."
+        ),
+    ] = 0.0,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip perplexity before/after.")] = False,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "cpu",
@@ -56,7 +63,14 @@ def sparsify(
     from ffnkit.folders import check_output_dir
     from ffnkit.sparsity.config import SparsityConfig
 
-    config = SparsityConfig(rule=rule, sparsity=sparsity, samples=samples, seq_len=seq_len, corpus=corpus)
+    config = SparsityConfig(
+        rule=rule,
+        sparsity=sparsity,
+        samples=samples,
+        seq_len=seq_len,
+        corpus=corpus,
+        heal_minutes=heal_minutes,
+    )
     if not output:
         raise InvalidArgumentError("give an output folder with -o DIR (the sparse model is saved there)")
     check_output_dir(output, overwrite=overwrite, model_source=model)

@@ -136,7 +136,7 @@ def quantile(values: Tensor, q: float, *, limit: int = 4_000_000) -> float:
     flat = values.reshape(-1).float()
     if flat.numel() > limit:
         gen = torch.Generator().manual_seed(0)
-        flat = flat[torch.randint(0, flat.numel(), (limit,), generator=gen)]
+        flat = flat[torch.randint(0, flat.numel(), (limit,), generator=gen).to(flat.device)]
     if q <= 0.0:
         return float(flat.min()) if flat.numel() else 0.0
     k = min(max(int(math.ceil(q * flat.numel())), 1), flat.numel())

@@ -104,10 +104,17 @@ class SparsityConfig(JsonConfig):
     tokens: int = 4096  # calibration tokens kept per layer for thresholds
     path_tokens: int = 512  # tokens for the per-layer error paths (greedy / sensitivity)
     step: float = 0.05  # site-sparsity step of the greedy paths
-    probe_windows: int = 2  # calibration windows for the sensitivity probes
+    probe_windows: int = 2  # windows of the sensitivity probes (8 or 16: mixed, sparsity_levers_cpu.json)
     probe_tokens: int = 256  # tokens of each probe window
     predictor_rank: int = 64
     predictor_steps: int = 300
+    # > 0: before the final calibration, distil the model to its dense self for this many minutes with the
+    # sparsity in the loop (KL on logits, FFN weights train, masks straight-through), then re-calibrate.
+    # This changes FFN weights (saved with the model); the result reports it.
+    heal_minutes: float = 0.0
+    heal_steps: int = 2000  # at most this many optimiser steps within heal_minutes
+    heal_lr: float = 3e-4  # HealConfig's measured best for pruning heals (heal_sweep_h200.json)
+    heal_samples: int = 1024  # heal windows of seq_len tokens drawn from corpus (with a tokenizer)
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -143,9 +150,17 @@ class SparsityConfig(JsonConfig):
             "probe_windows",
             "probe_tokens",
             "predictor_rank",
+            "heal_steps",
+            "heal_samples",
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InvalidArgumentError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if isinstance(self.heal_minutes, bool) or not isinstance(self.heal_minutes, int | float):
+            raise InvalidArgumentError(f"heal_minutes must be a number >= 0, got {self.heal_minutes!r}")
+        if self.heal_minutes < 0 or not self.heal_lr > 0:
+            raise InvalidArgumentError(
+                f"heal_minutes must be >= 0 and heal_lr > 0, got {self.heal_minutes}, {self.heal_lr}"
+            )
         if not 0.0 < float(self.step) <= 0.5:
             raise InvalidArgumentError(f"step must be in (0, 0.5], got {self.step}")
         if self.layers is not None:

@@ -44,13 +44,13 @@ def train_predictor(
         >>> a.shape, b.shape, bias.shape
         (torch.Size([4, 8]), torch.Size([16, 4]), torch.Size([16]))
     """
-    gen = torch.Generator().manual_seed(seed)
-    x, y = x.float().cpu(), target.float().cpu()
-    u, s, vh = torch.linalg.svd(w_gate.float().cpu(), full_matrices=False)
+    gen = torch.Generator().manual_seed(seed)  # CPU draws: the same rows on every device
+    x, y = x.float(), target.float().to(x.device)  # trains where the calibration inputs are (a GPU: fast)
+    u, s, vh = torch.linalg.svd(w_gate.float().to(x.device), full_matrices=False)
     r = min(rank, s.numel())
     a = vh[:r].clone().requires_grad_(True)  # [r, d]
     b = (u[:, :r] * s[:r]).clone().requires_grad_(True)  # [f, r]
-    bias = torch.zeros(w_gate.shape[0], requires_grad=True)
+    bias = torch.zeros(w_gate.shape[0], device=x.device, requires_grad=True)
     pos = y.mean(0).clamp(1e-3, 1 - 1e-3)
     with torch.no_grad():
         bias -= ((x @ a.T) @ b.T).mean(0) - torch.log(pos / (1 - pos))  # start at the base rates
@@ -58,15 +58,15 @@ def train_predictor(
     batch = min(512, x.shape[0])
     with torch.enable_grad():
         for _ in range(steps):
-            rows = torch.randint(0, x.shape[0], (batch,), generator=gen)
+            rows = torch.randint(0, x.shape[0], (batch,), generator=gen).to(x.device)
             logits = (x[rows] @ a.T) @ b.T + bias  # [batch, f]
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[rows])
             opt.zero_grad()
             loss.backward()
             opt.step()
     if r < rank:  # pad to the configured rank (zeros add nothing)
-        a = torch.cat([a.detach(), torch.zeros(rank - r, a.shape[1])])
-        b = torch.cat([b.detach(), torch.zeros(b.shape[0], rank - r)], 1)
+        a = torch.cat([a.detach(), a.new_zeros(rank - r, a.shape[1])])
+        b = torch.cat([b.detach(), b.new_zeros(b.shape[0], rank - r)], 1)
     return a.detach(), b.detach(), bias.detach()
 
 
@@ -105,7 +105,7 @@ def calibrate_predictor(cal: Calibration, config: SparsityConfig) -> list[LayerP
                 x, oracle, w_gate.detach(), rank, config.predictor_steps, seed=config.seed
             )
         a, b, bias = cal.cache[key]
-        scores = (x.float().cpu() @ a.T) @ b.T + bias  # [N, f]
+        scores = (x.float().to(a.device) @ a.T) @ b.T + bias  # [N, f]
         t = quantile(scores, q)
         plans.append(
             LayerPlan(

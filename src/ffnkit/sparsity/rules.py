@@ -109,7 +109,10 @@ class _InputLayer:
             )
             self.act = ffn.act_fn
             d, f = self.wu.shape[1], self.wu.shape[0]
-            self.c_in, self.c_mid = weight_scales(cal, index) if scaled else (torch.ones(d), torch.ones(f))
+            ones = dict(device=self.x.device)  # the inputs' device (cuda in a GPU calibration)
+            self.c_in, self.c_mid = (
+                weight_scales(cal, index) if scaled else (torch.ones(d, **ones), torch.ones(f, **ones))
+            )
             self.x_score = (self.x * self.c_in).abs()  # [N, d]
         self._y: Tensor | None = None  # the dense output, computed when an error is first asked for
         self._posts: dict[float, tuple[float, Tensor]] = {}

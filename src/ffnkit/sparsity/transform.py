@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -80,6 +81,7 @@ class SparsityResult(Result):
     measured: dict[str, Any] | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    heal: dict[str, Any] | None = None  # the heal report when config.heal_minutes > 0 (weights changed)
 
 
 def _sparse_modules(model: nn.Module) -> list[tuple[int, Any, SparseFFN]]:
@@ -212,6 +214,20 @@ def sparsify_(
         ids = calibration_ids(config, calibration, tokenizer, what=f"sparsity rule {config.rule!r}")
         stats = Calibration.collect(model, ffns, ids, config.tokens, seed=config.seed)
     plans: list[LayerPlan] = RULES.get(config.rule)(stats, config)
+    heal = None
+    reference = None
+    if config.heal_minutes > 0 and config.sparsity > 0:
+        if tokenizer is None and calibration is None:
+            raise InvalidArgumentError("heal_minutes > 0 needs a tokenizer or calibration ids for the heal")
+        reference = copy.deepcopy(model)  # the dense teacher; also the undo if anything below fails
+        try:
+            heal = _heal(model, reference, ffns, config, plans, stats.ids, tokenizer, progress)
+            ffns = select_ffns(find_ffns(model), config.layers)
+            stats = Calibration.collect(model, ffns, stats.ids, config.tokens, seed=config.seed)
+            plans = RULES.get(config.rule)(stats, config)  # thresholds of the healed weights
+        except BaseException:
+            model.load_state_dict(reference.state_dict())
+            raise
     by_index = {p.index: p for p in plans}
     swaps = []
     for f in ffns:
@@ -221,12 +237,19 @@ def sparsify_(
         module = build_sparse(f, config.mode, rank=rank)
         by_index[f.index].apply(module)
         swaps.append((f, module))
-    with Transaction(model) as tx:
-        for f, module in swaps:
-            tx.replace(f.name, module)
-        tx.record(
-            {"kind": CHANGE_KIND, "rule": config.rule, "modules": [m.to_record(f.name) for f, m in swaps]}
-        )
+    record = {"kind": CHANGE_KIND, "rule": config.rule, "modules": [m.to_record(f.name) for f, m in swaps]}
+    if heal is not None:  # the FFN weights were trained: say so in the saved model's record
+        record["heal"] = {k: heal[k] for k in ("steps", "seconds", "stopped_by", "tokens_seen")}
+    try:
+        with Transaction(model) as tx:
+            for f, module in swaps:
+                tx.replace(f.name, module)
+            tx.record(record)
+    except BaseException:
+        if reference is not None:
+            model.load_state_dict(reference.state_dict())
+        raise
+    del reference
     sizes = {f.index: (3 if f.kind == "gated" else 2) * f.d_model * f.d_ff for f in ffns}
     calib_bytes = sum(by_index[i].bytes_skipped * s for i, s in sizes.items()) / sum(sizes.values())
     rows = [{"name": f.name, **by_index[f.index].row()} for f in ffns]
@@ -251,7 +274,51 @@ def sparsify_(
         measured=measured,
         seconds=time.perf_counter() - start,
         notes=notes,
+        heal=heal,
     )
+
+
+def _heal(
+    model: nn.Module,
+    reference: nn.Module,
+    ffns: list[Any],
+    config: SparsityConfig,
+    plans: list[LayerPlan],
+    ids: Tensor,
+    tokenizer: Any,
+    progress: bool,
+) -> dict[str, Any]:
+    """Distil ``model`` to ``reference`` (dense) with sparse FFNs of ``plans`` in the loop; in place.
+
+    The masks are recomputed every step from the fixed thresholds; gradients reach the weights through the
+    kept entries only (``torch.where``: straight-through for what stays). Trains the FFN weights on
+    ``config.heal_samples`` windows of ``config.corpus`` (with a tokenizer), else on the calibration ``ids``.
+    """
+    from ffnkit.sparsity.calibrate import build_sparse, installed
+    from ffnkit.train.heal import HealConfig, heal_
+
+    by_index = {p.index: p for p in plans}
+    pairs = []
+    for f in ffns:
+        rank = min(config.predictor_rank, f.d_model, f.d_ff) if config.mode == "predictor" else 0
+        module = build_sparse(f, config.mode, rank=rank)
+        by_index[f.index].apply(module)
+        pairs.append((f, module))
+    heal_config = HealConfig(
+        steps=config.heal_steps,
+        lr=config.heal_lr,
+        max_minutes=float(config.heal_minutes),
+        samples=config.heal_samples if tokenizer is not None else int(ids.shape[0]),
+        seq_len=config.seq_len if tokenizer is not None else int(ids.shape[1]),
+        corpus=config.corpus,
+        seed=config.seed,
+    )
+    with installed(model, pairs):
+        given = None if tokenizer is not None else ids
+        report = heal_(
+            model, reference, heal_config, calibration=given, tokenizer=tokenizer, progress=progress
+        )
+    return report.to_dict()
 
 
 def replay_sparsity(model: nn.Module, change: dict) -> None:
