@@ -6,9 +6,13 @@ stays F16. Protocol (as benchmarks/compress_frontier.py, README "Measuring"): pe
 4,096 tokens of Austen's Persuasion (evaluation split) in non-overlapping 512-token windows; calibration
 32 × 256 tokens of Shakespeare (seed 0); statistics (with Cov(m)) and the per-layer sensitivity curves
 measured once on the dense model and shared by the three runs, so the runs differ only in the rounding.
-CPU, no healing. ``--save-dir`` also saves each model (for benchmarks/export_llamacpp.py).
+CPU, no healing. ``--save-dir`` also saves each model (for benchmarks/export_llamacpp.py) and then checks
+which block types ``ffn_down`` gets: in ffnkit's Q8_0 export, and (with llama-cpp-python) in llama.cpp's
+own ``Q4_K_M`` quantisation of the F16 export (``llama_model_quantize``, read back with the gguf package).
+``--quant-only`` runs that check on models saved before and adds it to the existing ``--out`` file.
 
-    python benchmarks/export_align.py --out benchmarks/results/export_align_cpu.json --save-dir /tmp/align
+    python benchmarks/export_align.py --aligns 1,32,64,256 --out benchmarks/results/export_align_cpu.json \
+        --save-dir /tmp/align
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import argparse
 import copy
 import json
 import sys
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from ffnkit.compress.prune import BEST, PruneConfig, prune_
@@ -28,6 +34,53 @@ from ffnkit.evaluate import environment
 from ffnkit.pipeline import PerplexityProtocol, PipelineConfig, evaluation_set, load_step, measure
 
 
+def ffn_down_types(path: Path) -> dict[str, int]:
+    """GGML type name -> number of ``blk.*.ffn_down.weight`` tensors in the GGUF file ``path``."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return dict(Counter(t.tensor_type.name for t in reader.tensors if t.name.endswith("ffn_down.weight")))
+
+
+def quant_check(save_dir: Path, aligns: list[int]) -> dict[int, dict]:
+    """Per align: ``ffn_down``'s types in ffnkit's Q8_0 export and in llama.cpp's Q4_K_M of the F16 export."""
+    import ctypes
+
+    from ffnkit.export import ExportConfig, export_loaded
+    from ffnkit.io import load
+
+    try:
+        import llama_cpp
+    except ImportError:
+        llama_cpp = None
+    out: dict[int, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for align in aligns:
+            model, tok = load(save_dir / f"align{align}")
+            q8 = Path(tmp) / "q8.gguf"
+            res = export_loaded(model, tok, ExportConfig("gguf", str(q8), dtype="q8_0"))
+            row = {
+                "q8_0_ffn_down": ffn_down_types(q8),
+                "q8_0_fallback_f16": len(res["fallback"]),
+                "q8_0_bytes": res["bytes"],
+            }
+            if llama_cpp is not None:
+                f16, qk = Path(tmp) / "f16.gguf", Path(tmp) / "q4km.gguf"
+                export_loaded(model, tok, ExportConfig("gguf", str(f16), dtype="f16"))
+                params = llama_cpp.llama_model_quantize_default_params()
+                params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+                params.nthread = 1
+                rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(qk).encode(), ctypes.byref(params))
+                row["q4_k_m_ffn_down"] = (
+                    ffn_down_types(qk) if rc == 0 else f"llama_model_quantize failed ({rc})"
+                )
+                row["q4_k_m_bytes"] = qk.stat().st_size if rc == 0 else None
+            out[align] = row
+            print(f"align {align}: {row}", file=sys.stderr, flush=True)
+            del model
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.3)
@@ -36,9 +89,18 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--save-dir", default="", help="save each pruned model as DIR/align<N>")
+    ap.add_argument("--quant-only", action="store_true", help="only the block-type check of --save-dir")
     ap.add_argument("--out", default="benchmarks/results/export_align_cpu.json")
     args = ap.parse_args()
     aligns = [int(a) for a in args.aligns.split(",")]
+    if args.quant_only:  # add the block-type check to a finished run
+        doc = json.loads(Path(args.out).read_text())
+        checks = quant_check(Path(args.save_dir), aligns)
+        for r in doc["results"]:
+            r.update(checks.get(r["align"], {}))
+        doc["quant_check_command"] = "python " + " ".join(sys.argv)
+        Path(args.out).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        return
     t0 = time.perf_counter()
     log = lambda *a: print(f"[{time.perf_counter() - t0:7.1f}s]", *a, file=sys.stderr, flush=True)
 
@@ -85,6 +147,10 @@ def main() -> None:
 
             save(model, tok, Path(args.save_dir) / f"align{align}", report=report, overwrite=True)
         del model
+    if args.save_dir:
+        checks = quant_check(Path(args.save_dir), aligns)
+        for r in results:
+            r.update(checks[r["align"]])
     base = results[0]
     for r in results:
         r["perplexity_vs_align1"] = r["perplexity"] / base["perplexity"]

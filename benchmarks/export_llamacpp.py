@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -34,20 +35,22 @@ PROMPTS = [
 
 
 def ffnkit_greedy(model, ids: list[int], n: int) -> list[int]:
+    """ffnkit's greedy tokens: at most ``n``, ending at the end-of-sequence token if it comes first."""
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
     return out[0, len(ids) :].tolist()
 
 
-def llama_greedy(llm, ids: list[int], n: int) -> tuple[list[int], float]:
-    """Greedy tokens and decode seconds (after the first token, which includes the prompt)."""
+def llama_greedy(llm, ids: list[int], n: int, eos: int | None = None) -> tuple[list[int], float]:
+    """Greedy tokens (stopping after ``eos`` when given) and decode seconds (after the first token, which
+    includes the prompt)."""
     llm.reset()
     out, first = [], None
     for tok in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
         out.append(int(tok))
         if first is None:
             first = time.perf_counter()
-        if len(out) == n:
+        if len(out) == n or int(tok) == eos:
             break
     return out, time.perf_counter() - first
 
@@ -55,7 +58,7 @@ def llama_greedy(llm, ids: list[int], n: int) -> tuple[list[int], float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--best", required=True, help="folder of best at 30% (ffnkit compress ... -o DIR)")
-    ap.add_argument("--dtypes", default="f32,q8_0")
+    ap.add_argument("--dtypes", default="f32,f16,q8_0")
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -65,6 +68,8 @@ def main() -> None:
 
     from ffnkit import load, load_model
 
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     log = lambda *a: print(f"[{time.perf_counter() - t0:7.1f}s]", *a, file=sys.stderr, flush=True)
     models = {"dense": load_model("smollm2-135m"), "best30": load(args.best)}
@@ -85,10 +90,12 @@ def main() -> None:
                     str(path), n_ctx=256, n_threads=args.threads, n_batch=64, verbose=False, seed=0
                 )
             for name, llm in llms.items():
-                got = [llama_greedy(llm, ids, args.new_tokens)[0] for ids in prompts]
+                got = [llama_greedy(llm, ids, args.new_tokens, tok.eos_token_id)[0] for ids in prompts]
                 same = [g == r for g, r in zip(got, reference[name], strict=True)]
-                prefix = [
-                    next((i for i, (a, b) in enumerate(zip(g, r, strict=True)) if a != b), len(r))
+                prefix = [  # first differing position (the shorter length when one is a prefix)
+                    next(
+                        (i for i, (a, b) in enumerate(zip(g, r, strict=False)) if a != b), min(len(g), len(r))
+                    )
                     for g, r in zip(got, reference[name], strict=True)
                 ]
                 rows.append(
@@ -132,7 +139,12 @@ def main() -> None:
             / next(r["tokens_per_s"] for r in rows if r["dtype"] == d and r["model"] == "dense")
             for d in args.dtypes.split(",")
         },
-        "notes": "CPU, shared 2-core machine under load: speeds are noisy; ratios are side by side.",
+        "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
+        "notes": (
+            "CPU, shared 2-core machine: speeds are noisy under load (see load_average); dense and pruned run "
+            "alternately, so their ratio is side by side. Greedy agreement is against ffnkit's float32 generate "
+            "(both stop at the end-of-sequence token or new_tokens); a quantised export can differ from it."
+        ),
         "seconds": time.perf_counter() - t0,
         "environment": environment(),
     }

@@ -9,7 +9,7 @@ command -v "$py" >/dev/null 2>&1 || py=python3
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 extras=${FFNKIT_EXTRAS:-test}
 hash=$(sha256sum pyproject.toml | cut -c1-16)
-read -r had_hash had_extras < .venv/.ffnkit-installed 2>/dev/null || true
+{ read -r had_hash had_extras < .venv/.ffnkit-installed; } 2>/dev/null || true  # absent on a fresh clone
 up_to_date=$([ "${had_hash:-}" = "$hash" ] && echo yes || echo no)
 for e in ${extras//,/ }; do [[ ",${had_extras:-}," == *",$e,"* ]] || up_to_date=no; done
 if [ "$up_to_date" = no ]; then
