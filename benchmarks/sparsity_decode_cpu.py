@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -112,7 +113,8 @@ def main() -> None:
         "speedup_masked_vs_dense": med["sparse_masked_dense"] / med["dense"],
         "greedy_tokens_equal_to_dense": int((a == b).sum()),
         "greedy_tokens": int(a.numel()),
-        "notes": "CPU shared with other jobs (load varies): ratios of alternated runs, medians.",
+        "notes": "ratios of alternated runs, medians",
+        "load_average_end": list(os.getloadavg()),
         "seconds": time.perf_counter() - t0,
         "environment": environment(),
     }

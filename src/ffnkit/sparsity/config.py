@@ -104,7 +104,9 @@ class SparsityConfig(JsonConfig):
     tokens: int = 4096  # calibration tokens kept per layer for thresholds
     path_tokens: int = 512  # tokens for the per-layer error paths (greedy / sensitivity)
     step: float = 0.05  # site-sparsity step of the greedy paths
-    probe_windows: int = 2  # windows of the sensitivity probes (8 or 16: mixed, sparsity_levers_cpu.json)
+    probe_windows: int = (
+        8  # windows of the sensitivity probes (the H200 frontier's setting; 2 / 8 / 16 mixed on the CPU)
+    )
     probe_tokens: int = 256  # tokens of each probe window
     predictor_rank: int = 64
     predictor_steps: int = 300
