@@ -58,7 +58,7 @@ def model_card(record: dict[str, Any]) -> str:
     config = record.get("config") or {}
     out = str(record.get("output") or "this folder")
     lines = [
-        f"# {Path(out).name}: {model} with smaller FFNs",
+        f"# {Path(out).name}: {model}, {record.get('title') or 'with smaller FFNs'}",
         "",
         f"Made by ffnkit from **{model}**. Load it with `ffnkit.load({out!r})` (Python) or give the folder",
         f"to any command: `ffnkit eval {out}`.",

@@ -85,3 +85,66 @@ def test_sparsify_saves_a_model_that_eval_runs(saved):
     assert json.loads(r.stdout)["perplexity"] > 1
     r = ffnkit("sparsify", str(saved["model"]), "--sparsity", "0.3", "-o", str(out), *common, cache=cache)
     assert r.returncode == 2 and "overwrite" in r.stderr  # a non-empty folder needs --overwrite
+
+
+def test_recipe_sets_every_config_field_options_override_and_a_card_is_written(saved, tmp_path):
+    recipe = tmp_path / "sparse.json"
+    # fields the command has no option for (allocation, tokens, path_tokens, probe_windows) come from it
+    recipe.write_text(
+        json.dumps(
+            {
+                "rule": "teal",
+                "sparsity": 0.2,
+                "allocation": "uniform",
+                "tokens": 128,
+                "path_tokens": 32,
+                "probe_windows": 1,
+                "samples": 4,
+                "seq_len": 16,
+            }
+        )
+    )
+    out = saved["root"] / "sparse-recipe"
+    r = ffnkit(
+        "sparsify",
+        str(saved["model"]),
+        "--config",
+        str(recipe),
+        "--sparsity",
+        "0.35",
+        "-o",
+        str(out),
+        "--no-eval",
+        "--json",
+        "--corpus",
+        str(saved["corpus"]),
+        cache=saved["root"] / "cache",
+    )
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    config = doc["result"]["config"]
+    assert config["rule"] == "teal" and config["allocation"] == "uniform" and config["tokens"] == 128
+    assert config["sparsity"] == 0.35  # typed on the command line: wins over the recipe's 0.2
+    card = (out / "README.md").read_text()
+    assert "teal activation sparsity" in card and "35%" in card
+    record = json.loads((out / "run.json").read_text())
+    assert record["steps"][0]["config"]["allocation"] == "uniform"
+
+
+def test_recipe_with_an_unknown_key_is_one_line_and_writes_nothing(saved, tmp_path):
+    recipe = tmp_path / "bad.json"
+    recipe.write_text(json.dumps({"sparsty": 0.3}))
+    out = saved["root"] / "sparse-bad-recipe"
+    r = ffnkit(
+        "sparsify",
+        str(saved["model"]),
+        "--config",
+        str(recipe),
+        "-o",
+        str(out),
+        cache=saved["root"] / "cache",
+    )
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.startswith("ffnkit: error:")]
+    assert len(lines) == 1 and "unknown key sparsty" in lines[0] and "probe_windows" in lines[0]
+    assert not out.exists()

@@ -96,3 +96,30 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(saved, args, needle):
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("ffnkit: error:") and needle in line and "Traceback" not in done.stderr
     assert not out.exists()
+
+
+def test_convert_recipe_reaches_fields_without_options_and_options_override(saved, tmp_path):
+    recipe = tmp_path / "moe.json"
+    recipe.write_text(json.dumps({"experts": 4, "active": 0.75, "router_hidden": 16, "router_steps": 10}))
+    out = saved["root"] / "moe-recipe"
+    args = ["moe", "convert", str(saved["llama"]), "--config", str(recipe), "--active", "0.5"]
+    args += ["--samples", "4", "--seq-len", "16", "--corpus", str(saved["corpus"]), "--no-eval"]
+    done = ffnkit(*args, "-o", str(out), "--json", root=saved["root"])
+    assert done.returncode == 0, done.stderr
+    config = json.loads(done.stdout)["report"]["config"]
+    assert config["router_hidden"] == 16 and config["router_steps"] == 10  # from the recipe
+    assert config["active"] == 0.5  # typed: wins over the recipe's 0.75
+    assert (out / "README.md").is_file()
+
+
+def test_convert_recipe_unknown_key_is_one_line_and_writes_nothing(saved, tmp_path):
+    recipe = tmp_path / "bad.json"
+    recipe.write_text(json.dumps({"expertz": 4}))
+    out = saved["root"] / "moe-bad-recipe"
+    done = ffnkit(
+        "moe", "convert", str(saved["llama"]), "--config", str(recipe), "-o", str(out), root=saved["root"]
+    )
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.startswith("ffnkit: error:")]
+    assert len(lines) == 1 and "unknown key expertz" in lines[0] and "router_hidden" in lines[0]
+    assert not out.exists()

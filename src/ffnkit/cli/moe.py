@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from ffnkit.cli.common import (
+    ConfigOpt,
     CorpusOpt,
     DeviceOpt,
     DtypeOpt,
@@ -88,8 +89,17 @@ def _run(
     sys.stdout.write(f"saved to {output} (run it with `ffnkit eval {output}` or ffnkit.load)\n")
 
 
+def _with_recipe(ctx: typer.Context, method: str, fields: dict[str, Any], config_file: Any) -> dict[str, Any]:
+    """``fields`` over a ``--config`` recipe of ``method``'s config fields (typed options win)."""
+    from ffnkit.cli.recipe import apply_recipe, given_on_command_line
+    from ffnkit.compress.registry import METHODS
+
+    return apply_recipe(config_file, fields, METHODS.get(method).fields(), given_on_command_line(ctx))
+
+
 @moe_app.command("convert")
 def convert(
+    ctx: typer.Context,
     model: ModelArg = "smollm2-135m",
     active: Annotated[
         float | None,
@@ -121,6 +131,7 @@ def convert(
     output: OutputOpt = "",
     corpus: CorpusOpt = "shakespeare",
     no_eval: NoEvalOpt = False,
+    config_file: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -142,11 +153,13 @@ def convert(
         **({"active": active} if active is not None else {}),
         **({"top_k": top_k} if top_k is not None else {}),
     }
+    fields = _with_recipe(ctx, "moefy", fields, config_file)
     _run(model, "moefy", fields, output, corpus, no_eval, overwrite, trust_remote_code, json, device, dtype)
 
 
 @moe_app.command("upcycle")
 def upcycle(
+    ctx: typer.Context,
     model: ModelArg = "smollm2-135m",
     experts: Annotated[int, typer.Option("--experts", "-E", help="Experts per FFN.")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", help="Experts per token.")] = 2,
@@ -157,6 +170,7 @@ def upcycle(
     output: OutputOpt = "",
     corpus: CorpusOpt = "shakespeare",
     no_eval: NoEvalOpt = False,
+    config_file: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -164,7 +178,9 @@ def upcycle(
     json: JsonOpt = False,
 ) -> None:
     """Upcycle every dense FFN of MODEL into experts (copies or slices) with a new router, save to DIR."""
-    fields = {"experts": experts, "top_k": top_k, "granular": granular}
+    fields = _with_recipe(
+        ctx, "upcycle", {"experts": experts, "top_k": top_k, "granular": granular}, config_file
+    )
     _run(model, "upcycle", fields, output, corpus, no_eval, overwrite, trust_remote_code, json, device, dtype)
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["given_on_command_line", "read_recipe", "check_keys"]
+__all__ = ["apply_recipe", "given_on_command_line", "read_recipe", "check_keys"]
 
 
 def read_recipe(path: str | Path, flag: str = "--config") -> dict[str, Any]:
@@ -99,3 +99,21 @@ def given_on_command_line(ctx: Any) -> set[str]:
     typed = ("COMMANDLINE", "ENVIRONMENT")
     names = [p.name for p in ctx.command.params if p.name]
     return {name for name in names if getattr(ctx.get_parameter_source(name), "name", None) in typed}
+
+
+def apply_recipe(
+    path: str | Path | None, fields: dict[str, Any], valid: Iterable[str], typed: set[str], where: str = ""
+) -> dict[str, Any]:
+    """``fields`` (config field -> the command line's value) with recipe ``path`` underneath: a recipe key
+    wins over an option left at its default, an option typed on the command line (``typed``) wins over
+    the recipe. Keys outside ``valid`` are a one-line error; no recipe returns ``fields`` unchanged.
+
+    Example:
+        >>> apply_recipe("r.json", {"sparsity": 0.4, "rule": "best"}, ["sparsity", "rule"], {"rule"})
+        {'sparsity': 0.5, 'rule': 'best'}
+    """
+    if path is None:
+        return dict(fields)
+    recipe = read_recipe(path)
+    check_keys(recipe, valid, f"--config {path}{where}")
+    return {**fields, **{k: v for k, v in recipe.items() if k not in typed}}

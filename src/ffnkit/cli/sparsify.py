@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from ffnkit.cli.common import (
+    ConfigOpt,
     CorpusOpt,
     DeviceOpt,
     DtypeOpt,
@@ -35,6 +36,7 @@ def _rule_help() -> str:
 
 
 def sparsify(
+    ctx: typer.Context,
     model: ModelArg = "smollm2-135m",
     rule: Annotated[str, typer.Option("--rule", help=_rule_help())] = "best",
     sparsity: Annotated[
@@ -52,6 +54,7 @@ def sparsify(
         ),
     ] = 0.0,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip perplexity before/after.")] = False,
+    config_file: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -59,18 +62,18 @@ def sparsify(
     json: JsonOpt = False,
 ) -> None:
     """Sparsify MODEL's FFN activations with RULE to skip SPARSITY of FFN weight bytes; save to DIR."""
+    from dataclasses import fields as dataclass_fields
+
+    from ffnkit.cli.recipe import apply_recipe, given_on_command_line
     from ffnkit.core.errors import InvalidArgumentError
     from ffnkit.folders import check_output_dir
     from ffnkit.sparsity.config import SparsityConfig
 
-    config = SparsityConfig(
-        rule=rule,
-        sparsity=sparsity,
-        samples=samples,
-        seq_len=seq_len,
-        corpus=corpus,
-        heal_minutes=heal_minutes,
-    )
+    given = dict(rule=rule, sparsity=sparsity, samples=samples, seq_len=seq_len, corpus=corpus)
+    given["heal_minutes"] = heal_minutes
+    valid = [f.name for f in dataclass_fields(SparsityConfig) if f.name != "version"]
+    # every SparsityConfig field can come from a --config recipe; options typed here override it
+    config = SparsityConfig(**apply_recipe(config_file, given, valid, given_on_command_line(ctx)))
     if not output:
         raise InvalidArgumentError("give an output folder with -o DIR (the sparse model is saved there)")
     check_output_dir(output, overwrite=overwrite, model_source=model)
@@ -132,11 +135,33 @@ def run_sparsify(
         PipelineConfig(model=model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     )
     evaluation = evaluation_set(PerplexityProtocol(), tok, corpus=config.corpus) if evaluate else None
-    before = measure(net, evaluation).perplexity if evaluation is not None else None
+    m_before = measure(net, evaluation)
     log(f"calibrating {config.rule} to skip {config.sparsity:.0%} of FFN weight bytes")
+    t_step = time.perf_counter()
     result = sparsify_(net, config, tokenizer=tok)
-    after = measure(net, evaluation).perplexity if evaluation is not None else None
+    t_step = time.perf_counter() - t_step
+    m_after = measure(net, evaluation)
+    before, after = m_before.perplexity, m_after.perplexity
     save(net, tok, output, report=result, overwrite=overwrite)
+    _write_record_and_card(
+        output,
+        {
+            "title": f"{config.rule} activation sparsity, {config.sparsity:.0%} of FFN weight bytes skipped",
+            "model": model,
+            "output": output,
+            "command": command,
+            "config": {"device": device, "dtype": dtype},
+            "steps": [{"method": f"sparsify ({config.rule})", "config": config.to_dict(), "seconds": t_step}],
+            "corpus": config.corpus,
+            "protocol": m_before.protocol,
+            "parameters_before": m_before.parameters,
+            "parameters_after": m_after.parameters,
+            "perplexity_before": before,
+            "perplexity_after": after,
+            "result": result.to_dict(),
+            "seconds": {"total": time.perf_counter() - start},
+        },
+    )
     return {
         "model": model,
         "output": output,
@@ -149,3 +174,17 @@ def run_sparsify(
         "result": result.to_dict(),
         "seconds": time.perf_counter() - start,
     }
+
+
+def _write_record_and_card(output: str, record: dict) -> None:
+    """run.json (the record) and README.md (its model card) beside the saved model, as compress writes."""
+    import json as json_module
+    from pathlib import Path
+
+    from ffnkit.card import write_model_card
+    from ffnkit.evaluate import environment
+    from ffnkit.pipeline import RECORD
+
+    record = {**record, "environment": environment()}
+    (Path(output) / RECORD).write_text(json_module.dumps(record, indent=2, default=str) + "\n")
+    write_model_card(output, record)
