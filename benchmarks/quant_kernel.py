@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ffnkit.kernels import use_backend
+from ffnkit.kernels.benchmark import environment as kernel_environment
 from ffnkit.kernels.benchmark import time_cuda  # the one CUDA-graph timer (also used by bench sparsity)
 from ffnkit.kernels.quant_matmul import dequant_linear
 from ffnkit.modules.quantized import QuantizedLinear, quantized_gated_ffn
@@ -53,24 +52,9 @@ DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
 
 
 def environment(device: str) -> dict:
-    env = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "load_average": os.getloadavg(),
-    }
-    try:
-        env["cpu_model"] = next(
-            ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        env["cpu_model"] = platform.processor()
-    if device == "cuda":
-        env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
-    else:
+    """The machine (the shared record of ffnkit.kernels.benchmark) plus the CPU int4 kernel's state."""
+    env = kernel_environment(device)
+    if device != "cuda":
         from ffnkit.kernels.cpu_quant import library_error
 
         env["cpu_quant_kernel_error"] = library_error()

@@ -10,8 +10,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ffnkit import PruneConfig, SparsityConfig, find_ffns, prune_, sparsify_
 from ffnkit.core.errors import InvalidArgumentError
 
+SPARSE = SparsityConfig("teal", 0.4, samples=2, seq_len=16, tokens=64, path_tokens=32)
 
-def test_prune_after_sparsify_is_refused_and_model_unchanged() -> None:
+
+def tiny_llama() -> tuple[LlamaForCausalLM, torch.Tensor]:
+    """A 2-layer Llama (d_ff 64) and calibration ids [4, 32]."""
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=100,
@@ -21,11 +24,12 @@ def test_prune_after_sparsify_is_refused_and_model_unchanged() -> None:
         num_attention_heads=4,
         num_key_value_heads=2,
     )
-    model = LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, 100, (4, 32))
-    sparsify_(
-        model, SparsityConfig("teal", 0.4, samples=2, seq_len=16, tokens=64, path_tokens=32), calibration=ids
-    )
+    return LlamaForCausalLM(cfg).eval(), torch.randint(0, 100, (4, 32))
+
+
+def test_prune_after_sparsify_is_refused_and_model_unchanged() -> None:
+    model, ids = tiny_llama()
+    sparsify_(model, SPARSE, calibration=ids)
     with torch.no_grad():
         before = model(ids).logits
     with pytest.raises(InvalidArgumentError, match="prune\\) first, then sparsify"):
@@ -36,21 +40,9 @@ def test_prune_after_sparsify_is_refused_and_model_unchanged() -> None:
 
 
 def test_sparsify_after_prune_works() -> None:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, 100, (4, 32))
+    model, ids = tiny_llama()
     prune_(model, PruneConfig("magnitude", 0.25), calibration=ids)
-    sparsify_(
-        model, SparsityConfig("teal", 0.4, samples=2, seq_len=16, tokens=64, path_tokens=32), calibration=ids
-    )
+    sparsify_(model, SPARSE, calibration=ids)
     assert [f.d_ff for f in find_ffns(model)] == [48, 48]
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()

@@ -69,8 +69,14 @@ def sparsify(
     from ffnkit.folders import check_output_dir
     from ffnkit.sparsity.config import SparsityConfig
 
-    given = dict(rule=rule, sparsity=sparsity, samples=samples, seq_len=seq_len, corpus=corpus)
-    given["heal_minutes"] = heal_minutes
+    given = dict(
+        rule=rule,
+        sparsity=sparsity,
+        samples=samples,
+        seq_len=seq_len,
+        corpus=corpus,
+        heal_minutes=heal_minutes,
+    )
     valid = [f.name for f in dataclass_fields(SparsityConfig) if f.name != "version"]
     # every SparsityConfig field can come from a --config recipe; options typed here override it
     config = SparsityConfig(**apply_recipe(config_file, given, valid, given_on_command_line(ctx)))
