@@ -17,6 +17,8 @@ serves every active share. Rows (``kind``):
 - ``heal`` (``--heal-minutes M``): the ``--heal-split``/``--heal-router`` conversion, then ``heal_``
   (KL distillation to the dense model, experts + router + shared expert trainable, time-budgeted) at each
   active share; the row says minutes, steps and tokens, and whether save → load reproduced the logits.
+  ``--prune-heal`` heals each pruned model with the same settings, so that a healed conversion is also
+  compared with pruning at the same training budget (``healed_perplexity`` in ``pruning``).
 
 Runs on ``--device cuda`` in one process (model, calibration, router training, evaluation, healing).
 
@@ -108,7 +110,15 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--heal-seq-len", type=int, default=512)
     ap.add_argument("--heal-batch", type=int, default=8)
     ap.add_argument("--heal-corpus", default="shakespeare")
+    ap.add_argument(
+        "--heal-precision", default="highest", help="float32 matmuls while healing: highest, or high (TF32)"
+    )
     ap.add_argument("--prune", action="store_true", help="also prune (flap/global+refit) at each share")
+    ap.add_argument(
+        "--prune-heal",
+        action="store_true",
+        help="heal each pruned model with the same heal settings as the MoE rows (--heal-*)",
+    )
     ap.add_argument("--device", default="cpu", help="cpu or cuda: where everything runs")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default="benchmarks/results/moe_frontier_cpu.json")
@@ -176,6 +186,38 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(doc, indent=2, default=str) + "\n")
 
+    heal_ids = None
+    if args.heal_minutes > 0:
+        heal_ids = calibration_batches(
+            load_corpus(args.heal_corpus), tok, args.heal_samples, args.heal_seq_len, seed=1
+        )
+
+    def heal(model) -> dict:
+        """heal_ ``model`` towards the dense one with the --heal-* settings (the same for MoE and pruning
+        rows, so the two compare at one training budget); what it did, for the row."""
+        cfg = HealConfig(
+            steps=args.heal_steps,
+            lr=args.heal_lr,
+            samples=args.heal_samples,
+            seq_len=args.heal_seq_len,
+            batch_size=args.heal_batch,
+            max_minutes=args.heal_minutes,
+            corpus=args.heal_corpus,
+            matmul_precision=args.heal_precision,
+        )
+        healed = heal_(model, dense, cfg, calibration=heal_ids, progress=False)
+        return {
+            "minutes": healed.seconds / 60,
+            "steps": healed.steps,
+            "tokens": healed.tokens_seen,
+            "stopped_by": healed.stopped_by,
+            "corpus": args.heal_corpus,
+            "lr": args.heal_lr,
+            "matmul_precision": args.heal_precision,
+            "trainable_parameters": healed.trainable_parameters,
+            "kl_first_last": [healed.loss_curve[0], healed.loss_curve[-1]],
+        }
+
     if args.prune:
         for a in actives:
             model = copy.deepcopy(dense)
@@ -203,6 +245,12 @@ def main() -> None:
             )
             log(f"prune {1 - a:.0%} removed: ppl {ppl:.2f}")
             write(False)
+            if args.prune_heal and args.heal_minutes > 0 and a in heal_actives:
+                pruning[-1]["heal"] = heal(model)
+                pruning[-1]["healed_perplexity"] = ppl = measure(model, evaluation).perplexity
+                log(f"prune {1 - a:.0%} removed + heal: ppl {ppl:.2f}")
+                write(False)
+            del model
 
     def row(kind: str, split: str, router: str, a: float, report, ppl: float, **extra) -> None:
         results.append(
@@ -224,11 +272,6 @@ def main() -> None:
         log(f"{label(results[-1])} active {a:.0%}: ppl {ppl:.2f} (x{ppl / dense_m.perplexity:.3f})")
         write(False)
 
-    heal_ids = None
-    if args.heal_minutes > 0:
-        heal_ids = calibration_batches(
-            load_corpus(args.heal_corpus), tok, args.heal_samples, args.heal_seq_len, seed=1
-        )
     plans: dict[tuple, tuple[dict, float]] = {}
     split_plans: dict[tuple, dict] = {}
     for v, (experts, shared, target, alloc) in enumerate(variants(args) if splits else []):
@@ -275,16 +318,7 @@ def main() -> None:
                         and v == 0
                         and a in heal_actives
                     ):
-                        heal_cfg = HealConfig(
-                            steps=args.heal_steps,
-                            lr=args.heal_lr,
-                            samples=args.heal_samples,
-                            seq_len=args.heal_seq_len,
-                            batch_size=args.heal_batch,
-                            max_minutes=args.heal_minutes,
-                            corpus=args.heal_corpus,
-                        )
-                        healed = heal_(model, dense, heal_cfg, calibration=heal_ids, progress=False)
+                        heal_info = heal(model)
                         ppl = measure(model, evaluation).perplexity
                         gap = reload_gap(model, tok, calib[:2])
                         row(
@@ -294,16 +328,7 @@ def main() -> None:
                             a,
                             report,
                             ppl,
-                            heal={
-                                "minutes": healed.seconds / 60,
-                                "steps": healed.steps,
-                                "tokens": healed.tokens_seen,
-                                "stopped_by": healed.stopped_by,
-                                "corpus": args.heal_corpus,
-                                "lr": args.heal_lr,
-                                "trainable_parameters": healed.trainable_parameters,
-                                "kl_first_last": [healed.loss_curve[0], healed.loss_curve[-1]],
-                            },
+                            heal=heal_info,
                             reload_max_abs_logit_diff=gap,
                             **tag,
                         )
@@ -327,6 +352,8 @@ def document(args, actives, results, pruning, evaluation, dense, t0) -> dict:
     for a in actives:
         prune = next((p for p in pruning if p["active"] == a), None)
         entry = {"pruning_in_run": prune["perplexity"] if prune else None}
+        if prune and "healed_perplexity" in prune:
+            entry["healed_pruning_in_run"] = prune["healed_perplexity"]
         for kind in ("router", "heal"):
             rows = [r for r in results if r["active"] == a and r["kind"] == kind]
             if not rows:
@@ -338,6 +365,11 @@ def document(args, actives, results, pruning, evaluation, dense, t0) -> dict:
                 "vs_dense": best["perplexity"] / dense.perplexity,
                 "below_pruning_in_run": best["perplexity"] < prune["perplexity"] if prune else None,
             }
+            if kind == "heal" and "healed_pruning_in_run" in entry:
+                # a healed conversion against pruning healed with the same settings (like for like)
+                entry[kind]["below_healed_pruning_in_run"] = (
+                    best["perplexity"] < entry["healed_pruning_in_run"]
+                )
         summary[str(a)] = entry
     goal = summary.get("0.5", {})
     return {
@@ -363,6 +395,7 @@ def document(args, actives, results, pruning, evaluation, dense, t0) -> dict:
                 "heal_seq_len",
                 "heal_batch",
                 "heal_corpus",
+                "heal_precision",
                 "variants",
             )
         }

@@ -146,10 +146,32 @@ def test_learning_rate_decays_with_time_when_the_budget_is_shorter_than_the_step
     assert _lr_factor(1000, config, time_progress=0.0) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("bad", [{"params": "everything"}, {"final_lr": 1.5}, {"hidden_weight": -1.0}])
+@pytest.mark.parametrize(
+    "bad",
+    [{"params": "everything"}, {"final_lr": 1.5}, {"hidden_weight": -1.0}, {"matmul_precision": "tf32"}],
+)
 def test_bad_heal_options_are_refused(bad):
     with pytest.raises(InvalidArgumentError):
         HealConfig(**bad)
+
+
+def test_matmul_precision_applies_while_healing_and_is_restored(monkeypatch):
+    model, reference = _pruned_pair()
+    seen = []
+    real = torch.get_float32_matmul_precision
+
+    def spy(*args, **kwargs):
+        seen.append(real())
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    before = real()
+    with pytest.raises(RuntimeError, match="stop"):
+        heal_(
+            model, reference, HealConfig(steps=1, matmul_precision="high"), calibration=_ids(), progress=False
+        )
+    assert seen == ["high"]  # the optimiser step ran under the configured precision
+    assert real() == before  # and the process-wide setting came back, also on failure
 
 
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
