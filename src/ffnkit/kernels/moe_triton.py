@@ -140,9 +140,8 @@ def _down_gather_combine_kernel(h_ptr, w_ptr, idx_ptr, wt_ptr, out_ptr, E, F, D,
 
 
 @triton.jit
-def _expert_of_block(counts_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
-    """(expert, first sorted row of this program's block, rows of that expert) for program_id(0)."""
-    pid = tl.program_id(0)
+def _expert_of_block(pid, counts_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
+    """(expert, first sorted row of row block ``pid``, end row of that expert, rows of that expert)."""
     oe = tl.arange(0, E_PAD)
     cnt = tl.load(counts_ptr + oe, mask=oe < E, other=0)  # [E_PAD] pairs per expert
     blocks = (cnt + BLOCK_M - 1) // BLOCK_M
@@ -162,14 +161,24 @@ def _expert_of_block(counts_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
 @triton.jit
 def _gate_up_sorted_kernel(x_ptr, w_ptr, order_ptr, counts_ptr, h_ptr, E, F, D, K: tl.constexpr,
                            ACT: tl.constexpr, E_PAD: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """h[r, n] = act(x[tok r] . gate_e[n]) * (x[tok r] . up_e[n]) for a block of sorted rows r of expert e."""
-    e, row0, row_stop, n_e = _expert_of_block(counts_ptr, E, BLOCK_M, E_PAD)
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FIRST: tl.constexpr = False):  # fmt: skip
+    """h[r, n] = act(x[tok r] . gate_e[n]) * (x[tok r] . up_e[n]) for a block of sorted rows r of expert e.
+
+    Grid (row blocks, column blocks), or (column blocks, row blocks) with ``N_FIRST``: then the programs
+    that run together share one row block (its gathered x rows stay in L2) and one expert's weights.
+    """
+    if N_FIRST:
+        pid_m = tl.program_id(1)
+        pid_n = tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+    e, row0, row_stop, n_e = _expert_of_block(pid_m, counts_ptr, E, BLOCK_M, E_PAD)
     if e < E:
         rows = row0 + tl.arange(0, BLOCK_M)  # [BM] sorted positions
         mr = rows < row_stop
         tok = tl.load(order_ptr + rows, mask=mr, other=0) // K  # [BM] token of each row
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mn = offs_n < F
         ok = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + tok[:, None].to(tl.int64) * D + ok[None, :]  # [BM, BK]
@@ -202,7 +211,7 @@ def _gate_up_sorted_kernel(x_ptr, w_ptr, order_ptr, counts_ptr, h_ptr, E, F, D, 
 def _down_sorted_kernel(h_ptr, w_ptr, counts_ptr, y_ptr, E, F, D, E_PAD: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """y[r, n] = h[r] . down_e[n] for a block of sorted rows r of expert e (unweighted)."""
-    e, row0, row_stop, n_e = _expert_of_block(counts_ptr, E, BLOCK_M, E_PAD)
+    e, row0, row_stop, n_e = _expert_of_block(tl.program_id(0), counts_ptr, E, BLOCK_M, E_PAD)
     if e < E:
         rows = row0 + tl.arange(0, BLOCK_M)
         mr = rows < row_stop
@@ -362,8 +371,11 @@ def fused_grouped_mm_experts(
     c = dict(CONFIGS["fused_gate_up"])
     bm = c.pop("BLOCK_M")
     max_blocks = triton.cdiv(s, bm) + min(e, s)
+    n_blocks = triton.cdiv(f, c["BLOCK_N"])
+    c["N_FIRST"] = bool(c.get("N_FIRST")) and max_blocks < 65536  # grid's second axis: at most 65,535
+    grid = (n_blocks, max_blocks) if c["N_FIRST"] else (max_blocks, n_blocks)
     h = torch.empty(s, f, dtype=x.dtype, device=x.device)  # [S, F] sorted order
-    _gate_up_sorted_kernel[(max_blocks, triton.cdiv(f, c["BLOCK_N"]))](
+    _gate_up_sorted_kernel[grid](
         x, gate_up, order, counts, h, e, f, d, K=k, ACT=ACT_CODES[act], E_PAD=triton.next_power_of_2(e),
         IEEE=x.dtype == torch.float32, BLOCK_M=bm, **c,
     )  # fmt: skip
