@@ -76,6 +76,23 @@ def test_olmoe_shape_bf16_all_routes_agree():
         assert mc.rel_err(_route(route)(x, gu, dn, idx, w, "silu"), ref) < mc.TOL[torch.bfloat16], route
 
 
+@pytest.mark.parametrize("routing", ["skewed", "few"])
+@pytest.mark.parametrize(
+    "tokens", [1100, 4200]
+)  # auto takes fused_grouped_mm (8,800 pairs), grouped_mm (33,600)
+def test_auto_large_batches_equal_reference(tokens, routing):
+    """OLMoE shape at the sizes where auto leaves the sorted route; "few": 55 of 64 experts get no token."""
+    from ffnkit.kernels import moe_triton
+
+    if not moe_triton.grouped_mm_available(torch.zeros(1, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("torch grouped_mm runs on bf16 on compute capability >= 9 only")
+    x, gu, dn = mc.make_experts(tokens, 64, 1024, 2048, torch.bfloat16, "cuda", tokens)
+    idx, w = mc.routing(routing, tokens, 8, 64, tokens + 1, "cuda")
+    ref = experts_forward(x, gu, dn, idx, w, backend="reference")
+    out = experts_forward(x, gu, dn, idx, w, backend="triton")
+    assert mc.rel_err(out, ref) < mc.TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
 def test_hf_models_on_gpu_equal_eager(family):
     from ffnkit.kernels.moe_hf import use_fast_experts

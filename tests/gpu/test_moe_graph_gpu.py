@@ -47,7 +47,7 @@ def _capture(fn, static):
     return g, out
 
 
-@pytest.mark.parametrize("tokens", [1, 16, 40])  # 4, 64 pairs: gather; 160 pairs: the sorted route
+@pytest.mark.parametrize("tokens", [1, 16, 40])  # 4 pairs: gather; 64 and 160 pairs: the sorted route (auto)
 @pytest.mark.parametrize("route", ["auto", "gather", "sorted", "grouped_mm", "fused_grouped_mm"])
 def test_routes_capture_and_replay_exactly(route, tokens):
     from ffnkit.kernels import moe_triton

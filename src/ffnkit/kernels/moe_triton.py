@@ -2,7 +2,7 @@
 
 Four routes, picked by the number of token-expert pairs S = T x K (:data:`CONFIGS`):
 
-1. ``gather`` (decode, S <= ``gather_max_pairs``): no sort. ``_gate_up_gather_kernel`` gives each pair
+1. ``gather`` (decode, S <= ``gather_max_pairs``; in CUDA graphs the sorted route wins from 16 tokens): no sort. ``_gate_up_gather_kernel`` gives each pair
    and block of F output columns one program that streams the expert's gate and up rows (CUDA cores,
    float32 accumulation) and writes h = act(gate) * up; ``_down_gather_combine_kernel`` streams the down
    rows of each token's K experts and sums them with the router weights in the same pass (two launches in
@@ -20,7 +20,7 @@ Four routes, picked by the number of token-expert pairs S = T x K (:data:`CONFIG
    :mod:`ffnkit.kernels.moe_stream` (scatter rows, act-mul, combine) around it.
 4. ``fused_grouped_mm``: ``_gate_up_sorted_kernel`` for the first GEMM (gather prologue, activation
    epilogue: neither the permuted x nor the [S, 2F] product is written), torch's grouped GEMM for the down
-   projection, then the combine. ``large_route`` names which of 3 and 4 runs from ``grouped_mm_min_pairs``.
+   projection, then the combine (from ``fused_min_pairs`` to below ``grouped_mm_min_pairs``).
 
 Index E (no expert) sorts last and is never computed; the combine kernel skips it. h keeps x's dtype.
 
@@ -46,8 +46,12 @@ ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 # Route thresholds (pairs S = tokens x K) and launch parameters; "sorted" configs are keyed by the mean rows
 # per expert (S / E) class. Chosen on an H200 (benchmarks/moe_kernel.py, OLMoE shapes, bf16).
 CONFIGS: dict[str, object] = {
-    "gather_max_pairs": 128,  # gather fastest at 1 and 16 tokens (top-8), sorted from 128 tokens
-    "grouped_mm_min_pairs": 32768,  # torch's grouped GEMM fastest from 4,096 tokens (top-8)
+    # In CUDA graphs with the counting sort (benchmarks/results/moe_prefill_sweep_h200.json, uniform and
+    # skewed): gather fastest at 1 token (42 vs 50 us), sorted at 16 (187 vs 270) and 128 tokens (245 vs
+    # 284), fused_grouped_mm at 1,024 (375 vs 383), grouped_mm at 4,096 (901 vs 906) and 16,384 (3089 vs 3237).
+    "gather_max_pairs": 8,
+    "fused_min_pairs": 8192,
+    "grouped_mm_min_pairs": 32768,
     "gather": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4},
     # down + combine: 4 rows per program (2x the programs of 8) measured fastest over 1 + 16 tokens in CUDA
     # graphs (benchmarks/results/moe_kernel_h200_graph.json, gather_calibration: 40 vs 47 us at 1 token)
@@ -58,10 +62,16 @@ CONFIGS: dict[str, object] = {
         64: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
         128: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     },
-    # the route taken from grouped_mm_min_pairs on: "grouped_mm" or "fused_grouped_mm"
-    "large_route": "grouped_mm",
-    # fused_grouped_mm's Triton gate/up GEMM (gather prologue, activation epilogue)
-    "fused_gate_up": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    # fused_grouped_mm's Triton gate/up GEMM (gather prologue, activation epilogue): fastest of 9 configs
+    # summed over 128, 4,096 and 16,384 tokens (the sweep above)
+    "fused_gate_up": {
+        "BLOCK_M": 128,
+        "BLOCK_N": 128,
+        "BLOCK_K": 64,
+        "num_warps": 8,
+        "num_stages": 3,
+        "N_FIRST": True,
+    },
 }
 # Shared memory per block on an H100/H200 (232,448 bytes); float32 tiles take twice the bytes of bf16 ones.
 SHARED_MEMORY = 232448
@@ -396,8 +406,9 @@ def experts_forward(
     s = top_k_index.numel()
     if s <= CONFIGS["gather_max_pairs"]:
         return gather_experts(x, gate_up, down, top_k_index, top_k_weights, act)
-    if s >= CONFIGS["grouped_mm_min_pairs"] and grouped_mm_available(x):
-        return ROUTES[CONFIGS["large_route"]](x, gate_up, down, top_k_index, top_k_weights, act)
+    if s >= CONFIGS["fused_min_pairs"] and grouped_mm_available(x):
+        route = grouped_mm_experts if s >= CONFIGS["grouped_mm_min_pairs"] else fused_grouped_mm_experts
+        return route(x, gate_up, down, top_k_index, top_k_weights, act)
     return sorted_experts(x, gate_up, down, top_k_index, top_k_weights, act)
 
 
