@@ -33,14 +33,16 @@ def _route(name):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("route", ["auto", "gather", "sorted", "grouped_mm"])
+@pytest.mark.parametrize("route", ["auto", "gather", "sorted", "grouped_mm", "fused_grouped_mm"])
 @pytest.mark.parametrize("routing", mc.ROUTINGS)
 @pytest.mark.parametrize("shape", mc.SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_triton_routes_equal_reference(shape, routing, route, dtype):
     from ffnkit.kernels import moe_triton
 
     dt = DTYPES[dtype]
-    if route == "grouped_mm" and not moe_triton.grouped_mm_available(torch.zeros(1, device="cuda", dtype=dt)):
+    if route in ("grouped_mm", "fused_grouped_mm") and not moe_triton.grouped_mm_available(
+        torch.zeros(1, device="cuda", dtype=dt)
+    ):
         pytest.skip("torch grouped_mm runs on bf16 only")
     t, k, e, f, d = shape
     seed = zlib.crc32(repr((shape, routing, route, dtype)).encode()) % 10_000
@@ -70,8 +72,25 @@ def test_olmoe_shape_bf16_all_routes_agree():
     x, gu, dn = mc.make_experts(300, 64, 1024, 2048, torch.bfloat16, "cuda", 5)
     idx, w = mc.routing("skewed", 300, 8, 64, 6, "cuda")
     ref = experts_forward(x, gu, dn, idx, w, backend="reference")
-    for route in ("gather", "sorted", "grouped_mm"):
+    for route in ("gather", "sorted", "grouped_mm", "fused_grouped_mm"):
         assert mc.rel_err(_route(route)(x, gu, dn, idx, w, "silu"), ref) < mc.TOL[torch.bfloat16], route
+
+
+@pytest.mark.parametrize("routing", ["skewed", "few"])
+@pytest.mark.parametrize(
+    "tokens", [1100, 4200]
+)  # auto takes fused_grouped_mm (8,800 pairs), grouped_mm (33,600)
+def test_auto_large_batches_equal_reference(tokens, routing):
+    """OLMoE shape at the sizes where auto leaves the sorted route; "few": 55 of 64 experts get no token."""
+    from ffnkit.kernels import moe_triton
+
+    if not moe_triton.grouped_mm_available(torch.zeros(1, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("torch grouped_mm runs on bf16 on compute capability >= 9 only")
+    x, gu, dn = mc.make_experts(tokens, 64, 1024, 2048, torch.bfloat16, "cuda", tokens)
+    idx, w = mc.routing(routing, tokens, 8, 64, tokens + 1, "cuda")
+    ref = experts_forward(x, gu, dn, idx, w, backend="reference")
+    out = experts_forward(x, gu, dn, idx, w, backend="triton")
+    assert mc.rel_err(out, ref) < mc.TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])

@@ -47,13 +47,15 @@ def _capture(fn, static):
     return g, out
 
 
-@pytest.mark.parametrize("tokens", [1, 16, 40])  # 4, 64 pairs: gather; 160 pairs: the sorted route
-@pytest.mark.parametrize("route", ["auto", "gather", "sorted", "grouped_mm"])
+@pytest.mark.parametrize("tokens", [1, 16, 40])  # 4 pairs: gather; 64 and 160 pairs: the sorted route (auto)
+@pytest.mark.parametrize("route", ["auto", "gather", "sorted", "grouped_mm", "fused_grouped_mm"])
 def test_routes_capture_and_replay_exactly(route, tokens):
     from ffnkit.kernels import moe_triton
 
     dt = torch.bfloat16
-    if route == "grouped_mm" and not moe_triton.grouped_mm_available(torch.zeros(1, device="cuda", dtype=dt)):
+    if route in ("grouped_mm", "fused_grouped_mm") and not moe_triton.grouped_mm_available(
+        torch.zeros(1, device="cuda", dtype=dt)
+    ):
         pytest.skip("torch grouped_mm runs on bf16 on compute capability >= 9 only")
     fn = _fn(route)
     x, gu, dn = mc.make_experts(tokens, E, F, D, dt, "cuda", 11 + tokens)

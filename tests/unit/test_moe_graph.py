@@ -84,3 +84,24 @@ def test_target_summary_states_reached_and_missed():
         and not b["compute_floor"]["reached"]
     )
     assert not b["faster_than_transformers_best"]["reached"]
+
+
+def test_route_thresholds_follow_the_fastest_route_per_size():
+    from ffnkit.kernels.moe_bench import route_thresholds
+
+    # graph times (us) shaped like the H200 sweep: gather at 1, sorted at 16/128, fused at 1,024, grouped_mm above
+    times = {
+        1: {"gather": 42, "sorted": 50, "grouped_mm": 80, "fused_grouped_mm": 74},
+        16: {"gather": 270, "sorted": 187, "grouped_mm": 290, "fused_grouped_mm": 263},
+        128: {"gather": 1734, "sorted": 245, "grouped_mm": 323, "fused_grouped_mm": 284},
+        1024: {"sorted": 383, "grouped_mm": 430, "fused_grouped_mm": 375},
+        4096: {"sorted": 1036, "grouped_mm": 901, "fused_grouped_mm": 906},
+        16384: {"sorted": 3614, "grouped_mm": 3089, "fused_grouped_mm": 3237},
+    }
+    got = route_thresholds(times, 8)
+    assert got == {"gather_max_pairs": 8, "fused_min_pairs": 8192, "grouped_mm_min_pairs": 32768}
+    times[1024]["fused_grouped_mm"] = 390  # slower than sorted: the fused route is never taken
+    assert route_thresholds(times, 8)["fused_min_pairs"] == 32768
+    times[4096]["fused_grouped_mm"] = 800  # fused beats grouped_mm at 4,096: grouped_mm only from 16,384
+    got = route_thresholds(times, 8)
+    assert got["grouped_mm_min_pairs"] == 131072 and got["fused_min_pairs"] == 32768

@@ -4,7 +4,7 @@ One experts layer (GPU: OLMoE shapes, hidden 2048, expert width 1024, 64 experts
 512, width 256, 16 experts, top-4, float32) is run through a transformers v5 experts module
 (``OlmoeExperts``) with ``experts_implementation`` = ``eager``, ``batched_mm``, ``grouped_mm`` and ffnkit's
 ``ffnkit`` (registered by :func:`ffnkit.kernels.moe_hf.use_fast_experts`), plus, on the GPU, each of
-ffnkit's Triton routes alone (``gather``, ``sorted``, ``grouped_mm``) to set the route thresholds.
+ffnkit's Triton routes alone (``gather``, ``sorted``, ``grouped_mm``, ``fused_grouped_mm``) to set the route thresholds.
 
 Protocol: several routings (and, on the CPU, several copies of the weights) are rotated so that no call finds
 its weights in a cache; implementations alternate within every round; the median over rounds of the mean
@@ -343,7 +343,16 @@ def bench_experts(
     return doc
 
 
-__all__ = ["HF_IMPLS", "SHAPES", "TOKENS", "bench_experts", "environment", "make_routing", "measure_floors"]
+__all__ = [
+    "HF_IMPLS",
+    "SHAPES",
+    "TOKENS",
+    "bench_experts",
+    "environment",
+    "make_routing",
+    "measure_floors",
+    "route_thresholds",
+]
 
 
 SWEEP = {
@@ -406,11 +415,46 @@ def sweep_sorted(tokens: tuple[int, ...] = (128, 4096, 16384), rounds: int = 3) 
     return out
 
 
+def route_thresholds(times: dict[int, dict[str, float]], k: int) -> dict[str, int]:
+    """The Triton executor's route thresholds (pairs = tokens x K) from per-size route timings.
+
+    ``times[tokens][route]`` in any unit. ``gather_max_pairs``: the largest size where gather is fastest;
+    ``grouped_mm_min_pairs``: from the largest size down, as long as ``grouped_mm`` beats every Triton
+    route; ``fused_min_pairs``: below that, from the largest size down, as long as ``fused_grouped_mm``
+    beats ``sorted`` (else equal to ``grouped_mm_min_pairs``: the fused route is never taken).
+
+    Example:
+        >>> route_thresholds({1: {"gather": 1, "sorted": 2}, 512: {"gather": 9, "sorted": 3, "grouped_mm": 2}}, 8)
+        {'gather_max_pairs': 8, 'grouped_mm_min_pairs': 4096, 'fused_min_pairs': 4096}
+    """
+    never = 1 << 62
+    gather_max = 0
+    for t, tt in times.items():
+        if "gather" in tt and tt["gather"] <= min(tt.values()):
+            gather_max = max(gather_max, t * k)
+    grouped_min = never
+    for t in sorted(times, reverse=True):
+        tt = times[t]
+        rivals = [tt[n] for n in ("sorted", "fused_grouped_mm") if n in tt]
+        if "grouped_mm" in tt and all(tt["grouped_mm"] < r for r in rivals):
+            grouped_min = t * k
+        else:
+            break
+    fused_min = grouped_min
+    for t in sorted((t for t in times if t * k < grouped_min), reverse=True):
+        tt = times[t]
+        if "fused_grouped_mm" in tt and tt["fused_grouped_mm"] < tt.get("sorted", float("inf")):
+            fused_min = t * k
+        else:
+            break
+    return {"gather_max_pairs": gather_max, "grouped_mm_min_pairs": grouped_min, "fused_min_pairs": fused_min}
+
+
 def calibrate(tokens: tuple[int, ...] | None = None, rounds: int = 3) -> dict:
     """GPU: pick the Triton route thresholds and grouped-GEMM configs from timings, and apply them.
 
     Runs :func:`sweep_sorted`, keeps the fastest config per size class, then times the three routes at each
-    token count (uniform routing) and sets ``gather_max_pairs`` / ``grouped_mm_min_pairs`` in
+    token count (uniform routing) and sets the thresholds of :func:`route_thresholds` in
     :data:`ffnkit.kernels.moe_triton.CONFIGS` so that each size takes its fastest route. Returns what it
     measured and chose (the values to commit as defaults).
 
@@ -460,26 +504,13 @@ def calibrate(tokens: tuple[int, ...] | None = None, rounds: int = 3) -> dict:
                     times[t][name] = 1e6 * min(_time_calls(call, n, "cuda") for _ in range(rounds))
                 except Exception:  # noqa: BLE001 - a route that cannot run here is simply not chosen
                     continue
-    gather_max = 0
-    grouped_min = 1 << 62
-    for t in tokens:
-        tt = times[t]
-        if "gather" in tt and tt["gather"] <= min(tt.values()):
-            gather_max = max(gather_max, t * k)
-    for t in sorted(tokens, reverse=True):
-        tt = times[t]
-        if "grouped_mm" in tt and tt["grouped_mm"] < tt.get("sorted", float("inf")):
-            grouped_min = t * k
-        else:
-            break
-    moe_triton.CONFIGS["gather_max_pairs"] = gather_max
-    moe_triton.CONFIGS["grouped_mm_min_pairs"] = grouped_min
+    chosen = route_thresholds(times, k)
+    moe_triton.CONFIGS.update(chosen)
     return {
         "sweep_sorted": sweep,
         "route_us": times,
         "chosen": {
-            "gather_max_pairs": gather_max,
-            "grouped_mm_min_pairs": grouped_min,
+            **chosen,
             "sorted": {str(key): v for key, v in cfgs.items()},
         },
     }

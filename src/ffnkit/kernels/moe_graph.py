@@ -250,15 +250,17 @@ def prefill_breakdown(
 ) -> dict[str, object]:
     """GPU: where the large-batch route's time goes, each stage alone in a CUDA graph (median us per call).
 
-    Stages of the ``grouped_mm`` route written with public torch ops: ``sort`` (:func:`sort_pairs` and the
-    offsets), ``permute`` (gathering x's rows in expert order), ``gemm_gate_up`` and ``gemm_down`` (torch's
-    grouped GEMM), ``act`` (act(gate) * up, unfused torch ops), ``combine`` (rows back in token order,
-    weighted sum over K); and the whole ``grouped_mm`` and ``sorted`` routes as ffnkit runs them.
+    Stages of the ``grouped_mm`` route as ffnkit runs them (:mod:`ffnkit.kernels.moe_stream`): ``sort``
+    (the device counting sort), ``permute`` (x's rows scattered to their sorted rows), ``gemm_gate_up`` and
+    ``gemm_down`` (torch's grouped GEMM), ``act`` (act(gate) * up), ``combine`` (rows back in token order,
+    weighted sum over K); the same stages written with public torch ops as ``*_torch`` (``sort_pairs`` +
+    cumsum, ``index_select``, ``silu(g) * u``, gather + weighted sum) for comparison; and every prefill
+    route whole (``route_<name>``).
 
     Example:
         >>> prefill_breakdown(gu, dn, idx, w)["gemm_gate_up"]  # doctest: +SKIP
     """
-    from ffnkit.kernels import moe_triton
+    from ffnkit.kernels import moe_stream, moe_triton
     from ffnkit.kernels.moe import sort_pairs
 
     e, f2, d = gate_up.shape
@@ -266,27 +268,32 @@ def prefill_breakdown(
     t, k = top_k_index.shape
     x = torch.randn(t, d, device=gate_up.device, dtype=gate_up.dtype)  # [T, D]
     gmm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
-    order, pos, counts = sort_pairs(top_k_index, e)
-    offs = torch.cumsum(counts[:e], 0, dtype=torch.int32)  # [E]
-    xs = x.index_select(0, order // k)  # [S, D]
+    order, pos, counts, offs = moe_stream.sort_by_expert(top_k_index, e)
+    xs = moe_stream.scatter_rows(x, pos, k)  # [S, D]
     gu = gmm(xs, gate_up.transpose(1, 2), offs=offs)  # [S, 2F]
-    h = torch.nn.functional.silu(gu[:, :f]) * gu[:, f:]  # [S, F]
+    h = moe_stream.act_mul(gu, 0)  # [S, F]
     y = gmm(h, down.transpose(1, 2), offs=offs)  # [S, D]
     wf = top_k_weights.to(y.dtype).unsqueeze(-1)  # [T, K, 1]
 
-    def sort_stage(i: int) -> object:
+    def sort_torch(i: int) -> object:
         o, p, c = sort_pairs(top_k_index, e)
         return torch.cumsum(c[:e], 0, dtype=torch.int32)
 
     stages = {
-        "sort": sort_stage,
-        "permute": lambda i: x.index_select(0, order // k),
+        "sort": lambda i: moe_stream.sort_by_expert(top_k_index, e),
+        "sort_torch": sort_torch,
+        "permute": lambda i: moe_stream.scatter_rows(x, pos, k),
+        "permute_torch": lambda i: x.index_select(0, order // k),
         "gemm_gate_up": lambda i: gmm(xs, gate_up.transpose(1, 2), offs=offs),
-        "act": lambda i: torch.nn.functional.silu(gu[:, :f]) * gu[:, f:],
+        "act": lambda i: moe_stream.act_mul(gu, 0),
+        "act_torch": lambda i: torch.nn.functional.silu(gu[:, :f]) * gu[:, f:],
         "gemm_down": lambda i: gmm(h, down.transpose(1, 2), offs=offs),
-        "combine": lambda i: (y.index_select(0, pos).view(t, k, d) * wf).sum(1),
+        "combine": lambda i: moe_stream.combine_rows(y, pos, top_k_index, top_k_weights, e),
+        "combine_torch": lambda i: (y.index_select(0, pos).view(t, k, d) * wf).sum(1),
     }
-    for name in ("grouped_mm", "sorted"):
+    for name in moe_triton.ROUTES:
+        if name == "gather":
+            continue
         route = moe_triton.ROUTES[name]
         stages[f"route_{name}"] = lambda i, route=route: route(x, gate_up, down, top_k_index, top_k_weights)
     out: dict[str, object] = {}

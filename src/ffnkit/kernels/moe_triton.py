@@ -1,22 +1,26 @@
 """The ``triton`` expert executor (imported only when a CUDA tensor takes this path).
 
-Three routes, picked by the number of token-expert pairs S = T x K (:data:`CONFIGS`):
+Four routes, picked by the number of token-expert pairs S = T x K (:data:`CONFIGS`):
 
-1. ``gather`` (decode, S <= ``gather_max_pairs``): no sort. ``_gate_up_gather_kernel`` gives each pair
+1. ``gather`` (decode, S <= ``gather_max_pairs``; in CUDA graphs the sorted route wins from 16 tokens): no sort. ``_gate_up_gather_kernel`` gives each pair
    and block of F output columns one program that streams the expert's gate and up rows (CUDA cores,
    float32 accumulation) and writes h = act(gate) * up; ``_down_gather_combine_kernel`` streams the down
    rows of each token's K experts and sums them with the router weights in the same pass (two launches in
    all: at one token the call is bound by launch overhead as much as by the ~100 MB of weights). Only the
    selected experts' weights are read.
-2. ``sorted`` (the Triton grouped GEMM): one ``torch.sort`` of the pairs and one ``bincount``; each program
-   of ``_gate_up_sorted_kernel`` finds its expert and row block from the per-expert counts (a cumulative sum
-   over E in registers: no host sync, no padding buffers), gathers its tokens' rows of x, and multiplies
-   them with the expert's gate and up tiles through ``tl.dot`` into two accumulators, so act(gate) * up is
-   fused and only h is written. ``_down_sorted_kernel`` is the same over the down weights; ``_combine_kernel``
+2. ``sorted`` (the Triton grouped GEMM): a counting sort of the pairs on the device
+   (:func:`ffnkit.kernels.moe_stream.sort_by_expert`); each program of ``_gate_up_sorted_kernel`` finds its
+   expert and row block from the per-expert counts (a cumulative sum over E in registers: no host sync, no
+   padding buffers), gathers its tokens' rows of x, and multiplies them with the expert's gate and up tiles
+   through ``tl.dot`` into two accumulators, so act(gate) * up is fused and only h is written.
+   ``_down_sorted_kernel`` is the same over the down weights; :func:`~ffnkit.kernels.moe_stream.combine_rows`
    puts the rows back in token order with the weights.
 3. ``grouped_mm`` (large S, where cuBLAS/CUTLASS grouped GEMMs win): ``torch._grouped_mm`` (or
-   ``torch.nn.functional.grouped_mm``) over the sorted rows, ``_act_mul_kernel`` in between, the same
-   ``_combine_kernel`` at the end.
+   ``torch.nn.functional.grouped_mm``) over the sorted rows, with the stream kernels of
+   :mod:`ffnkit.kernels.moe_stream` (scatter rows, act-mul, combine) around it.
+4. ``fused_grouped_mm``: ``_gate_up_sorted_kernel`` for the first GEMM (gather prologue, activation
+   epilogue: neither the permuted x nor the [S, 2F] product is written), torch's grouped GEMM for the down
+   projection, then the combine (from ``fused_min_pairs`` to below ``grouped_mm_min_pairs``).
 
 Index E (no expert) sorts last and is never computed; the combine kernel skips it. h keeps x's dtype.
 
@@ -35,15 +39,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ffnkit.kernels.moe import sort_pairs
+from ffnkit.kernels.moe_stream import act_mul, combine_rows, scatter_rows, sort_by_expert
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 # Route thresholds (pairs S = tokens x K) and launch parameters; "sorted" configs are keyed by the mean rows
 # per expert (S / E) class. Chosen on an H200 (benchmarks/moe_kernel.py, OLMoE shapes, bf16).
 CONFIGS: dict[str, object] = {
-    "gather_max_pairs": 128,  # gather fastest at 1 and 16 tokens (top-8), sorted from 128 tokens
-    "grouped_mm_min_pairs": 32768,  # torch's grouped GEMM fastest from 4,096 tokens (top-8)
+    # In CUDA graphs with the counting sort (benchmarks/results/moe_prefill_sweep_h200.json, uniform and
+    # skewed): gather fastest at 1 token (42 vs 50 us), sorted at 16 (187 vs 270) and 128 tokens (245 vs
+    # 284), fused_grouped_mm at 1,024 (375 vs 383), grouped_mm at 4,096 (901 vs 906) and 16,384 (3089 vs 3237).
+    "gather_max_pairs": 8,
+    "fused_min_pairs": 8192,
+    "grouped_mm_min_pairs": 32768,
     "gather": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4},
     # down + combine: 4 rows per program (2x the programs of 8) measured fastest over 1 + 16 tokens in CUDA
     # graphs (benchmarks/results/moe_kernel_h200_graph.json, gather_calibration: 40 vs 47 us at 1 token)
@@ -54,7 +62,16 @@ CONFIGS: dict[str, object] = {
         64: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
         128: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     },
-    "combine": {"BLOCK_N": 256, "num_warps": 4},
+    # fused_grouped_mm's Triton gate/up GEMM (gather prologue, activation epilogue): fastest of 9 configs
+    # summed over 128, 4,096 and 16,384 tokens (the sweep above)
+    "fused_gate_up": {
+        "BLOCK_M": 128,
+        "BLOCK_N": 128,
+        "BLOCK_K": 64,
+        "num_warps": 8,
+        "num_stages": 3,
+        "N_FIRST": True,
+    },
 }
 # Shared memory per block on an H100/H200 (232,448 bytes); float32 tiles take twice the bytes of bf16 ones.
 SHARED_MEMORY = 232448
@@ -133,9 +150,8 @@ def _down_gather_combine_kernel(h_ptr, w_ptr, idx_ptr, wt_ptr, out_ptr, E, F, D,
 
 
 @triton.jit
-def _expert_of_block(counts_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
-    """(expert, first sorted row of this program's block, rows of that expert) for program_id(0)."""
-    pid = tl.program_id(0)
+def _expert_of_block(pid, counts_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
+    """(expert, first sorted row of row block ``pid``, end row of that expert, rows of that expert)."""
     oe = tl.arange(0, E_PAD)
     cnt = tl.load(counts_ptr + oe, mask=oe < E, other=0)  # [E_PAD] pairs per expert
     blocks = (cnt + BLOCK_M - 1) // BLOCK_M
@@ -155,14 +171,24 @@ def _expert_of_block(counts_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
 @triton.jit
 def _gate_up_sorted_kernel(x_ptr, w_ptr, order_ptr, counts_ptr, h_ptr, E, F, D, K: tl.constexpr,
                            ACT: tl.constexpr, E_PAD: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """h[r, n] = act(x[tok r] . gate_e[n]) * (x[tok r] . up_e[n]) for a block of sorted rows r of expert e."""
-    e, row0, row_stop, n_e = _expert_of_block(counts_ptr, E, BLOCK_M, E_PAD)
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FIRST: tl.constexpr = False):  # fmt: skip
+    """h[r, n] = act(x[tok r] . gate_e[n]) * (x[tok r] . up_e[n]) for a block of sorted rows r of expert e.
+
+    Grid (row blocks, column blocks), or (column blocks, row blocks) with ``N_FIRST``: then the programs
+    that run together share one row block (its gathered x rows stay in L2) and one expert's weights.
+    """
+    if N_FIRST:
+        pid_m = tl.program_id(1)
+        pid_n = tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+    e, row0, row_stop, n_e = _expert_of_block(pid_m, counts_ptr, E, BLOCK_M, E_PAD)
     if e < E:
         rows = row0 + tl.arange(0, BLOCK_M)  # [BM] sorted positions
         mr = rows < row_stop
         tok = tl.load(order_ptr + rows, mask=mr, other=0) // K  # [BM] token of each row
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mn = offs_n < F
         ok = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + tok[:, None].to(tl.int64) * D + ok[None, :]  # [BM, BK]
@@ -195,7 +221,7 @@ def _gate_up_sorted_kernel(x_ptr, w_ptr, order_ptr, counts_ptr, h_ptr, E, F, D, 
 def _down_sorted_kernel(h_ptr, w_ptr, counts_ptr, y_ptr, E, F, D, E_PAD: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """y[r, n] = h[r] . down_e[n] for a block of sorted rows r of expert e (unweighted)."""
-    e, row0, row_stop, n_e = _expert_of_block(counts_ptr, E, BLOCK_M, E_PAD)
+    e, row0, row_stop, n_e = _expert_of_block(tl.program_id(0), counts_ptr, E, BLOCK_M, E_PAD)
     if e < E:
         rows = row0 + tl.arange(0, BLOCK_M)
         mr = rows < row_stop
@@ -219,51 +245,7 @@ def _down_sorted_kernel(h_ptr, w_ptr, counts_ptr, y_ptr, E, F, D, E_PAD: tl.cons
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mr[:, None] & mn[None, :])
 
 
-@triton.jit
-def _act_mul_kernel(gu_ptr, h_ptr, F, ACT: tl.constexpr, BLOCK_N: tl.constexpr):
-    """h[r] = act(gu[r, :F]) * gu[r, F:] (the grouped_mm route's activation, one pass)."""
-    r = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = offs < F
-    g = tl.load(gu_ptr + r * 2 * F + offs, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + r * 2 * F + F + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(h_ptr + r * F + offs, (_activation(g, ACT) * u).to(h_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _combine_kernel(y_ptr, pos_ptr, idx_ptr, w_ptr, out_ptr, E, D, K: tl.constexpr, IDENTITY: tl.constexpr,
-                    BLOCK_N: tl.constexpr):  # fmt: skip
-    """out[t, n] = sum_k w[t, k] * y[row of pair (t, k), n], skipping index E; float32 sum."""
-    t = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = offs < D
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for kk in tl.static_range(K):
-        p = t * K + kk
-        e = tl.load(idx_ptr + p)
-        wt = tl.load(w_ptr + p).to(tl.float32)
-        if IDENTITY:
-            row = p
-        else:
-            row = tl.load(pos_ptr + p).to(tl.int64)
-        v = tl.load(y_ptr + row * D + offs, mask=m & (e < E), other=0.0).to(tl.float32)
-        acc += tl.where(e < E, wt, 0.0) * v
-    tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
-
-
 # --------------------------------------------------------------------------------------------- host side
-
-
-def _combine(y: Tensor, pos: Tensor | None, idx: Tensor, w: Tensor, t: int, k: int, d: int, e: int) -> Tensor:
-    """out [T, D] from the rows y (pair order, or sorted with ``pos`` the row of each pair)."""
-    out = torch.empty(t, d, dtype=y.dtype, device=y.device)
-    c = CONFIGS["combine"]
-    grid = (t, triton.cdiv(d, c["BLOCK_N"]))
-    _combine_kernel[grid](
-        y, idx if pos is None else pos, idx, w, out, e, d, K=k, IDENTITY=pos is None,
-        BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"],
-    )  # fmt: skip
-    return out
 
 
 def gather_experts(
@@ -322,7 +304,7 @@ def sorted_experts(
     f = f2 // 2
     t, k = idx.shape
     s = t * k
-    order, pos, counts = sort_pairs(idx, e)
+    order, pos, counts, _ = sort_by_expert(idx, e)
     c = _sorted_config(s, e, x.element_size())
     bm = c["BLOCK_M"]
     max_blocks = triton.cdiv(s, bm) + min(e, s)  # upper bound: one partial block per expert
@@ -338,7 +320,7 @@ def sorted_experts(
     _down_sorted_kernel[(max_blocks, triton.cdiv(d, c["BLOCK_N"]))](
         h, down, counts, y, e, f, d, E_PAD=e_pad, IEEE=ieee, **meta
     )
-    return _combine(y, pos, idx.reshape(-1).contiguous(), w.reshape(-1).contiguous(), t, k, d, e)
+    return combine_rows(y, pos, idx, w, e)
 
 
 def _grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
@@ -362,24 +344,53 @@ def grouped_mm_available(x: Tensor) -> bool:
 def grouped_mm_experts(
     x: Tensor, gate_up: Tensor, down: Tensor, idx: Tensor, w: Tensor, act: str = "silu"
 ) -> Tensor:
-    """Large-batch route: torch's grouped GEMM over the sorted rows, a fused activation, combine.
+    """Large-batch route: torch's grouped GEMMs over the sorted rows, the stream kernels in between.
+
+    Counting sort, x's rows scattered to their sorted rows, grouped GEMM, act(gate) * up, grouped GEMM,
+    combine (:mod:`ffnkit.kernels.moe_stream`).
 
     Example:
         >>> grouped_mm_experts(x, gate_up, down, idx, w)  # doctest: +SKIP
+    """
+    e = gate_up.shape[0]
+    k = idx.shape[1]
+    order, pos, counts, ends = sort_by_expert(idx, e)
+    xs = scatter_rows(x, pos, k)  # [S, D] sorted order
+    gu = _grouped_mm(xs, gate_up.transpose(1, 2), ends)  # [S, 2F]; rows past ends[-1] left unset
+    h = act_mul(gu, ACT_CODES[act])  # [S, F]
+    y = _grouped_mm(h, down.transpose(1, 2), ends)  # [S, D]
+    return combine_rows(y, pos, idx, w, e)
+
+
+def fused_grouped_mm_experts(
+    x: Tensor, gate_up: Tensor, down: Tensor, idx: Tensor, w: Tensor, act: str = "silu"
+) -> Tensor:
+    """Large-batch route with the first GEMM in Triton: gather + gate/up + activation in one kernel.
+
+    ``_gate_up_sorted_kernel`` reads x's rows by token id (no permuted copy of x) and writes only
+    h = act(gate) * up (no [S, 2F] intermediate); torch's grouped GEMM does the down projection; combine.
+
+    Example:
+        >>> fused_grouped_mm_experts(x, gate_up, down, idx, w)  # doctest: +SKIP
     """
     e, f2, d = gate_up.shape
     f = f2 // 2
     t, k = idx.shape
     s = t * k
-    order, pos, counts = sort_pairs(idx, e)
-    offs = torch.cumsum(counts[:e], 0, dtype=torch.int32)  # [E] end row of each expert
-    xs = x.index_select(0, order // k)  # [S, D]
-    gu = _grouped_mm(xs, gate_up.transpose(1, 2), offs)  # [S, 2F]; rows past offs[-1] left unset
-    h = torch.empty(s, f, dtype=x.dtype, device=x.device)
-    bn = 1024
-    _act_mul_kernel[(s, triton.cdiv(f, bn))](gu, h, f, ACT=ACT_CODES[act], BLOCK_N=bn, num_warps=4)
-    y = _grouped_mm(h, down.transpose(1, 2), offs)  # [S, D]
-    return _combine(y, pos, idx.reshape(-1).contiguous(), w.reshape(-1).contiguous(), t, k, d, e)
+    order, pos, counts, ends = sort_by_expert(idx, e)
+    c = dict(CONFIGS["fused_gate_up"])
+    bm = c.pop("BLOCK_M")
+    max_blocks = triton.cdiv(s, bm) + min(e, s)
+    n_blocks = triton.cdiv(f, c["BLOCK_N"])
+    c["N_FIRST"] = bool(c.get("N_FIRST")) and max_blocks < 65536  # grid's second axis: at most 65,535
+    grid = (n_blocks, max_blocks) if c["N_FIRST"] else (max_blocks, n_blocks)
+    h = torch.empty(s, f, dtype=x.dtype, device=x.device)  # [S, F] sorted order
+    _gate_up_sorted_kernel[grid](
+        x, gate_up, order, counts, h, e, f, d, K=k, ACT=ACT_CODES[act], E_PAD=triton.next_power_of_2(e),
+        IEEE=x.dtype == torch.float32, BLOCK_M=bm, **c,
+    )  # fmt: skip
+    y = _grouped_mm(h, down.transpose(1, 2), ends)  # [S, D]
+    return combine_rows(y, pos, idx, w, e)
 
 
 def experts_forward(
@@ -395,11 +406,17 @@ def experts_forward(
     s = top_k_index.numel()
     if s <= CONFIGS["gather_max_pairs"]:
         return gather_experts(x, gate_up, down, top_k_index, top_k_weights, act)
-    if s >= CONFIGS["grouped_mm_min_pairs"] and grouped_mm_available(x):
-        return grouped_mm_experts(x, gate_up, down, top_k_index, top_k_weights, act)
+    if s >= CONFIGS["fused_min_pairs"] and grouped_mm_available(x):
+        route = grouped_mm_experts if s >= CONFIGS["grouped_mm_min_pairs"] else fused_grouped_mm_experts
+        return route(x, gate_up, down, top_k_index, top_k_weights, act)
     return sorted_experts(x, gate_up, down, top_k_index, top_k_weights, act)
 
 
-ROUTES = {"gather": gather_experts, "sorted": sorted_experts, "grouped_mm": grouped_mm_experts}
+ROUTES = {
+    "gather": gather_experts,
+    "sorted": sorted_experts,
+    "grouped_mm": grouped_mm_experts,
+    "fused_grouped_mm": fused_grouped_mm_experts,
+}
 
 __all__ = ["ACT_CODES", "CONFIGS", "ROUTES", "experts_forward", "grouped_mm_available"]
