@@ -130,62 +130,97 @@ def breakdown_cuda(w: Weights, args, log) -> list[dict]:
     return rows
 
 
-def sweep_teal(w: Weights, args, log) -> dict:
-    """TEAL at 50%, batch 1 and 8: a few launch configs of the compacted-rows kernel; the fastest stays."""
+TEAL_KEYS = ("R", "BM", "COLS", "num_warps", "num_stages")
+TEAL_GRID_1 = [
+    (32, 256, 1024, 4, 2), (32, 128, 512, 4, 2), (64, 128, 1024, 8, 2), (16, 512, 1024, 4, 2),
+    (16, 256, 512, 4, 3), (32, 256, 512, 8, 2), (64, 64, 512, 4, 2), (32, 512, 2048, 8, 1),
+    (8, 512, 1024, 4, 2), (64, 256, 4096, 8, 2), (128, 64, 512, 8, 2), (16, 1024, 2048, 8, 2),
+]  # fmt: skip
+TEAL_GRID_N = [
+    (32, 128, 512, 4, 2), (64, 128, 1024, 4, 2), (32, 256, 1024, 8, 2), (16, 256, 512, 4, 3),
+    (64, 64, 512, 4, 3), (128, 64, 512, 8, 2),
+]  # fmt: skip
+
+
+def teal_point(w: Weights, batch: int, level: float = 0.5):
+    """(x, t_in, t_mid, expected output) of TEAL at ``level`` of the inputs and intermediates skipped."""
+    x = torch.randn(batch, w.d, device="cuda", dtype=w.dtype)
+    tw, x32 = w.teal[0], x.float()
+    t_in = threshold_keeping(x32.abs().amax(0), round((1 - level) * w.d))
+    xs = torch.where(x32.abs() >= t_in, x32, torch.zeros_like(x32))
+    gu = xs @ tw.gate_up_t.float()
+    h = ref.activation("silu", gu[:, : w.f]) * gu[:, w.f :]
+    t_mid = threshold_keeping(h.abs().amax(0), round((1 - level) * w.f))
+    return x, t_in, t_mid, ref.teal_ffn(x, tw.gate_up_t, tw.down_t, t_in, t_mid)
+
+
+def teal_stages(w: Weights, batch: int) -> tuple:
+    """TEAL at 50%: (x, t_in, t_mid, expected output, {launch name: fn(copy)}) with each of the five
+    launches of :func:`ffnkit.kernels.triton_teal.teal_ffn` alone (inputs prepared once)."""
     import ffnkit.kernels.triton_teal as TT
 
-    keys = ("BLOCK_K", "BLOCK_M", "num_warps", "num_stages", "WAVES")
-    grid = [
-        (64, 64, 4, 2, 8),
-        (32, 256, 8, 2, 4),
-        (16, 512, 8, 3, 8),
-        (8, 512, 4, 3, 8),
-        (32, 64, 4, 3, 12),
-        (16, 256, 4, 3, 8),
-        (128, 32, 4, 2, 8),
-    ]
+    x, t_in, t_mid, expect = teal_point(w, batch)
+    x2 = x.reshape(-1, w.d)
+    c_in = TT.compact_block(w.d)
+    idx, cnt = TT.launch_compact(x2, t_in, c_in)
+    gu, r_in = TT.launch_strip(x2, w.teal[0].gate_up_t, idx, cnt, t_in, c_in, w.f, pair_off=w.f)
+    h, idx_h, cnt_h, c_mid = TT.launch_mid(gu, cnt, r_in, t_mid, w.f, "silu")
+    part, r_out = TT.launch_strip(h, w.teal[0].down_t, idx_h, cnt_h, t_mid, c_mid, w.d)
+    fns = {
+        "compact": lambda c: TT.launch_compact(x2, t_in, c_in),
+        "in": lambda c: TT.launch_strip(x2, w.teal[c].gate_up_t, idx, cnt, t_in, c_in, w.f, pair_off=w.f),
+        "mid": lambda c: TT.launch_mid(gu, cnt, r_in, t_mid, w.f, "silu"),
+        "out": lambda c: TT.launch_strip(h, w.teal[c].down_t, idx_h, cnt_h, t_mid, c_mid, w.d),
+        "reduce": lambda c: TT.launch_reduce(part, cnt_h, r_out, w.dtype),
+    }
+    return x, t_in, t_mid, expect, fns
+
+
+def sweep_teal(w: Weights, args, log) -> dict:
+    """TEAL at 50%, batch 1 and 8: launch configs of the strip kernel, each stage (gate/up, down) timed
+    alone and checked through the whole FFN against the reference; the fastest of each stays in CONFIGS.
+    Then the whole FFN and each of its five launches at batch 1 with the chosen configs."""
+    import ffnkit.kernels.triton_teal as TT
+
     results, chosen = [], {}
-    for batch, name in ((1, "rows_1"), (8, "rows_n")):
-        x = torch.randn(batch, w.d, device="cuda", dtype=w.dtype)
-        tw = w.teal[0]
-        x32 = x.float()
-        t_in = threshold_keeping(x32.abs().amax(0), w.d // 2)
-        xs = torch.where(x32.abs() >= t_in, x32, torch.zeros_like(x32))
-        gu = xs @ tw.gate_up_t.float()
-        h = ref.activation("silu", gu[:, : w.f]) * gu[:, w.f :]
-        t_mid = threshold_keeping(h.abs().amax(0), w.f // 2)
-        expect = ref.teal_ffn(x, tw.gate_up_t, tw.down_t, t_in, t_mid)
-        base = dict(TT.CONFIGS[name])
-        timed = []
-        for vals in grid:
-            cfg = dict(zip(keys, vals, strict=True))
-            TT.CONFIGS[name] = cfg
-            try:
-                err = rel_err(teal_ffn(x, tw, t_in, t_mid, backend="triton"), expect)
-                fns = {
-                    "t": lambda c, x=x, t_in=t_in, t_mid=t_mid: teal_ffn(
-                        x, w.teal[c], t_in, t_mid, backend="triton"
-                    )
-                }
-                t = time_cuda(fns, w.copies, max(5, args.rounds // 2), args.calls)["t"]["median_us"]
-            except Exception as exc:
-                t, err = float("inf"), repr(exc)[:200]
-            ok = isinstance(err, float) and err < 2e-2
-            rec = {
-                "batch": batch,
-                "kernel": f"teal_{name}",
-                "config": cfg,
-                "median_us": round(t, 2) if ok else None,
-                "rel_err": err,
-            }
-            results.append(rec)
-            log(rec)
-            timed.append((t if ok else float("inf"), cfg))
-        best_t, best_cfg = min(timed, key=lambda tc: tc[0])
-        TT.CONFIGS[name] = dict(best_cfg if best_t < float("inf") else base)
-        chosen[name] = TT.CONFIGS[name]
+    for batch, cls, grid in ((1, "1", TEAL_GRID_1), (8, "n", TEAL_GRID_N)):
+        x, t_in, t_mid, expect, fns = teal_stages(w, batch)
+        for stage in ("in", "out"):
+            name = f"{stage}_{cls}"
+            base, timed = dict(TT.CONFIGS[name]), []
+            for vals in grid:
+                cfg = dict(zip(TEAL_KEYS, vals, strict=True))
+                TT.CONFIGS[name] = cfg
+                try:
+                    err = rel_err(teal_ffn(x, w.teal[0], t_in, t_mid, backend="triton"), expect)
+                    timing = time_cuda({"s": fns[stage]}, w.copies, max(5, args.rounds // 2), args.calls)
+                    t = timing["s"]["median_us"]
+                except Exception as exc:  # a config the compiler rejects (e.g. out of registers)
+                    t, err = float("inf"), repr(exc)[:300]
+                ok = isinstance(err, float) and err < 2e-2
+                rec = {"batch": batch, "stage": name, "config": cfg, "median_us": round(t, 2) if ok else None,
+                       "rel_err": err}  # fmt: skip
+                results.append(rec)
+                log(rec)
+                timed.append((t if ok else float("inf"), cfg))
+            best_t, best_cfg = min(timed, key=lambda tc: tc[0])
+            TT.CONFIGS[name] = dict(best_cfg if best_t < float("inf") else base)
+            chosen[name] = TT.CONFIGS[name]
     log({"chosen_teal_configs": chosen})
-    return {"trials": results, "chosen": chosen}
+    return {"trials": results, "chosen": chosen, "breakdown_b1_50": breakdown_teal(w, args, log)}
+
+
+def breakdown_teal(w: Weights, args, log) -> list[dict]:
+    """TEAL at batch 1, 50%: the whole FFN, each of its launches alone, and the dense FFN (graph replays)."""
+    x, t_in, t_mid, expect, fns = teal_stages(w, 1)
+    fns["teal_total"] = lambda c: teal_ffn(x, w.teal[c], t_in, t_mid, backend="triton")
+    fns["dense"] = lambda c: dense_ffn(x, w.dense[c])
+    t = time_cuda(fns, w.copies, args.rounds, args.calls)
+    rows = [{"stage": k, **{kk: round(vv, 2) for kk, vv in v.items()}} for k, v in t.items()]
+    rows.append({"rel_err": rel_err(teal_ffn(x, w.teal[0], t_in, t_mid, backend="triton"), expect)})
+    for r in rows:
+        log(r)
+    return rows
 
 
 def main() -> None:
@@ -208,6 +243,7 @@ def main() -> None:
         help="GPU: tune these Triton kernels' configs first",
     )
     ap.add_argument("--configs", type=Path, default=None, help="GPU: JSON of Triton CONFIGS to use")
+    ap.add_argument("--teal-configs", type=Path, default=None, help="GPU: JSON of TEAL CONFIGS to use")
     args = ap.parse_args()
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -238,6 +274,8 @@ def main() -> None:
 
         if args.configs:
             T.CONFIGS.update(json.loads(args.configs.read_text()))
+        if args.teal_configs:
+            TT.CONFIGS.update(json.loads(args.teal_configs.read_text()))
         if args.sweep:
             for key, fn in (("sweep", sweep_cuda), ("sweep_teal", sweep_teal)):
                 if key.removeprefix("sweep_").replace("sweep", "gather") not in args.sweep.split(","):

@@ -94,12 +94,17 @@ def test_sparse_input_linear_equals_reference(dtype, rows, path, share_kept, sha
 
 @pytest.fixture(params=["wide", "narrow"])
 def compact_blocks(request, monkeypatch):
-    """TEAL's compaction blocks as tuned ("wide") or forced small ("narrow": many blocks per row)."""
+    """TEAL's launch configs as tuned ("wide") or forced small ("narrow": many compaction blocks, groups of
+    kept inputs and column groups per product, and a column group that is not a power of two)."""
     import ffnkit.kernels.triton_teal as TT
 
     if request.param == "narrow":
-        monkeypatch.setitem(TT.CONFIGS, "MAX_C", 32)
-        monkeypatch.setitem(TT.CONFIGS, "MIN_C", 16)
+        monkeypatch.setitem(TT.CONFIGS, "BLOCK_C", 16)
+        monkeypatch.setitem(TT.CONFIGS, "MID_C", 16)
+        monkeypatch.setattr(TT, "MAX_BLOCKS", 1024)
+        small = {"R": 16, "BM": 16, "COLS": 48, "num_warps": 4, "num_stages": 2}
+        for key in ("in_1", "out_1", "in_n", "out_n"):
+            monkeypatch.setitem(TT.CONFIGS, key, dict(small))
     return request.param
 
 
@@ -124,6 +129,22 @@ def test_teal_ffn_per_channel_equals_oracle(dtype, rows, compact_blocks):
 def test_threshold_ffn_per_neuron_equals_oracle(dtype, rows, path, act):
     err = kc.check_threshold_per_neuron("triton", 301, 129, rows, dtype, "cuda", act=act, seed=rows)
     assert err <= kc.TOL[dtype], err
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_teal_ffn_zero_input_and_zero_threshold(rows, compact_blocks):
+    """An all-zero input gives an all-zero output (nothing kept: no group is live); threshold 0 keeps every
+    nonzero input and equals the dense FFN computed here in float64."""
+    from ffnkit.kernels import pack_teal, teal_ffn
+
+    (wg, wu, wd), _ = kc.make_ffn(333, 130, torch.float32, "cuda", seed=5)
+    w = pack_teal(wg, wu, wd)
+    zero = torch.zeros(rows, 130, device="cuda")
+    assert torch.count_nonzero(teal_ffn(zero, w, 0.0, 0.0, backend="triton")) == 0
+    x = kc.make_x(rows, 130, torch.float32, "cuda", seed=6)
+    xd = x.double()
+    dense = (torch.nn.functional.silu(xd @ wg.double().T) * (xd @ wu.double().T)) @ wd.double().T
+    assert kc.rel_err(teal_ffn(x, w, 0.0, 0.0, backend="triton"), dense) <= 1e-5
 
 
 def test_teal_and_input_linear_capture_in_a_cuda_graph():

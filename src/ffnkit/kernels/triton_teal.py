@@ -1,23 +1,27 @@
-"""The ``triton`` backend of TEAL (input-sparse products): compact the kept inputs on the GPU, then read only
-their rows of the input-major weights.
+"""The ``triton`` backend of TEAL (input-sparse products): compact the kept inputs on the GPU, then stream
+only their rows of the input-major weights, each row in long contiguous runs.
 
 Why not mask inside one weight loop: a loop over every input row whose weight load is masked by the value
 of x still walks every row and waits on x before each load; on an H200 (Llama-3-8B FFN, bf16) that path
-ran 119 us at 50% of the bytes skipped against 100 us for the dense FFN (results/sparse_kernel_h200.json
-before this module). Here each step reads only what it needs:
+ran 119 us at 50% of the bytes skipped against 100 us for the dense FFN. A first compacted version (each
+program looping over its block's kept rows, 64 columns = 128 bytes of each row, an index load before every
+weight load) ran 81 us at 50% against a 42 us bound (results/sparse_kernel_h200.json, earlier runs). Here:
 
-1. ``_compact_kernel``: per block of ``BLOCK_C`` columns of v [N, L], the columns some row keeps
+1. ``_compact_kernel``: per block of ``BLOCK_C`` inputs of v [N, L], the inputs some row keeps
    (|v| >= t and v != 0) are listed in order at idx[b * BLOCK_C:] and counted in cnt[b]. Blocks are
-   independent (no global scan), so the compaction is one short parallel launch.
-2. ``_compact_rows_kernel``: grid (output column blocks) x (compaction blocks); program (m, b) streams the
-   rows idx[b * BLOCK_C + k], k < cnt[b], of W [L, M] (contiguous slices of BLOCK_M columns) and writes a
-   float32 partial sum part[b, n, m]. Each row of v is thresholded again per batch row, so the union of the
-   rows' active sets is read once and each row still sees only its own kept inputs. With ``PAIR`` a second
-   slice at column offset F (the up half of ``gate_up_t``) is read with the first (the gate half).
-3. ``_teal_mid_kernel`` (whole FFN): sums the gate/up partials, h = act(gate) * up, writes h [N, F] and
-   compacts the kept h per block for the down product; ``launch_reduce`` sums the down partials.
+   independent (no global scan): one short parallel launch.
+2. ``_strip_kernel``: program (c, g) takes the kept inputs g * R .. g * R + R - 1 of the whole list (it
+   finds them from the block counts: a prefix sum over the few blocks, no extra launch), loads their
+   rows' indices and values once, and then streams columns c * COLS .. of those R rows, BM at a time, with
+   no load in the loop that waits on another. Column groups vary fastest over the grid, so the programs
+   running together read neighbouring stretches of the same rows. It writes one float32 partial sum per
+   group of R rows; groups past the kept count exit at once. ``PAIR`` reads a second slice at column
+   offset F (the up half of ``gate_up_t``) with the first (the gate half).
+3. ``_teal_mid_kernel`` (whole FFN): sums the gate/up partials of the live groups, h = act(gate) * up,
+   writes h [N, F] and compacts the kept h per block for the down product; ``_reduce_kernel`` sums the
+   live groups' down partials into y.
 
-No host synchronisation and fixed shapes: the counts stay on the device (each program reads its own), so the
+No host synchronisation and fixed shapes: the counts stay on the device (each program reads them), so the
 whole FFN can be captured in a CUDA graph. Thresholds are a number or a float32 tensor, one per input.
 
 Example:
@@ -31,19 +35,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ffnkit.kernels.triton_sparse_ffn import ACT_CODES, apply_act, launch_reduce, sm_count
+from ffnkit.kernels.triton_sparse_ffn import ACT_CODES, apply_act
 
-# Launch parameters per batch class ("1": one row on the CUDA cores, "n": rows padded to 16 through
-# tl.dot). WAVES: target programs per multiprocessor, which sets the compaction block (a power of two in
-# [MIN_C, MAX_C]). The values are the fastest of `benchmarks/sparse_kernel.py --sweep teal` on an H200
-# (Llama-3-8B FFN, bf16, 50% skipped; results/sparse_kernel_h200.json "sweep_teal"): batch 1 in 80.4 us
-# against 84-139 us for the six other configs tried, batch 8 in 134.9 us against 138-280 us.
-CONFIGS: dict[str, dict] = {
-    "rows_1": {"BLOCK_K": 32, "BLOCK_M": 64, "num_warps": 4, "num_stages": 3, "WAVES": 12},
-    "rows_n": {"BLOCK_K": 16, "BLOCK_M": 256, "num_warps": 4, "num_stages": 3, "WAVES": 8},
-    "MIN_C": 64,
-    "MAX_C": 4096,
+# Launch parameters per stage and batch class. Stages: "in" = the gate/up product (PAIR), "out" = the down
+# product and sparse_input_linear. Batch classes: "1" (one row on the CUDA cores) and "n" (rows padded to 16
+# through tl.dot). R: kept inputs per program (one partial sum per R rows), BM: columns per step, COLS:
+# columns per program. BLOCK_C / MID_C: compaction blocks of the inputs and of the intermediates.
+CONFIGS: dict[str, dict | int] = {
+    "in_1": {"R": 32, "BM": 256, "COLS": 1024, "num_warps": 4, "num_stages": 2},
+    "out_1": {"R": 32, "BM": 256, "COLS": 1024, "num_warps": 4, "num_stages": 2},
+    "in_n": {"R": 32, "BM": 128, "COLS": 512, "num_warps": 4, "num_stages": 2},
+    "out_n": {"R": 32, "BM": 128, "COLS": 512, "num_warps": 4, "num_stages": 2},
+    "BLOCK_C": 256,
+    "MID_C": 128,
 }
+MAX_BLOCKS = 256  # compaction blocks per list at most (the strip kernel's prefix sum spans them all)
 
 
 @triton.jit(do_not_specialize=["N", "L", "thr"])
@@ -61,76 +67,87 @@ def _compact_kernel(
     for n in range(0, N):
         v = tl.load(v_ptr + n * L + offs, mask=m, other=0.0).to(tl.float32)
         keep = keep | ((tl.abs(v) >= t) & (v != 0.0) & m).to(tl.int32)
-    pos = tl.cumsum(keep, 0) - 1  # [BC] slot of each kept column within the block
+    pos = tl.cumsum(keep, 0) - 1  # [BC] slot of each kept input within the block
     tl.store(idx_ptr + b * BLOCK_C + pos, offs, mask=keep > 0)
     tl.store(cnt_ptr + b, tl.sum(keep, 0))
 
 
-@triton.jit(do_not_specialize=["N", "L", "M", "thr", "pair_off", "out_w"])
-def _compact_rows_kernel(
-    v_ptr, w_ptr, idx_ptr, cnt_ptr, thr_ptr, part_ptr, N, L, M, thr, w_stride, pair_off, out_w,
+@triton.jit
+def _kept_total(cnt_ptr, NB, NBP: tl.constexpr):
+    """(counts [NBP] int32, total kept) of a block-compacted list (device code)."""
+    ob = tl.arange(0, NBP)
+    cn = tl.load(cnt_ptr + ob, mask=ob < NB, other=0)
+    return cn, tl.sum(cn, 0)
+
+
+@triton.jit(do_not_specialize=["N", "L", "M", "NB", "thr", "pair_off", "out_w", "cols"])
+def _strip_kernel(
+    v_ptr, w_ptr, idx_ptr, cnt_ptr, thr_ptr, part_ptr, N, L, M, NB, thr, w_stride, pair_off, out_w, cols,
     HAS_TVEC: tl.constexpr, PAIR: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] output columns
-    mm = offs_m < M
+    c = tl.program_id(0)
+    g = tl.program_id(1)
+    cn, total = _kept_total(cnt_ptr, NB, NBP)
+    incl = tl.cumsum(cn, 0)  # [NBP] kept inputs up to and including each block
+    p = g * R + tl.arange(0, R)  # [R] this program's positions in the whole kept list
+    valid = p < total
+    before = incl[None, :] <= p[:, None]  # [R, NBP] blocks wholly before position p
+    blk = tl.sum(before.to(tl.int32), axis=1)
+    local = p - tl.sum(tl.where(before, cn[None, :], 0), axis=1)
+    rows = tl.load(idx_ptr + blk * BLOCK_C + local, mask=valid, other=0)  # [R] kept input indices
+    if HAS_TVEC:
+        t = tl.load(thr_ptr + rows, mask=valid, other=0.0)  # [R]
+    else:
+        t = tl.zeros([R], dtype=tl.float32) + thr
     offs_n = tl.arange(0, BLOCK_N)
     mn = offs_n < N
-    cnt = tl.load(cnt_ptr + b)
     if USE_DOT:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        acc_p = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        v = tl.load(v_ptr + offs_n[:, None] * L + rows[None, :], mask=mn[:, None] & valid[None, :], other=0.0)
+        v = v.to(tl.float32)  # [BN, R]
+        v = tl.where(tl.abs(v) >= t[None, :], v, 0.0)  # each batch row keeps only its own inputs
+        v = v.to(w_ptr.dtype.element_ty)
     else:
-        acc2 = tl.zeros([BLOCK_K, BLOCK_M], dtype=tl.float32)  # reduced over k once, after the loop
-        acc2_p = tl.zeros([BLOCK_K, BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, cnt, BLOCK_K):
-        ok = k0 + tl.arange(0, BLOCK_K)
-        mk = ok < cnt
-        rows = tl.load(idx_ptr + b * BLOCK_C + ok, mask=mk, other=0)  # [BK] kept input columns
-        v = tl.load(v_ptr + offs_n[:, None] * L + rows[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
-        v = v.to(tl.float32)  # [BN, BK]
-        if HAS_TVEC:
-            t = tl.load(thr_ptr + rows, mask=mk, other=0.0)[None, :]
-        else:
-            t = thr
-        v = tl.where(tl.abs(v) >= t, v, 0.0)  # each batch row keeps only its own inputs
-        wp = w_ptr + rows.to(tl.int64)[:, None] * w_stride + offs_m[None, :]
-        wmask = mk[:, None] & mm[None, :]
-        w = tl.load(wp, mask=wmask, other=0.0)  # [BK, BM]
+        v = tl.load(v_ptr + rows, mask=valid, other=0.0).to(tl.float32)  # [R]
+        v = tl.where(tl.abs(v) >= t, v, 0.0)
+    m_lo = c * cols
+    m_hi = tl.minimum(m_lo + cols, M)
+    m_hi = tl.where(g * R < total, m_hi, m_lo)  # groups past the kept count stream nothing
+    wbase = w_ptr + rows.to(tl.int64)[:, None] * w_stride  # [R, 1]
+    pbase = part_ptr + g.to(tl.int64) * N * out_w
+    for m0 in range(m_lo, m_hi, BM):
+        om = m0 + tl.arange(0, BM)  # [BM] output columns
+        mm = om < m_hi
+        wm = valid[:, None] & mm[None, :]
+        w = tl.load(wbase + om[None, :], mask=wm, other=0.0)  # [R, BM]
         if PAIR:
-            wq = tl.load(wp + pair_off, mask=wmask, other=0.0)
+            wq = tl.load(wbase + pair_off + om[None, :], mask=wm, other=0.0)
         if USE_DOT:
+            om2 = mn[:, None] & mm[None, :]
+            out = pbase + offs_n[:, None] * out_w + om[None, :]
             if IEEE:
-                acc += tl.dot(v.to(w.dtype), w, input_precision="ieee")
+                tl.store(out, tl.dot(v, w, input_precision="ieee"), mask=om2)
                 if PAIR:
-                    acc_p += tl.dot(v.to(w.dtype), wq, input_precision="ieee")
+                    tl.store(out + pair_off, tl.dot(v, wq, input_precision="ieee"), mask=om2)
             else:
-                acc += tl.dot(v.to(w.dtype), w)
+                tl.store(out, tl.dot(v, w), mask=om2)
                 if PAIR:
-                    acc_p += tl.dot(v.to(w.dtype), wq)
+                    tl.store(out + pair_off, tl.dot(v, wq), mask=om2)
         else:
-            vt = tl.trans(v)  # [BK, 1]
-            acc2 += vt * w.to(tl.float32)
+            tl.store(pbase + om, tl.sum(v[:, None] * w.to(tl.float32), axis=0), mask=mm)
             if PAIR:
-                acc2_p += vt * wq.to(tl.float32)
-    if not USE_DOT:
-        acc = tl.sum(acc2, axis=0)[None, :]
-        acc_p = tl.sum(acc2_p, axis=0)[None, :]
-    out = part_ptr + b * N * out_w + offs_n[:, None] * out_w + offs_m[None, :]
-    omask = mn[:, None] & mm[None, :]
-    tl.store(out, acc, mask=omask)
-    if PAIR:
-        tl.store(out + pair_off, acc_p, mask=omask)
+                tl.store(pbase + pair_off + om, tl.sum(v[:, None] * wq.to(tl.float32), axis=0), mask=mm)
 
 
-@triton.jit(do_not_specialize=["S", "N", "F", "thr"])
+@triton.jit(do_not_specialize=["NB", "N", "F", "thr"])
 def _teal_mid_kernel(
-    part_ptr, h_ptr, idx_ptr, cnt_ptr, thr_ptr, S, N, F, thr,
-    HAS_TVEC: tl.constexpr, ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    part_ptr, h_ptr, idx_ptr, cnt_ptr, thr_ptr, cin_ptr, NB, N, F, thr,
+    HAS_TVEC: tl.constexpr, ACT: tl.constexpr, R: tl.constexpr, NBP: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
+    _, total = _kept_total(cin_ptr, NB, NBP)
+    S = (total + R - 1) // R  # live groups of the gate/up product
     offs = b * BLOCK_C + tl.arange(0, BLOCK_C)
     m = offs < F
     os_ = tl.arange(0, BLOCK_S)
@@ -144,7 +161,7 @@ def _teal_mid_kernel(
         u2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
         for s0 in range(0, S, BLOCK_S):
             ss = s0 + os_
-            base = part_ptr + ss[:, None] * N * 2 * F + n * 2 * F + offs[None, :]  # [BS, BC]
+            base = part_ptr + ss.to(tl.int64)[:, None] * N * 2 * F + n * 2 * F + offs[None, :]  # [BS, BC]
             m2 = (ss < S)[:, None] & m[None, :]
             g2 += tl.load(base, mask=m2, other=0.0)
             u2 += tl.load(base + F, mask=m2, other=0.0)
@@ -156,33 +173,60 @@ def _teal_mid_kernel(
     tl.store(cnt_ptr + b, tl.sum(keep, 0))
 
 
+@triton.jit(do_not_specialize=["NB", "NM"])
+def _reduce_kernel(
+    part_ptr, y_ptr, cnt_ptr, NB, NM, R: tl.constexpr, NBP: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """y = sum of the live groups' partials part [S, NM] (groups past the kept count were never written)."""
+    _, total = _kept_total(cnt_ptr, NB, NBP)
+    S = (total + R - 1) // R
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < NM
+    acc = tl.zeros([BLOCK_S, BLOCK], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        os_ = s0 + tl.arange(0, BLOCK_S)
+        acc += tl.load(
+            part_ptr + os_.to(tl.int64)[:, None] * NM + offs[None, :],
+            mask=(os_ < S)[:, None] & m[None, :],
+            other=0.0,
+        )
+    tl.store(y_ptr + offs, tl.sum(acc, axis=0).to(y_ptr.dtype.element_ty), mask=m)
+
+
 # ------------------------------------------------------------------------------------------------ launch
 
 
-def _batch(n: int) -> tuple[int, bool, dict]:
-    """(BLOCK_N, USE_DOT, config) for n rows."""
-    if n == 1:
-        return 1, False, dict(CONFIGS["rows_1"])
-    return max(16, triton.next_power_of_2(n)), True, dict(CONFIGS["rows_n"])
-
-
-def compact_block(length: int, m_blocks: int, waves: int, device: torch.device) -> int:
-    """The compaction block (a power of two) that gives about ``waves`` programs per multiprocessor.
+def stage_config(n: int, pair: bool) -> tuple[int, bool, dict]:
+    """(BLOCK_N, USE_DOT, launch config) of a strip launch over n rows (``pair``: the gate/up stage).
 
     Example:
-        >>> compact_block(4096, 32, 4, torch.device("cpu"))  # 4 SMs under the interpreter
-        4096
+        >>> stage_config(1, True)[:2], stage_config(5, False)[:2]
+        ((1, False), (16, True))
     """
-    want = max(1, triton.cdiv(waves * sm_count(device), m_blocks))  # compaction blocks wanted
-    block = triton.next_power_of_2(max(1, triton.cdiv(length, want)))
-    return int(min(max(block, CONFIGS["MIN_C"]), CONFIGS["MAX_C"], max(16, triton.next_power_of_2(length))))
+    stage = "in" if pair else "out"
+    if n == 1:
+        return 1, False, dict(CONFIGS[f"{stage}_1"])
+    return max(16, triton.next_power_of_2(n)), True, dict(CONFIGS[f"{stage}_n"])
+
+
+def compact_block(length: int, base: int | None = None) -> int:
+    """The compaction block for a list of ``length`` inputs: ``base`` (default CONFIGS["BLOCK_C"]), or
+    larger when more than :data:`MAX_BLOCKS` blocks would be needed, and at most the padded length.
+
+    Example:
+        >>> compact_block(4096, 256), compact_block(100, 256), compact_block(1 << 20, 256)
+        (256, 128, 4096)
+    """
+    block = max(int(base or CONFIGS["BLOCK_C"]), triton.next_power_of_2(triton.cdiv(length, MAX_BLOCKS)))
+    return int(min(block, max(16, triton.next_power_of_2(length))))
 
 
 def launch_compact(v: Tensor, thr: float | Tensor, block_c: int) -> tuple[Tensor, Tensor]:
-    """Kept columns of v [N, L] per block: (idx [NB * block_c] int32, cnt [NB] int32), on the device.
+    """Kept inputs of v [N, L] per block: (idx [NB * block_c] int32, cnt [NB] int32), on the device.
 
     Example:
-        >>> idx, cnt = launch_compact(x2, 0.1, 512)  # doctest: +SKIP
+        >>> idx, cnt = launch_compact(x2, 0.1, 256)  # doctest: +SKIP
     """
     n, length = v.shape
     nb = triton.cdiv(length, block_c)
@@ -196,7 +240,7 @@ def launch_compact(v: Tensor, thr: float | Tensor, block_c: int) -> tuple[Tensor
     return idx, cnt
 
 
-def launch_compact_rows(
+def launch_strip(
     v: Tensor,
     w: Tensor,
     idx: Tensor,
@@ -205,34 +249,50 @@ def launch_compact_rows(
     block_c: int,
     m: int,
     pair_off: int = 0,
-) -> Tensor:
-    """Partial sums [NB, N, out] float32 of thr(v)[:, kept] @ w[kept, :m] (and of the paired slice at
-    ``pair_off``: out = 2m, the second half holding it), one per compaction block.
+) -> tuple[Tensor, int]:
+    """Partial sums [S, N, out] float32 of thr(v)[:, kept] @ w[kept, :m] over groups of R kept inputs (and of
+    the paired slice at ``pair_off``: out = 2m, the second half holding it), and R. Only the first
+    ceil(kept / R) groups are written.
 
     Example:
-        >>> part = launch_compact_rows(x2, w_t, idx, cnt, 0.1, 512, w_t.shape[1])  # doctest: +SKIP
+        >>> part, r = launch_strip(x2, w_t, idx, cnt, 0.1, 256, w_t.shape[1])  # doctest: +SKIP
     """
     n, length = v.shape
     nb = cnt.numel()
-    bn, use_dot, cfg = _batch(n)
-    bk, bm = cfg.pop("BLOCK_K"), cfg.pop("BLOCK_M")
-    cfg.pop("WAVES")
+    bn, use_dot, cfg = stage_config(n, pair_off > 0)
+    r, bm, cols = cfg.pop("R"), cfg.pop("BM"), cfg.pop("COLS")
     bm = min(bm, max(16, triton.next_power_of_2(m)))
+    cols = triton.cdiv(min(cols, m), bm) * bm  # a whole number of steps per program
     out_w = 2 * m if pair_off else m
-    part = torch.empty(nb, n, out_w, device=v.device, dtype=torch.float32)  # [NB, N, out]
+    groups = triton.cdiv(length, r)
+    part = torch.empty(groups, n, out_w, device=v.device, dtype=torch.float32)  # [S, N, out]
     tvec = isinstance(thr, Tensor)
-    _compact_rows_kernel[(triton.cdiv(m, bm), nb)](
-        v, w, idx, cnt, thr if tvec else part, part, n, length, m, 0.0 if tvec else float(thr), w.stride(0),
-        pair_off, out_w, HAS_TVEC=tvec, PAIR=pair_off > 0, USE_DOT=use_dot, IEEE=w.dtype == torch.float32,
-        BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm, BLOCK_C=block_c, **cfg,
+    _strip_kernel[(triton.cdiv(m, cols), groups)](
+        v, w, idx, cnt, thr if tvec else part, part, n, length, m, nb, 0.0 if tvec else float(thr),
+        w.stride(0), pair_off, out_w, cols, HAS_TVEC=tvec, PAIR=pair_off > 0, USE_DOT=use_dot,
+        IEEE=w.dtype == torch.float32, BLOCK_N=bn, R=r, BM=bm, NBP=max(2, triton.next_power_of_2(nb)),
+        BLOCK_C=block_c, **cfg,
     )  # fmt: skip
-    return part
+    return part, r
 
 
-def _block_for(length: int, m: int, n: int, device: torch.device) -> int:
-    _, _, cfg = _batch(n)
-    bm = min(cfg["BLOCK_M"], max(16, triton.next_power_of_2(m)))
-    return compact_block(length, triton.cdiv(m, bm), cfg["WAVES"], device)
+def launch_reduce(part: Tensor, cnt: Tensor, r: int, out_dtype: torch.dtype) -> Tensor:
+    """[S, N, M] float32 partial sums of groups of ``r`` kept inputs (``cnt``: the list's block counts)
+    -> [N, M] in out_dtype, summing only the live groups.
+
+    Example:
+        >>> y = launch_reduce(part, cnt, 32, torch.bfloat16)  # doctest: +SKIP
+    """
+    s, n, m = part.shape
+    y = torch.empty(n, m, device=part.device, dtype=out_dtype)
+    block = 32 if n * m <= 16384 else 128  # many programs, one round trip (latency, not bytes)
+    block_s = min(max(2, triton.next_power_of_2(s)), 8192 // block)
+    nb = cnt.numel()
+    _reduce_kernel[(triton.cdiv(n * m, block),)](
+        part, y, cnt, nb, n * m, R=r, NBP=max(2, triton.next_power_of_2(nb)), BLOCK=block, BLOCK_S=block_s,
+        num_warps=4,
+    )  # fmt: skip
+    return y
 
 
 def sparse_input_linear(x: Tensor, w_t: Tensor, threshold: float | Tensor) -> Tensor:
@@ -243,10 +303,35 @@ def sparse_input_linear(x: Tensor, w_t: Tensor, threshold: float | Tensor) -> Te
     """
     n_in, n_out = w_t.shape
     x2 = x.reshape(-1, n_in).contiguous()  # [N, in]
-    block_c = _block_for(n_in, n_out, x2.shape[0], x2.device)
+    block_c = compact_block(n_in)
     idx, cnt = launch_compact(x2, threshold, block_c)
-    part = launch_compact_rows(x2, w_t, idx, cnt, threshold, block_c, n_out)  # [NB, N, out]
-    return launch_reduce(part, x.dtype).reshape(*x.shape[:-1], n_out)
+    part, r = launch_strip(x2, w_t, idx, cnt, threshold, block_c, n_out)  # [S, N, out]
+    return launch_reduce(part, cnt, r, x.dtype).reshape(*x.shape[:-1], n_out)
+
+
+def launch_mid(
+    gu: Tensor, cnt_in: Tensor, r_in: int, t_mid: float | Tensor, f: int, act: str
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """h = act(gate) * up [N, F] float32 from the gate/up partials, and its kept list (idx, cnt, block).
+
+    Example:
+        >>> h, idx_h, cnt_h, c_mid = launch_mid(gu, cnt, 32, 0.05, f, "silu")  # doctest: +SKIP
+    """
+    n = gu.shape[1]
+    c_mid = compact_block(f, CONFIGS["MID_C"])
+    nb_mid = triton.cdiv(f, c_mid)
+    h = torch.empty(n, f, device=gu.device, dtype=torch.float32)  # [N, F]
+    idx_h = torch.empty(nb_mid * c_mid, device=gu.device, dtype=torch.int32)
+    cnt_h = torch.empty(nb_mid, device=gu.device, dtype=torch.int32)
+    tvec = isinstance(t_mid, Tensor)
+    s = gu.shape[0]
+    nb_in = cnt_in.numel()
+    _teal_mid_kernel[(nb_mid,)](
+        gu, h, idx_h, cnt_h, t_mid if tvec else h, cnt_in, nb_in, n, f, 0.0 if tvec else float(t_mid),
+        HAS_TVEC=tvec, ACT=ACT_CODES[act], R=r_in, NBP=max(2, triton.next_power_of_2(nb_in)),
+        BLOCK_S=max(1, min(triton.next_power_of_2(s), 4096 // c_mid)), BLOCK_C=c_mid, num_warps=4,
+    )  # fmt: skip
+    return h, idx_h, cnt_h, c_mid
 
 
 def teal_ffn(
@@ -264,21 +349,9 @@ def teal_ffn(
     """
     f, d = down_t.shape
     x2 = x.reshape(-1, d).contiguous()  # [N, D]
-    n = x2.shape[0]
-    c_in = _block_for(d, f, n, x2.device)
+    c_in = compact_block(d)
     idx, cnt = launch_compact(x2, t_in, c_in)
-    gu = launch_compact_rows(x2, gate_up_t, idx, cnt, t_in, c_in, f, pair_off=f)  # [NB, N, 2F]
-    c_mid = _block_for(f, d, n, x2.device)
-    nb_mid = triton.cdiv(f, c_mid)
-    h = torch.empty(n, f, device=x.device, dtype=torch.float32)  # [N, F]
-    idx_h = torch.empty(nb_mid * c_mid, device=x.device, dtype=torch.int32)
-    cnt_h = torch.empty(nb_mid, device=x.device, dtype=torch.int32)
-    tvec = isinstance(t_mid, Tensor)
-    s = gu.shape[0]
-    _teal_mid_kernel[(nb_mid,)](
-        gu, h, idx_h, cnt_h, t_mid if tvec else h, s, n, f, 0.0 if tvec else float(t_mid),
-        HAS_TVEC=tvec, ACT=ACT_CODES[act], BLOCK_S=max(1, min(triton.next_power_of_2(s), 4096 // c_mid)),
-        BLOCK_C=c_mid, num_warps=8,
-    )  # fmt: skip
-    part = launch_compact_rows(h, down_t, idx_h, cnt_h, t_mid, c_mid, d)  # [NB, N, D]
-    return launch_reduce(part, x.dtype).reshape(x.shape)
+    gu, r_in = launch_strip(x2, gate_up_t, idx, cnt, t_in, c_in, f, pair_off=f)  # [S, N, 2F]
+    h, idx_h, cnt_h, c_mid = launch_mid(gu, cnt, r_in, t_mid, f, act)
+    part, r_out = launch_strip(h, down_t, idx_h, cnt_h, t_mid, c_mid, d)  # [S, N, D]
+    return launch_reduce(part, cnt_h, r_out, x.dtype).reshape(x.shape)
