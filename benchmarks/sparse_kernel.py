@@ -144,7 +144,7 @@ TEAL_GRID_N = [
 
 def teal_point(w: Weights, batch: int, level: float = 0.5):
     """(x, t_in, t_mid, expected output) of TEAL at ``level`` of the inputs and intermediates skipped."""
-    x = torch.randn(batch, w.d, device="cuda", dtype=w.dtype)
+    x = torch.randn(batch, w.d, device=w.device, dtype=w.dtype)
     tw, x32 = w.teal[0], x.float()
     t_in = threshold_keeping(x32.abs().amax(0), round((1 - level) * w.d))
     xs = torch.where(x32.abs() >= t_in, x32, torch.zeros_like(x32))
@@ -177,8 +177,8 @@ def teal_stages(w: Weights, batch: int) -> tuple:
 
 
 def sweep_teal(w: Weights, args, log) -> dict:
-    """TEAL at 50%, batch 1 and 8: launch configs of the strip kernel, each stage (gate/up, down) timed
-    alone and checked through the whole FFN against the reference; the fastest of each stays in CONFIGS.
+    """TEAL at 50%, batch 1 and 8: launch configs of the strip kernel per stage (gate/up, down), each timed
+    alone and in the whole FFN (checked against the reference); the fastest whole FFN stays in CONFIGS.
     Then the whole FFN and each of its five launches at batch 1 with the chosen configs."""
     import ffnkit.kernels.triton_teal as TT
 
@@ -193,13 +193,19 @@ def sweep_teal(w: Weights, args, log) -> dict:
                 TT.CONFIGS[name] = cfg
                 try:
                     err = rel_err(teal_ffn(x, w.teal[0], t_in, t_mid, backend="triton"), expect)
-                    timing = time_cuda({"s": fns[stage]}, w.copies, max(5, args.rounds // 2), args.calls)
-                    t = timing["s"]["median_us"]
+                    both = {
+                        "s": fns[stage],
+                        "t": lambda c, x=x, t_in=t_in, t_mid=t_mid: teal_ffn(
+                            x, w.teal[c], t_in, t_mid, backend="triton"
+                        ),
+                    }
+                    timing = time_cuda(both, w.copies, max(5, args.rounds // 2), args.calls)
+                    ts, t = timing["s"]["median_us"], timing["t"]["median_us"]
                 except Exception as exc:  # a config the compiler rejects (e.g. out of registers)
-                    t, err = float("inf"), repr(exc)[:300]
+                    ts, t, err = float("inf"), float("inf"), repr(exc)[:300]
                 ok = isinstance(err, float) and err < 2e-2
-                rec = {"batch": batch, "stage": name, "config": cfg, "median_us": round(t, 2) if ok else None,
-                       "rel_err": err}  # fmt: skip
+                rec = {"batch": batch, "stage": name, "config": cfg, "stage_us": round(ts, 2) if ok else None,
+                       "total_us": round(t, 2) if ok else None, "rel_err": err}  # fmt: skip
                 results.append(rec)
                 log(rec)
                 timed.append((t if ok else float("inf"), cfg))
