@@ -130,16 +130,34 @@ def breakdown_cuda(w: Weights, args, log) -> list[dict]:
     return rows
 
 
-TEAL_KEYS = ("R", "BM", "COLS", "num_warps", "num_stages")
-TEAL_GRID_1 = [
-    (32, 256, 1024, 4, 2), (32, 128, 512, 4, 2), (64, 128, 1024, 8, 2), (16, 512, 1024, 4, 2),
-    (16, 256, 512, 4, 3), (32, 256, 512, 8, 2), (64, 64, 512, 4, 2), (32, 512, 2048, 8, 1),
-    (8, 512, 1024, 4, 2), (64, 256, 4096, 8, 2), (128, 64, 512, 8, 2), (16, 1024, 2048, 8, 2),
-]  # fmt: skip
-TEAL_GRID_N = [
-    (32, 128, 512, 4, 2), (64, 128, 1024, 4, 2), (32, 256, 1024, 8, 2), (16, 256, 512, 4, 3),
-    (64, 64, 512, 4, 3), (128, 64, 512, 8, 2),
-]  # fmt: skip
+LOOP_KEYS = ("BK", "BM", "WAVES", "num_warps", "num_stages")
+STRIP_KEYS = ("R", "BM", "COLS", "num_warps", "num_stages")
+# (KIND, values): loop configs, then the strip configs that were fastest in an earlier sweep on the H200
+LOOP_1 = [
+    (16, 256, 4, 4, 2),
+    (16, 256, 3, 4, 2),
+    (16, 256, 2, 4, 2),
+    (16, 256, 6, 4, 2),
+    (16, 128, 4, 4, 3),
+    (32, 128, 4, 4, 2),
+    (8, 512, 4, 4, 2),
+    (16, 512, 2, 8, 2),
+    (32, 256, 2, 8, 2),
+    (32, 64, 8, 4, 3),
+]
+LOOP_N = [(16, 128, 4, 4, 2), (32, 128, 4, 4, 2), (16, 256, 4, 4, 2), (32, 64, 8, 4, 3), (16, 128, 2, 4, 2)]
+# (KIND, values): loop configs, then the strip configs that were fastest in an earlier sweep on the H200
+TEAL_GRID = {
+    "in_1": [("loop", v) for v in LOOP_1] + [("strip", (16, 512, 1024, 4, 2)), ("strip", (8, 512, 1024, 4, 2))],
+    "out_1": [("loop", v) for v in LOOP_1] + [("strip", (64, 256, 4096, 8, 2)), ("strip", (16, 512, 1024, 4, 2))],
+    "in_n": [("loop", v) for v in LOOP_N] + [("strip", (128, 64, 512, 8, 2))],
+    "out_n": [("loop", v) for v in LOOP_N] + [("strip", (64, 128, 1024, 4, 2))],
+}  # fmt: skip
+
+
+def teal_config(kind: str, vals: tuple) -> dict:
+    """A TEAL stage config from a sweep grid entry."""
+    return {"KIND": kind, **dict(zip(LOOP_KEYS if kind == "loop" else STRIP_KEYS, vals, strict=True))}
 
 
 def teal_point(w: Weights, batch: int, level: float = 0.5):
@@ -163,14 +181,14 @@ def teal_stages(w: Weights, batch: int) -> tuple:
     x2 = x.reshape(-1, w.d)
     c_in = TT.compact_block(w.d)
     idx, cnt = TT.launch_compact(x2, t_in, c_in)
-    gu, r_in = TT.launch_strip(x2, w.teal[0].gate_up_t, idx, cnt, t_in, c_in, w.f, pair_off=w.f)
+    gu, r_in = TT.launch_product(x2, w.teal[0].gate_up_t, idx, cnt, t_in, c_in, w.f, pair_off=w.f)
     h, idx_h, cnt_h, c_mid = TT.launch_mid(gu, cnt, r_in, t_mid, w.f, "silu")
-    part, r_out = TT.launch_strip(h, w.teal[0].down_t, idx_h, cnt_h, t_mid, c_mid, w.d)
+    part, r_out = TT.launch_product(h, w.teal[0].down_t, idx_h, cnt_h, t_mid, c_mid, w.d)
     fns = {
         "compact": lambda c: TT.launch_compact(x2, t_in, c_in),
-        "in": lambda c: TT.launch_strip(x2, w.teal[c].gate_up_t, idx, cnt, t_in, c_in, w.f, pair_off=w.f),
+        "in": lambda c: TT.launch_product(x2, w.teal[c].gate_up_t, idx, cnt, t_in, c_in, w.f, pair_off=w.f),
         "mid": lambda c: TT.launch_mid(gu, cnt, r_in, t_mid, w.f, "silu"),
-        "out": lambda c: TT.launch_strip(h, w.teal[c].down_t, idx_h, cnt_h, t_mid, c_mid, w.d),
+        "out": lambda c: TT.launch_product(h, w.teal[c].down_t, idx_h, cnt_h, t_mid, c_mid, w.d),
         "reduce": lambda c: TT.launch_reduce(part, cnt_h, r_out, w.dtype),
     }
     return x, t_in, t_mid, expect, fns
@@ -183,13 +201,13 @@ def sweep_teal(w: Weights, args, log) -> dict:
     import ffnkit.kernels.triton_teal as TT
 
     results, chosen = [], {}
-    for batch, cls, grid in ((1, "1", TEAL_GRID_1), (8, "n", TEAL_GRID_N)):
+    for batch, cls in ((1, "1"), (8, "n")):
         x, t_in, t_mid, expect, fns = teal_stages(w, batch)
         for stage in ("in", "out"):
             name = f"{stage}_{cls}"
             base, timed = dict(TT.CONFIGS[name]), []
-            for vals in grid:
-                cfg = dict(zip(TEAL_KEYS, vals, strict=True))
+            for kind, vals in TEAL_GRID[name]:
+                cfg = teal_config(kind, vals)
                 TT.CONFIGS[name] = cfg
                 try:
                     err = rel_err(teal_ffn(x, w.teal[0], t_in, t_mid, backend="triton"), expect)
@@ -250,6 +268,10 @@ def main() -> None:
     )
     ap.add_argument("--configs", type=Path, default=None, help="GPU: JSON of Triton CONFIGS to use")
     ap.add_argument("--teal-configs", type=Path, default=None, help="GPU: JSON of TEAL CONFIGS to use")
+    ap.add_argument(
+        "--save-teal-configs", type=Path, default=None, help="GPU: write the TEAL CONFIGS used here"
+    )
+    ap.add_argument("--variants", default=None, help="variants to time (default: all)")
     args = ap.parse_args()
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -261,6 +283,7 @@ def main() -> None:
         levels=tuple(float(v) for v in args.levels.split(",")),
         batches=tuple(int(b) for b in args.batches.split(",")),
         rounds=args.rounds, copies=args.copies, calls=args.calls, separate=device == "cpu",
+        **({"variants": tuple(args.variants.split(","))} if args.variants else {}),
     )  # fmt: skip
     w = make_weights(cfg)
     args.rounds = cfg.rounds
@@ -295,6 +318,8 @@ def main() -> None:
         record["triton_teal_configs"] = {
             k: (dict(v) if isinstance(v, dict) else v) for k, v in TT.CONFIGS.items()
         }
+        if args.save_teal_configs:
+            args.save_teal_configs.write_text(json.dumps(record["triton_teal_configs"], indent=1) + "\n")
         try:
             record["breakdown_b1_50"] = breakdown_cuda(w, args, log)
         except Exception as exc:

@@ -451,6 +451,10 @@ def main() -> None:
     )
     args = ap.parse_args()
     DEV["device"] = args.device
+    if args.teal_configs and args.device == "cuda":
+        import ffnkit.kernels.triton_teal as TT
+
+        TT.CONFIGS.update(json.loads(args.teal_configs.read_text()))
     if args.tiny:
         S.update(TINY)
     if args.layers:
