@@ -144,6 +144,8 @@ LOOP_1 = [
     (16, 512, 2, 8, 2),
     (32, 256, 2, 8, 2),
     (32, 64, 8, 4, 3),
+    (32, 64, 12, 4, 3),
+    (16, 256, 4, 4, 1),
 ]
 LOOP_N = [(16, 128, 4, 4, 2), (32, 128, 4, 4, 2), (16, 256, 4, 4, 2), (32, 64, 8, 4, 3), (16, 128, 2, 4, 2)]
 # (KIND, values): loop configs, then the strip configs that were fastest in an earlier sweep on the H200
