@@ -130,36 +130,27 @@ def breakdown_cuda(w: Weights, args, log) -> list[dict]:
     return rows
 
 
-LOOP_KEYS = ("BK", "BM", "WAVES", "num_warps", "num_stages")
-STRIP_KEYS = ("R", "BM", "COLS", "num_warps", "num_stages")
-# (KIND, values): loop configs, then the strip configs that were fastest in an earlier sweep on the H200
-LOOP_1 = [
-    (16, 256, 4, 4, 2),
-    (16, 256, 3, 4, 2),
-    (16, 256, 2, 4, 2),
-    (16, 256, 6, 4, 2),
-    (16, 128, 4, 4, 3),
-    (32, 128, 4, 4, 2),
-    (8, 512, 4, 4, 2),
-    (16, 512, 2, 8, 2),
-    (32, 256, 2, 8, 2),
-    (32, 64, 8, 4, 3),
-    (32, 64, 12, 4, 3),
-    (16, 256, 4, 4, 1),
-]
-LOOP_N = [(16, 128, 4, 4, 2), (32, 128, 4, 4, 2), (16, 256, 4, 4, 2), (32, 64, 8, 4, 3), (16, 128, 2, 4, 2)]
-# (KIND, values): loop configs, then the strip configs that were fastest in an earlier sweep on the H200
+TEAL_KEYS = ("BLOCK_K", "BLOCK_M", "WAVES", "num_warps", "num_stages")
+# (KIND, values) per stage: the shipped "blocks" configs and a neighbour, the "loop" configs that were
+# fastest in results/sparse_kernel_h200_tealfast.json, and "loop" configs that read whole 4-8 KB stretches of
+# each kept row per step with 8 warps and few programs (the shape of the gather's fused kernel, which runs
+# within 1.16x of its bound), not yet measured
+WIDE = [(2, 2048, 2, 8, 2), (4, 2048, 2, 8, 2), (2, 4096, 2, 8, 2), (4, 1024, 4, 8, 2), (8, 1024, 2, 8, 2)]
 TEAL_GRID = {
-    "in_1": [("loop", v) for v in LOOP_1] + [("strip", (16, 512, 1024, 4, 2)), ("strip", (8, 512, 1024, 4, 2))],
-    "out_1": [("loop", v) for v in LOOP_1] + [("strip", (64, 256, 4096, 8, 2)), ("strip", (16, 512, 1024, 4, 2))],
-    "in_n": [("loop", v) for v in LOOP_N] + [("strip", (128, 64, 512, 8, 2))],
-    "out_n": [("loop", v) for v in LOOP_N] + [("strip", (64, 128, 1024, 4, 2))],
+    "in_1": [("blocks", (32, 64, 12, 4, 3)), ("blocks", (64, 64, 8, 4, 2)), ("loop", (32, 64, 12, 4, 3))]
+    + [("loop", v) for v in WIDE],
+    "out_1": [("blocks", (32, 64, 12, 4, 3)), ("blocks", (64, 64, 8, 4, 2)), ("loop", (32, 128, 4, 4, 2))]
+    + [("loop", v) for v in WIDE],
+    "in_n": [("blocks", (16, 256, 8, 4, 3)), ("loop", (32, 128, 4, 4, 2)), ("loop", (16, 512, 2, 8, 2)),
+             ("loop", (16, 1024, 2, 8, 2))],
+    "out_n": [("blocks", (16, 256, 8, 4, 3)), ("loop", (32, 128, 4, 4, 2)), ("loop", (16, 512, 2, 8, 2)),
+              ("loop", (16, 1024, 2, 8, 2))],
 }  # fmt: skip
 
 
 def teal_config(kind: str, vals: tuple) -> dict:
     """A TEAL stage config from a sweep grid entry."""
-    return {"KIND": kind, **dict(zip(LOOP_KEYS if kind == "loop" else STRIP_KEYS, vals, strict=True))}
+    return {"KIND": kind, **dict(zip(TEAL_KEYS, vals, strict=True))}
 
 
 def teal_point(w: Weights, batch: int, level: float = 0.5):
@@ -181,30 +172,30 @@ def teal_stages(w: Weights, batch: int) -> tuple:
 
     x, t_in, t_mid, expect = teal_point(w, batch)
     x2 = x.reshape(-1, w.d)
-    c_in = TT.compact_block(w.d)
+    c_in = TT.block_for(w.d, w.f, batch, True, x.device)
+    c_mid = TT.block_for(w.f, w.d, batch, False, x.device)
     idx, cnt = TT.launch_compact(x2, t_in, c_in)
-    gu, r_in = TT.launch_product(x2, w.teal[0].gate_up_t, idx, cnt, t_in, c_in, w.f, pair_off=w.f)
-    h, idx_h, cnt_h, c_mid = TT.launch_mid(gu, cnt, r_in, t_mid, w.f, "silu")
-    part, r_out = TT.launch_product(h, w.teal[0].down_t, idx_h, cnt_h, t_mid, c_mid, w.d)
+    gu = TT.launch_product(x2, w.teal[0].gate_up_t, idx, cnt, t_in, c_in, w.f, pair_off=w.f)
+    h, idx_h, cnt_h = TT.launch_mid(gu, t_mid, c_mid, "silu")
+    part = TT.launch_product(h, w.teal[0].down_t, idx_h, cnt_h, t_mid, c_mid, w.d)
     fns = {
         "compact": lambda c: TT.launch_compact(x2, t_in, c_in),
         "in": lambda c: TT.launch_product(x2, w.teal[c].gate_up_t, idx, cnt, t_in, c_in, w.f, pair_off=w.f),
-        "mid": lambda c: TT.launch_mid(gu, cnt, r_in, t_mid, w.f, "silu"),
+        "mid": lambda c: TT.launch_mid(gu, t_mid, c_mid, "silu"),
         "out": lambda c: TT.launch_product(h, w.teal[c].down_t, idx_h, cnt_h, t_mid, c_mid, w.d),
-        "reduce": lambda c: TT.launch_reduce(part, cnt_h, r_out, w.dtype),
+        "reduce": lambda c: TT.launch_reduce(part, w.dtype),
     }
     return x, t_in, t_mid, expect, fns
 
 
 def sweep_teal(w: Weights, args, log) -> dict:
-    """TEAL at 50%, batch 1 and 8: launch configs of the strip kernel per stage (gate/up, down), each timed
-    alone and in the whole FFN (checked against the reference); the fastest whole FFN stays in CONFIGS.
-    Then the whole FFN and each of its five launches at batch 1 with the chosen configs."""
+    """TEAL at 50%, batch 1 and 8: launch configs of the product kernels per stage (gate/up, down), each
+    timed alone and in the whole FFN (checked against the reference, fresh inputs per config); the fastest
+    whole FFN stays in CONFIGS. Then the whole FFN and each of its five launches at batch 1."""
     import ffnkit.kernels.triton_teal as TT
 
     results, chosen = [], {}
     for batch, cls in ((1, "1"), (8, "n")):
-        x, t_in, t_mid, expect, fns = teal_stages(w, batch)
         for stage in ("in", "out"):
             name = f"{stage}_{cls}"
             base, timed = dict(TT.CONFIGS[name]), []
@@ -212,6 +203,7 @@ def sweep_teal(w: Weights, args, log) -> dict:
                 cfg = teal_config(kind, vals)
                 TT.CONFIGS[name] = cfg
                 try:
+                    x, t_in, t_mid, expect, fns = teal_stages(w, batch)
                     err = rel_err(teal_ffn(x, w.teal[0], t_in, t_mid, backend="triton"), expect)
                     both = {
                         "s": fns[stage],

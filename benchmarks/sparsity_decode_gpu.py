@@ -438,6 +438,7 @@ def main() -> None:
         "--attn", default="bmm,sum,sdpa,triton", help="attention formulations to try (fastest kept)"
     )
     ap.add_argument("--no-teal", action="store_true")
+    ap.add_argument("--teal-configs", type=Path, default=None, help="JSON of TEAL kernel CONFIGS to use")
     ap.add_argument(
         "--teal-levels", default="0.4,0.5,0.65", help="teal_L levels (50% always, with teal_attn_50)"
     )
@@ -455,6 +456,7 @@ def main() -> None:
         import ffnkit.kernels.triton_teal as TT
 
         TT.CONFIGS.update(json.loads(args.teal_configs.read_text()))
+    record_configs = TT.CONFIGS if args.teal_configs and args.device == "cuda" else None
     if args.tiny:
         S.update(TINY)
     if args.layers:
@@ -478,6 +480,7 @@ def main() -> None:
         "protocol": __doc__.split("\n\n")[1].replace("\n", " "),
         "small_ops_compiled": compiled,
         "configs": {},
+        "teal_kernel_configs": record_configs,
     }  # fmt: skip
 
     def save() -> None:

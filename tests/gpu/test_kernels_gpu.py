@@ -92,23 +92,33 @@ def test_sparse_input_linear_equals_reference(dtype, rows, path, share_kept, sha
     assert err <= kc.TOL[dtype], err
 
 
-@pytest.fixture(params=["default", "loop", "strip"])
+@pytest.fixture(params=["default", "blocks", "loop", "loop_wide"])
 def compact_blocks(request, monkeypatch):
-    """TEAL's launch configs as shipped ("default"), or forced small for each product kernel ("loop",
-    "strip"): many compaction blocks, shares or groups of kept inputs and column blocks per product, and
-    a strip width that is not a power of two."""
+    """TEAL's launch configs as shipped ("default"), or forced small for each product kernel ("blocks",
+    "loop": many compaction blocks, shares of the kept rows and column blocks per product), or "loop" with
+    two rows per step and wide column blocks ("loop_wide")."""
     import ffnkit.kernels.triton_teal as TT
 
     if request.param != "default":
         monkeypatch.setitem(TT.CONFIGS, "BLOCK_C", 16)
-        monkeypatch.setitem(TT.CONFIGS, "MID_C", 16)
+        monkeypatch.setitem(TT.CONFIGS, "MIN_C", 16)
+        monkeypatch.setitem(TT.CONFIGS, "MAX_C", 32)
         monkeypatch.setattr(TT, "MAX_BLOCKS", 1024)
-        small = {
-            "loop": {"KIND": "loop", "BK": 16, "BM": 16, "WAVES": 2, "num_warps": 4, "num_stages": 2},
-            "strip": {"KIND": "strip", "R": 16, "BM": 16, "COLS": 48, "num_warps": 4, "num_stages": 2},
-        }[request.param]
+        cfg = {
+            "KIND": request.param,
+            "BLOCK_K": 16,
+            "BLOCK_M": 16,
+            "WAVES": 2,
+            "num_warps": 4,
+            "num_stages": 2,
+        }
+        if request.param == "loop_wide":
+            cfg = {**cfg, "KIND": "loop", "BLOCK_K": 2, "BLOCK_M": 256, "WAVES": 1}
         for key in ("in_1", "out_1", "in_n", "out_n"):
-            monkeypatch.setitem(TT.CONFIGS, key, dict(small))
+            # tl.dot needs 16 rows per step
+            monkeypatch.setitem(
+                TT.CONFIGS, key, {**cfg, "BLOCK_K": max(cfg["BLOCK_K"], 16 * key.endswith("n"))}
+            )
     return request.param
 
 
