@@ -372,7 +372,7 @@ def launch_product(
         return part
     part = torch.empty(nb, n, out_w, device=v.device, dtype=torch.float32)  # [NB, N, out]
     _compact_rows_kernel[(m_blocks, nb)](
-        v, w, idx, cnt, t_ptr, part, n, length, m, t_val, w.stride(0), pair_off, out_w,
+        v, w, idx, cnt, thr if tvec else part, part, n, length, m, t_val, w.stride(0), pair_off, out_w,
         BLOCK_K=bk, BLOCK_M=bm, BLOCK_C=block_c, **flags, **cfg,
     )  # fmt: skip
     return part
