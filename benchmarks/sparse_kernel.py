@@ -130,62 +130,115 @@ def breakdown_cuda(w: Weights, args, log) -> list[dict]:
     return rows
 
 
-def sweep_teal(w: Weights, args, log) -> dict:
-    """TEAL at 50%, batch 1 and 8: a few launch configs of the compacted-rows kernel; the fastest stays."""
+TEAL_KEYS = ("BLOCK_K", "BLOCK_M", "WAVES", "num_warps", "num_stages")
+# (KIND, values) per stage: the shipped "blocks" configs and a neighbour, the "loop" configs that were
+# fastest in results/sparse_kernel_h200_tealfast.json, and "loop" configs that read whole 4-8 KB stretches of
+# each kept row per step with 8 warps and few programs (the shape of the gather's fused kernel, which runs
+# within 1.16x of its bound), not yet measured
+WIDE = [(2, 2048, 2, 8, 2), (4, 2048, 2, 8, 2), (2, 4096, 2, 8, 2), (4, 1024, 4, 8, 2), (8, 1024, 2, 8, 2)]
+TEAL_GRID = {
+    "in_1": [("blocks", (32, 64, 12, 4, 3)), ("blocks", (64, 64, 8, 4, 2)), ("loop", (32, 64, 12, 4, 3))]
+    + [("loop", v) for v in WIDE],
+    "out_1": [("blocks", (32, 64, 12, 4, 3)), ("blocks", (64, 64, 8, 4, 2)), ("loop", (32, 128, 4, 4, 2))]
+    + [("loop", v) for v in WIDE],
+    "in_n": [("blocks", (16, 256, 8, 4, 3)), ("loop", (32, 128, 4, 4, 2)), ("loop", (16, 512, 2, 8, 2)),
+             ("loop", (16, 1024, 2, 8, 2))],
+    "out_n": [("blocks", (16, 256, 8, 4, 3)), ("loop", (32, 128, 4, 4, 2)), ("loop", (16, 512, 2, 8, 2)),
+              ("loop", (16, 1024, 2, 8, 2))],
+}  # fmt: skip
+
+
+def teal_config(kind: str, vals: tuple) -> dict:
+    """A TEAL stage config from a sweep grid entry."""
+    return {"KIND": kind, **dict(zip(TEAL_KEYS, vals, strict=True))}
+
+
+def teal_point(w: Weights, batch: int, level: float = 0.5):
+    """(x, t_in, t_mid, expected output) of TEAL at ``level`` of the inputs and intermediates skipped."""
+    x = torch.randn(batch, w.d, device=w.device, dtype=w.dtype)
+    tw, x32 = w.teal[0], x.float()
+    t_in = threshold_keeping(x32.abs().amax(0), round((1 - level) * w.d))
+    xs = torch.where(x32.abs() >= t_in, x32, torch.zeros_like(x32))
+    gu = xs @ tw.gate_up_t.float()
+    h = ref.activation("silu", gu[:, : w.f]) * gu[:, w.f :]
+    t_mid = threshold_keeping(h.abs().amax(0), round((1 - level) * w.f))
+    return x, t_in, t_mid, ref.teal_ffn(x, tw.gate_up_t, tw.down_t, t_in, t_mid)
+
+
+def teal_stages(w: Weights, batch: int) -> tuple:
+    """TEAL at 50%: (x, t_in, t_mid, expected output, {launch name: fn(copy)}) with each of the five
+    launches of :func:`ffnkit.kernels.triton_teal.teal_ffn` alone (inputs prepared once)."""
     import ffnkit.kernels.triton_teal as TT
 
-    keys = ("BLOCK_K", "BLOCK_M", "num_warps", "num_stages", "WAVES")
-    grid = [
-        (64, 64, 4, 2, 8),
-        (32, 256, 8, 2, 4),
-        (16, 512, 8, 3, 8),
-        (8, 512, 4, 3, 8),
-        (32, 64, 4, 3, 12),
-        (16, 256, 4, 3, 8),
-        (128, 32, 4, 2, 8),
-    ]
+    x, t_in, t_mid, expect = teal_point(w, batch)
+    x2 = x.reshape(-1, w.d)
+    c_in = TT.block_for(w.d, w.f, batch, True, x.device)
+    c_mid = TT.block_for(w.f, w.d, batch, False, x.device)
+    idx, cnt = TT.launch_compact(x2, t_in, c_in)
+    gu = TT.launch_product(x2, w.teal[0].gate_up_t, idx, cnt, t_in, c_in, w.f, pair_off=w.f)
+    h, idx_h, cnt_h = TT.launch_mid(gu, t_mid, c_mid, "silu")
+    part = TT.launch_product(h, w.teal[0].down_t, idx_h, cnt_h, t_mid, c_mid, w.d)
+    fns = {
+        "compact": lambda c: TT.launch_compact(x2, t_in, c_in),
+        "in": lambda c: TT.launch_product(x2, w.teal[c].gate_up_t, idx, cnt, t_in, c_in, w.f, pair_off=w.f),
+        "mid": lambda c: TT.launch_mid(gu, t_mid, c_mid, "silu"),
+        "out": lambda c: TT.launch_product(h, w.teal[c].down_t, idx_h, cnt_h, t_mid, c_mid, w.d),
+        "reduce": lambda c: TT.launch_reduce(part, w.dtype),
+    }
+    return x, t_in, t_mid, expect, fns
+
+
+def sweep_teal(w: Weights, args, log) -> dict:
+    """TEAL at 50%, batch 1 and 8: launch configs of the product kernels per stage (gate/up, down), each
+    timed alone and in the whole FFN (checked against the reference, fresh inputs per config); the fastest
+    whole FFN stays in CONFIGS. Then the whole FFN and each of its five launches at batch 1."""
+    import ffnkit.kernels.triton_teal as TT
+
     results, chosen = [], {}
-    for batch, name in ((1, "rows_1"), (8, "rows_n")):
-        x = torch.randn(batch, w.d, device="cuda", dtype=w.dtype)
-        tw = w.teal[0]
-        x32 = x.float()
-        t_in = threshold_keeping(x32.abs().amax(0), w.d // 2)
-        xs = torch.where(x32.abs() >= t_in, x32, torch.zeros_like(x32))
-        gu = xs @ tw.gate_up_t.float()
-        h = ref.activation("silu", gu[:, : w.f]) * gu[:, w.f :]
-        t_mid = threshold_keeping(h.abs().amax(0), w.f // 2)
-        expect = ref.teal_ffn(x, tw.gate_up_t, tw.down_t, t_in, t_mid)
-        base = dict(TT.CONFIGS[name])
-        timed = []
-        for vals in grid:
-            cfg = dict(zip(keys, vals, strict=True))
-            TT.CONFIGS[name] = cfg
-            try:
-                err = rel_err(teal_ffn(x, tw, t_in, t_mid, backend="triton"), expect)
-                fns = {
-                    "t": lambda c, x=x, t_in=t_in, t_mid=t_mid: teal_ffn(
-                        x, w.teal[c], t_in, t_mid, backend="triton"
-                    )
-                }
-                t = time_cuda(fns, w.copies, max(5, args.rounds // 2), args.calls)["t"]["median_us"]
-            except Exception as exc:
-                t, err = float("inf"), repr(exc)[:200]
-            ok = isinstance(err, float) and err < 2e-2
-            rec = {
-                "batch": batch,
-                "kernel": f"teal_{name}",
-                "config": cfg,
-                "median_us": round(t, 2) if ok else None,
-                "rel_err": err,
-            }
-            results.append(rec)
-            log(rec)
-            timed.append((t if ok else float("inf"), cfg))
-        best_t, best_cfg = min(timed, key=lambda tc: tc[0])
-        TT.CONFIGS[name] = dict(best_cfg if best_t < float("inf") else base)
-        chosen[name] = TT.CONFIGS[name]
+    for batch, cls in ((1, "1"), (8, "n")):
+        for stage in ("in", "out"):
+            name = f"{stage}_{cls}"
+            base, timed = dict(TT.CONFIGS[name]), []
+            for kind, vals in TEAL_GRID[name]:
+                cfg = teal_config(kind, vals)
+                TT.CONFIGS[name] = cfg
+                try:
+                    x, t_in, t_mid, expect, fns = teal_stages(w, batch)
+                    err = rel_err(teal_ffn(x, w.teal[0], t_in, t_mid, backend="triton"), expect)
+                    both = {
+                        "s": fns[stage],
+                        "t": lambda c, x=x, t_in=t_in, t_mid=t_mid: teal_ffn(
+                            x, w.teal[c], t_in, t_mid, backend="triton"
+                        ),
+                    }
+                    timing = time_cuda(both, w.copies, max(5, args.rounds // 2), args.calls)
+                    ts, t = timing["s"]["median_us"], timing["t"]["median_us"]
+                except Exception as exc:  # a config the compiler rejects (e.g. out of registers)
+                    ts, t, err = float("inf"), float("inf"), repr(exc)[:300]
+                ok = isinstance(err, float) and err < 2e-2
+                rec = {"batch": batch, "stage": name, "config": cfg, "stage_us": round(ts, 2) if ok else None,
+                       "total_us": round(t, 2) if ok else None, "rel_err": err}  # fmt: skip
+                results.append(rec)
+                log(rec)
+                timed.append((t if ok else float("inf"), cfg))
+            best_t, best_cfg = min(timed, key=lambda tc: tc[0])
+            TT.CONFIGS[name] = dict(best_cfg if best_t < float("inf") else base)
+            chosen[name] = TT.CONFIGS[name]
     log({"chosen_teal_configs": chosen})
-    return {"trials": results, "chosen": chosen}
+    return {"trials": results, "chosen": chosen, "breakdown_b1_50": breakdown_teal(w, args, log)}
+
+
+def breakdown_teal(w: Weights, args, log) -> list[dict]:
+    """TEAL at batch 1, 50%: the whole FFN, each of its launches alone, and the dense FFN (graph replays)."""
+    x, t_in, t_mid, expect, fns = teal_stages(w, 1)
+    fns["teal_total"] = lambda c: teal_ffn(x, w.teal[c], t_in, t_mid, backend="triton")
+    fns["dense"] = lambda c: dense_ffn(x, w.dense[c])
+    t = time_cuda(fns, w.copies, args.rounds, args.calls)
+    rows = [{"stage": k, **{kk: round(vv, 2) for kk, vv in v.items()}} for k, v in t.items()]
+    rows.append({"rel_err": rel_err(teal_ffn(x, w.teal[0], t_in, t_mid, backend="triton"), expect)})
+    for r in rows:
+        log(r)
+    return rows
 
 
 def main() -> None:
@@ -208,6 +261,11 @@ def main() -> None:
         help="GPU: tune these Triton kernels' configs first",
     )
     ap.add_argument("--configs", type=Path, default=None, help="GPU: JSON of Triton CONFIGS to use")
+    ap.add_argument("--teal-configs", type=Path, default=None, help="GPU: JSON of TEAL CONFIGS to use")
+    ap.add_argument(
+        "--save-teal-configs", type=Path, default=None, help="GPU: write the TEAL CONFIGS used here"
+    )
+    ap.add_argument("--variants", default=None, help="variants to time (default: all)")
     args = ap.parse_args()
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -219,6 +277,7 @@ def main() -> None:
         levels=tuple(float(v) for v in args.levels.split(",")),
         batches=tuple(int(b) for b in args.batches.split(",")),
         rounds=args.rounds, copies=args.copies, calls=args.calls, separate=device == "cpu",
+        **({"variants": tuple(args.variants.split(","))} if args.variants else {}),
     )  # fmt: skip
     w = make_weights(cfg)
     args.rounds = cfg.rounds
@@ -238,6 +297,8 @@ def main() -> None:
 
         if args.configs:
             T.CONFIGS.update(json.loads(args.configs.read_text()))
+        if args.teal_configs:
+            TT.CONFIGS.update(json.loads(args.teal_configs.read_text()))
         if args.sweep:
             for key, fn in (("sweep", sweep_cuda), ("sweep_teal", sweep_teal)):
                 if key.removeprefix("sweep_").replace("sweep", "gather") not in args.sweep.split(","):
@@ -251,6 +312,8 @@ def main() -> None:
         record["triton_teal_configs"] = {
             k: (dict(v) if isinstance(v, dict) else v) for k, v in TT.CONFIGS.items()
         }
+        if args.save_teal_configs:
+            args.save_teal_configs.write_text(json.dumps(record["triton_teal_configs"], indent=1) + "\n")
         try:
             record["breakdown_b1_50"] = breakdown_cuda(w, args, log)
         except Exception as exc:

@@ -18,8 +18,8 @@ Configurations (all FFNs through the kernels ffnkit's ``SparseFFN`` dispatches t
 ``predictor`` mode (Deja Vu: a random rank-64 predictor; t_mid per layer at the L quantile of its scores
 on 16 calibration steps; the module's decode path: z = A x, then ``predicted_ffn``, which scores the
 neurons inside the gather kernel). ``gather_L``: ``gather_ffn`` on the same modules' packed weights with a
-fixed random active set of exactly (1 - L) of the neurons (the kernel alone, no predictor). ``teal_50``:
-``SparseFFN`` in ``input`` mode (TEAL: t_in and t_mid per layer at the 50% quantiles of |x| and |h|);
+fixed random active set of exactly (1 - L) of the neurons (the kernel alone, no predictor). ``teal_L``:
+``SparseFFN`` in ``input`` mode (TEAL: t_in and t_mid per layer at the L quantiles of |x| and |h|);
 ``teal_attn_50``: TEAL on the attention projections too (q/k/v fused, o; ``sparse_input_linear``). The
 measured kept shares are reported. ``--atomic``: gather_50 and predictor_50 again with the fused kernel
 summing its partials itself (``CONFIGS["batch1"]["reduce"] = "atomic"``: one launch per FFN). Capturing each configuration in a CUDA graph is the check that the
@@ -438,6 +438,10 @@ def main() -> None:
         "--attn", default="bmm,sum,sdpa,triton", help="attention formulations to try (fastest kept)"
     )
     ap.add_argument("--no-teal", action="store_true")
+    ap.add_argument("--teal-configs", type=Path, default=None, help="JSON of TEAL kernel CONFIGS to use")
+    ap.add_argument(
+        "--teal-levels", default="0.4,0.5,0.65", help="teal_L levels (50% always, with teal_attn_50)"
+    )
     ap.add_argument(
         "--atomic", action="store_true", help="also gather_50 / predictor_50 with the in-kernel reduce"
     )
@@ -448,6 +452,11 @@ def main() -> None:
     )
     args = ap.parse_args()
     DEV["device"] = args.device
+    if args.teal_configs and args.device == "cuda":
+        import ffnkit.kernels.triton_teal as TT
+
+        TT.CONFIGS.update(json.loads(args.teal_configs.read_text()))
+    record_configs = TT.CONFIGS if args.teal_configs and args.device == "cuda" else None
     if args.tiny:
         S.update(TINY)
     if args.layers:
@@ -471,6 +480,7 @@ def main() -> None:
         "protocol": __doc__.split("\n\n")[1].replace("\n", " "),
         "small_ops_compiled": compiled,
         "configs": {},
+        "teal_kernel_configs": record_configs,
     }  # fmt: skip
 
     def save() -> None:
@@ -610,25 +620,39 @@ def main() -> None:
             )
         T.CONFIGS["batch1"]["reduce"] = "kernel"
     if not args.no_teal:
-        teal = []
+        teal = [sparse_module(m, "input") for m in dense_mlps]
+        abs_in = [[v.abs() for v in seen[f"ffn{i}"]] for i in range(len(teal))]
+        abs_mid = [[v.abs() for v in seen[f"mid{i}"]] for i in range(len(teal))]
+
+        def teal_thresholds(level: float) -> None:
+            # the graphs bake the thresholds in at capture: each level is captured after its own fill
+            with torch.no_grad():
+                for sp, vin, vmid in zip(teal, abs_in, abs_mid, strict=True):
+                    sp.t_in.fill_(quantile(vin, level))
+                    sp.t_mid.fill_(quantile(vmid, level))
+
         with torch.no_grad():
-            for i, m in enumerate(dense_mlps):
-                sp = sparse_module(m, "input")
-                sp.t_in.fill_(quantile([v.abs() for v in seen[f"ffn{i}"]], 0.5))
-                sp.t_mid.fill_(quantile([v.abs() for v in seen[f"mid{i}"]], 0.5))
-                teal.append(sp)
             attn = [
                 (TealLinear(layer.attn.qkv, quantile([v.abs() for v in seen[f"qkv{i}"]], 0.5)),
                  TealLinear(layer.attn.o_proj, quantile([v.abs() for v in seen[f"o{i}"]], 0.5)))
                 for i, layer in enumerate(model.layers)
             ]  # fmt: skip
+        teal_levels = sorted({float(v) for v in args.teal_levels.split(",") if v} | {0.5})
+        for level in teal_levels:
+            teal_thresholds(level)
+            pct = round(level * 100)
+            add(f"teal_{pct}", teal, info={
+                "ffn": f"SparseFFN mode=input (teal_ffn), {pct}% quantiles of |x| and |h|",
+            })  # fmt: skip
+            if level == 0.5:
+                add("teal_attn_50", teal, attn, info={
+                    "ffn": "SparseFFN mode=input", "attention": "sparse_input_linear on qkv and o, 50% quantile",
+                })  # fmt: skip
+        teal_thresholds(0.5)
+        with torch.no_grad():
             x = seen["ffn0"][-1].to(torch.bfloat16).view(1, 1, -1)
             fast, slow = teal[0](x), teal[0].masked_forward(x)
             record["check_teal_rel_err"] = float((fast.float() - slow.float()).norm() / slow.float().norm())
-        add("teal_50", teal, info={"ffn": "SparseFFN mode=input (teal_ffn), 50% quantiles of |x| and |h|"})
-        add("teal_attn_50", teal, attn, info={
-            "ffn": "SparseFFN mode=input", "attention": "sparse_input_linear on qkv and o, 50% quantile",
-        })  # fmt: skip
         # measured kept shares on fresh decode steps (eager, outside the timing)
         for layer, m in zip(model.layers, teal, strict=True):
             layer.mlp = m

@@ -92,19 +92,38 @@ def test_sparse_input_linear_equals_reference(dtype, rows, path, share_kept, sha
     assert err <= kc.TOL[dtype], err
 
 
-@pytest.fixture(params=["wide", "narrow"])
+@pytest.fixture(params=["default", "blocks", "loop", "loop_wide"])
 def compact_blocks(request, monkeypatch):
-    """TEAL's compaction blocks as tuned ("wide") or forced small ("narrow": many blocks per row)."""
+    """TEAL's launch configs as shipped ("default"), or forced small for each product kernel ("blocks",
+    "loop": many compaction blocks, shares of the kept rows and column blocks per product), or "loop" with
+    two rows per step and wide column blocks ("loop_wide")."""
     import ffnkit.kernels.triton_teal as TT
 
-    if request.param == "narrow":
-        monkeypatch.setitem(TT.CONFIGS, "MAX_C", 32)
+    if request.param != "default":
+        monkeypatch.setitem(TT.CONFIGS, "BLOCK_C", 16)
         monkeypatch.setitem(TT.CONFIGS, "MIN_C", 16)
+        monkeypatch.setitem(TT.CONFIGS, "MAX_C", 32)
+        monkeypatch.setattr(TT, "MAX_BLOCKS", 1024)
+        cfg = {
+            "KIND": request.param,
+            "BLOCK_K": 16,
+            "BLOCK_M": 16,
+            "WAVES": 2,
+            "num_warps": 4,
+            "num_stages": 2,
+        }
+        if request.param == "loop_wide":
+            cfg = {**cfg, "KIND": "loop", "BLOCK_K": 2, "BLOCK_M": 256, "WAVES": 1}
+        for key in ("in_1", "out_1", "in_n", "out_n"):
+            # tl.dot needs 16 rows per step
+            monkeypatch.setitem(
+                TT.CONFIGS, key, {**cfg, "BLOCK_K": max(cfg["BLOCK_K"], 16 * key.endswith("n"))}
+            )
     return request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("rows", [1, 4, 16, 33])
+@pytest.mark.parametrize("rows", [1, 4, 33])
 @pytest.mark.parametrize("share_kept", [1.0, 0.5, 0.2, 0.0])
 @pytest.mark.parametrize("shape", [(90, 41), (1000, 512)])
 def test_teal_ffn_equals_reference(dtype, rows, share_kept, shape, compact_blocks):
@@ -124,6 +143,22 @@ def test_teal_ffn_per_channel_equals_oracle(dtype, rows, compact_blocks):
 def test_threshold_ffn_per_neuron_equals_oracle(dtype, rows, path, act):
     err = kc.check_threshold_per_neuron("triton", 301, 129, rows, dtype, "cuda", act=act, seed=rows)
     assert err <= kc.TOL[dtype], err
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_teal_ffn_zero_input_and_zero_threshold(rows, compact_blocks):
+    """An all-zero input gives an all-zero output (nothing kept: no group is live); threshold 0 keeps every
+    nonzero input and equals the dense FFN computed here in float64."""
+    from ffnkit.kernels import pack_teal, teal_ffn
+
+    (wg, wu, wd), _ = kc.make_ffn(333, 130, torch.float32, "cuda", seed=5)
+    w = pack_teal(wg, wu, wd)
+    zero = torch.zeros(rows, 130, device="cuda")
+    assert torch.count_nonzero(teal_ffn(zero, w, 0.0, 0.0, backend="triton")) == 0
+    x = kc.make_x(rows, 130, torch.float32, "cuda", seed=6)
+    xd = x.double()
+    dense = (torch.nn.functional.silu(xd @ wg.double().T) * (xd @ wu.double().T)) @ wd.double().T
+    assert kc.rel_err(teal_ffn(x, w, 0.0, 0.0, backend="triton"), dense) <= 1e-5
 
 
 def test_teal_and_input_linear_capture_in_a_cuda_graph():
