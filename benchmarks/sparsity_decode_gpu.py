@@ -440,7 +440,7 @@ def main() -> None:
     ap.add_argument("--no-teal", action="store_true")
     ap.add_argument("--teal-configs", type=Path, default=None, help="JSON of TEAL kernel CONFIGS to use")
     ap.add_argument(
-        "--teal-levels", default="0.4,0.5,0.65", help="teal_L levels (50% always, with teal_attn_50)"
+        "--teal-levels", default="0.4,0.5,0.65", help="teal_L levels (50%% always, with teal_attn_50)"
     )
     ap.add_argument(
         "--atomic", action="store_true", help="also gather_50 / predictor_50 with the in-kernel reduce"
