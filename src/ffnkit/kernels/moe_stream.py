@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ffnkit.kernels.triton_sparse_ffn import apply_act
+
 # Launch parameters of the stream kernels (tiles: rows x columns; the sort: pairs per program and per step,
 # BLOCK doubled until at most MAX_PROGRAMS programs: each program sums all earlier blocks' histograms).
 # The fastest of 4-5 candidates each, summed over 128, 4,096 and 16,384 tokens on an H200 (OLMoE shapes,
@@ -41,20 +43,6 @@ STREAM_CONFIGS: dict[str, dict[str, int]] = {
     "act": {"BLOCK_R": 1, "BLOCK_N": 1024, "num_warps": 4},
     "combine": {"BLOCK_T": 2, "BLOCK_D": 1024, "num_warps": 4},
 }
-
-
-@triton.jit
-def _stream_activation(g, ACT: tl.constexpr):
-    if ACT == 0:
-        r = g * tl.sigmoid(g)
-    elif ACT == 1:
-        r = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-    elif ACT == 2:
-        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        r = g * tl.sigmoid(2.0 * z)  # 0.5 g (1 + tanh z) = g sigmoid(2z)
-    else:
-        r = tl.maximum(g, 0.0)
-    return r
 
 
 @triton.jit
@@ -173,7 +161,7 @@ def _act_mul_rows_kernel(gu_ptr, h_ptr, S, F, ACT: tl.constexpr, BLOCK_R: tl.con
     src = gu_ptr + r[:, None].to(tl.int64) * 2 * F + offs[None, :]
     g = tl.load(src, mask=m, other=0.0).to(tl.float32)
     u = tl.load(src + F, mask=m, other=0.0).to(tl.float32)
-    h = _stream_activation(g, ACT) * u
+    h = apply_act(g, ACT) * u
     tl.store(h_ptr + r[:, None].to(tl.int64) * F + offs[None, :], h.to(h_ptr.dtype.element_ty), mask=m)
 
 

@@ -40,8 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ffnkit.kernels.moe_stream import act_mul, combine_rows, scatter_rows, sort_by_expert
-
-ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+from ffnkit.kernels.triton_sparse_ffn import ACT_CODES, apply_act  # one activation for every Triton kernel
 
 # Route thresholds (pairs S = tokens x K) and launch parameters; "sorted" configs are keyed by the mean rows
 # per expert (S / E) class. Chosen on an H200 (benchmarks/moe_kernel.py, OLMoE shapes, bf16).
@@ -77,20 +76,6 @@ CONFIGS: dict[str, object] = {
 SHARED_MEMORY = 232448
 
 
-@triton.jit
-def _activation(g, ACT: tl.constexpr):
-    if ACT == 0:
-        r = g * tl.sigmoid(g)
-    elif ACT == 1:
-        r = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-    elif ACT == 2:
-        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        r = g * tl.sigmoid(2.0 * z)  # 0.5 g (1 + tanh z) = g sigmoid(2z)
-    else:
-        r = tl.maximum(g, 0.0)
-    return r
-
-
 # ------------------------------------------------------------------------------------------ decode: gather
 
 
@@ -116,7 +101,7 @@ def _gate_up_gather_kernel(x_ptr, w_ptr, idx_ptr, h_ptr, E, F, D, K: tl.constexp
             wu = tl.load(base + (offs_n[:, None].to(tl.int64) + F) * D + ok[None, :], mask=m2, other=0.0)
             acc_g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
             acc_u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
-        h = _activation(acc_g, ACT) * acc_u
+        h = apply_act(acc_g, ACT) * acc_u
         tl.store(h_ptr + p.to(tl.int64) * F + offs_n, h.to(h_ptr.dtype.element_ty), mask=mn)
 
 
@@ -212,7 +197,7 @@ def _gate_up_sorted_kernel(x_ptr, w_ptr, order_ptr, counts_ptr, h_ptr, E, F, D, 
             a_ptrs += BLOCK_K
             wg_ptrs += BLOCK_K
             wu_ptrs += BLOCK_K
-        h = _activation(acc_g, ACT) * acc_u
+        h = apply_act(acc_g, ACT) * acc_u
         out = h_ptr + rows[:, None].to(tl.int64) * F + offs_n[None, :]
         tl.store(out, h.to(h_ptr.dtype.element_ty), mask=mr[:, None] & mn[None, :])
 
@@ -419,4 +404,4 @@ ROUTES = {
     "fused_grouped_mm": fused_grouped_mm_experts,
 }
 
-__all__ = ["ACT_CODES", "CONFIGS", "ROUTES", "experts_forward", "grouped_mm_available"]
+__all__ = ["CONFIGS", "ROUTES", "experts_forward", "grouped_mm_available"]
