@@ -26,11 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ffnkit.kernels.cpu_build import load_cpu_library
+from ffnkit.kernels.cpu_sparse_ffn import ACT_CODES, DTYPE_CODES
 from ffnkit.kernels.reference import activation
 
 # Pairs (tokens x K) up to which the per-pair gather path runs; above it the sorted path. Measured on the
 # 2-core CPU (benchmarks/moe_kernel.py, hidden 512, width 256, 16 experts, top-4).
-CONFIGS: dict[str, int] = {"gather_max_pairs": 8}
+CONFIGS: dict[str, int] = {
+    "gather_max_pairs": 8,
+    "c_pack_min_tokens": 8,
+    "c_prefetch": 0,
+    "c_max_pairs": 1 << 62,
+}
 
 
 def _act_mul(gu: Tensor, f: int, act: str) -> Tensor:
@@ -102,6 +109,52 @@ def sorted_experts(
     return torch.bmm(top_k_weights.to(x.dtype).view(-1, 1, k), rows).view(-1, d)  # [T, D]
 
 
+def c_available(gate_up: Tensor, down: Tensor) -> bool:
+    """Whether :func:`c_experts` can run these experts (C library built, dtype supported, contiguous).
+
+    Example:
+        >>> c_available(torch.randn(4, 8, 6), torch.randn(4, 6, 4)) in (True, False)
+        True
+    """
+    return (
+        gate_up.dtype in DTYPE_CODES
+        and gate_up.is_contiguous()
+        and down.is_contiguous()
+        and load_cpu_library() is not None
+    )
+
+
+def c_experts(
+    x: Tensor, gate_up: Tensor, down: Tensor, top_k_index: Tensor, top_k_weights: Tensor, act: str = "silu"
+) -> Tensor:
+    """Expert-major C kernel: each expert's weight rows read once for all the tokens routed to it.
+
+    For each expert that got tokens, gate row i and up row i are one register tile against all its token
+    rows (h = w * act(g) * u in float32), then down's D rows against those h rows, added into each token's
+    output; threads split each expert's neurons, then the output rows. Float32 accumulation; x and h are
+    float32, weights are read in place in their dtype (float32, bfloat16, float16). Needs
+    :func:`c_available`.
+
+    Example:
+        >>> gu, dn = torch.randn(4, 8, 6), torch.randn(4, 6, 4)
+        >>> c_experts(torch.randn(3, 6), gu, dn, torch.randint(0, 4, (3, 2)), torch.rand(3, 2)).shape  # doctest: +SKIP
+        torch.Size([3, 6])
+    """
+    e, f2, d = gate_up.shape
+    t, k = top_k_index.shape
+    x2 = x.to(torch.float32).contiguous()  # [T, D]
+    idx = top_k_index.to(torch.int64).contiguous()  # [T, K]
+    w = top_k_weights.to(torch.float32).contiguous()  # [T, K]
+    y = torch.empty(t, d, dtype=torch.float32)  # [T, D], overwritten by the kernel
+    rc = load_cpu_library().ffnkit_moe_experts(
+        DTYPE_CODES[gate_up.dtype], x2.data_ptr(), t, d, f2 // 2, e, k, gate_up.data_ptr(), down.data_ptr(),
+        idx.data_ptr(), w.data_ptr(), ACT_CODES[act], y.data_ptr(), torch.get_num_threads(), CONFIGS["c_pack_min_tokens"],
+        CONFIGS["c_prefetch"],
+    )  # fmt: skip
+    assert rc == 0
+    return y.to(x.dtype)
+
+
 def experts_forward(
     x: Tensor, gate_up: Tensor, down: Tensor, top_k_index: Tensor, top_k_weights: Tensor, act: str = "silu"
 ) -> Tensor:
@@ -112,6 +165,8 @@ def experts_forward(
         >>> experts_forward(torch.randn(2, 6), gu, dn, torch.randint(0, 4, (2, 2)), torch.rand(2, 2)).shape
         torch.Size([2, 6])
     """
+    if top_k_index.numel() <= CONFIGS["c_max_pairs"] and c_available(gate_up, down):
+        return c_experts(x, gate_up, down, top_k_index, top_k_weights, act)
     if top_k_index.numel() <= CONFIGS["gather_max_pairs"]:
         return gather_experts(x, gate_up, down, top_k_index, top_k_weights, act)
     return sorted_experts(x, gate_up, down, top_k_index, top_k_weights, act)
