@@ -26,6 +26,7 @@ typedef float v8f __attribute__((vector_size(32), aligned(4), may_alias));
 typedef uint16_t v8h __attribute__((vector_size(16), aligned(2), may_alias));
 typedef _Float16 v8hf __attribute__((vector_size(16), aligned(2), may_alias));
 typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
 
 // ---- loads of 8 (or 1) weights as float32 -----------------------------------------------------------
 static inline v8f ld8(const float *p) { return *(const v8f *)p; }
@@ -52,7 +53,6 @@ static inline float act_f(int act, float g) {
 
 // silu on 8 lanes: g / (1 + exp(-g)), exp by range reduction to [-ln2/2, ln2/2] and a degree-6 polynomial
 // (about 2 ulp; the scalar std::exp per element cost ~17% of a 64-token expert's time in the packed path)
-typedef int32_t v8i __attribute__((vector_size(32)));
 static inline v8f exp8(v8f x) {
   const v8f hi = v8f{} + 88.3762626647949f, lo = v8f{} - 88.3762626647949f;
   x = x > hi ? hi : x;
@@ -221,39 +221,52 @@ static void input_rows(const float *x, int nb, int64_t n_in, int64_t n_out, cons
 }
 
 // ---- mixture of experts, expert-major -----------------------------------------------------------------
-// One register tile: NR weight rows (w + r*ldw) against NB token rows (xr[b]); acc[r][b] = <w_r, x_b>.
-// 2 x 4 = 8 independent FMA chains (two FMA ports x four cycles of latency), six loads per eight FMAs.
+// hadd of two vectors (x86 vhaddps order, portable): [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7]
+static inline v8f hadd2(v8f a, v8f b) {
+  return __builtin_shuffle(a, b, v8i{0, 2, 8, 10, 4, 6, 12, 14}) + __builtin_shuffle(a, b, v8i{1, 3, 9, 11, 5, 7, 13, 15});
+}
+// lane i = the sum of a[i]'s lanes, for eight vectors at once (9 vector ops instead of 8 scalar reductions)
+static inline v8f hsum8(const v8f *a) {
+  v8f u0 = hadd2(hadd2(a[0], a[1]), hadd2(a[2], a[3])), u1 = hadd2(hadd2(a[4], a[5]), hadd2(a[6], a[7]));
+  return __builtin_shuffle(u0, u1, v8i{0, 1, 2, 3, 8, 9, 10, 11}) + __builtin_shuffle(u0, u1, v8i{4, 5, 6, 7, 12, 13, 14, 15});
+}
+
+// One register tile: NR (1 or 2) weight rows (w + r*ldw) against NB (<= 4) token rows (xr[b]); lane r*4 + b
+// of the result = <w_r, x_b>. 2 x 4 = 8 independent FMA chains (two FMA ports x four cycles of latency),
+// six loads per eight FMAs.
 template <class W, int NR, int NB>
-static inline void tile_dots(const W *w, int64_t ldw, const float *const *xr, int64_t d, float out[NR][4]) {
-  v8f acc[NR][NB];
-  for (int r = 0; r < NR; ++r) for (int b = 0; b < NB; ++b) acc[r][b] = v8f{};
+static inline v8f tile_dots(const W *w, int64_t ldw, const float *const *xr, int64_t d, int64_t pfd) {
+  v8f acc[8];
+  for (int q = 0; q < 8; ++q) acc[q] = v8f{};
   int64_t j = 0;
   for (; j + 8 <= d; j += 8) {
     v8f wv[NR];
     for (int r = 0; r < NR; ++r) wv[r] = ld8(w + r * ldw + j);
+    if (pfd > 0 && !(j & 15)) for (int r = 0; r < NR; ++r) __builtin_prefetch(w + r * ldw + j + pfd, 0, 3);
     for (int b = 0; b < NB; ++b) {
       v8f xv = ld8(xr[b] + j);
-      for (int r = 0; r < NR; ++r) acc[r][b] += wv[r] * xv;
+      for (int r = 0; r < NR; ++r) acc[r * 4 + b] += wv[r] * xv;
     }
   }
-  for (int r = 0; r < NR; ++r)
-    for (int b = 0; b < NB; ++b) {
-      float s = hsum(acc[r][b]);
-      for (int64_t jj = j; jj < d; ++jj) s += ld1(w + r * ldw + jj) * xr[b][jj];
-      out[r][b] = s;
+  v8f out = hsum8(acc);
+  for (; j < d; ++j)
+    for (int r = 0; r < NR; ++r) {
+      const float wj = ld1(w + r * ldw + j);
+      for (int b = 0; b < NB; ++b) out[r * 4 + b] += wj * xr[b][j];
     }
+  return out;
 }
 
-// out[r][b] for NR rows against nb token rows, four at a time.
+// sink(b0, n, s) for NR rows against nb token rows, four at a time: s lane r*4 + b = <w_r, x_(b0+b)>.
 template <class W, int NR, class Sink>
-static inline void rows_dots(const W *w, int64_t ldw, const float *const *xr, int nb, int64_t d, Sink sink) {
-  float o[NR][4];
+static inline void rows_dots(const W *w, int64_t ldw, const float *const *xr, int nb, int64_t d, int64_t pfd,
+                             Sink sink) {
   int b = 0;
-  for (; b + 4 <= nb; b += 4) { tile_dots<W, NR, 4>(w, ldw, xr + b, d, o); sink(b, 4, o); }
+  for (; b + 4 <= nb; b += 4) sink(b, 4, tile_dots<W, NR, 4>(w, ldw, xr + b, d, b ? 0 : pfd));
   switch (nb - b) {
-    case 3: tile_dots<W, NR, 3>(w, ldw, xr + b, d, o); sink(b, 3, o); break;
-    case 2: tile_dots<W, NR, 2>(w, ldw, xr + b, d, o); sink(b, 2, o); break;
-    case 1: tile_dots<W, NR, 1>(w, ldw, xr + b, d, o); sink(b, 1, o); break;
+    case 3: sink(b, 3, tile_dots<W, NR, 3>(w, ldw, xr + b, d, b ? 0 : pfd)); break;
+    case 2: sink(b, 2, tile_dots<W, NR, 2>(w, ldw, xr + b, d, b ? 0 : pfd)); break;
+    case 1: sink(b, 1, tile_dots<W, NR, 1>(w, ldw, xr + b, d, b ? 0 : pfd)); break;
   }
 }
 
@@ -262,12 +275,13 @@ static inline void rows_dots(const W *w, int64_t ldw, const float *const *xr, in
 // need no horizontal reduction. NR weight rows (w[r], contiguous, length d) x NV vectors of 8 tokens:
 // 6 x 2 = 12 accumulators, 8 loads per 12 FMAs.
 template <class W, int NR, int NV>
-static inline void bcast_tile(const W *const *w, const float *xp, int64_t d, v8f out[6][2]) {
+static inline void bcast_tile(const W *const *w, const float *xp, int64_t d, int64_t pfd, v8f out[6][2]) {
   v8f acc[NR][NV];
   for (int r = 0; r < NR; ++r) for (int v = 0; v < NV; ++v) acc[r][v] = v8f{};
   for (int64_t j = 0; j < d; ++j) {
     v8f xv[NV];
     for (int v = 0; v < NV; ++v) xv[v] = ld8(xp + j * 16 + 8 * v);
+    if (pfd > 0 && !(j & 15)) for (int r = 0; r < NR; ++r) __builtin_prefetch(w[r] + j + pfd, 0, 3);
     for (int r = 0; r < NR; ++r) {
       const float ws = ld1(w[r] + j);
       const v8f wb = {ws, ws, ws, ws, ws, ws, ws, ws};  // one vbroadcastss from memory for float32
@@ -278,19 +292,20 @@ static inline void bcast_tile(const W *const *w, const float *xp, int64_t d, v8f
 }
 
 template <class W, int NR>
-static inline void bcast_tile_nv(const W *const *w, const float *xp, int64_t d, int nv, v8f out[6][2]) {
-  if (nv == 2) bcast_tile<W, NR, 2>(w, xp, d, out); else bcast_tile<W, NR, 1>(w, xp, d, out);
+static inline void bcast_tile_nv(const W *const *w, const float *xp, int64_t d, int64_t pfd, int nv, v8f out[6][2]) {
+  if (nv == 2) bcast_tile<W, NR, 2>(w, xp, d, pfd, out); else bcast_tile<W, NR, 1>(w, xp, d, pfd, out);
 }
 
 template <class W>
-static inline void bcast_rows(const W *const *w, int nr, const float *xp, int64_t d, int nv, v8f out[6][2]) {
+static inline void bcast_rows(const W *const *w, int nr, const float *xp, int64_t d, int64_t pfd, int nv,
+                              v8f out[6][2]) {
   switch (nr) {
-    case 6: bcast_tile_nv<W, 6>(w, xp, d, nv, out); break;
-    case 5: bcast_tile_nv<W, 5>(w, xp, d, nv, out); break;
-    case 4: bcast_tile_nv<W, 4>(w, xp, d, nv, out); break;
-    case 3: bcast_tile_nv<W, 3>(w, xp, d, nv, out); break;
-    case 2: bcast_tile_nv<W, 2>(w, xp, d, nv, out); break;
-    default: bcast_tile_nv<W, 1>(w, xp, d, nv, out); break;
+    case 6: bcast_tile_nv<W, 6>(w, xp, d, pfd, nv, out); break;
+    case 5: bcast_tile_nv<W, 5>(w, xp, d, pfd, nv, out); break;
+    case 4: bcast_tile_nv<W, 4>(w, xp, d, pfd, nv, out); break;
+    case 3: bcast_tile_nv<W, 3>(w, xp, d, pfd, nv, out); break;
+    case 2: bcast_tile_nv<W, 2>(w, xp, d, pfd, nv, out); break;
+    default: bcast_tile_nv<W, 1>(w, xp, d, pfd, nv, out); break;
   }
 }
 
@@ -302,6 +317,8 @@ static inline void bcast_rows(const W *const *w, int nr, const float *xp, int64_
 // threads write the same element of y, no reduction). An expert with fewer than pack_min tokens runs dot
 // tiles on its token rows in place; one with more packs its tokens 16 to a block (xp) and runs broadcast
 // tiles, its h landing in the same packed layout (hp) that phase 2 then reads.
+static const int64_t kChunk = 4;  // packed blocks (16 tokens each) per chunk
+
 template <class W>
 static void moe_experts(const float *x, int64_t T, int64_t D, int64_t F, int64_t E, int64_t K, const W *GU,
                         const W *DN, const int64_t *idx, const float *wts, int act, float *y, int nt,
@@ -366,25 +383,32 @@ static void moe_experts(const float *x, int64_t T, int64_t D, int64_t F, int64_t
       if (nb < pack_min) {
         #pragma omp for schedule(static) nowait
         for (int64_t i = 0; i < F; ++i) {
-          if (pf > 0 && i + pf < F) { prefetch_block(G + (i + pf) * D, D * (int64_t)sizeof(W)); prefetch_block(G + (F + i + pf) * D, D * (int64_t)sizeof(W)); }
-          rows_dots<W, 2>(G + i * D, F * D, xr + s0, nb, D, [&](int b0, int n, float (*o)[4]) {
-            for (int b = 0; b < n; ++b) h[(pb[e] + b0 + b) * F + i] = pw[s0 + b0 + b] * act_f(act, o[0][b]) * o[1][b];
+          rows_dots<W, 2>(G + i * D, F * D, xr + s0, nb, D, (int64_t)pf * D, [&](int b0, int n, v8f o) {
+            float *hi = h + (pb[e] + b0) * F + i;
+            if (act == 0) {  // gate in lanes 0..3, up in 4..7
+              v8f hv = silu8(o) * __builtin_shuffle(o, v8i{4, 5, 6, 7, 4, 5, 6, 7});
+              for (int b = 0; b < n; ++b) hi[b * F] = pw[s0 + b0 + b] * hv[b];
+            } else {
+              for (int b = 0; b < n; ++b) hi[b * F] = pw[s0 + b0 + b] * act_f(act, o[b]) * o[4 + b];
+            }
           });
         }
         continue;
       }
       const int64_t nblk = (nb + 15) / 16;
+      for (int64_t c0 = 0; c0 < nblk; c0 += kChunk) {  // a chunk of tokens stays in L2 across the neurons
+      const int64_t c1 = c0 + kChunk < nblk ? c0 + kChunk : nblk;
       #pragma omp for schedule(static) nowait
       for (int64_t ig = 0; ig < (F + 2) / 3; ++ig) {
         const int64_t i0 = 3 * ig;
         const int nn = (int)(F - i0 < 3 ? F - i0 : 3);
         const W *wr[6];
         for (int n = 0; n < nn; ++n) { wr[n] = G + (i0 + n) * D; wr[nn + n] = G + (F + i0 + n) * D; }
-        for (int64_t bk = 0; bk < nblk; ++bk) {
+        for (int64_t bk = c0; bk < c1; ++bk) {
           const int64_t l0 = bk * 16;
           const int nl = (int)(nb - l0 < 16 ? nb - l0 : 16);
           v8f o[6][2];
-          bcast_rows<W>(wr, 2 * nn, xp + (pb[e] + l0) * D, D, nl > 8 ? 2 : 1, o);
+          bcast_rows<W>(wr, 2 * nn, xp + (pb[e] + l0) * D, D, bk > c0 ? 0 : (int64_t)pf * 3 * D, nl > 8 ? 2 : 1, o);
           float *hb = h + (pb[e] + l0) * F;  // [F, 16] block; padding lanes get weight 0, so h = 0
           const float *bw = ppw + pb[e] + l0;
           for (int n = 0; n < nn; ++n)
@@ -401,42 +425,54 @@ static void moe_experts(const float *x, int64_t T, int64_t D, int64_t F, int64_t
             }
         }
       }
+      }
     }
     #pragma omp barrier
-    // phase 2: y += down_e h, threads owning groups of 6 of y's columns across all experts
-    #pragma omp for schedule(static)
-    for (int64_t rg = 0; rg < (D + 5) / 6; ++rg) {
-      const int64_t r0 = 6 * rg;
-      const int nr = (int)(D - r0 < 6 ? D - r0 : 6);
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t s0 = start[e];
-        const int nb = (int)(start[e + 1] - s0);
-        if (nb == 0) continue;
-        const W *Dn = DN + e * D * F + r0 * F;
-        if (nb < pack_min) {
-          if (pf > 0 && r0 + 6 * pf < D) prefetch_block(Dn + 6 * pf * F, 6 * F * (int64_t)sizeof(W));
+    // phase 2: y += down_e h. Every loop over the row groups has the same bounds and a static schedule, so a
+    // thread owns the same 6 of y's columns in all of them: no two threads write one element, no barrier.
+    const int64_t ngroups = (D + 5) / 6;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t s0 = start[e];
+      const int nb = (int)(start[e + 1] - s0);
+      if (nb == 0) continue;
+      if (nb < pack_min) {
+        #pragma omp for schedule(static) nowait
+        for (int64_t rg = 0; rg < ngroups; ++rg) {
+          const int64_t r0 = 6 * rg;
+          const int nr = (int)(D - r0 < 6 ? D - r0 : 6);
+          const W *Dn = DN + e * D * F + r0 * F;
           int q = 0;
           for (; q + 2 <= nr; q += 2) {
-            rows_dots<W, 2>(Dn + q * F, F, hr + s0, nb, F, [&](int b0, int n, float (*o)[4]) {
-              for (int b = 0; b < n; ++b) { float *yt = y + tok[s0 + b0 + b] * D + r0 + q; yt[0] += o[0][b]; yt[1] += o[1][b]; }
+            rows_dots<W, 2>(Dn + q * F, F, hr + s0, nb, F, (int64_t)pf * 2 * F, [&](int b0, int n, v8f o) {
+              for (int b = 0; b < n; ++b) { float *yt = y + tok[s0 + b0 + b] * D + r0 + q; yt[0] += o[b]; yt[1] += o[4 + b]; }
             });
           }
           if (q < nr) {
-            rows_dots<W, 1>(Dn + q * F, F, hr + s0, nb, F, [&](int b0, int n, float (*o)[4]) {
-              for (int b = 0; b < n; ++b) y[tok[s0 + b0 + b] * D + r0 + q] += o[0][b];
+            rows_dots<W, 1>(Dn + q * F, F, hr + s0, nb, F, (int64_t)pf * F, [&](int b0, int n, v8f o) {
+              for (int b = 0; b < n; ++b) y[tok[s0 + b0 + b] * D + r0 + q] += o[b];
             });
           }
-          continue;
         }
-        const W *wr[6];
-        for (int q = 0; q < nr; ++q) wr[q] = Dn + q * F;
-        for (int64_t l0 = 0; l0 < nb; l0 += 16) {
-          const int nl = (int)(nb - l0 < 16 ? nb - l0 : 16);
-          v8f o[6][2];
-          bcast_rows<W>(wr, nr, h + (pb[e] + l0) * F, F, nl > 8 ? 2 : 1, o);
-          for (int l = 0; l < nl; ++l) {
-            float *yt = y + tok[s0 + l0 + l] * D + r0;
-            for (int q = 0; q < nr; ++q) yt[q] += o[q][l / 8][l % 8];
+        continue;
+      }
+      const int64_t nblk = (nb + 15) / 16;
+      for (int64_t c0 = 0; c0 < nblk; c0 += kChunk) {
+        const int64_t c1 = c0 + kChunk < nblk ? c0 + kChunk : nblk;
+        #pragma omp for schedule(static) nowait
+        for (int64_t rg = 0; rg < ngroups; ++rg) {
+          const int64_t r0 = 6 * rg;
+          const int nr = (int)(D - r0 < 6 ? D - r0 : 6);
+          const W *wr[6];
+          for (int q = 0; q < nr; ++q) wr[q] = DN + e * D * F + (r0 + q) * F;
+          for (int64_t bk = c0; bk < c1; ++bk) {
+            const int64_t l0 = bk * 16;
+            const int nl = (int)(nb - l0 < 16 ? nb - l0 : 16);
+            v8f o[6][2];
+            bcast_rows<W>(wr, nr, h + (pb[e] + l0) * F, F, bk > c0 ? 0 : (int64_t)pf * 6 * F, nl > 8 ? 2 : 1, o);
+            for (int l = 0; l < nl; ++l) {
+              float *yt = y + tok[s0 + l0 + l] * D + r0;
+              for (int q = 0; q < nr; ++q) yt[q] += o[q][l / 8][l % 8];
+            }
           }
         }
       }

@@ -35,7 +35,7 @@ from ffnkit.kernels.reference import activation
 CONFIGS: dict[str, int] = {
     "gather_max_pairs": 8,
     "c_pack_min_tokens": 8,
-    "c_prefetch": 0,
+    "c_prefetch": 1,
     "c_max_pairs": 1 << 62,
 }
 
