@@ -11,6 +11,10 @@ library offers this (oneDNN/MKL have no gathered GEMV), so it is ~200 lines of p
 extensions (AVX2/AVX-512/NEON, whatever ``-march=native`` gives), OpenMP threads (the libgomp torch has
 already loaded), float32, bfloat16 and float16 weights, float32 accumulation. Plain C ABI, loaded with
 ctypes: no Python or torch headers, so it builds in about a second.
+
+The same library holds the mixture-of-experts kernel (``ffnkit_moe_experts``, used by
+:mod:`ffnkit.kernels.moe_cpu`): expert-major, each weight row read once for all the tokens routed to it,
+register tiles of dot products for few tokens and GEMM-style broadcast tiles for many.
 """
 
 from __future__ import annotations

@@ -1,16 +1,25 @@
-"""The ``cpu`` expert executor: matrix-vector products per pair at decode, sorted per-expert matmuls otherwise.
+"""The ``cpu`` expert executor: an expert-major C kernel, with torch paths where it cannot run.
 
-Two shapes of the same computation (inputs validated by :mod:`ffnkit.kernels.moe`):
+Three shapes of the same computation (inputs validated by :mod:`ffnkit.kernels.moe`):
 
-- ``gather`` (at most :data:`CONFIGS` ``["gather_max_pairs"]`` token-expert pairs): for each pair, read
-  only that expert's rows: ``gu = gate_up[e] @ x_t``, ``h = act(gu[:F]) * gu[F:]``, and
-  ``y_t += w * down[e] @ h`` with ``addmv`` (the weight folded into the product, no extra pass).
-- ``sorted``: one stable sort of the pairs by expert, then one matmul per expert over its contiguous block
-  of rows (a grouped GEMM written as a loop over the experts that got tokens; empty experts cost nothing),
-  then the rows are put back in token order and each token's K rows summed with the router weights in one
-  batched product.
+- ``c`` (:func:`c_experts`; when the C library of :mod:`ffnkit.kernels.cpu_build` is built, the experts
+  are contiguous float32 / bfloat16 / float16 and there are at most ``CONFIGS["c_max_pairs"]`` pairs): for
+  each expert that got tokens, every gate, up and down row is read once for all of that expert's tokens,
+  h = w * act(gate x) * (up x) stays in float32, and ``down_e h`` is added into each token's output. An
+  expert with few tokens runs dot-product tiles (2 rows x 4 tokens) on its token rows in place; one with at
+  least ``c_pack_min_tokens`` packs them 16 to a block and runs broadcast tiles (6 rows x 16 tokens, like a
+  GEMM micro-kernel). Threads split each expert's neurons, then the output columns (no reduction); the next
+  tile's weights are prefetched ``c_prefetch`` tiles ahead.
+- ``gather`` (torch, at most ``gather_max_pairs`` token-expert pairs): for each pair, read only that
+  expert's rows: ``gu = gate_up[e] @ x_t``, ``h = act(gu[:F]) * gu[F:]``, and ``y_t += w * down[e] @ h``
+  with ``addmv`` (the weight folded into the product, no extra pass).
+- ``sorted`` (torch): one stable sort of the pairs by expert, then one matmul per expert over its
+  contiguous block of rows (a grouped GEMM written as a loop over the experts that got tokens; empty experts
+  cost nothing), then the rows are put back in token order and each token's K rows summed with the router
+  weights in one batched product.
 
-Both read each weight in place (no copy of an expert) and keep x's dtype, as torch's CPU matmuls do.
+All read each weight in place (no copy of an expert) and return x's dtype; the torch paths keep x's dtype
+inside, as torch's CPU matmuls do.
 
 Example:
     >>> import torch
@@ -30,8 +39,12 @@ from ffnkit.kernels.cpu_build import load_cpu_library
 from ffnkit.kernels.cpu_sparse_ffn import ACT_CODES, DTYPE_CODES
 from ffnkit.kernels.reference import activation
 
-# Pairs (tokens x K) up to which the per-pair gather path runs; above it the sorted path. Measured on the
-# 2-core CPU (benchmarks/moe_kernel.py, hidden 512, width 256, 16 experts, top-4).
+# Measured on the 2-core CPU at hidden 512, width 256, 16 experts, top-4, float32
+# (benchmarks/moe_cpu_configs.py -> benchmarks/results/moe_cpu_configs.json, "chosen"):
+# c_max_pairs: pairs (tokens x K) up to which the C kernel runs (faster than the torch paths at every
+# measured size up to it); c_pack_min_tokens: tokens an expert needs for the packed broadcast tiles;
+# c_prefetch: tiles of software prefetch ahead (0 = off). gather_max_pairs (torch fallback only): pairs up
+# to which the per-pair gather path runs, above it the sorted path (benchmarks/moe_kernel.py).
 CONFIGS: dict[str, int] = {
     "gather_max_pairs": 8,
     "c_pack_min_tokens": 8,
