@@ -324,7 +324,7 @@ static inline void bcast_rows(const W *const *w, int nr, const float *xp, int64_
 static const int64_t kChunk = 4;  // packed blocks (16 tokens each) per chunk
 
 template <class W>
-static void moe_experts(const float *x, int64_t T, int64_t D, int64_t F, int64_t E, int64_t K, const W *GU,
+static int moe_experts(const float *x, int64_t T, int64_t D, int64_t F, int64_t E, int64_t K, const W *GU,
                         const W *DN, const int64_t *idx, const float *wts, int act, float *y, int nt,
                         int pack_min, int pf) {
   if (nt < 1) nt = 1;
@@ -333,6 +333,7 @@ static void moe_experts(const float *x, int64_t T, int64_t D, int64_t F, int64_t
   int64_t *pb = (int64_t *)std::calloc((size_t)E + 1, sizeof(int64_t));  // padded base slot of each expert
   int64_t *tok = (int64_t *)std::malloc(sizeof(int64_t) * (S > 0 ? S : 1));
   float *pw = (float *)std::malloc(sizeof(float) * (S > 0 ? S : 1));
+  if (!start || !pb || !tok || !pw) { std::free(start); std::free(pb); std::free(tok); std::free(pw); return 2; }
   for (int64_t p = 0; p < S; ++p) {
     int64_t e = idx[p];
     if (e >= 0 && e < E && wts[p] != 0.0f) start[e + 2]++;
@@ -354,6 +355,11 @@ static void moe_experts(const float *x, int64_t T, int64_t D, int64_t F, int64_t
   float *h = (float *)std::malloc(sizeof(float) * P * F);  // [P, F] rows, or [blocks, F, 16] when packed
   float *xp = (float *)std::malloc(sizeof(float) * P * D);  // [blocks, D, 16] for the packed experts
   float *ppw = (float *)std::calloc((size_t)P, sizeof(float));  // router weights by padded slot, 0 = padding
+  if (!xr || !hr || !h || !xp || !ppw) {
+    std::free(start); std::free(pb); std::free(tok); std::free(pw); std::free(xr); std::free(hr);
+    std::free(h); std::free(xp); std::free(ppw);
+    return 2;  // out of memory: the caller says so
+  }
   for (int64_t e = 0; e < E; ++e) {
     const int64_t s0 = start[e], nb = start[e + 1] - s0;
     for (int64_t s = s0; s < s0 + nb; ++s) {
@@ -484,6 +490,7 @@ static void moe_experts(const float *x, int64_t T, int64_t D, int64_t F, int64_t
   }
   std::free(start); std::free(pb); std::free(tok); std::free(pw); std::free(xr); std::free(hr);
   std::free(h); std::free(xp); std::free(ppw);
+  return 0;
 }
 
 extern "C" {
@@ -514,9 +521,9 @@ int ffnkit_moe_experts(int dtype, const float *x, int64_t T, int64_t D, int64_t 
                        const void *GU, const void *DN, const int64_t *idx, const float *w, int act, float *y, int nt,
                        int pack_min, int pf) {
   switch (dtype) {
-    case 0: moe_experts(x, T, D, F, E, K, (const float *)GU, (const float *)DN, idx, w, act, y, nt, pack_min, pf); return 0;
-    case 1: moe_experts(x, T, D, F, E, K, (const bf16 *)GU, (const bf16 *)DN, idx, w, act, y, nt, pack_min, pf); return 0;
-    case 2: moe_experts(x, T, D, F, E, K, (const _Float16 *)GU, (const _Float16 *)DN, idx, w, act, y, nt, pack_min, pf); return 0;
+    case 0: return moe_experts(x, T, D, F, E, K, (const float *)GU, (const float *)DN, idx, w, act, y, nt, pack_min, pf);
+    case 1: return moe_experts(x, T, D, F, E, K, (const bf16 *)GU, (const bf16 *)DN, idx, w, act, y, nt, pack_min, pf);
+    case 2: return moe_experts(x, T, D, F, E, K, (const _Float16 *)GU, (const _Float16 *)DN, idx, w, act, y, nt, pack_min, pf);
   }
   return 1;
 }

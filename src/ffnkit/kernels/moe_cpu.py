@@ -164,6 +164,8 @@ def c_experts(
         idx.data_ptr(), w.data_ptr(), ACT_CODES[act], y.data_ptr(), torch.get_num_threads(), CONFIGS["c_pack_min_tokens"],
         CONFIGS["c_prefetch"],
     )  # fmt: skip
+    if rc == 2:
+        raise MemoryError(f"ffnkit cpu experts: no memory for {t * k} token-expert pairs; pass fewer tokens")
     assert rc == 0
     return y.to(x.dtype)
 
