@@ -135,3 +135,16 @@ def test_executor_takes_the_c_kernel_and_falls_back(monkeypatch):
     assert calls == [1]
     for o in (out, out2, out3):
         assert mc.rel_err(o, ref) < mc.TOL[torch.float32]
+
+
+def test_router_gradients_take_the_torch_path(monkeypatch):
+    """The C kernel has no backward: router weights that want gradients (router training) take the sorted
+    torch path, whose weighted sum keeps them."""
+    x, gu, dn = mc.make_experts(10, 4, 8, 16, torch.float32, "cpu", 61)
+    idx, w = mc.routing("uniform", 10, 2, 4, 62, "cpu")
+    monkeypatch.setattr(moe_cpu, "c_experts", lambda *a: pytest.fail("C kernel used with gradients"))
+    w = w.clone().requires_grad_(True)
+    experts_forward(x, gu, dn, idx, w, backend="cpu").square().sum().backward()
+    w_ref = w.detach().clone().requires_grad_(True)
+    _ref(x, gu, dn, idx, w_ref).square().sum().backward()
+    assert torch.allclose(w.grad, w_ref.grad, rtol=1e-4, atol=1e-5)

@@ -180,7 +180,9 @@ def experts_forward(
         >>> experts_forward(torch.randn(2, 6), gu, dn, torch.randint(0, 4, (2, 2)), torch.rand(2, 2)).shape
         torch.Size([2, 6])
     """
-    if top_k_index.numel() <= CONFIGS["c_max_pairs"] and c_available(gate_up, down):
+    # the C kernel has no backward: anything that needs gradients (router or expert training) takes torch
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down, top_k_weights))
+    if top_k_index.numel() <= CONFIGS["c_max_pairs"] and not needs_grad and c_available(gate_up, down):
         return c_experts(x, gate_up, down, top_k_index, top_k_weights, act)
     if top_k_index.numel() <= CONFIGS["gather_max_pairs"]:
         return gather_experts(x, gate_up, down, top_k_index, top_k_weights, act)
