@@ -320,7 +320,7 @@ static inline void bcast_rows(const W *const *w, int nr, const float *xp, int64_
 // of that expert's tokens; phase 2 adds down_e h into y, threads splitting the D output rows (no two
 // threads write the same element of y, no reduction). An expert with fewer than pack_min tokens runs dot
 // tiles on its token rows in place; one with more packs its tokens 16 to a block (xp) and runs broadcast
-// tiles, its h landing in the same packed layout (hp) that phase 2 then reads.
+// tiles, its h landing in the same packed layout ([F, 16] per block) that phase 2 then reads.
 static const int64_t kChunk = 4;  // packed blocks (16 tokens each) per chunk
 
 template <class W>
@@ -328,6 +328,7 @@ static int moe_experts(const float *x, int64_t T, int64_t D, int64_t F, int64_t 
                         const W *DN, const int64_t *idx, const float *wts, int act, float *y, int nt,
                         int pack_min, int pf) {
   if (nt < 1) nt = 1;
+  if (pack_min < 1) pack_min = 1;
   const int64_t S = T * K;
   int64_t *start = (int64_t *)std::calloc((size_t)E + 2, sizeof(int64_t));
   int64_t *pb = (int64_t *)std::calloc((size_t)E + 1, sizeof(int64_t));  // padded base slot of each expert
