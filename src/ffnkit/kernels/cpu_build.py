@@ -79,7 +79,7 @@ def load_cpu_library() -> ctypes.CDLL | None:
 
     Example:
         >>> lib = load_cpu_library()
-        >>> lib is None or lib.ffnkit_abi_version() == 3
+        >>> lib is None or lib.ffnkit_abi_version() == 4
         True
     """
     if os.environ.get("FFNKIT_CPU_KERNEL", "").lower() == "torch":
@@ -133,6 +133,25 @@ def load_cpu_library() -> ctypes.CDLL | None:
     lib.ffnkit_ffn_rows.restype = c_int
     lib.ffnkit_input_rows.argtypes = [c_int, f32p, c_int, i64, i64, vp, c_float, vp, vp, c_int, c_int]
     lib.ffnkit_input_rows.restype = c_int
+    lib.ffnkit_moe_experts.argtypes = [
+        c_int,
+        f32p,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        vp,
+        vp,
+        vp,
+        vp,
+        c_int,
+        vp,
+        c_int,
+        c_int,
+        c_int,
+    ]
+    lib.ffnkit_moe_experts.restype = c_int
     lib.ffnkit_abi_version.restype = c_int
     _STATUS.update(compiled=True, path=str(path), error=None)
     return lib

@@ -11,11 +11,12 @@ contributes nothing. Activation sparsity and routing are one idea at two granula
   (a grouped GEMM), then put the rows back and sum each token's K outputs.
 
 Backends (:mod:`ffnkit.kernels.backend`, one dispatch table): ``reference`` (a loop over experts in float32,
-the test oracle), ``cpu`` (:mod:`ffnkit.kernels.moe_cpu`: per-pair matrix-vector products at decode, sorted
-per-expert matmuls otherwise), ``triton`` (:mod:`ffnkit.kernels.moe_triton`: Triton gather kernels at
+the test oracle), ``cpu`` (:mod:`ffnkit.kernels.moe_cpu`: an expert-major C kernel reading each expert's
+rows once for all its tokens; torch per-pair matrix-vector products or sorted per-expert matmuls without a
+compiler), ``triton`` (:mod:`ffnkit.kernels.moe_triton`: Triton gather kernels at
 decode, a Triton grouped GEMM with the activation fused, or ``torch._grouped_mm`` for the largest batches).
-All return x's dtype; the fast paths keep the intermediate ``act(gate) * up`` in x's dtype, as the
-Hugging Face implementations do.
+All return x's dtype; the torch and Triton fast paths keep the intermediate ``act(gate) * up`` in x's
+dtype, as the Hugging Face implementations do (the CPU C kernel keeps it in float32).
 
 Example:
     >>> import torch
