@@ -10,7 +10,7 @@ in one process, median over rounds of the mean time per call:
   tokens, where experts get 4 to 16 tokens each;
 - ``prefetch``: ``c_prefetch`` (tiles of software prefetch ahead, 0 = off) at 1, 16 and 256 tokens.
 
-Protocol as benchmarks/moe_kernel.py: 4 copies of the weights and 4 routings rotated (no call finds its
+Protocol as benchmarks/moe_kernel.py: 4 copies of the weights and 5 routings rotated (no call finds its
 weights in a cache), variants alternate within every round, warm-up excluded; each variant is first checked
 against the reference. Writes one JSON document with the machine, versions, command and the chosen values.
 
@@ -47,7 +47,8 @@ def time_variants(
     """Median over rounds of the mean µs per call of each (fn, CONFIGS overrides), alternating per round."""
     d, e, k = SHAPES["cpu"]["hidden"], SHAPES["cpu"]["experts"], SHAPES["cpu"]["top_k"]
     xs = [torch.randn(tokens, d) for _ in range(2)]
-    routing = [make_routing(tokens, e, k, 1.0, "cpu", 100 * tokens + r) for r in range(4)]
+    n_rout = len(copies) + 1  # a period prime to the copies': each copy meets every routing (past the caches)
+    routing = [make_routing(tokens, e, k, 1.0, "cpu", 100 * tokens + r) for r in range(n_rout)]
     saved = dict(moe_cpu.CONFIGS)
 
     def run(fn: Callable, overrides: dict, calls: int) -> float:
@@ -56,7 +57,7 @@ def time_variants(
             t0 = time.perf_counter()
             for i in range(calls):
                 gu, dn = copies[i % len(copies)]
-                idx, w = routing[i % 4]
+                idx, w = routing[i % n_rout]
                 fn(xs[i % 2], gu, dn, idx, w)
             return (time.perf_counter() - t0) / calls
         finally:

@@ -223,7 +223,10 @@ def bench_experts(
     results = []
     for kind, sk in (("uniform", 1.0), ("skewed", skew)):
         for t in tokens:
-            n_rout = 4
+            # routings rotate with a period prime to the weight copies', so that on the CPU successive calls
+            # pair each copy with every routing and the working set (~100 MB at one token) exceeds the caches;
+            # with equal periods each copy saw one routing and one token's 6 MB per copy stayed in L3
+            n_rout = copies + 1 if copies > 1 else 4
             xs = [torch.randn(t, d, device=device, dtype=dtype) for _ in range(2)]
             routing = [make_routing(t, e, k, sk, device, 100 * t + r) for r in range(n_rout)]
             cost = [experts_cost(t, idx, e, d, f, k, dtype.itemsize) for idx, _ in routing]
@@ -334,7 +337,12 @@ def bench_experts(
         "shape": shape,
         "environment": environment(device),
         "floors": floors,
-        "protocol": {"rounds": rounds, "skew": skew, "weight_copies": copies, "routings_rotated": 4},
+        "protocol": {
+            "rounds": rounds,
+            "skew": skew,
+            "weight_copies": copies,
+            "routings_rotated": copies + 1 if copies > 1 else 4,
+        },
         "results": results,
     }
     if device == "cuda" and graphs:

@@ -47,8 +47,8 @@ from ffnkit.kernels.reference import activation
 # to which the per-pair gather path runs, above it the sorted path (benchmarks/moe_kernel.py).
 CONFIGS: dict[str, int] = {
     "gather_max_pairs": 8,
-    "c_pack_min_tokens": 16,
-    "c_prefetch": 2,
+    "c_pack_min_tokens": 8,
+    "c_prefetch": 1,
     "c_max_pairs": 16384,
 }
 
