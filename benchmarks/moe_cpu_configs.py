@@ -20,7 +20,6 @@ Run:  python benchmarks/moe_cpu_configs.py --out benchmarks/results/moe_cpu_conf
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ffnkit.kernels import moe_cpu
+from ffnkit.kernels.benchmark import write_json
 from ffnkit.kernels.moe_bench import SHAPES, environment, make_routing
 from ffnkit.kernels.moe_reference import experts_forward as reference_forward
 
@@ -135,12 +135,7 @@ def main() -> None:
     doc["chosen"] = {"c_max_pairs": max_pairs, "c_pack_min_tokens": best(pack), "c_prefetch": best(pref)}
     doc["command"] = " ".join(["python", *sys.argv])
     say(f"chosen: {doc['chosen']}")
-    text = json.dumps(doc, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    else:
-        print(text)
+    write_json(doc, args.out)
 
 
 if __name__ == "__main__":

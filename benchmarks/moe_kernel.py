@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ffnkit.kernels.benchmark import write_json
 from ffnkit.kernels.moe_bench import SHAPES, bench_experts, calibrate, make_routing
 
 
@@ -113,13 +114,9 @@ def main() -> None:
     doc["command"] = " ".join(["python", *sys.argv])
     for entry in doc.get("targets", []):
         print(json.dumps(entry), file=sys.stderr, flush=True)
-    text = json.dumps(doc, indent=2)
+    write_json(doc, args.out)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
         args.out.with_suffix(".partial.json").unlink(missing_ok=True)
-    else:
-        print(text)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ffnkit.kernels.benchmark import time_cuda
+from ffnkit.kernels.benchmark import time_cuda, write_json
 from ffnkit.kernels.moe_bench import SHAPES, environment, make_routing
 
 CANDIDATES = {
@@ -190,12 +190,7 @@ def main() -> None:
         ),
         "command": " ".join(["python", *sys.argv]),
     }
-    text = json.dumps(doc, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    else:
-        print(text)
+    write_json(doc, args.out)
 
 
 if __name__ == "__main__":

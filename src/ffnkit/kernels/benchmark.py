@@ -26,12 +26,14 @@ Example:
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +75,23 @@ class SparsityBenchConfig:
 
     def __post_init__(self) -> None:
         check_bench_config(self)
+
+
+def write_json(doc: dict, out: Path | None) -> None:
+    """A benchmark's result document: written to ``out`` (its folder made) or, without one, printed.
+
+    Example:
+        >>> write_json({"benchmark": "x"}, None)
+        {
+          "benchmark": "x"
+        }
+    """
+    text = json.dumps(doc, indent=2)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    else:
+        print(text)
 
 
 def parse_shape(spec: str) -> tuple[int, int]:
