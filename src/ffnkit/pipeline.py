@@ -419,6 +419,10 @@ def run_pipeline(
         model, tokenizer = load_step(config)
         seconds["load"] = time.perf_counter() - t0
         notify("load", {"seconds": seconds["load"]})
+    for step in config.steps:  # a step that cannot apply to this model fails now, before any measuring
+        check = getattr(step_config(step, config.corpus), "check_model", None)
+        if check is not None:
+            check(model)
     evaluation = None
     if config.evaluation is not None:
         evaluation = evaluation_set(config.evaluation, tokenizer, config.corpus)

@@ -167,3 +167,18 @@ def test_stage_functions_share_precomputed_inputs(saved):
     assert rec_a.report["layers"] == rec_b.report["layers"]
     assert measure(a, ev).perplexity == measure(b, ev).perplexity != dense.perplexity
     assert measure(a).perplexity is None and measure(a).parameters == rec_a.report["parameters_after"]
+
+
+def test_a_step_that_cannot_apply_fails_before_any_measuring(monkeypatch):
+    import ffnkit.pipeline as pipeline
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured before the step was checked")
+
+    monkeypatch.setattr(pipeline, "measure", no_measuring)
+    model = tiny_model("llama")
+    d_ff = model.config.intermediate_size
+    bad = next(e for e in range(3, d_ff) if d_ff % e)  # experts that do not divide d_ff
+    config = PipelineConfig(steps=[Step("moefy", {"experts": bad, "split": "random", "router": "centroid"})])
+    with pytest.raises(InvalidArgumentError, match="do not divide"):
+        run_pipeline(config, model=model, tokenizer=tiny_tokenizer())

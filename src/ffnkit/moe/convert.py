@@ -148,6 +148,15 @@ class MoEfyConfig(JsonConfig):
             or self.allocation == "global"
         )
 
+    def check_model(self, model: nn.Module) -> None:
+        """One-line error, before any work, when this conversion cannot apply to ``model``'s FFNs.
+
+        Example:
+            >>> MoEfyConfig(experts=7).check_model(model)  # doctest: +SKIP
+        """
+        for f in dense_targets(model, self.layers, "moefy_"):
+            self.top_k_for(f.d_ff)
+
     def top_k_for(self, d_ff: int) -> int:
         """k for an FFN of ``d_ff`` neurons (validated against the experts and the shared expert)."""
         routed = d_ff - self.shared
