@@ -424,6 +424,29 @@ def time_graphs(
     return times
 
 
+def profile_graph(replay, pos: torch.Tensor, start: int, tokens: int) -> dict:
+    """Device time per token of each kernel (by name) over ``tokens`` replays, under torch.profiler; the
+    sum next to the wall time per token shows what the gaps between kernels cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pos.fill_(start)
+    replay()
+    torch.cuda.synchronize()
+    pos.fill_(start)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(tokens):
+            replay()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0:
+            rows.append({"kernel": e.key[:90], "calls_per_token": round(e.count / tokens, 2),
+                         "us_per_token": round(us / tokens, 2)})  # fmt: skip
+    rows.sort(key=lambda r: -r["us_per_token"])
+    return {"kernels_us_per_token": round(sum(r["us_per_token"] for r in rows), 1), "top": rows[:14]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -444,6 +467,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--atomic", action="store_true", help="also gather_50 / predictor_50 with the in-kernel reduce"
+    )
+    ap.add_argument(
+        "--profile",
+        default="",
+        help="configs to profile after timing (comma list): device time per kernel name per token",
     )
     ap.add_argument(
         "--fused-sweep",
@@ -688,6 +716,12 @@ def main() -> None:
             rounds_ms=[round(t * 1e3, 3) for t in ts],
         )  # fmt: skip
     save()
+    for name in [v for v in args.profile.split(",") if v]:
+        if dev == "cuda" and name in configs:
+            record["configs"][name]["profile"] = profile_graph(configs[name], pos, start, 8)
+            save()
+            prof = record["configs"][name]["profile"]
+            print(name, "kernels", prof["kernels_us_per_token"], "us/token", json.dumps(prof["top"][:8]))
     print(f"{'config':20s} {'ms/token':>9s} {'tok/s':>8s} {'x dense':>8s}")
     for name, c in record["configs"].items():
         if "ms_per_token" in c:
