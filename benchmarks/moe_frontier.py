@@ -2,9 +2,10 @@
 
 Every split (kmeans, coact, random) × router (mlp, centroid) side by side in one run, the dense model in
 the same run, and static pruning at the same share of FFN neurons kept (``moefy`` at active F against
-``prune_`` removing 1 − F of the neurons) with ``--prune``: FLAP scores, one global threshold,
-least-squares W_out refit (cheap on CPU; the per-layer sensitivity allocation, the committed best at
-50%, measures every layer and is quoted from benchmarks/results/compress_frontier_sensitivity_h200.json).
+``prune_`` removing 1 − F of the neurons) with ``--prune``: FLAP scores, widths per layer from measured
+sensitivity, least-squares W_out refit (the committed best static pruning,
+benchmarks/results/compress_frontier_sensitivity_h200.json; rows written before 2026-11-30 13:30 label it
+"flap/global+refit", but the code ran this sensitivity allocation since it was written).
 
 Evaluation: the README protocol (``benchmarks/compress_frontier.py``): perplexity of the last
 ``--eval-tokens`` tokens of Austen's Persuasion in non-overlapping 512-token windows. Calibration:
@@ -58,6 +59,7 @@ from ffnkit.pipeline import PerplexityProtocol, PipelineConfig, evaluation_set, 
 from ffnkit.train.heal import HealConfig, heal_
 
 COMMITTED = "benchmarks/results/compress_frontier_sensitivity_h200.json"
+REFIT_MODES = {"on": (True,), "off": (False,), "both": (True, False)}
 
 
 def committed_pruning() -> dict:
@@ -83,6 +85,18 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--shared", type=int, default=0)
     ap.add_argument("--allocation", default="uniform", help="uniform or global (k per layer by mass recall)")
     ap.add_argument("--no-compensate", action="store_true", help="no output-bias compensation")
+    ap.add_argument(
+        "--refit",
+        default="on",
+        choices=["on", "off", "both"],
+        help="least-squares refit of the down projections with the routing in the loop (both: one row each, one plan)",
+    )
+    ap.add_argument(
+        "--refit-tokens", type=int, default=8192, help="calibration tokens per layer of the refit"
+    )
+    ap.add_argument(
+        "--refit-ridge", type=float, default=1.0, help="ridge of the refit (x mean Gram diagonal)"
+    )
     ap.add_argument(
         "--variants",
         default="",
@@ -113,7 +127,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument(
         "--heal-precision", default="highest", help="float32 matmuls while healing: highest, or high (TF32)"
     )
-    ap.add_argument("--prune", action="store_true", help="also prune (flap/global+refit) at each share")
+    ap.add_argument("--prune", action="store_true", help="also prune (flap/sensitivity+refit) at each share")
     ap.add_argument(
         "--prune-heal",
         action="store_true",
@@ -238,7 +252,7 @@ def main() -> None:
                 {
                     "active": a,
                     "ratio_removed": 1.0 - a,
-                    "method": "flap/global+refit",
+                    "method": "flap/sensitivity+refit",
                     "perplexity": ppl,
                     "ffn_ratio_removed": report.ffn_ratio_removed,
                 }
@@ -291,6 +305,9 @@ def main() -> None:
                     router_target=target,
                     allocation=alloc,
                     compensate=not args.no_compensate,
+                    refit=args.refit != "off",
+                    refit_tokens=args.refit_tokens,
+                    refit_ridge=args.refit_ridge,
                     samples=args.samples,
                     seq_len=args.seq_len,
                 )
@@ -303,11 +320,14 @@ def main() -> None:
                     split_plans[(experts, shared, split)] = plan
                     log(f"plan {split}/{router}: {plans[key][1]:.0f} s")
                 plan, plan_s = plans[key]
-                for a in actives:
+                for a, refit in ((a, r) for a in actives for r in REFIT_MODES[args.refit]):
                     model = copy.deepcopy(dense)
-                    report = moefy_(model, MoEfyConfig(**fields, active=a), plan=plan)
+                    report = moefy_(model, MoEfyConfig(**{**fields, "refit": refit}, active=a), plan=plan)
                     ppl = measure(model, evaluation).perplexity
-                    row("router", split, router, a, report, ppl, plan_seconds=plan_s, **tag)
+                    row("router", split, router, a, report, ppl, plan_seconds=plan_s, refit=refit, **tag)
+                    if refit != REFIT_MODES[args.refit][0]:  # oracle and healing: the first mode's model only
+                        del model
+                        continue
                     if args.oracle and router == routers[0]:
                         with oracle_routing(model):
                             ppl = measure(model, evaluation).perplexity
@@ -341,7 +361,7 @@ def label(r: dict) -> str:
     """A row's name: kind split/router E<experts> S<shared> <router target> <allocation>."""
     return (
         f"{r['kind']} {r['split']}/{r['router']} E{r.get('experts')} S{r.get('shared')} "
-        f"{r.get('router_target')} {r.get('allocation')}"
+        f"{r.get('router_target')} {r.get('allocation')}" + (" refit" if r.get("refit") else "")
     )
 
 
@@ -399,7 +419,12 @@ def document(args, actives, results, pruning, evaluation, dense, t0) -> dict:
                 "variants",
             )
         }
-        | {"compensate": not args.no_compensate},
+        | {
+            "compensate": not args.no_compensate,
+            "refit": args.refit,
+            "refit_tokens": args.refit_tokens,
+            "refit_ridge": args.refit_ridge,
+        },  # fmt: skip
         "dense": {"perplexity": dense.perplexity, "parameters": dense.parameters},
         "results": results,
         "pruning": pruning,

@@ -60,6 +60,8 @@ def test_convert_then_eval(saved):
     assert doc["report"]["active_fraction"] == pytest.approx(0.5)
     assert doc["report"]["config"]["router_target"] == "norm"
     assert [row["top_k"] for row in doc["report"]["layers"]] == [2, 2]
+    assert doc["report"]["config"]["refit"] is True  # the default: an mlp router reads calibration text
+    assert all(row["refit"] for row in doc["report"]["layers"])
     run = ffnkit(
         "eval", str(out), "--corpus", str(saved["corpus"]), "--window", "16", "--json", root=saved["root"]
     )

@@ -133,6 +133,7 @@ def test_upcycled_gpt2_is_refused_and_nothing_changes():
         ({"split": "spectral"}, "kmeans"),
         ({"router": "hash"}, "centroid"),
         ({"active": 0.5, "top_k": 2}, "not both"),
+        ({"refit_ridge": 0.0}, "refit_ridge"),
     ],
 )
 def test_bad_configs_are_one_line_errors_and_change_nothing(fields, match):
@@ -198,18 +199,53 @@ def test_global_allocation_keeps_the_average_and_differs_per_layer():
         MoEfyConfig(experts=8, top_k=2, allocation="global")
 
 
+def _block_error(**fields) -> torch.Tensor:
+    """Output error [n, d] of layer 0's converted block on the calibration tokens it was made from
+    (oracle: the dense FFN's output captured before conversion)."""
+    model = tiny_model("llama")
+    ffn = find_ffns(model)[0]
+    with torch.no_grad(), capture(model, sites=["in", "out"], layers=[0]) as cap:
+        model(input_ids=CALIB)
+    x, y = cap["in", 0], cap["out", 0]
+    report = moefy_(model, MoEfyConfig(experts=4, split="coact", layers=[0], **fields), calibration=CALIB)
+    assert report.layers[0]["refit"] is fields.get("refit", True)
+    with torch.no_grad():
+        return model.get_submodule(ffn.name)(x) - y
+
+
 def test_output_bias_compensation_lowers_the_mean_error():
-    """The compensated block's mean output error on calibration inputs is smaller (oracle: the dense FFN
-    read before conversion)."""
-    errs = {}
-    for compensate in (False, True):
-        model = tiny_model("llama")
-        ffn = find_ffns(model)[0]
-        with torch.no_grad(), capture(model, sites=["in", "out"], layers=[0]) as cap:
-            model(input_ids=CALIB)
-        x, y = cap["in", 0], cap["out", 0]
-        cfg = MoEfyConfig(experts=4, router="centroid", split="coact", active=0.25, compensate=compensate)
-        moefy_(model, cfg, calibration=CALIB)
-        with torch.no_grad():
-            errs[compensate] = (model.get_submodule(ffn.name)(x) - y).mean(0).norm().item()
+    errs = {
+        c: _block_error(router="centroid", active=0.25, compensate=c, refit=False).mean(0).norm().item()
+        for c in (False, True)
+    }
     assert errs[True] < 0.5 * errs[False]
+
+
+def _squared_error(refit: bool, compensate: bool = True) -> float:
+    err = _block_error(router="mlp", active=0.5, compensate=compensate, refit=refit)
+    return float((err**2).sum())
+
+
+def test_refit_fits_the_calibration_output_better_than_bias_compensation():
+    """Least squares with the routing in the loop, shrunk towards the dense weights: at the dense weights
+    with the compensated bias its objective equals compensation's error, so its error cannot exceed it;
+    both beat the plain conversion."""
+    plain, compensated, refit = _squared_error(False, False), _squared_error(False), _squared_error(True)
+    assert refit <= compensated * (1 + 1e-6)
+    assert refit < 0.9 * plain
+
+
+def test_refit_with_every_expert_chosen_returns_the_dense_weights():
+    """With top-k = E every neuron is kept for every token, so the fit reproduces the dense FFN."""
+    model = tiny_model("llama")
+    ffn = find_ffns(model)[0]
+    x = torch.randn(9, H)
+    w = tuple(
+        t.detach().clone() if t is not None else None
+        for t in (ffn.W_in, ffn.W_gate, ffn.W_out, ffn.b_in, ffn.b_gate, ffn.b_out)
+    )
+    report = moefy_(model, MoEfyConfig(experts=4, router="mlp", split="coact", active=1.0), calibration=CALIB)
+    assert all(row["refit"] for row in report.layers)
+    with torch.no_grad():
+        got = model.get_submodule(ffn.name)(x)
+    torch.testing.assert_close(got, _dense_oracle((*w, ffn.act_fn), x), atol=1e-5, rtol=1e-4)

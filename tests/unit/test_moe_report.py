@@ -63,6 +63,7 @@ def test_dense_model_shows_the_published_frontier_with_its_machine(tmp_path, mon
             {"split": "kmeans", "router": "mlp", "active": 0.5, "perplexity": 45.0},
             {"split": "kmeans", "router": "mlp", "active": 0.25, "perplexity": 80.0},
             {"split": "random", "router": "centroid", "active": 0.5, "perplexity": 60.0},
+            {"split": "random", "router": "centroid", "active": 0.5, "perplexity": 55.0, "refit": True},
             {"split": "random", "note": "no numbers"},
         ],
     }
@@ -73,7 +74,11 @@ def test_dense_model_shows_the_published_frontier_with_its_machine(tmp_path, mon
     _, body = moe_section.section_moe(ctx)
     (entry,) = ctx.json["moe"]["published_frontiers"]  # the other model's frontier is not shown
     assert entry["machine"] == "test-box (2 cores)" and entry["dense"] == 36.3
-    assert entry["curves"] == {"kmeans/mlp": {0.5: 45.0, 0.25: 80.0}, "random/centroid": {0.5: 60.0}}
+    assert entry["curves"] == {
+        "kmeans/mlp": {0.5: 45.0, 0.25: 80.0},
+        "random/centroid": {0.5: 60.0},
+        "random/centroid+refit": {0.5: 55.0},  # a refitted row of the same plan is its own curve
+    }
     assert "Published result" in body and "test-box" in body
     assert (tmp_path / "moe_frontier_cpu.png").is_file()
 

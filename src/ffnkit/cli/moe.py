@@ -126,6 +126,14 @@ def convert(
         str, typer.Option(help="What the mlp router ranks: mass (Σ|m|) or norm (‖expert output‖).")
     ] = "mass",
     router_steps: Annotated[int, typer.Option(help="Training steps of the mlp router.")] = 300,
+    refit: Annotated[
+        bool,
+        typer.Option(
+            "--refit/--no-refit",
+            help="Least-squares refit of the experts' down projections with the routing in the loop "
+            "(conversions that read calibration text).",
+        ),
+    ] = True,
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 32,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     output: OutputOpt = "",
@@ -148,6 +156,7 @@ def convert(
         "allocation": allocation,
         "router_target": router_target,
         "router_steps": router_steps,
+        "refit": refit,
         "samples": samples,
         "seq_len": seq_len,
         **({"active": active} if active is not None else {}),

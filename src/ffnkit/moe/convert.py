@@ -9,6 +9,9 @@ so with every expert chosen the block computes the dense FFN. ``active`` F sets 
 of the FFN's neurons active per token, k = round((F·d_ff − shared) / expert size). MoE++ zero experts
 (``zero_experts``) take a slot wherever the router predicts an expert's share of the activation mass
 below ``zero_threshold``/E, so tokens that need fewer experts run fewer (:mod:`ffnkit.moe.pluspp`).
+Where the conversion reads calibration text, the down projections and output bias are then refitted by
+least squares with the router's choices in the loop (``refit``, :mod:`ffnkit.moe.refit`): the experts
+that run absorb what the ones left out would have added, as pruning's W_out refit does for a fixed set.
 
 The change commits through one :class:`~ffnkit.core.transaction.Transaction` (all layers or none) and is
 recorded (kind ``ffn_moe``), so ``ffnkit.save`` / ``load`` rebuild the blocks and reproduce the logits.
@@ -37,6 +40,7 @@ from ffnkit.core.ffn import FFN
 from ffnkit.core.transaction import Transaction
 from ffnkit.modules.moe import MoEBlock, link_routing_state
 from ffnkit.moe.cluster import SPLITS, Split, split_neurons
+from ffnkit.moe.refit import refit_down_
 from ffnkit.moe.router import (
     ROUTER_TARGETS,
     ROUTERS,
@@ -82,6 +86,12 @@ class MoEfyConfig(JsonConfig):
     zero_threshold: float = 0.5  # a slot goes to a zero expert below this × 1/E predicted mass share
     allocation: str = "uniform"  # uniform: one k per layer; global: k per layer from the router's mass recall
     compensate: bool = True  # add the mean output of the experts left out to the output bias (as FLAP)
+    # least-squares refit of the down projections and output bias with the routing in the loop
+    # (:mod:`ffnkit.moe.refit`; supersedes compensate), on up to refit_tokens calibration tokens per layer;
+    # applies where the conversion reads calibration text (needs_data), as the layer rows say
+    refit: bool = True
+    refit_ridge: float = 1.0
+    refit_tokens: int = 8192
     router_hidden: int = 128
     router_steps: int = 300
     router_lr: float = 3e-3
@@ -136,6 +146,10 @@ class MoEfyConfig(JsonConfig):
             )
         if self.samples < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise InvalidArgumentError("samples and batch_size must be >= 1 and seq_len >= 2")
+        if not self.refit_ridge > 0 or self.refit_tokens < 1:
+            raise InvalidArgumentError(
+                f"refit_ridge must be > 0 and refit_tokens >= 1, got {self.refit_ridge} and {self.refit_tokens}"
+            )
 
     @property
     def needs_data(self) -> bool:
@@ -192,6 +206,7 @@ class LayerPlan:
     mass: Tensor | None = None  # [n, E] the true expert mass of the same tokens
     info: dict[str, Any] = field(default_factory=dict)
     inputs: Tensor | None = None  # [n, d] calibration FFN inputs (the output-bias compensation)
+    fit_inputs: Tensor | None = None  # [n, d] bfloat16 calibration FFN inputs of the least-squares refit
 
 
 @dataclass
@@ -336,7 +351,10 @@ def plan_moefy(
             xh = sub[: held.numel()]  # [n_held, d] the held-out ones among them
             mass = expert_importance(f, xh.to(f.W_in.device), split, config.router_target).cpu()
             scores = _router_scores(router, xh)
-        plans[f.index] = LayerPlan(f.index, split, router, scores, mass, info, sub)
+        fit = None
+        if x is not None and config.refit:  # bfloat16: 8,192 tokens of SmolLM2's 576 dims are 9.4 MB a layer
+            fit = x[perm[: config.refit_tokens].to(x.device)].to("cpu", torch.bfloat16)
+        plans[f.index] = LayerPlan(f.index, split, router, scores, mass, info, sub, fit)
     return plans
 
 
@@ -504,7 +522,10 @@ def moefy_(
                 "the plan was made for another number of experts or shared expert size"
             )
         block = _block(f, p, config, k)
-        if config.compensate and p.inputs is not None:
+        refit = config.refit and p.fit_inputs is not None
+        if refit:
+            refit_down_(f, block, p.split, p.fit_inputs, config.refit_ridge)
+        elif config.compensate and p.inputs is not None:
             _compensate(f, block, p.inputs)
         blocks.append((f.name, block))
         recall = (
@@ -523,6 +544,7 @@ def moefy_(
                 "shared": int(p.split.shared.numel()),
                 "active_fraction": (p.split.shared.numel() + k * p.split.expert_size) / f.d_ff,
                 "mass_recall": recall,
+                "refit": refit,
                 "router": p.info,
             }
         )

@@ -147,7 +147,7 @@ def frontier_curves(doc: dict) -> tuple[dict[str, dict[float, float]], float | N
             continue
         label = "/".join(
             str(row[k]) for k in ("label", "split", "router", "method") if isinstance(row.get(k), str)
-        )
+        ) + ("+refit" if row.get("refit") is True else "")  # refitted and plain rows of one plan
         curves.setdefault(label or "moefied", {})[float(x)] = float(y)
     dense = doc.get("dense")
     dense_ppl = dense.get("perplexity") if isinstance(dense, dict) else dense
