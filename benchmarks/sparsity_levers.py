@@ -30,6 +30,8 @@ from ffnkit.pipeline import PerplexityProtocol, PipelineConfig, evaluation_set, 
 from ffnkit.sparsity import Calibration, SparsityConfig, sparsify_
 from ffnkit.sparsity.rules import calibrate_best
 
+PRIOR_RIDGES = (0.3, 1.0, 3.0)  # "refit_prior" ridges, x the mean diagonal of the Gram matrix
+
 
 def errors(model, cal: Calibration, level: float) -> list[dict]:
     """Per-FFN output errors of best's plan: none / bias / ridge refit of W_out (fit 3/4, measure 1/4)."""
@@ -59,7 +61,18 @@ def errors(model, cal: Calibration, level: float) -> list[dict]:
             g = h.T @ h
             ridge = 1e-2 * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype)
             w = torch.linalg.solve(g + ridge, h.T @ y[fit].double()).T.float()  # [d, f]
-            rows.append({"index": f.index, "none": err(ys), "bias": err(ys + b), "refit": err(hs @ w.T)})
+            row = {"index": f.index, "none": err(ys), "bias": err(ys + b), "refit": err(hs @ w.T)}
+            # the MoE conversion's refit (ffnkit.moe.refit): a bias term, ridge towards the dense W_out
+            h1 = torch.cat([h, h.new_ones(h.shape[0], 1)], 1)  # [n, f + 1]
+            g1 = h1.T @ h1
+            prior = torch.cat([wd.double(), torch.zeros(wd.shape[0], 1, dtype=torch.float64)], 1)  # [d, f+1]
+            for lam in PRIOR_RIDGES:
+                reg = torch.full((g1.shape[0],), lam * float(g.diagonal().mean()), dtype=torch.float64)
+                reg[-1] = 0.0
+                reg = torch.diag(reg)
+                sol = torch.linalg.solve(g1 + reg, h1.T @ y[fit].double() + reg @ prior.T)  # [f + 1, d]
+                row[f"refit_prior_{lam:g}"] = err(hs @ sol[:-1].float() + sol[-1].float())
+            rows.append(row)
     return rows
 
 
@@ -67,6 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=["errors", "probes", "heal"])
     ap.add_argument("--level", type=float, default=0.5)
+    ap.add_argument("--samples", type=int, default=16, help="calibration windows of 256 tokens")
     ap.add_argument("--windows", default="2,8")
     ap.add_argument("--heal-minutes", type=float, default=5.0)
     ap.add_argument("--heal-lr", type=float, default=3e-4)
@@ -78,8 +92,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model, tok = load_step(PipelineConfig(model="smollm2-135m", device=args.device))
-    ids = calibration_batches(load_corpus("shakespeare"), tok, 16, 256, seed=0, progress=False)
-    cal = Calibration.collect(model, find_ffns(model), ids, 4096)
+    ids = calibration_batches(load_corpus("shakespeare"), tok, args.samples, 256, seed=0, progress=False)
+    cal = Calibration.collect(model, find_ffns(model), ids, 256 * args.samples)
     doc: dict = {
         "benchmark": "sparsity_levers",
         "command": "python " + " ".join(sys.argv),
@@ -88,7 +102,7 @@ def main() -> None:
     if args.what == "errors":
         rows = errors(model, cal, args.level)
         doc["layers"] = rows
-        doc["sum"] = {k: sum(r[k] for r in rows) for k in ("none", "bias", "refit")}
+        doc["sum"] = {k: sum(r[k] for r in rows) for k in rows[0] if k != "index"}
     else:
         evs = {
             c: evaluation_set(PerplexityProtocol(corpus=c, max_tokens=args.eval_tokens, window=512), tok)
