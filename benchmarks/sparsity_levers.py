@@ -10,6 +10,7 @@ Shakespeare and Austen evaluation splits (512-token windows); calibration 16×25
     python benchmarks/sparsity_levers.py errors --out /tmp/levers_errors.json
     python benchmarks/sparsity_levers.py probes --windows 2,8,16 --out /tmp/levers_probes.json
     python benchmarks/sparsity_levers.py heal --heal-minutes 5 --heal-lr 3e-4 --out /tmp/levers_heal.json
+    python benchmarks/sparsity_levers.py refit --samples 64 --out /tmp/levers_refit.json  # best, then W_out refits
 """
 
 from __future__ import annotations
@@ -76,9 +77,32 @@ def errors(model, cal: Calibration, level: float) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def refit_sparse_down_(model, cal: Calibration, lam: float) -> None:
+    """``refit``: each sparse FFN's W_out refitted by least squares on its masked intermediate activations
+    (calibration inputs of the dense model), shrunk towards the dense W_out by lam x the mean Gram diagonal
+    (no bias: the SparseFFN's down projection has none)."""
+    for f in cal.ffns:
+        sp = model.get_submodule(f.name)
+        x = cal.inputs[f.index].float()  # [N, d]
+        wg, wu = sp.w_gate_module.weight.float(), sp.w_in_module.weight.float()
+        wd = sp.w_out_module.weight
+        h = f.act_fn(x @ wg.T) * (x @ wu.T)  # [N, f] dense
+        y = h @ wd.float().T  # [N, d] dense output
+        xs = torch.where((x * sp.c_in).abs() >= sp.t_in, x, 0.0) if float(sp.t_in) > 0 else x
+        hs = f.act_fn(xs @ wg.T) * (xs @ wu.T)
+        if float(sp.t_mid) > 0:
+            hs = torch.where((hs * sp.c_mid).abs() >= sp.t_mid, hs, 0.0)
+        hs = hs.double()
+        g = hs.T @ hs
+        reg = lam * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype)
+        w = torch.linalg.solve(g + reg, hs.T @ y.double() + reg @ wd.double().T).T  # [d, f]
+        wd.copy_(w.to(wd.dtype))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["errors", "probes", "heal"])
+    ap.add_argument("what", choices=["errors", "probes", "heal", "refit"])
     ap.add_argument("--level", type=float, default=0.5)
     ap.add_argument("--samples", type=int, default=16, help="calibration windows of 256 tokens")
     ap.add_argument("--windows", default="2,8")
@@ -115,6 +139,8 @@ def main() -> None:
             [{"probe_windows": int(w)} for w in args.windows.split(",")]
             if args.what == "probes"
             else [{"heal_minutes": args.heal_minutes, "heal_lr": args.heal_lr}]
+            if args.what == "heal"
+            else [{}]
         )
         for kw in configs:
             m = copy.deepcopy(model)
@@ -125,6 +151,13 @@ def main() -> None:
                 row["heal"] = {k: res.heal[k] for k in ("steps", "seconds", "stopped_by")}
             doc["rows"].append(row)
             print(row, file=sys.stderr, flush=True)
+            if args.what == "refit":
+                for lam in PRIOR_RIDGES:
+                    r = copy.deepcopy(m)
+                    refit_sparse_down_(r, cal, lam)
+                    row = {"config": {"refit_prior": lam}, "vs_dense": {c: measure(r, e).perplexity / dense[c] for c, e in evs.items()}}  # fmt: skip
+                    doc["rows"].append(row)
+                    print(row, file=sys.stderr, flush=True)
     doc["seconds"] = time.perf_counter() - t0
     doc["environment"] = environment()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
