@@ -110,18 +110,18 @@ def main() -> None:
         switch.append({"tokens": t, "pairs": t * k, "us": us, "c_speedup": us["torch"] / us["c"]})
         say(f"switch T={t}: C {us['c']:.0f}us, torch {us['torch']:.0f}us")
     doc["switch"] = switch
-    pack = []
-    for t in (16, 32, 64):
-        variants = {str(p): (moe_cpu.c_experts, {"c_pack_min_tokens": p}) for p in (4, 8, 16)}
-        pack.append({"tokens": t, "us": time_variants(variants, t, copies, args.rounds)})
-        say(f"pack_min T={t}: {pack[-1]['us']}")
-    doc["pack_min"] = pack
-    pref = []
-    for t in (1, 16, 256):
-        variants = {str(p): (moe_cpu.c_experts, {"c_prefetch": p}) for p in (0, 1, 2)}
-        pref.append({"tokens": t, "us": time_variants(variants, t, copies, args.rounds)})
-        say(f"prefetch T={t}: {pref[-1]['us']}")
-    doc["prefetch"] = pref
+
+    def sweep(name: str, field: str, values: tuple[int, ...], tokens: tuple[int, ...]) -> list[dict]:
+        """The C kernel at each value of one CONFIGS field, per token count."""
+        rows = []
+        for t in tokens:
+            variants = {str(v): (moe_cpu.c_experts, {field: v}) for v in values}
+            rows.append({"tokens": t, "us": time_variants(variants, t, copies, args.rounds)})
+            say(f"{name} T={t}: {rows[-1]['us']}")
+        return rows
+
+    doc["pack_min"] = pack = sweep("pack_min", "c_pack_min_tokens", (4, 8, 16), (16, 32, 64))
+    doc["prefetch"] = pref = sweep("prefetch", "c_prefetch", (0, 1, 2), (1, 16, 256))
     max_pairs = 0
     for row in switch:
         if row["us"]["c"] >= row["us"]["torch"]:

@@ -7,6 +7,8 @@ by a dense routing matrix), and compares by ||out - ref|| / ||ref||.
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 # Stated tolerances (relative Frobenius error against the float32 reference): float32 paths sum in another
@@ -62,3 +64,14 @@ def make_experts(t: int, e: int, f: int, d: int, dtype: torch.dtype, device: str
     gate_up = torch.randn(e, 2 * f, d, generator=g) / d**0.5
     down = torch.randn(e, d, f, generator=g) / f**0.5
     return (x.to(device, dtype), gate_up.to(device, dtype), down.to(device, dtype))
+
+
+def case(
+    key: object, routing_kind: str, shape: tuple, dtype: torch.dtype = torch.float32, device: str = "cpu"
+):
+    """(x, gate_up, down, idx, w) of one test case, seeded by (key, routing, shape): fresh per case, stable
+    between runs."""
+    t, k, e, f, d = shape
+    seed = zlib.crc32(repr((key, routing_kind, shape)).encode()) % 10_000
+    x, gu, dn = make_experts(t, e, f, d, dtype, device, seed)
+    return (x, gu, dn, *routing(routing_kind, t, k, e, seed + 1, device))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
-
 import pytest
 import torch
 
@@ -25,10 +23,7 @@ def _run(path, x, gu, dn, idx, w, act="silu"):
 @pytest.mark.parametrize("routing", mc.ROUTINGS)
 @pytest.mark.parametrize("shape", mc.SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_cpu_paths_equal_reference(path, routing, shape):
-    t, k, e, f, d = shape
-    seed = zlib.crc32(repr((path, routing, shape)).encode()) % 10_000
-    x, gu, dn = mc.make_experts(t, e, f, d, torch.float32, "cpu", seed)
-    idx, w = mc.routing(routing, t, k, e, seed + 1, "cpu")
+    x, gu, dn, idx, w = mc.case(path, routing, shape)
     ref = experts_forward(x, gu, dn, idx, w, backend="reference")
     out = _run(path, x, gu, dn, idx, w)
     assert out.shape == x.shape and out.dtype == x.dtype
