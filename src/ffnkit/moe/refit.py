@@ -61,9 +61,10 @@ def refit_down_(ffn: FFN, block: MoEBlock, split: Split, x: Tensor, ridge: float
         (n + 1,), ridge * float(gram.diagonal()[:n].mean().clamp_min(1e-12)), dtype=torch.float64
     )
     reg[n] = 0.0  # the bias is not shrunk
-    reg = torch.diag(reg).to(dev)
+    reg = reg.to(dev)
     prior = torch.cat([w_dense, b_dense[:, None]], dim=1)  # [d, n + 1]
-    sol = torch.linalg.solve(gram + reg, cross + reg @ prior.T)  # [n + 1, d]
+    gram.diagonal().add_(reg)  # a diagonal ridge: no dense [n + 1, n + 1] matrix for it
+    sol = torch.linalg.solve(gram, cross + reg[:, None] * prior.T)  # [n + 1, d]
     w_new, b_new = sol[:n].T, sol[n]  # [d, n], [d]
     down = block.experts.down_proj
     down.copy_(w_new[:, groups].permute(1, 0, 2).to(down.dtype))  # [d, E, f] -> [E, d, f]
