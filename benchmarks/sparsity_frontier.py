@@ -11,6 +11,7 @@ its perplexity is measured.
 
 Extra rows, each labelled as what it is: ``--heal-minutes M`` adds ``best+heal`` (``best`` with a short
 distillation to the dense model with the sparsity in the loop: it changes FFN weights) at ``--heal-levels``;
+``--ablate-refit`` adds ``best[no refit]`` (best without its W_out least-squares refit);
 ``--in-domain CORPUS`` adds ``best[calib=CORPUS]`` (calibrated on that corpus' calibration split, e.g.
 austen -> Persuasion: in-domain, not comparable with the main rows). Every row records its seconds.
 
@@ -49,6 +50,8 @@ def variants(args: argparse.Namespace, level: float) -> list[tuple[str, str, dic
     heal_levels = [float(v) for v in args.heal_levels.split(",")] if args.heal_levels else None
     if args.heal_minutes > 0 and (heal_levels is None or level in heal_levels):
         rows.append(("best+heal", "best", {"heal_minutes": args.heal_minutes}, args.calib_corpus))
+    if args.ablate_refit and "best" in args.rules.split(","):
+        rows.append(("best[no refit]", "best", {"refit": False}, args.calib_corpus))
     if args.in_domain:
         rows.append((f"best[calib={args.in_domain}]", "best", {"corpus": args.in_domain}, args.in_domain))
     return rows
@@ -67,6 +70,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--heal-minutes", type=float, default=0.0, help="> 0: add best+heal rows")
     ap.add_argument("--heal-levels", default="0.4,0.5", help="levels of the best+heal rows ('' = all)")
+    ap.add_argument("--ablate-refit", action="store_true", help="add best without its W_out refit (labelled)")
     ap.add_argument("--in-domain", default="", help="a corpus: add best calibrated on it (labelled row)")
     ap.add_argument("--set", action="append", default=[], help="FIELD=VALUE for every SparsityConfig")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
@@ -177,7 +181,7 @@ def document(args, levels, results, evals, dense_ppl, t0) -> dict:
             if not rows:
                 continue
             best, teal = rows.get("best"), rows.get("teal")
-            # the single published rules (not best's own variants: best+heal, best[calib=...])
+            # the single published rules (not best's own variants: best+heal, best[no refit], best[calib=...])
             singles = {k: v["perplexity"] for k, v in rows.items() if not k.startswith("best")}
             per[str(level)] = {
                 "perplexity": {k: v["perplexity"] for k, v in rows.items()},

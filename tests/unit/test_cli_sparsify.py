@@ -42,6 +42,7 @@ def ffnkit(*args: str, cache: Path) -> subprocess.CompletedProcess:
         (["--rule", "nope"], "best, teal, cats, chess, stat-topk, predictor"),
         (["--rule", "cats", "--sparsity", "0.7"], "at most 67%"),
         (["--heal-minutes", "-1"], "heal_minutes"),
+        (["--refit-ridge", "0"], "refit_ridge"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(saved, args, words):
@@ -71,6 +72,7 @@ def test_sparsify_saves_a_model_that_eval_runs(saved):
         "--seq-len",
         "16",
         "--no-eval",
+        "--refit",  # off by default for teal: the option turns it on
         "--json",
         *common,
         cache=cache,
@@ -78,6 +80,7 @@ def test_sparsify_saves_a_model_that_eval_runs(saved):
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["rule"] == "teal" and doc["result"]["target"] == 0.3
+    assert all(row["refit"]["error_after"] <= row["refit"]["error_before"] for row in doc["result"]["layers"])
     assert abs(doc["result"]["measured"]["bytes_skipped"] - 0.3) < 0.05
     assert (out / "ffnkit.json").exists()
     r = ffnkit("eval", str(out), "--max-tokens", "64", "--window", "16", "--json", *common, cache=cache)

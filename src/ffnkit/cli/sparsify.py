@@ -53,6 +53,17 @@ def sparsify(
             "(changes FFN weights; 0 = off)."
         ),
     ] = 0.0,
+    refit: Annotated[
+        bool | None,
+        typer.Option(
+            "--refit/--no-refit",
+            help="Refit each FFN's W_out by least squares for the masks, shrunk towards the dense W_out "
+            "(changes FFN weights). Default: on for best, off for the published rules.",
+        ),
+    ] = None,
+    refit_ridge: Annotated[
+        float, typer.Option(help="Ridge of the W_out refit, x the mean Gram diagonal (> 0).")
+    ] = 3.0,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip perplexity before/after.")] = False,
     config_file: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
@@ -76,6 +87,8 @@ def sparsify(
         seq_len=seq_len,
         corpus=corpus,
         heal_minutes=heal_minutes,
+        refit=refit,
+        refit_ridge=refit_ridge,
     )
     valid = [f.name for f in dataclass_fields(SparsityConfig) if f.name != "version"]
     # every SparsityConfig field can come from a --config recipe; options typed here override it
@@ -104,6 +117,15 @@ def sparsify(
         {"": "FFN weight bytes skipped (held-out)", "value": measured.get("bytes_skipped")},
         {"": "zeroed activations (held-out)", "value": measured.get("zeroed")},
     ]
+    refits = [r["refit"] for r in doc["result"]["layers"] if "refit" in r]
+    if refits:
+        before, after = (sum(r[k] for r in refits) / len(refits) for k in ("error_before", "error_after"))
+        rows.append(
+            {
+                "": "FFN output error, mean (before → after W_out refit)",
+                "value": f"{before:.4f} → {after:.4f}",
+            }
+        )
     if doc["perplexity_before"] is not None:
         rows += [
             {"": "perplexity before", "value": doc["perplexity_before"]},

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ffnkit.core.ffn import FFN
+from ffnkit.core.lstsq import RidgeTowards
 from ffnkit.modules.moe import MoEBlock
 from ffnkit.moe.cluster import Split
 
@@ -42,29 +43,20 @@ def refit_down_(ffn: FFN, block: MoEBlock, split: Split, x: Tensor, ridge: float
     b_dense = ffn.b_out.detach().double() if ffn.b_out is not None else w_dense.new_zeros(d)
     groups, shared = split.groups.to(dev), split.shared.to(dev)
     num_experts, size = groups.shape
-    gram = torch.zeros(n + 1, n + 1, dtype=torch.float64, device=dev)
-    cross = torch.zeros(n + 1, d, dtype=torch.float64, device=dev)
+    fit = RidgeTowards(n + 1, d, free=1, device=dev)  # the last unknown: the output bias
     for part in x.split(chunk):
         part = part.to(device=dev, dtype=ffn.W_in.dtype)
-        y = ffn.forward(part).double()  # [c, d] the dense output
-        m = ffn.activations(part)["post"].double()  # [c, n]
+        y = ffn.forward(part)  # [c, d] the dense output
+        m = ffn.activations(part)["post"]  # [c, n]
         _, _, idx = block.gate(part)  # [c, k]; MoE++ slots (index >= E) run no FFN expert
         chosen = torch.zeros(part.shape[0], num_experts + 1, dtype=torch.bool, device=dev)
         chosen = chosen.scatter_(1, idx.clamp(max=num_experts), True)[:, :num_experts]  # [c, E]
         keep = torch.zeros(part.shape[0], n, dtype=torch.bool, device=dev)
         keep[:, groups.reshape(-1)] = chosen.repeat_interleave(size, dim=1)
         keep[:, shared] = True
-        feats = torch.cat([m * keep, m.new_ones(part.shape[0], 1)], dim=1)  # [c, n + 1], last: the bias
-        gram += feats.T @ feats
-        cross += feats.T @ y
-    reg = torch.full(
-        (n + 1,), ridge * float(gram.diagonal()[:n].mean().clamp_min(1e-12)), dtype=torch.float64
-    )
-    reg[n] = 0.0  # the bias is not shrunk
-    reg = reg.to(dev)
-    prior = torch.cat([w_dense, b_dense[:, None]], dim=1)  # [d, n + 1]
-    gram.diagonal().add_(reg)  # a diagonal ridge: no dense [n + 1, n + 1] matrix for it
-    sol = torch.linalg.solve(gram, cross + reg[:, None] * prior.T)  # [n + 1, d]
+        fit.update(torch.cat([m * keep, m.new_ones(part.shape[0], 1)], dim=1), y)  # [c, n + 1]
+    prior = torch.cat([w_dense, b_dense[:, None]], dim=1).T  # [n + 1, d]
+    sol = fit.solve(prior, ridge)  # [n + 1, d]
     w_new, b_new = sol[:n].T, sol[n]  # [d, n], [d]
     down = block.experts.down_proj
     down.copy_(w_new[:, groups].permute(1, 0, 2).to(down.dtype))  # [d, E, f] -> [E, d, f]

@@ -117,6 +117,12 @@ class SparsityConfig(JsonConfig):
     heal_steps: int = 2000  # at most this many optimiser steps within heal_minutes
     heal_lr: float = 3e-4  # HealConfig's measured best for pruning heals (heal_sweep_h200.json)
     heal_samples: int = 1024  # heal windows of seq_len tokens drawn from corpus (with a tokenizer)
+    # W_out refit (ffnkit.sparsity.refit): with the calibrated masks in place, each FFN's down projection is
+    # refitted by least squares to the dense output on the calibration tokens, shrunk towards the dense
+    # W_out by refit_ridge x the mean Gram diagonal. Changes FFN weights (saved with the model); the result
+    # reports each layer's output error before and after. None: on for best, off for the published rules.
+    refit: bool | None = None
+    refit_ridge: float = 3.0
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -163,6 +169,14 @@ class SparsityConfig(JsonConfig):
             raise InvalidArgumentError(
                 f"heal_minutes must be >= 0 and heal_lr > 0, got {self.heal_minutes}, {self.heal_lr}"
             )
+        if self.refit is None:
+            self.refit = self.rule == "best"
+        if not isinstance(self.refit, bool):
+            raise InvalidArgumentError(f"refit must be true or false, got {self.refit!r}")
+        r = self.refit_ridge
+        if isinstance(r, bool) or not isinstance(r, int | float) or not float(r) > 0:
+            raise InvalidArgumentError(f"refit_ridge must be a number > 0, got {r!r}")
+        self.refit_ridge = float(r)
         if not 0.0 < float(self.step) <= 0.5:
             raise InvalidArgumentError(f"step must be in (0, 0.5], got {self.step}")
         if self.layers is not None:

@@ -226,9 +226,18 @@ def sparsify_(
             stats = Calibration.collect(model, ffns, stats.ids, config.tokens, seed=config.seed)
             plans = RULES.get(config.rule)(stats, config)  # thresholds of the healed weights
         except BaseException:
-            model.load_state_dict(reference.state_dict())
+            _undo(model, reference, ffns)
             raise
     by_index = {p.index: p for p in plans}
+    refit_rows: dict[int, dict[str, float]] = {}
+    if config.refit and config.sparsity > 0:
+        if reference is None:  # the undo if the refit or the swap below fails
+            reference = {f.index: _out_weights(f) for f in ffns}
+        try:
+            refit_rows = _refit(ffns, by_index, stats, config, progress)
+        except BaseException:
+            _undo(model, reference, ffns)
+            raise
     swaps = []
     for f in ffns:
         rank = min(config.predictor_rank, f.d_model, f.d_ff) if config.mode == "predictor" else 0
@@ -240,6 +249,11 @@ def sparsify_(
     record = {"kind": CHANGE_KIND, "rule": config.rule, "modules": [m.to_record(f.name) for f, m in swaps]}
     if heal is not None:  # the FFN weights were trained: say so in the saved model's record
         record["heal"] = {k: heal[k] for k in ("steps", "seconds", "stopped_by", "tokens_seen")}
+    if refit_rows:  # W_out was refitted: the saved record says so
+        record["refit"] = {
+            "ridge": config.refit_ridge,
+            "tokens": max(r["tokens"] for r in refit_rows.values()),
+        }
     try:
         with Transaction(model) as tx:
             for f, module in swaps:
@@ -247,12 +261,15 @@ def sparsify_(
             tx.record(record)
     except BaseException:
         if reference is not None:
-            model.load_state_dict(reference.state_dict())
+            _undo(model, reference, ffns)
         raise
     del reference
     sizes = {f.index: (3 if f.kind == "gated" else 2) * f.d_model * f.d_ff for f in ffns}
     calib_bytes = sum(by_index[i].bytes_skipped * s for i, s in sizes.items()) / sum(sizes.values())
     rows = [{"name": f.name, **by_index[f.index].row()} for f in ffns]
+    for row, f in zip(rows, ffns, strict=True):
+        if f.index in refit_rows:
+            row["refit"] = refit_rows[f.index]
     measured = None
     if heldout is None and tokenizer is not None:
         heldout = _heldout(config, tokenizer)
@@ -276,6 +293,41 @@ def sparsify_(
         notes=notes,
         heal=heal,
     )
+
+
+def _out_weights(f: Any) -> tuple[Tensor, Tensor | None]:
+    """Copies of ``f``'s W_out and b_out: all the refit changes."""
+    return f.W_out.detach().clone(), None if f.b_out is None else f.b_out.detach().clone()
+
+
+def _undo(model: nn.Module, reference: nn.Module | dict, ffns: list[Any]) -> None:
+    """Put back the weights before heal (the dense model copy) or refit (the saved W_out / b_out)."""
+    if isinstance(reference, nn.Module):
+        model.load_state_dict(reference.state_dict())
+        return
+    with torch.no_grad():
+        for f in ffns:
+            w, b = reference[f.index]
+            f.W_out.copy_(w)
+            if b is not None:
+                f.b_out.copy_(b)
+
+
+def _refit(
+    ffns: list[Any], plans: dict[int, LayerPlan], stats: Calibration, config: SparsityConfig, progress: bool
+) -> dict[int, dict[str, float]]:
+    """W_out refit of every chosen FFN for its plan's masks, on the calibration inputs (:mod:`.refit`)."""
+    from ffnkit.core.progress import track
+    from ffnkit.sparsity.calibrate import build_sparse
+    from ffnkit.sparsity.refit import refit_out_
+
+    rows = {}
+    for f in track(ffns, progress, "refitting W_out", unit="layer"):
+        rank = min(config.predictor_rank, f.d_model, f.d_ff) if config.mode == "predictor" else 0
+        module = build_sparse(f, config.mode, rank=rank)
+        plans[f.index].apply(module)
+        rows[f.index] = refit_out_(module, f, stats.inputs[f.index], config.refit_ridge)
+    return rows
 
 
 def _heal(
