@@ -115,7 +115,12 @@ def sparsify(
     measured = doc["result"]["measured"] or {}
     rows = [
         {"": "FFN weight bytes skipped (held-out)", "value": measured.get("bytes_skipped")},
-        {"": "zeroed activations (held-out)", "value": measured.get("zeroed")},
+        {
+            "": "zeroed activations (held-out)",
+            "value": ", ".join(
+                f"{site} {share:.1%}" for site, share in (measured.get("zeroed") or {}).items()
+            ),
+        },
     ]
     refits = [r["refit"] for r in doc["result"]["layers"] if "refit" in r]
     if refits:
