@@ -30,7 +30,7 @@ from ffnkit.core.config import Result
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.core.transaction import Transaction
 from ffnkit.modules.sparse_ffn import CHANGE_KIND, SparseFFN
-from ffnkit.sparsity.calibrate import Calibration, LayerPlan, bytes_skipped
+from ffnkit.sparsity.calibrate import Calibration, LayerPlan, build_sparse, bytes_skipped
 from ffnkit.sparsity.config import RULES, SparsityConfig
 from ffnkit.sparsity.predictor import predictor_overhead
 
@@ -207,8 +207,6 @@ def sparsify_(
                 "teal, best, stat-topk or predictor"
             )
     if stats is None:
-        from ffnkit.sparsity.calibrate import build_sparse
-
         for f in ffns:
             build_sparse(f, config.mode)  # refuses unsupported FFNs before any work
         ids = calibration_ids(config, calibration, tokenizer, what=f"sparsity rule {config.rule!r}")
@@ -240,12 +238,7 @@ def sparsify_(
             raise
     swaps = []
     for f in ffns:
-        rank = min(config.predictor_rank, f.d_model, f.d_ff) if config.mode == "predictor" else 0
-        from ffnkit.sparsity.calibrate import build_sparse
-
-        module = build_sparse(f, config.mode, rank=rank)
-        by_index[f.index].apply(module)
-        swaps.append((f, module))
+        swaps.append((f, _planned_module(f, config, by_index[f.index])))
     record = {"kind": CHANGE_KIND, "rule": config.rule, "modules": [m.to_record(f.name) for f, m in swaps]}
     if heal is not None:  # the FFN weights were trained: say so in the saved model's record
         record["heal"] = {k: heal[k] for k in ("steps", "seconds", "stopped_by", "tokens_seen")}
@@ -295,6 +288,14 @@ def sparsify_(
     )
 
 
+def _planned_module(f: Any, config: SparsityConfig, plan: LayerPlan) -> SparseFFN:
+    """The SparseFFN of ``f`` in the rule's mode with ``plan``'s thresholds (not yet in the model)."""
+    rank = min(config.predictor_rank, f.d_model, f.d_ff) if config.mode == "predictor" else 0
+    module = build_sparse(f, config.mode, rank=rank)
+    plan.apply(module)
+    return module
+
+
 def _out_weights(f: Any) -> tuple[Tensor, Tensor | None]:
     """Copies of ``f``'s W_out and b_out: all the refit changes."""
     return f.W_out.detach().clone(), None if f.b_out is None else f.b_out.detach().clone()
@@ -318,14 +319,11 @@ def _refit(
 ) -> dict[int, dict[str, float]]:
     """W_out refit of every chosen FFN for its plan's masks, on the calibration inputs (:mod:`.refit`)."""
     from ffnkit.core.progress import track
-    from ffnkit.sparsity.calibrate import build_sparse
     from ffnkit.sparsity.refit import refit_out_
 
     rows = {}
     for f in track(ffns, progress, "refitting W_out", unit="layer"):
-        rank = min(config.predictor_rank, f.d_model, f.d_ff) if config.mode == "predictor" else 0
-        module = build_sparse(f, config.mode, rank=rank)
-        plans[f.index].apply(module)
+        module = _planned_module(f, config, plans[f.index])
         rows[f.index] = refit_out_(module, f, stats.inputs[f.index], config.refit_ridge)
     return rows
 
@@ -346,16 +344,13 @@ def _heal(
     kept entries only (``torch.where``: straight-through for what stays). Trains the FFN weights on
     ``config.heal_samples`` windows of ``config.corpus`` (with a tokenizer), else on the calibration ``ids``.
     """
-    from ffnkit.sparsity.calibrate import build_sparse, installed
+    from ffnkit.sparsity.calibrate import installed
     from ffnkit.train.heal import HealConfig, heal_
 
     by_index = {p.index: p for p in plans}
     pairs = []
     for f in ffns:
-        rank = min(config.predictor_rank, f.d_model, f.d_ff) if config.mode == "predictor" else 0
-        module = build_sparse(f, config.mode, rank=rank)
-        by_index[f.index].apply(module)
-        pairs.append((f, module))
+        pairs.append((f, _planned_module(f, config, by_index[f.index])))
     heal_config = HealConfig(
         steps=config.heal_steps,
         lr=config.heal_lr,
