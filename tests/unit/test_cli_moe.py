@@ -162,6 +162,7 @@ def test_contrast_and_steer_json(saved):
         (["steer", "/nonexistent/model", "--prompt", "x", "--activate", "2"], "give --a and --b"),
         (["steer", "/nonexistent/model", "--prompt", "x", "--a", "p || q", "--b", "r"], "--activate N"),
         (["steer", "{olmoe}", "--prompt", "x", "--on", "0:9"], "out of range"),
+        (["convert", "/nonexistent/model", "--refit-ridge", "0", "-o", "{corpus}.out"], "refit_ridge"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(saved, args, fragment):

@@ -134,6 +134,10 @@ def convert(
             "(conversions that read calibration text).",
         ),
     ] = True,
+    refit_ridge: Annotated[
+        float, typer.Option(help="Ridge of the refit, x the mean Gram diagonal (less pays with more tokens).")
+    ] = 1.0,
+    refit_tokens: Annotated[int, typer.Option(help="Calibration tokens per layer of the refit.")] = 8192,
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 32,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     output: OutputOpt = "",
@@ -157,6 +161,8 @@ def convert(
         "router_target": router_target,
         "router_steps": router_steps,
         "refit": refit,
+        "refit_ridge": refit_ridge,
+        "refit_tokens": refit_tokens,
         "samples": samples,
         "seq_len": seq_len,
         **({"active": active} if active is not None else {}),
