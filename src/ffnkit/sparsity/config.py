@@ -43,7 +43,7 @@ register_rule(
     "ffnkit.sparsity.rules:calibrate_best",
     mode="input",
     help="TEAL thresholds on weight-scaled inputs (|x_j|·‖W[:,j]‖), split over layers and sites by measured "
-    "sensitivity",
+    "sensitivity, then a least-squares refit of W_out for the masks",
 )
 register_rule(
     "teal",
