@@ -75,13 +75,19 @@ def section_sparsity(ctx) -> tuple[str, str]:
     corpus = next(iter(doc.get("dense", {}).get("perplexity", {"austen": None})))
     rows, columns = frontier_rows(doc, corpus)
     env = doc.get("environment", {})
-    ctx.json["sparsity_frontier"] = {
-        "file": f"benchmarks/results/{RESULT.name}",
-        "summary": doc.get("summary"),
-    }
+    files = [f"benchmarks/results/{p.name}" for p in (RESULT, *RESULT_FIXES) if p.is_file()]
+    vs_dense: dict = {}  # corpus -> level -> rule -> perplexity x dense, from the merged rows
+    for r in doc["results"]:
+        for c, ev in r.get("evaluation", {}).items():
+            vs_dense.setdefault(c, {}).setdefault(str(r["sparsity"]), {})[r["rule"]] = ev[
+                "perplexity_vs_dense"
+            ]
+    # later files' rows replace the same (rule, level) of earlier ones
+    ctx.json["sparsity_frontier"] = {"files": files, "vs_dense": vs_dense}
     machine = f"{env.get('processor') or env.get('machine')}, {env.get('threads')} threads, torch {env.get('torch')}"
     return title, (
-        f"<p class='note'>Published in benchmarks/results/{html.esc(RESULT.name)} (machine: {html.esc(machine)}; "
+        f"<p class='note'>Published in {html.esc(', '.join(files))}, later files' rows replacing the same rule "
+        f"and level (machine: {html.esc(machine)}; "
         f"complete: {html.esc(doc.get('complete'))}). Perplexity on {html.esc(corpus)} "
         f"({html.esc(doc['evaluation'][corpus]['tokens'])} tokens, 512-token windows; dense "
         f"{doc['dense']['perplexity'][corpus]:.2f}), × dense, and the share of FFN weight bytes a decode step "
