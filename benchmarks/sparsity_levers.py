@@ -25,10 +25,12 @@ from pathlib import Path
 import torch
 
 from ffnkit.core.archs import find_ffns
+from ffnkit.core.lstsq import RidgeTowards
 from ffnkit.data import calibration_batches, load_corpus
 from ffnkit.evaluate import environment
 from ffnkit.pipeline import PerplexityProtocol, PipelineConfig, evaluation_set, load_step, measure
 from ffnkit.sparsity import Calibration, SparsityConfig, sparsify_
+from ffnkit.sparsity.refit import refit_out_
 from ffnkit.sparsity.rules import calibrate_best
 
 PRIOR_RIDGES = (0.3, 1.0, 3.0)  # "refit_prior" ridges, x the mean diagonal of the Gram matrix
@@ -65,13 +67,11 @@ def errors(model, cal: Calibration, level: float) -> list[dict]:
             row = {"index": f.index, "none": err(ys), "bias": err(ys + b), "refit": err(hs @ w.T)}
             # the MoE conversion's refit (ffnkit.moe.refit): a bias term, ridge towards the dense W_out
             h1 = torch.cat([h, h.new_ones(h.shape[0], 1)], 1)  # [n, f + 1]
-            g1 = h1.T @ h1
-            prior = torch.cat([wd.double(), torch.zeros(wd.shape[0], 1, dtype=torch.float64)], 1)  # [d, f+1]
+            prior = torch.cat([wd.T.double(), torch.zeros(1, wd.shape[0], dtype=torch.float64)])  # [f+1, d]
             for lam in PRIOR_RIDGES:
-                reg = torch.full((g1.shape[0],), lam * float(g.diagonal().mean()), dtype=torch.float64)
-                reg[-1] = 0.0
-                reg = torch.diag(reg)
-                sol = torch.linalg.solve(g1 + reg, h1.T @ y[fit].double() + reg @ prior.T)  # [f + 1, d]
+                solver = RidgeTowards(h1.shape[1], wd.shape[0], free=1)  # the last unknown: a bias
+                solver.update(h1, y[fit])
+                sol = solver.solve(prior, lam)  # [f + 1, d]
                 row[f"refit_prior_{lam:g}"] = err(hs @ sol[:-1].float() + sol[-1].float())
             rows.append(row)
     return rows
@@ -79,25 +79,10 @@ def errors(model, cal: Calibration, level: float) -> list[dict]:
 
 @torch.no_grad()
 def refit_sparse_down_(model, cal: Calibration, lam: float) -> None:
-    """``refit``: each sparse FFN's W_out refitted by least squares on its masked intermediate activations
-    (calibration inputs of the dense model), shrunk towards the dense W_out by lam x the mean Gram diagonal
-    (no bias: the SparseFFN's down projection has none)."""
-    for f in cal.ffns:
-        sp = model.get_submodule(f.name)
-        x = cal.inputs[f.index].float()  # [N, d]
-        wg, wu = sp.w_gate_module.weight.float(), sp.w_in_module.weight.float()
-        wd = sp.w_out_module.weight
-        h = f.act_fn(x @ wg.T) * (x @ wu.T)  # [N, f] dense
-        y = h @ wd.float().T  # [N, d] dense output
-        xs = torch.where((x * sp.c_in).abs() >= sp.t_in, x, 0.0) if float(sp.t_in) > 0 else x
-        hs = f.act_fn(xs @ wg.T) * (xs @ wu.T)
-        if float(sp.t_mid) > 0:
-            hs = torch.where((hs * sp.c_mid).abs() >= sp.t_mid, hs, 0.0)
-        hs = hs.double()
-        g = hs.T @ hs
-        reg = lam * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype)
-        w = torch.linalg.solve(g + reg, hs.T @ y.double() + reg @ wd.double().T).T  # [d, f]
-        wd.copy_(w.to(wd.dtype))
+    """``refit``: each sparse FFN's W_out refitted for its masks on the dense model's calibration inputs,
+    shrunk towards the dense W_out (``ffnkit.sparsity.refit``, what ``best`` now does itself)."""
+    for f in find_ffns(model):
+        refit_out_(f.module, f, cal.inputs[f.index].float(), lam)
 
 
 def main() -> None:
@@ -140,7 +125,7 @@ def main() -> None:
             if args.what == "probes"
             else [{"heal_minutes": args.heal_minutes, "heal_lr": args.heal_lr}]
             if args.what == "heal"
-            else [{}]
+            else [{"refit": False}]  # best without its own refit, then refitted here at each ridge
         )
         for kw in configs:
             m = copy.deepcopy(model)

@@ -64,6 +64,16 @@ CorpusOpt = Annotated[
 ]
 
 
+# The least-squares W_out refit of `sparsify` and `moe convert` (one solver, ffnkit.core.lstsq): its on/off
+# flag and its ridge; each command says what it refits and its own default.
+REFIT_RIDGE_HELP = "Ridge of the refit, x the mean Gram diagonal (> 0; less pays with more tokens)."
+
+
+def refit_flag(what: str) -> Any:
+    """The ``--refit/--no-refit`` option, ``what`` saying what the refit changes."""
+    return typer.Option("--refit/--no-refit", help=f"Least-squares refit of {what}.")
+
+
 def print_json(doc: dict) -> None:
     """The only thing a --json run writes to stdout (progress and logs go to stderr): strict JSON, so a
     NaN/±inf in a result becomes ``null`` and ``non_finite`` lists where and what it was."""

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from ffnkit.cli.common import (
+    REFIT_RIDGE_HELP,
     ConfigOpt,
     CorpusOpt,
     DeviceOpt,
@@ -25,6 +26,7 @@ from ffnkit.cli.common import (
     TrustRemoteCodeOpt,
     print_json,
     print_table,
+    refit_flag,
 )
 from ffnkit.cli.moe_inspect import register_moe_inspect
 
@@ -128,15 +130,11 @@ def convert(
     router_steps: Annotated[int, typer.Option(help="Training steps of the mlp router.")] = 300,
     refit: Annotated[
         bool,
-        typer.Option(
-            "--refit/--no-refit",
-            help="Least-squares refit of the experts' down projections with the routing in the loop "
-            "(conversions that read calibration text).",
+        refit_flag(
+            "the experts' down projections with the routing in the loop (conversions that read calibration text)"
         ),
     ] = True,
-    refit_ridge: Annotated[
-        float, typer.Option(help="Ridge of the refit, x the mean Gram diagonal (less pays with more tokens).")
-    ] = 1.0,
+    refit_ridge: Annotated[float, typer.Option(help=REFIT_RIDGE_HELP)] = 1.0,
     refit_tokens: Annotated[int, typer.Option(help="Calibration tokens per layer of the refit.")] = 8192,
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 32,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,

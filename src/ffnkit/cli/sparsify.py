@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from ffnkit.cli.common import (
+    REFIT_RIDGE_HELP,
     ConfigOpt,
     CorpusOpt,
     DeviceOpt,
@@ -26,6 +27,7 @@ from ffnkit.cli.common import (
     TrustRemoteCodeOpt,
     print_json,
     print_table,
+    refit_flag,
 )
 
 
@@ -55,15 +57,12 @@ def sparsify(
     ] = 0.0,
     refit: Annotated[
         bool | None,
-        typer.Option(
-            "--refit/--no-refit",
-            help="Refit each FFN's W_out by least squares for the masks, shrunk towards the dense W_out "
-            "(changes FFN weights). Default: on for best, off for the published rules.",
+        refit_flag(
+            "each FFN's W_out for the masks, shrunk towards the dense W_out (changes FFN weights; default: "
+            "on for best, off for the published rules)"
         ),
     ] = None,
-    refit_ridge: Annotated[
-        float, typer.Option(help="Ridge of the W_out refit, x the mean Gram diagonal (> 0).")
-    ] = 3.0,
+    refit_ridge: Annotated[float, typer.Option(help=REFIT_RIDGE_HELP)] = 3.0,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip perplexity before/after.")] = False,
     config_file: ConfigOpt = None,
     overwrite: OverwriteOpt = False,

@@ -46,8 +46,8 @@ def refit_down_(ffn: FFN, block: MoEBlock, split: Split, x: Tensor, ridge: float
     fit = RidgeTowards(n + 1, d, free=1, device=dev)  # the last unknown: the output bias
     for part in x.split(chunk):
         part = part.to(device=dev, dtype=ffn.W_in.dtype)
-        y = ffn.forward(part)  # [c, d] the dense output
-        m = ffn.activations(part)["post"]  # [c, n]
+        sites = ffn.activations(part)  # one dense pass: its output and activations
+        y, m = sites["out"], sites["post"]  # [c, d], [c, n]
         _, _, idx = block.gate(part)  # [c, k]; MoE++ slots (index >= E) run no FFN expert
         chosen = torch.zeros(part.shape[0], num_experts + 1, dtype=torch.bool, device=dev)
         chosen = chosen.scatter_(1, idx.clamp(max=num_experts), True)[:, :num_experts]  # [c, E]
