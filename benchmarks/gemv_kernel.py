@@ -2,7 +2,8 @@
 
 Shapes default to the attention projections of Llama-3-8B in bf16 (q/k/v fused [6144, 4096], o [4096,
 4096]). Variants side by side in one process: ``cublas`` (F.linear), ``gemv`` (the Triton kernel with its
-shipped CONFIGS), ``gemv[BO:BK:W:S]`` (the same kernel with other launch parameters, ``--sweep``), and the
+shipped CONFIGS), ``gemv[rows:BO:W:P]`` / ``gemv[chunks:BO:BK:W:S]`` (either kernel with other launch parameters,
+``--sweep``), and the
 fused pre-norm product ``rms_norm_gemv`` (residual add + RMSNorm + q/k/v GEMV in one launch) next to
 ``add_norm_cublas`` (the add, F.rms_norm and F.linear, eager). Protocol of
 :func:`ffnkit.kernels.benchmark.time_cuda`: each variant captured in a CUDA graph of ``--calls`` calls,
@@ -31,9 +32,19 @@ from ffnkit.kernels.benchmark import copy_bandwidth, environment, time_cpu, time
 
 
 def parse_config(spec: str) -> dict:
-    """``BO:BK:W[:S]`` -> launch parameters of triton_gemv (BLOCK_O, BLOCK_K, num_warps, num_stages)."""
-    v = [int(t) for t in spec.split(":")]
-    cfg = {"BLOCK_O": v[0], "BLOCK_K": v[1], "num_warps": v[2]}
+    """``rows:BO:W:P`` (whole rows; P programs per SM, 0 = one per block) or ``[chunks:]BO:BK:W[:S]`` ->
+    a ``config`` of :func:`ffnkit.kernels.triton_gemv.launch`.
+
+    Example:
+        >>> parse_config("rows:2:8:0")
+        {'path': 'rows', 'BLOCK_O': 2, 'num_warps': 8, 'PROGRAMS_PER_SM': 0}
+    """
+    parts = spec.split(":")
+    if parts[0] == "rows":
+        bo, w, p = (int(t) for t in parts[1:])
+        return {"path": "rows", "BLOCK_O": bo, "num_warps": w, "PROGRAMS_PER_SM": p}
+    v = [int(t) for t in (parts[1:] if parts[0] == "chunks" else parts)]
+    cfg = {"path": "chunks", "BLOCK_O": v[0], "BLOCK_K": v[1], "num_warps": v[2]}
     if len(v) > 3:
         cfg["num_stages"] = v[3]
     return cfg
@@ -64,7 +75,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--shapes", default="6144x4096,4096x4096", help="[out]x[in], comma list")
     ap.add_argument("--rows", default="1,2,4")
-    ap.add_argument("--sweep", default="", help="extra configs BO:BK:W[:S], comma list (cuda)")
+    ap.add_argument(
+        "--sweep", default="", help="extra configs rows:BO:W:P or chunks:BO:BK:W[:S], comma list (cuda)"
+    )
     ap.add_argument("--copies", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--calls", type=int, default=24)

@@ -42,6 +42,17 @@ def _rand(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=g, device="cuda").to(dtype)
 
 
+@pytest.fixture(params=["chunks", "rows"])
+def path(request, monkeypatch):
+    """Route the products through one kernel path, with up to 4 rows on the Triton kernel (the shipped
+    MAX_ROWS sends more than one row to cuBLAS); a row count the rows path cannot take goes to chunks."""
+    import ffnkit.kernels.triton_gemv as TG
+
+    monkeypatch.setitem(TG.CONFIGS, "path", request.param)
+    monkeypatch.setitem(TG.CONFIGS, "MAX_ROWS", 4)
+    return request.param
+
+
 def test_auto_picks_triton_on_cuda():
     assert resolve_backend(torch.zeros(1, device="cuda")) == "triton"
 
@@ -49,7 +60,7 @@ def test_auto_picks_triton_on_cuda():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_gemv_matches_float32_linear(shape, rows, dtype):
+def test_gemv_matches_float32_linear(shape, rows, dtype, path):
     o, k = shape
     x, w = _rand(rows, k, dtype=dtype, seed=0), _rand(o, k, dtype=dtype, seed=1)
     got = gemv(x, w)
@@ -57,16 +68,24 @@ def test_gemv_matches_float32_linear(shape, rows, dtype):
     _close(got, F.linear(x.float(), w.float()), dtype)
 
 
-def test_more_rows_than_max_rows_go_to_cublas():
+def test_more_rows_than_max_rows_go_to_cublas(path):
     x, w = _rand(2, 5, 64, dtype=torch.bfloat16, seed=0), _rand(96, 64, dtype=torch.bfloat16, seed=1)
     assert torch.equal(gemv(x, w), F.linear(x, w))  # 10 rows: F.linear itself
+
+
+def test_persistent_rows_grid_matches():
+    import ffnkit.kernels.triton_gemv as TG
+
+    x, w = _rand(1, 4096, dtype=torch.bfloat16, seed=0), _rand(6144, 4096, dtype=torch.bfloat16, seed=1)
+    for cfg in ({"path": "rows", "PROGRAMS_PER_SM": 2, "BLOCK_O": 4}, {"path": "chunks", "BLOCK_O": 8}):
+        _close(TG.gemv(x, w, config=cfg), F.linear(x.float(), w.float()), torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("shape", [(65, 129), (6144, 4096)])
-def test_rms_norm_gemv_matches_float32(shape, rows, residual, dtype):
+def test_rms_norm_gemv_matches_float32(shape, rows, residual, dtype, path):
     o, k = shape
     x, w = _rand(rows, k, dtype=dtype, seed=0), _rand(o, k, dtype=dtype, seed=1)
     g = (_rand(k, dtype=torch.float32, seed=2).abs() + 0.5).to(dtype)
@@ -78,7 +97,7 @@ def test_rms_norm_gemv_matches_float32(shape, rows, residual, dtype):
     torch.testing.assert_close(h.float(), want_h, rtol=TOL[dtype], atol=TOL[dtype])
 
 
-def test_gemv_is_captured_in_a_cuda_graph():
+def test_gemv_is_captured_in_a_cuda_graph(path):
     x = _rand(1, 4096, dtype=torch.bfloat16, seed=0)
     w = _rand(6144, 4096, dtype=torch.bfloat16, seed=1)
     g_ = (_rand(4096, dtype=torch.float32, seed=2).abs() + 0.5).to(torch.bfloat16)

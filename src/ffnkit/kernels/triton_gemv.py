@@ -4,15 +4,18 @@ float32 weights, float32 accumulation (imported only when a CUDA tensor takes th
 At batch 1 a linear layer is bound by reading W once; cuBLAS's GEMV for the attention projections of a
 Llama-3-8B layer ([6144, 4096] q/k/v fused and [4096, 4096] o, bf16) ran at about 70% of the copy bandwidth
 on an H200 (benchmarks/results/sparsity_decode_h200_profile.json: 28.5 us a layer against a 19.7 us bound).
-Here each program owns BLOCK_O whole output rows of W and streams them in BLOCK_K chunks (every load a
-contiguous stretch of each row), multiplying on the CUDA cores into a [rows, BLOCK_O, BLOCK_K] float32
-accumulator that is summed once after the loop (no shuffles in it), as ffnkit's fused gather kernel does.
-No split of K, no atomics, no second launch: one launch per product, no host sync (CUDA-graph capturable).
+Two kernels, both one launch per product with no split of K, no atomics and no host sync (CUDA-graph
+capturable), multiplying on the CUDA cores in float32:
+- ``_gemv_rows_kernel`` (one row, K <= MAX_K): each program loads x once into registers, then streams whole
+  rows of W, BLOCK_O at a time (the layout of ffnkit's fused gather kernel, which reads at 89% of the copy
+  bandwidth); a persistent grid (PROGRAMS_PER_SM > 0) or one program per block of rows.
+- ``_gemv_kernel`` (up to MAX_ROWS rows, any K): each program owns BLOCK_O rows of W and streams them in
+  BLOCK_K chunks into a [rows, BLOCK_O, BLOCK_K] float32 accumulator summed once after the loop.
 
-With ``NORM`` the program first recomputes the RMS of its rows of x (plus ``residual``: the K-element input
-is a few KB, read from L2 by every program) and multiplies the normalised input, rounded to x's dtype as
-the unfused ``rms_norm`` would return it, into the same accumulator; program 0 also writes x + residual.
-That is the residual add and RMSNorm in front of the q/k/v projection in the same launch.
+With ``NORM`` (:func:`rms_norm_gemv`) the kernels also add ``residual`` to x (program 0 writes the sum), and
+multiply by the RMSNorm of that sum: the rows kernel normalises its x once (rounded to x's dtype, as the
+unfused ``rms_norm`` returns it), the chunked one accumulates the sum of squares in the same pass and scales
+its result at the end. That is the residual add and RMSNorm in front of the q/k/v projection in one launch.
 
 Example:
     >>> import torch  # doctest: +SKIP
@@ -28,16 +31,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Launch parameters (benchmarks/sparsity_decode_gpu.py --gemv-configs tries others in the 8B decode and
-# keeps the fastest). MAX_ROWS: more rows go to cuBLAS (F.linear), which is no longer bound by one pass.
-# MAX_ACC: cap on BLOCK_N * BLOCK_O * BLOCK_K (float32 registers of the accumulator per program).
-CONFIGS: dict[str, int] = {
-    "BLOCK_O": 4,
-    "BLOCK_K": 512,
-    "num_warps": 4,
-    "num_stages": 3,
-    "MAX_ROWS": 4,
-    "MAX_ACC": 8192,
+from ffnkit.kernels.triton_sparse_ffn import sm_count
+
+# Launch parameters. A single row takes CONFIGS["path"]: "rows" (_gemv_rows_kernel: whole rows of W, x held
+# in registers, K <= MAX_K; PROGRAMS_PER_SM 0 = one program per block of rows, else a persistent grid) or
+# "chunks" (_gemv_kernel, any K). benchmarks/sparsity_decode_gpu.py --gemv-configs times others in the 8B
+# decode and keeps the fastest. MAX_ROWS: more rows go to cuBLAS (F.linear): on the H200 the chunked kernel
+# at 4 rows took 25.6 / 17.9 us against cuBLAS's 15.9 / 13.2 us ([6144, 4096] / [4096, 4096],
+# benchmarks/results/gemv_kernel_h200.json). MAX_ACC caps BLOCK_N * BLOCK_O * BLOCK_K (accumulator size).
+CONFIGS: dict = {
+    "path": "chunks",
+    "chunks": {"BLOCK_O": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3, "MAX_ACC": 8192},
+    "rows": {"BLOCK_O": 2, "num_warps": 8, "PROGRAMS_PER_SM": 0, "MAX_K": 8192},
+    "MAX_ROWS": 1,
 }
 
 
@@ -48,25 +54,15 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """y[n, o] = sum_k xin[n, k] * w[o, k] for the BLOCK_O rows o of this program (x, y, residual and h are
-    contiguous [N, K] / [N, M]; w has unit column stride)."""
+    contiguous [N, K] / [N, M]; w has unit column stride). With NORM, xin = (x + res) * nw and the sum is
+    scaled by rstd at the end (1 / rms of x + res, accumulated in the same pass)."""
     pid = tl.program_id(0)
     oo = pid * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO] output rows of this program
     mo = oo < M
     on = tl.arange(0, BLOCK_N)
     mn = on < N
     w_rows = w_ptr + oo.to(tl.int64)[:, None] * stride_w  # [BO, 1]
-    if NORM:
-        ss = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ok = k0 + tl.arange(0, BLOCK_K)
-            m = mn[:, None] & (ok < K)[None, :]
-            xv = tl.load(x_ptr + on[:, None] * K + ok[None, :], mask=m, other=0.0)
-            if RES:  # the residual sum rounded to x's dtype, as the unfused add returns it
-                rv = tl.load(res_ptr + on[:, None] * K + ok[None, :], mask=m, other=0.0)
-                xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x_ptr.dtype.element_ty)
-            xf = xv.to(tl.float32)
-            ss += xf * xf
-        rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps)  # [BN]
+    ss = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_O, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ok = k0 + tl.arange(0, BLOCK_K)
@@ -74,18 +70,55 @@ def _gemv_kernel(
         w = tl.load(w_rows + ok[None, :], mask=mo[:, None] & mk[None, :], other=0.0)  # [BO, BK]
         m = mn[:, None] & mk[None, :]
         xv = tl.load(x_ptr + on[:, None] * K + ok[None, :], mask=m, other=0.0)  # [BN, BK]
+        if RES:  # the residual sum rounded to x's dtype, as the unfused add returns it
+            rv = tl.load(res_ptr + on[:, None] * K + ok[None, :], mask=m, other=0.0)
+            xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            tl.store(h_ptr + on[:, None] * K + ok[None, :], xv, mask=m & (pid == 0))
+        xf = xv.to(tl.float32)
         if NORM:
-            if RES:
-                rv = tl.load(res_ptr + on[:, None] * K + ok[None, :], mask=m, other=0.0)
-                xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x_ptr.dtype.element_ty)
-                tl.store(h_ptr + on[:, None] * K + ok[None, :], xv, mask=m & (pid == 0))
-            nw = tl.load(nw_ptr + ok, mask=mk, other=0.0).to(tl.float32)
-            xv = (xv.to(tl.float32) * rstd[:, None] * nw[None, :]).to(x_ptr.dtype.element_ty)
-        acc += xv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+            ss += xf * xf
+            xf = xf * tl.load(nw_ptr + ok, mask=mk, other=0.0).to(tl.float32)[None, :]
+        acc += xf[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)  # [BN, BO]
+    if NORM:
+        y = y / tl.sqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
     tl.store(
         y_ptr + on[:, None] * M + oo[None, :], y.to(y_ptr.dtype.element_ty), mask=mn[:, None] & mo[None, :]
     )
+
+
+@triton.jit(do_not_specialize=["n_blocks", "eps"])
+def _gemv_rows_kernel(
+    x_ptr, w_ptr, y_ptr, res_ptr, nw_ptr, h_ptr, K, M, stride_w, eps, n_blocks,
+    NORM: tl.constexpr, RES: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One row x [K] (BLOCK_K >= K): the program loads x once (normalised with NORM, rounded to x's dtype
+    as the unfused rms_norm returns it), then streams whole rows of W, BLOCK_O at a time, over the blocks
+    pid, pid + G, ... (the same layout as the fused gather kernel's neurons)."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    ok = tl.arange(0, BLOCK_K)
+    mk = ok < K
+    xv = tl.load(x_ptr + ok, mask=mk, other=0.0)  # [BK]
+    if RES:
+        rv = tl.load(res_ptr + ok, mask=mk, other=0.0)
+        xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(h_ptr + ok, xv, mask=mk & (pid == 0))
+    xf = xv.to(tl.float32)
+    if NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / K + eps)
+        nw = tl.load(nw_ptr + ok, mask=mk, other=0.0).to(tl.float32)
+        xf = (xf * rstd * nw).to(x_ptr.dtype.element_ty).to(tl.float32)
+    for blk in range(pid, n_blocks, n_prog):
+        oo = blk * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO]
+        mo = oo < M
+        w = tl.load(
+            w_ptr + oo.to(tl.int64)[:, None] * stride_w + ok[None, :],
+            mask=mo[:, None] & mk[None, :],
+            other=0.0,
+        )
+        y = tl.sum(w.to(tl.float32) * xf[None, :], axis=1)  # [BO]
+        tl.store(y_ptr + oo, y.to(y_ptr.dtype.element_ty), mask=mo)
 
 
 def launch(
@@ -95,28 +128,41 @@ def launch(
     residual: Tensor | None = None,
     config: dict | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """(y [N, O] in x's dtype, x2 + residual [N, K] or None) for x2 [N, K] (N <= MAX_ROWS), weight [O, K].
+    """(y [N, M] in x's dtype, x2 + residual [N, K] or None) for x2 [N, K], weight [M, K].
 
     ``norm`` = (RMSNorm weight [K], eps): the product of the normalised (x2 + residual) instead of x2.
-    ``config`` overrides :data:`CONFIGS` for this call (the benchmark's sweep).
+    ``config`` overrides :data:`CONFIGS` for this call: ``path`` and that path's launch parameters.
 
     Example:
         >>> y, _ = launch(x2, weight)  # doctest: +SKIP
     """
-    cfg = {**CONFIGS, **(config or {})}
     n, k = x2.shape
-    o = weight.shape[0]
+    m = weight.shape[0]
+    path = (config or {}).get("path", CONFIGS["path"])
+    cfg = {**CONFIGS[path], **{a: b for a, b in (config or {}).items() if a != "path"}}
+    if path == "rows" and (n > 1 or k > cfg["MAX_K"]):
+        path, cfg = "chunks", CONFIGS["chunks"]
+    y = torch.empty(n, m, device=x2.device, dtype=x2.dtype)  # [N, M]
+    h = torch.empty_like(x2) if residual is not None else None  # [N, K]
+    nw, eps = norm if norm is not None else (y, 0.0)
+    res, hh = (residual if residual is not None else x2), (h if h is not None else y)
+    bo = min(cfg["BLOCK_O"], triton.next_power_of_2(m))
+    if path == "rows":
+        n_blocks = triton.cdiv(m, bo)
+        per_sm = cfg["PROGRAMS_PER_SM"]
+        grid = n_blocks if per_sm <= 0 else min(n_blocks, per_sm * sm_count(x2.device))
+        _gemv_rows_kernel[(grid,)](
+            x2, weight, y, res, nw, hh, k, m, weight.stride(0), float(eps), n_blocks,
+            NORM=norm is not None, RES=residual is not None, BLOCK_O=bo,
+            BLOCK_K=max(16, triton.next_power_of_2(k)), num_warps=cfg["num_warps"],
+        )  # fmt: skip
+        return y, h
     bn = max(1, triton.next_power_of_2(n))
-    bo = min(cfg["BLOCK_O"], triton.next_power_of_2(o))
     bk = min(cfg["BLOCK_K"], max(16, triton.next_power_of_2(k)))
     while bn * bo * bk > cfg["MAX_ACC"] and bk > 64:  # more rows: shorter chunks, same registers
         bk //= 2
-    y = torch.empty(n, o, device=x2.device, dtype=x2.dtype)  # [N, O]
-    h = torch.empty_like(x2) if residual is not None else None  # [N, K]
-    nw, eps = norm if norm is not None else (y, 0.0)
-    _gemv_kernel[(triton.cdiv(o, bo),)](
-        x2, weight, y, residual if residual is not None else x2, nw, h if h is not None else y,
-        n, k, o, weight.stride(0), float(eps),
+    _gemv_kernel[(triton.cdiv(m, bo),)](
+        x2, weight, y, res, nw, hh, n, k, m, weight.stride(0), float(eps),
         NORM=norm is not None, RES=residual is not None, BLOCK_N=bn, BLOCK_O=bo, BLOCK_K=bk,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
