@@ -29,25 +29,7 @@ import torch.nn.functional as F
 
 from ffnkit.kernels import gemv, rms_norm_gemv
 from ffnkit.kernels.benchmark import copy_bandwidth, environment, time_cpu, time_cuda, write_json
-
-
-def parse_config(spec: str) -> dict:
-    """``rows:BO:W:P`` (whole rows; P programs per SM, 0 = one per block) or ``[chunks:]BO:BK:W[:S]`` ->
-    a ``config`` of :func:`ffnkit.kernels.triton_gemv.launch`.
-
-    Example:
-        >>> parse_config("rows:2:8:0")
-        {'path': 'rows', 'BLOCK_O': 2, 'num_warps': 8, 'PROGRAMS_PER_SM': 0}
-    """
-    parts = spec.split(":")
-    if parts[0] == "rows":
-        bo, w, p = (int(t) for t in parts[1:])
-        return {"path": "rows", "BLOCK_O": bo, "num_warps": w, "PROGRAMS_PER_SM": p}
-    v = [int(t) for t in (parts[1:] if parts[0] == "chunks" else parts)]
-    cfg = {"path": "chunks", "BLOCK_O": v[0], "BLOCK_K": v[1], "num_warps": v[2]}
-    if len(v) > 3:
-        cfg["num_stages"] = v[3]
-    return cfg
+from ffnkit.kernels.gemv import parse_gemv_config
 
 
 def variants(x: torch.Tensor, r: torch.Tensor, ws: list, g: torch.Tensor, sweep: list[str]) -> dict:
@@ -58,7 +40,7 @@ def variants(x: torch.Tensor, r: torch.Tensor, ws: list, g: torch.Tensor, sweep:
         import ffnkit.kernels.triton_gemv as TG
 
         for spec in sweep:
-            cfg = parse_config(spec)
+            cfg = parse_gemv_config(spec)
             fns[f"gemv[{spec}]"] = lambda c, cfg=cfg: TG.gemv(x, ws[c], config=cfg)
     fns["add_norm_cublas"] = lambda c: F.linear(F.rms_norm(x + r, (k,), g, 1e-5), ws[c])
     fns["rms_norm_gemv"] = lambda c: rms_norm_gemv(x, ws[c], g, 1e-5, r)[0]

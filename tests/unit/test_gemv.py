@@ -8,6 +8,7 @@ import torch
 
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.kernels import gemv, resolve_backend, rms_norm_gemv
+from ffnkit.kernels.gemv import parse_gemv_config
 
 
 def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -65,3 +66,13 @@ def test_rms_norm_gemv_bad_input():
         rms_norm_gemv(x, w, torch.ones(4), 1e-5, torch.zeros(2, 4))
     with pytest.raises(InvalidArgumentError, match="eps"):
         rms_norm_gemv(x, w, torch.ones(4), 0.0)
+
+
+def test_parse_gemv_config():
+    assert parse_gemv_config("chunks:8:512:4:2") == {
+        "path": "chunks", "BLOCK_O": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2,
+    }  # fmt: skip
+    assert parse_gemv_config("4:1024:8")["BLOCK_K"] == 1024
+    for bad in ("rows:2:8", "chunks:4", "x:1:2:3"):
+        with pytest.raises(InvalidArgumentError, match="bad GEMV config"):
+            parse_gemv_config(bad)

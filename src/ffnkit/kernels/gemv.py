@@ -96,6 +96,34 @@ def rms_norm_gemv(
     return dispatch("rms_norm_gemv", x, backend)(x, weight, norm_weight, eps, residual)
 
 
+def parse_gemv_config(spec: str) -> dict:
+    """A launch configuration of the Triton GEMV from text: ``rows:BO:W:P`` (whole rows, BLOCK_O rows a
+    step, W warps, P programs per multiprocessor, 0 = one program per block of rows) or
+    ``[chunks:]BO:BK:W[:S]`` (BLOCK_O rows in BLOCK_K chunks, W warps, S stages); for the benchmarks' sweeps
+    (``triton_gemv.CONFIGS`` / ``launch(config=...)``).
+
+    Example:
+        >>> parse_gemv_config("rows:2:8:0")
+        {'path': 'rows', 'BLOCK_O': 2, 'num_warps': 8, 'PROGRAMS_PER_SM': 0}
+    """
+    parts = spec.strip().split(":")
+    try:
+        if parts[0] == "rows":
+            bo, w, p = (int(t) for t in parts[1:])
+            return {"path": "rows", "BLOCK_O": bo, "num_warps": w, "PROGRAMS_PER_SM": p}
+        v = [int(t) for t in (parts[1:] if parts[0] == "chunks" else parts)]
+        if len(v) not in (3, 4):
+            raise ValueError(spec)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"bad GEMV config {spec!r}: use rows:BLOCK_O:WARPS:PROGRAMS_PER_SM or chunks:BLOCK_O:BLOCK_K:WARPS[:STAGES]"
+        ) from None
+    cfg = {"path": "chunks", "BLOCK_O": v[0], "BLOCK_K": v[1], "num_warps": v[2]}
+    if len(v) == 4:
+        cfg["num_stages"] = v[3]
+    return cfg
+
+
 def linear_torch(x: Tensor, weight: Tensor) -> Tensor:
     """The ``reference`` / ``cpu`` backend of :func:`gemv`: ``F.linear``.
 
