@@ -4,6 +4,9 @@ float32 weights, float32 accumulation (imported only when a CUDA tensor takes th
 At batch 1 a linear layer is bound by reading W once; cuBLAS's GEMV for the attention projections of a
 Llama-3-8B layer ([6144, 4096] q/k/v fused and [4096, 4096] o, bf16) ran at about 70% of the copy bandwidth
 on an H200 (benchmarks/results/sparsity_decode_h200_profile.json: 28.5 us a layer against a 19.7 us bound).
+These kernels took 26.0 us a layer in the same decode (832.8 us a token over 64 launches,
+sparsity_decode_h200_gemv.json's profile): 76% of the bandwidth, a 2.7% faster dense step (not the 89% of
+the gather kernel; a persistent grid was slower still, 26.2 us on [6144, 4096], gemv_kernel_h200_rows.json).
 Two kernels, both one launch per product with no split of K, no atomics and no host sync (CUDA-graph
 capturable), multiplying on the CUDA cores in float32:
 - ``_gemv_rows_kernel`` (one row, K <= MAX_K): each program loads x once into registers, then streams whole
@@ -16,6 +19,8 @@ With ``NORM`` (:func:`rms_norm_gemv`) the kernels also add ``residual`` to x (pr
 multiply by the RMSNorm of that sum: the rows kernel normalises its x once (rounded to x's dtype, as the
 unfused ``rms_norm`` returns it), the chunked one accumulates the sum of squares in the same pass and scales
 its result at the end. That is the residual add and RMSNorm in front of the q/k/v projection in one launch.
+In the 8B decode it did not pay: 4.638-4.738 ms/token with the fused q/k/v against 4.571 without (the
+compiled add + norm it replaces is one short launch; every program re-reads x and the residual from L2).
 
 Example:
     >>> import torch  # doctest: +SKIP
@@ -33,15 +38,17 @@ from torch import Tensor
 
 from ffnkit.kernels.triton_sparse_ffn import sm_count
 
-# Launch parameters. A single row takes CONFIGS["path"]: "rows" (_gemv_rows_kernel: whole rows of W, x held
-# in registers, K <= MAX_K; PROGRAMS_PER_SM 0 = one program per block of rows, else a persistent grid) or
-# "chunks" (_gemv_kernel, any K). benchmarks/sparsity_decode_gpu.py --gemv-configs times others in the 8B
-# decode and keeps the fastest. MAX_ROWS: more rows go to cuBLAS (F.linear): on the H200 the chunked kernel
-# at 4 rows took 25.6 / 17.9 us against cuBLAS's 15.9 / 13.2 us ([6144, 4096] / [4096, 4096],
-# benchmarks/results/gemv_kernel_h200.json). MAX_ACC caps BLOCK_N * BLOCK_O * BLOCK_K (accumulator size).
+# Launch parameters. A single row takes CONFIGS["path"]: "chunks" (_gemv_kernel, any K) or "rows"
+# (_gemv_rows_kernel: whole rows of W, x held in registers, K <= MAX_K; PROGRAMS_PER_SM 0 = one program per
+# block of rows, else a persistent grid). Chunks of 8 rows x 512 won the H200 decode trial of
+# benchmarks/sparsity_decode_gpu.py (Llama-3-8B shape, results/sparsity_decode_h200_gemv.json: 4.571
+# ms/token against 4.581-5.128 for the other configs and 4.700 for cuBLAS); alone (gemv_kernel_h200*.json)
+# it takes 14.97 us on [6144, 4096] (cuBLAS 15.9-16.3) and 11.4 us on [4096, 4096] (cuBLAS 13.2). MAX_ROWS:
+# more rows go to cuBLAS (F.linear): at 4 rows the chunked kernel took 25.6 / 17.9 us against cuBLAS's
+# 15.9 / 13.2 us (gemv_kernel_h200.json). MAX_ACC caps BLOCK_N * BLOCK_O * BLOCK_K (accumulator size).
 CONFIGS: dict = {
     "path": "chunks",
-    "chunks": {"BLOCK_O": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3, "MAX_ACC": 8192},
+    "chunks": {"BLOCK_O": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3, "MAX_ACC": 8192},
     "rows": {"BLOCK_O": 2, "num_warps": 8, "PROGRAMS_PER_SM": 0, "MAX_K": 8192},
     "MAX_ROWS": 1,
 }
