@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ffnkit.kernels import gemv, rms_norm_gemv
 from ffnkit.kernels.benchmark import copy_bandwidth, environment, time_cpu, time_cuda, write_json
-from ffnkit.kernels.gemv import parse_gemv_config
+from ffnkit.kernels.dense_gemv import parse_gemv_config
 
 
 def variants(x: torch.Tensor, r: torch.Tensor, ws: list, g: torch.Tensor, sweep: list[str]) -> dict:

@@ -50,7 +50,7 @@ from torch import nn
 
 from ffnkit.kernels import gather_ffn, gemv, rms_norm_gemv, sparse_input_linear
 from ffnkit.kernels.benchmark import environment
-from ffnkit.kernels.gemv import parse_gemv_config
+from ffnkit.kernels.dense_gemv import parse_gemv_config
 from ffnkit.modules.sparse_ffn import SparseFFN, SparseSpec
 
 S = {"D": 4096, "FF": 14336, "LAYERS": 32, "HEADS": 32, "KV_HEADS": 8, "HEAD_DIM": 128, "VOCAB": 128256}

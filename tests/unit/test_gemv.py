@@ -8,7 +8,7 @@ import torch
 
 from ffnkit.core.errors import InvalidArgumentError
 from ffnkit.kernels import gemv, resolve_backend, rms_norm_gemv
-from ffnkit.kernels.gemv import parse_gemv_config
+from ffnkit.kernels.dense_gemv import parse_gemv_config
 
 
 def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
