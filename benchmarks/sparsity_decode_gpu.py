@@ -9,7 +9,12 @@ ops are torch.compile'd once and shared by every configuration (each checked aga
 add fused with the next RMSNorm, the SwiGLU product, and the attention core (rotary, KV-cache write, GQA
 attention), of which four formulations (``bmm``: baddbmm/softmax/bmm; ``sum``: broadcast products and sums
 that the compiler fuses; ``sdpa``: F.scaled_dot_product_attention; ``triton``: one Triton launch written
-here) are checked against eager ``bmm``, timed on the dense model, and the fastest is kept for all. Each configuration
+here) are checked against eager ``bmm``, timed on the dense model, and the fastest is kept for all. The
+attention projections (q/k/v fused, o) the same way: cuBLAS (nn.Linear) or ffnkit's Triton GEMV
+(``ffnkit.kernels.gemv``, each ``--gemv-configs`` launch config, with and without the residual add + input
+RMSNorm fused into the q/k/v launch: ``rms_norm_gemv``), each checked against F.linear in float32 on layer
+0, timed on the dense model (``--proj-rounds``), the fastest kept for every configuration (but
+``teal_attn_50``, whose projections are TEAL's). Each configuration
 replays its graph for ``--tokens`` tokens from a random 128-token cache, configurations alternate within
 every round, and the median over rounds is reported (warm-up and compilation excluded).
 
@@ -43,8 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ffnkit.kernels import gather_ffn, sparse_input_linear
+from ffnkit.kernels import gather_ffn, gemv, rms_norm_gemv, sparse_input_linear
 from ffnkit.kernels.benchmark import environment
+from ffnkit.kernels.dense_gemv import parse_gemv_config
 from ffnkit.modules.sparse_ffn import SparseFFN, SparseSpec
 
 S = {"D": 4096, "FF": 14336, "LAYERS": 32, "HEADS": 32, "KV_HEADS": 8, "HEAD_DIM": 128, "VOCAB": 128256}
@@ -187,6 +193,25 @@ def attn_core_triton(qkv, cos, sin, k_cache, v_cache, pos, bias) -> torch.Tensor
 ATTN = {"bmm": attn_core_bmm, "sum": attn_core_sum, "sdpa": attn_core_sdpa, "triton": attn_core_triton}
 # the small ops of a step; main() replaces them with torch.compile'd versions (fewer kernel launches)
 FNS = {"add_rms_norm": add_rms_norm, "swiglu": swiglu, "attn_core": attn_core_bmm}
+# fuse_norm: a GemvLinear q/k/v projection takes the residual add and the input norm into its launch
+PROJ = {"fuse_norm": False}
+
+
+class GemvLinear(nn.Module):
+    """A bias-free projection through :func:`ffnkit.kernels.gemv` (the Triton GEMV on CUDA at batch 1) on
+    the nn.Linear's own weight (no copy). With ``PROJ["fuse_norm"]`` the layer calls :meth:`norm_forward`
+    for the q/k/v projection instead: residual add + RMSNorm + GEMV in one launch (``rms_norm_gemv``)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemv(x, self.weight)
+
+    def norm_forward(self, h, delta, norm_w) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(h + delta) W^T, h + delta)."""
+        return rms_norm_gemv(h, self.weight, norm_w, 1e-5, delta)
 
 
 class MLP(nn.Module):
@@ -211,8 +236,10 @@ class Attention(nn.Module):
         self.k_cache = torch.randn(1, kvh, max_len, hd, **kw())
         self.v_cache = torch.randn(1, kvh, max_len, hd, **kw())
 
-    def forward(self, x, pos, cos, sin, bias) -> torch.Tensor:
-        o = FNS["attn_core"](self.qkv(x), cos, sin, self.k_cache, self.v_cache, pos, bias)
+    def forward(self, x, pos, cos, sin, bias, qkv=None) -> torch.Tensor:
+        """x: the normed input [1, D], or None with ``qkv`` already computed (the fused norm + q/k/v)."""
+        qkv = self.qkv(x) if qkv is None else qkv
+        o = FNS["attn_core"](qkv, cos, sin, self.k_cache, self.v_cache, pos, bias)
         return self.o_proj(o)  # [1, D]
 
 
@@ -225,8 +252,14 @@ class Layer(nn.Module):
 
     def forward(self, h, delta, pos, cos, sin, bias):
         """(h, delta) -> (h', FFN output): the previous block's output is added here, fused with the norm."""
-        h, a = FNS["add_rms_norm"](h, delta, self.input_norm)
-        h, a = FNS["add_rms_norm"](h, self.attn(a, pos, cos, sin, bias), self.post_norm)
+        q = self.attn.qkv
+        if PROJ["fuse_norm"] and isinstance(q, GemvLinear):
+            qkv, h = q.norm_forward(h, delta, self.input_norm)
+            o = self.attn(None, pos, cos, sin, bias, qkv)
+        else:
+            h, a = FNS["add_rms_norm"](h, delta, self.input_norm)
+            o = self.attn(a, pos, cos, sin, bias)
+        h, a = FNS["add_rms_norm"](h, o, self.post_norm)
         return h, self.mlp(a)
 
 
@@ -307,9 +340,11 @@ def collect(model: Model, tokens: int) -> dict[str, list[torch.Tensor]]:
                 lambda m, a, key=f"{name}{i}": seen.setdefault(key, []).append(a[0].detach().float().flatten())
             ))  # fmt: skip
     tok = torch.randint(0, S["VOCAB"], (1,), device=DEV["device"])
+    fused, PROJ["fuse_norm"] = PROJ["fuse_norm"], False  # the q/k/v hook needs the normed input
     with torch.no_grad():
         for p in range(tokens):
             tok = model(tok, torch.tensor([p], device=DEV["device"])).argmax(-1)
+    PROJ["fuse_norm"] = fused
     for h in hooks:
         h.remove()
     return seen
@@ -323,6 +358,59 @@ def quantile(values: list[torch.Tensor], level: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------- harness
+
+
+def projection_variants(specs: list[str], fuse: bool) -> dict[str, tuple[dict | None, bool]]:
+    """name -> (Triton GEMV launch config or None for cuBLAS, fused norm) of the attention projections."""
+    out: dict[str, tuple[dict | None, bool]] = {"cublas": (None, False)}
+    for spec in specs:
+        cfg = parse_gemv_config(spec)
+        out[f"gemv[{spec}]"] = (cfg, False)
+        if fuse:
+            out[f"gemv_norm[{spec}]"] = (cfg, True)
+    return out
+
+
+_GEMV_DEFAULTS: dict = {}
+
+
+def set_projections(model: Model, linears: list, cfg: dict | None, fuse: bool) -> list:
+    """Put cuBLAS (``cfg`` None: the nn.Linear modules) or GemvLinear on every layer's q/k/v and o, with
+    ``triton_gemv.CONFIGS`` set to ``cfg`` (a graph bakes the launch in at capture). Returns the modules."""
+    if DEV["device"] == "cuda":
+        import ffnkit.kernels.triton_gemv as TG
+
+        if not _GEMV_DEFAULTS:
+            _GEMV_DEFAULTS.update({k: dict(v) if isinstance(v, dict) else v for k, v in TG.CONFIGS.items()})
+        TG.CONFIGS.update({k: dict(v) if isinstance(v, dict) else v for k, v in _GEMV_DEFAULTS.items()})
+        if cfg is not None:
+            TG.CONFIGS["path"] = cfg["path"]
+            TG.CONFIGS[cfg["path"]].update({k: v for k, v in cfg.items() if k != "path"})
+    mods = linears if cfg is None else [(GemvLinear(q), GemvLinear(o)) for q, o in linears]
+    for layer, (q, o) in zip(model.layers, mods, strict=True):
+        layer.attn.qkv, layer.attn.o_proj = q, o
+    PROJ["fuse_norm"] = fuse and cfg is not None
+    return mods
+
+
+@torch.no_grad()
+def check_projections(model: Model) -> float:
+    """Largest relative error of layer 0's q/k/v (with its input norm, fused or not) and o projections as
+    the model runs them, against F.linear in float32 on fresh random inputs."""
+    layer, d = model.layers[0], S["D"]
+    h, delta, x = (torch.randn(1, d, **kw()) for _ in range(3))
+    hf = h.float() + delta.float()
+    want_qkv = F.linear(F.rms_norm(hf, (d,), layer.input_norm.float(), 1e-5), layer.attn.qkv.weight.float())
+    if PROJ["fuse_norm"]:
+        qkv, _ = layer.attn.qkv.norm_forward(h, delta, layer.input_norm)
+    else:
+        qkv = layer.attn.qkv(F.rms_norm(h + delta, (d,), layer.input_norm, 1e-5))
+    o = layer.attn.o_proj(x)
+    want_o = F.linear(x.float(), layer.attn.o_proj.weight.float())
+    return max(
+        float((qkv.float() - want_qkv).norm() / want_qkv.norm()),
+        float((o.float() - want_o).norm() / want_o.norm()),
+    )
 
 
 def compile_small_ops(max_len: int, variants: tuple[str, ...]) -> tuple[str, dict]:
@@ -460,6 +548,13 @@ def main() -> None:
     ap.add_argument(
         "--attn", default="bmm,sum,sdpa,triton", help="attention formulations to try (fastest kept)"
     )
+    ap.add_argument(
+        "--gemv-configs",
+        default="chunks:4:1024:4,chunks:8:512:4,rows:2:8:0,rows:4:8:0,rows:4:8:2",
+        help="Triton GEMV launch configs tried for the attention projections next to cuBLAS (fastest kept)",
+    )
+    ap.add_argument("--no-gemv-norm", action="store_true", help="do not try the fused norm + q/k/v GEMV")
+    ap.add_argument("--proj-rounds", type=int, default=3, help="rounds of the projection trial")
     ap.add_argument("--no-teal", action="store_true")
     ap.add_argument("--teal-configs", type=Path, default=None, help="JSON of TEAL kernel CONFIGS to use")
     ap.add_argument(
@@ -557,6 +652,41 @@ def main() -> None:
     FNS["attn_core"] = cores[best]
     record["attn_core"] = best
     print("attention core:", best, record.get("attn_core_trial_ms"), file=sys.stderr, flush=True)
+
+    # the attention projections: cuBLAS or the Triton GEMV (each launch config, with and without the fused
+    # norm), each checked against F.linear in float32, timed on the dense model; the fastest is kept for all
+    linear_attn = list(dense_attn)
+    variants = projection_variants([v for v in args.gemv_configs.split(",") if v], not args.no_gemv_norm)
+    trial, checks, logits_err = {}, {}, {}
+    probe_tok, probe_pos = torch.tensor([7], device=dev), torch.tensor([start], device=dev)
+    with torch.no_grad():
+        ref_logits = model(probe_tok, probe_pos).float()  # cuBLAS, eager
+    for name, (cfg, fuse) in variants.items():
+        try:
+            set_projections(model, linear_attn, cfg, fuse)
+            checks[name] = check_projections(model)
+            with torch.no_grad():  # the whole step as the layers run it (the fused path included)
+                lg = model(probe_tok, probe_pos).float()
+            logits_err[name] = float((lg - ref_logits).norm() / ref_logits.norm())
+            if checks[name] > 2e-2 or logits_err[name] > 0.25:
+                raise ValueError(f"differs from F.linear: {checks[name]}, logits {logits_err[name]}")
+            trial[name] = capture(model, tok, pos, start)
+        except Exception as exc:  # a variant that fails its check or its capture is dropped
+            print(f"projection {name} failed: {exc!r}"[:300], file=sys.stderr, flush=True)
+    t = time_graphs(trial, pos, start, args.tokens, args.proj_rounds)
+    record["attn_proj_trial_ms"] = {v: round(statistics.median(ts) * 1e3, 4) for v, ts in t.items()}
+    record["check_attn_proj_rel_err"] = {v: round(e, 5) for v, e in checks.items()}
+    record["check_attn_proj_logits_rel_err_vs_cublas"] = {v: round(e, 5) for v, e in logits_err.items()}
+    proj = min(t, key=lambda v: statistics.median(t[v]))
+    del trial
+    cfg, fuse = variants[proj]
+    dense_attn[:] = set_projections(model, linear_attn, cfg, fuse)
+    record["attn_proj"] = proj
+    if cfg is not None and dev == "cuda":
+        import ffnkit.kernels.triton_gemv as TG
+
+        record["attn_proj_gemv_configs"] = json.loads(json.dumps(TG.CONFIGS))
+    print("attention projections:", proj, record["attn_proj_trial_ms"], file=sys.stderr, flush=True)
 
     add("dense", dense_mlps, info={"ffn": "nn.Linear (cuBLAS) gate, up, down", "ffn_bytes_skipped": 0.0})
     seen = collect(model, 16)
@@ -661,9 +791,9 @@ def main() -> None:
 
         with torch.no_grad():
             attn = [
-                (TealLinear(layer.attn.qkv, quantile([v.abs() for v in seen[f"qkv{i}"]], 0.5)),
-                 TealLinear(layer.attn.o_proj, quantile([v.abs() for v in seen[f"o{i}"]], 0.5)))
-                for i, layer in enumerate(model.layers)
+                (TealLinear(q, quantile([v.abs() for v in seen[f"qkv{i}"]], 0.5)),
+                 TealLinear(o, quantile([v.abs() for v in seen[f"o{i}"]], 0.5)))
+                for i, (q, o) in enumerate(linear_attn)
             ]  # fmt: skip
         teal_levels = sorted({float(v) for v in args.teal_levels.split(",") if v} | {0.5})
         for level in teal_levels:
@@ -730,7 +860,7 @@ def main() -> None:
             )
         else:
             print(name, c)
-    keys = ("attn_core", "attn_core_trial_ms", "check_gather_rel_err", "check_predictor_rel_err", "check_teal_rel_err", "teal_measured")  # fmt: skip
+    keys = ("attn_core", "attn_core_trial_ms", "attn_proj", "attn_proj_trial_ms", "check_gather_rel_err", "check_predictor_rel_err", "check_teal_rel_err", "teal_measured")  # fmt: skip
     print(json.dumps({k: record.get(k) for k in keys}))
 
 

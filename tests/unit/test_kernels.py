@@ -219,6 +219,8 @@ def test_dispatch_table_is_complete():
         "quant_linear",
         "quant_ffn_pack",
         "quant_ffn",
+        "gemv",
+        "rms_norm_gemv",
     }
     gpu_only = {
         "quant_ffn_pack",

@@ -1,6 +1,6 @@
 """Kernels: pure functions with a backend switch (``reference`` torch oracle, ``cpu``, ``triton``): the
-sparse-FFN executor (:mod:`ffnkit.kernels.sparse_ffn`) and the quantised matmul
-(:mod:`ffnkit.kernels.quant_matmul`).
+sparse-FFN executor (:mod:`ffnkit.kernels.sparse_ffn`), the quantised matmul
+(:mod:`ffnkit.kernels.quant_matmul`) and the dense decode GEMV (:mod:`ffnkit.kernels.dense_gemv`).
 
 ``import ffnkit.kernels`` imports neither triton nor touches CUDA; the Triton module is imported the first
 time a CUDA tensor takes that path.
@@ -24,6 +24,7 @@ from ffnkit.kernels.backend import (
     triton_available,
     use_backend,
 )
+from ffnkit.kernels.dense_gemv import gemv, rms_norm_gemv
 from ffnkit.kernels.moe import experts_forward
 from ffnkit.kernels.quant_matmul import QuantPack, dequant_linear, pack_quant, quant_linear
 from ffnkit.kernels.sparse_ffn import (
@@ -52,6 +53,7 @@ __all__ = [
     "dispatch",
     "experts_forward",
     "gather_ffn",
+    "gemv",
     "kernel_activation",
     "pack_ffn",
     "pack_quant",
@@ -59,6 +61,7 @@ __all__ = [
     "predicted_ffn",
     "quant_linear",
     "resolve_backend",
+    "rms_norm_gemv",
     "sparse_input_linear",
     "teal_ffn",
     "threshold_ffn",

@@ -67,6 +67,13 @@ KERNELS: dict[tuple[str, str], str] = {
     ("quant_linear", "reference"): "ffnkit.kernels.quant_matmul:reference_linear",
     ("quant_linear", "cpu"): "ffnkit.kernels.cpu_quant:quant_linear",
     ("quant_linear", "triton"): "ffnkit.kernels.cuda_quant:quant_linear",
+    # dense batch-1 products (the shared part of a decode step: attention projections)
+    ("gemv", "reference"): "ffnkit.kernels.dense_gemv:linear_torch",
+    ("gemv", "cpu"): "ffnkit.kernels.dense_gemv:linear_torch",
+    ("gemv", "triton"): "ffnkit.kernels.triton_gemv:gemv",
+    ("rms_norm_gemv", "reference"): "ffnkit.kernels.dense_gemv:rms_norm_linear_torch",
+    ("rms_norm_gemv", "cpu"): "ffnkit.kernels.dense_gemv:rms_norm_linear_torch",
+    ("rms_norm_gemv", "triton"): "ffnkit.kernels.triton_gemv:rms_norm_gemv",
 }
 
 _CURRENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("ffnkit_kernel_backend", default=None)
