@@ -29,7 +29,8 @@ Greedy decode of a Llama-3-8B-shaped model on the H200 through ``SparseFFN`` (ra
 graphs, benchmarks/results/sparsity_decode_h200.json; dense 212.3 tokens/s): gather on a fixed active set
 1.45x dense at 50% of the FFN bytes skipped (goal 1.5x, not reached) and 1.64x at 65%; ``predicted_ffn``
 with a rank-64 predictor 1.23x at 50%, 1.37x at 65%; TEAL 1.12x at 50%, 1.14x with TEAL on the attention
-projections too.
+projections too. With the attention projections of every configuration through ffnkit's Triton GEMV
+(sparsity_decode_h200_gemv.json): gather 1.476x at 50%, 1.68x at 65%, still short of 1.5x at 50%.
 
 All accumulate in float32 and return the dtype of ``x``; the ``reference`` backend is the masked dense
 computation and the oracle of the tests.
