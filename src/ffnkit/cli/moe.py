@@ -150,10 +150,10 @@ def convert(
         typer.Option(help="What the mlp router ranks: mass (Σ|m|) or norm (‖expert output‖; default)."),
     ] = None,
     router_steps: Annotated[
-        int | None, typer.Option(help="Training steps of the mlp router (default 300).")
+        int | None, typer.Option(help="Training steps of the mlp router (default 200).")
     ] = None,
     router_batch: Annotated[
-        int | None, typer.Option(help="Calibration tokens per router training step (default 2048).")
+        int | None, typer.Option(help="Calibration tokens per router training step (default 1024).")
     ] = None,
     router_hidden: Annotated[
         int | None, typer.Option(help="Hidden width of the mlp router (default 256).")

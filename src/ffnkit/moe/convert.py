@@ -142,11 +142,12 @@ class MoEfyConfig(JsonConfig):
     refit_ridge: float = 0.3
     refit_tokens: int = 16384
     router_hidden: int = 256
-    # 300 steps of 2,048 tokens: a quarter of the CPU frontier's 600 x 4,096, which would take ~80 min of
-    # router training for SmolLM2-135M on a busy 2-core CPU (moe_defaults_cpu.json has the measured run)
-    router_steps: int = 300
+    # 200 steps of 1,024 tokens: a twelfth of the CPU frontier's 600 x 4,096, so that the default conversion
+    # of SmolLM2-135M stays within ~25 min on a busy 2-core CPU (300 x 2,048 took 37.5 min there;
+    # moe_defaults_cpu*.json)
+    router_steps: int = 200
     router_lr: float = 3e-3
-    router_batch: int = 2048  # calibration tokens per router training step
+    router_batch: int = 1024  # calibration tokens per router training step
     router_target: str = "norm"  # what the MLP router learns to rank: mass (Σ|m|) or norm (‖expert output‖)
     layers: list[int] | None = None
     samples: int = 64  # x seq_len: 16,384 calibration tokens, as many as the refit uses
