@@ -142,9 +142,9 @@ class MoEfyConfig(JsonConfig):
     refit_ridge: float = 0.3
     refit_tokens: int = 16384
     router_hidden: int = 256
-    # 200 steps of 1,024 tokens: a twelfth of the CPU frontier's 600 x 4,096, so that the default conversion
-    # of SmolLM2-135M stays within ~25 min on a busy 2-core CPU (300 x 2,048 took 37.5 min there;
-    # moe_defaults_cpu*.json)
+    # 200 steps of 1,024 tokens, a twelfth of the CPU frontier's 600 x 4,096: with 300 x 2,048 the default
+    # conversion of SmolLM2-135M took 37.5 min on a busy 2-core CPU (moe_defaults_cpu_router300.json);
+    # with these, 5.7 min on it when quiet, Persuasion 57.80 at 50% active (moe_defaults_cpu.json)
     router_steps: int = 200
     router_lr: float = 3e-3
     router_batch: int = 1024  # calibration tokens per router training step
