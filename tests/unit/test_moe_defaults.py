@@ -136,3 +136,25 @@ def test_a_plan_made_for_other_sizes_is_refused():
     plan = plan_moefy(model, MoEfyConfig(experts=4, split="random", router="centroid"), calibration=CALIB)
     with pytest.raises(InvalidArgumentError, match="another number of experts"):
         moefy_(model, MoEfyConfig(split="random", router="centroid"), plan=plan)
+
+
+def test_the_cli_help_states_the_config_defaults():
+    """`ffnkit moe convert` passes only the options given, so its help's "(default X)" must be the config's."""
+    import re
+
+    import typer
+
+    from ffnkit.cli.moe import moe_app
+
+    convert_cmd = typer.main.get_command(moe_app).commands["convert"]
+    helps = {p.name: p.help or "" for p in convert_cmd.params}
+    config = MoEfyConfig()
+    stated = {name: re.search(r"\(default ([^)]+)\)|Default (\S+?)\.$", h) for name, h in helps.items()}
+    checked = {name: m.group(1) or m.group(2) for name, m in stated.items() if m}
+    assert {"router_steps", "router_batch", "router_hidden", "refit_ridge", "refit_tokens", "samples"} <= set(
+        checked
+    )
+    for name, value in checked.items():
+        if name != "active":
+            assert value == str(getattr(config, name)), name
+    assert "coact" in helps["split"] and config.split == "coact"

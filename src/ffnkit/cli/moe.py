@@ -119,7 +119,7 @@ def convert(
             "--experts",
             "-E",
             help="Experts per FFN (must divide d_ff − shared). Default auto: experts of width "
-            "ceil((5/6·d_ff)/80), at most 80 (d_ff 1536: 80 of 16), and with --shared, the most experts "
+            "ceil((d_ff − d_ff//6)/80), at most 80 (d_ff 1536: 80 of 16); with --shared, the most experts "
             "≤ 80 dividing d_ff − shared.",
         ),
     ] = None,
