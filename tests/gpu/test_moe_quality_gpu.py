@@ -31,7 +31,15 @@ def test_convert_oracle_heal_and_reload_on_cuda(tmp_path):
     model = copy.deepcopy(reference)
     report = moefy_(
         model,
-        MoEfyConfig(experts=4, active=0.5, shared=8, router_steps=30, router_hidden=8, router_target="norm"),
+        MoEfyConfig(
+            experts=4,
+            split="kmeans",
+            active=0.5,
+            shared=8,
+            router_steps=30,
+            router_hidden=8,
+            router_target="norm",
+        ),
         calibration=CALIB,
     )
     assert report.mass_recall["overlap"] is not None

@@ -69,6 +69,20 @@ def test_convert_then_eval(saved):
     assert json.loads(run.stdout)
 
 
+def test_convert_with_the_defaults_reports_the_auto_sizes(saved):
+    out = saved["root"] / "moe-auto"
+    args = ["moe", "convert", str(saved["llama"]), "--active", "0.5", "--router-steps", "20"]
+    args += ["--samples", "4", "--seq-len", "16", "--corpus", str(saved["corpus"]), "--no-eval"]
+    done = ffnkit(*args, "-o", str(out), "--json", root=saved["root"])
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)["report"]
+    # d_ff 48 by hand: shared 48 // 6 = 8, the other 40 in experts of ceil(40 / 80) = 1 neuron; k = 24 - 8
+    assert report["sizes"] == {"experts": 40, "expert_size": 1, "shared": 8, "top_k": 16}
+    assert [(r["experts"], r["shared"]) for r in report["layers"]] == [(40, 8), (40, 8)]
+    assert report["config"]["experts"] is None and report["config"]["split"] == "coact"
+    assert report["config"]["router_target"] == "norm" and report["config"]["refit_ridge"] == 0.3
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -79,6 +93,8 @@ def test_convert_then_eval(saved):
         (["convert", "{llama}", "--split", "spectral"], "kmeans"),
         (["convert", "{llama}", "--experts", "4", "--router-target", "loss"], "mass, norm"),
         (["convert", "{llama}", "--experts", "4", "--router-steps", "0"], "router_steps"),
+        (["convert", "{llama}", "--active", "0.1"], "give shared=0 (--shared 0)"),  # auto shared: 8 of 48
+        (["convert", "{llama}", "--shared", "-1"], "shared must be"),
         (["convert", "{mixtral}", "--experts", "4", "--router", "centroid"], "already mixtures of experts"),
         (["upcycle", "{llama}", "--experts", "6", "--top-k", "4", "--granular"], "divid"),
         (["upcycle", "{mixtral}", "--experts", "4"], "already mixtures of experts"),

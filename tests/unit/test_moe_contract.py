@@ -19,7 +19,7 @@ CALIB = torch.randint(3, 90, (4, 24), generator=torch.Generator().manual_seed(5)
 
 def _converted(family: str = "llama", **fields):
     model = tiny_model(family)
-    cfg = {"experts": 4, "router": "centroid", "active": 0.5, "shared": 8, **fields}
+    cfg = {"experts": 4, "split": "kmeans", "router": "centroid", "active": 0.5, "shared": 8, **fields}
     moefy_(model, MoEfyConfig(**cfg), calibration=CALIB)
     return model
 

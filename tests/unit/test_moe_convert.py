@@ -104,7 +104,9 @@ def test_converted_model_saves_and_reloads_exactly(tmp_path):
     inputs = tiny_inputs(model)
     moefy_(
         model,
-        MoEfyConfig(experts=4, router="mlp", active=0.5, shared=8, zero_experts=1, router_steps=20),
+        MoEfyConfig(
+            experts=4, split="kmeans", router="mlp", active=0.5, shared=8, zero_experts=1, router_steps=20
+        ),
         calibration=CALIB,
     )
     want = _logits(model, inputs)
@@ -184,7 +186,14 @@ def test_global_allocation_keeps_the_average_and_differs_per_layer():
 
     model = tiny_model("llama")
     cfg = MoEfyConfig(
-        experts=8, router="mlp", active=0.5, allocation="global", router_steps=30, router_hidden=4
+        experts=8,
+        split="kmeans",
+        router="mlp",
+        router_target="mass",
+        active=0.5,
+        allocation="global",
+        router_steps=30,
+        router_hidden=4,
     )
     plan = plan_moefy(model, cfg, calibration=CALIB)
     ffns = find_ffns(model)

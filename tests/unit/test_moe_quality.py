@@ -60,11 +60,14 @@ def test_router_learns_to_rank_a_norm_target():
     assert mass_recall(scores, target, 1)["overlap"] > 0.8
 
 
-def test_norm_target_is_a_config_choice_and_bad_ones_are_refused():
+@pytest.mark.parametrize("target", ["norm", "mass"])
+def test_router_target_is_a_config_choice_and_bad_ones_are_refused(target):
     model = tiny_model("llama")
     report = moefy_(
         model,
-        MoEfyConfig(experts=4, active=0.5, router_target="norm", router_steps=30, router_hidden=8),
+        MoEfyConfig(
+            experts=4, split="kmeans", active=0.5, router_target=target, router_steps=30, router_hidden=8
+        ),
         calibration=CALIB,
     )
     assert 0 < report.mass_recall["overlap"] <= 1
@@ -121,7 +124,15 @@ def test_healing_a_converted_model_trains_the_router_and_reloads_exactly(tmp_pat
     model = copy.deepcopy(reference)
     moefy_(
         model,
-        MoEfyConfig(experts=4, active=0.5, shared=8, router_steps=20, router_hidden=8),
+        MoEfyConfig(
+            experts=4,
+            split="kmeans",
+            active=0.5,
+            shared=8,
+            router_steps=20,
+            router_hidden=8,
+            router_target="mass",
+        ),
         calibration=CALIB,
     )
     held_out = torch.randint(3, 90, (8, 24), generator=torch.Generator().manual_seed(9))

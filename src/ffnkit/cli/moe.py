@@ -85,6 +85,12 @@ def _run(
         },
         {"": "active FFN fraction", "before": 1.0, "after": report.get("active_fraction")},
     ]
+    sizes = report.get("sizes") or {}
+    if sizes.get("experts") is not None:  # moefy: the resolved (auto or given) sizes
+        shape = (
+            f"{sizes['experts']} × {sizes['expert_size']} + {sizes['shared']} shared, top-{sizes['top_k']}"
+        )
+        rows.append({"": "experts per FFN", "before": "dense", "after": shape})
     if record.perplexity_before is not None:
         rows.append({"": "perplexity", "before": record.perplexity_before, "after": record.perplexity_after})
     print_table(f"{method} ({record.seconds['steps']:.1f} s)", rows, ["", "before", "after"])
@@ -108,13 +114,28 @@ def convert(
         typer.Option("--active", "-F", help="Share of FFN neurons active per token, (0, 1] (default 0.5)."),
     ] = None,
     experts: Annotated[
-        int, typer.Option("--experts", "-E", help="Experts per FFN (must divide d_ff − shared).")
-    ] = 32,
-    split: Annotated[str, typer.Option(help="How neurons are grouped: kmeans, coact or random.")] = "kmeans",
+        int | None,
+        typer.Option(
+            "--experts",
+            "-E",
+            help="Experts per FFN (must divide d_ff − shared). Default auto: experts of width "
+            "ceil((d_ff − d_ff//6)/80), at most 80 (d_ff 1536: 80 of 16); with --shared, the most experts "
+            "≤ 80 dividing d_ff − shared.",
+        ),
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="How neurons are grouped: kmeans, coact or random (default coact).")
+    ] = None,
     router: Annotated[
         str, typer.Option(help="Router: mlp (trained on calibration text) or centroid.")
     ] = "mlp",
-    shared: Annotated[int, typer.Option(help="Neurons of an always-on shared expert (the most-firing).")] = 0,
+    shared: Annotated[
+        int | None,
+        typer.Option(
+            help="Neurons of an always-on shared expert (the most-firing). Default auto: about d_ff/6 plus "
+            "what the experts leave over (d_ff 1536: 256), or 0 when --experts is given."
+        ),
+    ] = None,
     top_k: Annotated[
         int | None, typer.Option("--top-k", help="Experts per token (instead of --active).")
     ] = None,
@@ -125,19 +146,30 @@ def convert(
         str, typer.Option(help="uniform (one top-k) or global (top-k per layer by the router's mass recall).")
     ] = "uniform",
     router_target: Annotated[
-        str, typer.Option(help="What the mlp router ranks: mass (Σ|m|) or norm (‖expert output‖).")
-    ] = "mass",
-    router_steps: Annotated[int, typer.Option(help="Training steps of the mlp router.")] = 300,
+        str | None,
+        typer.Option(help="What the mlp router ranks: mass (Σ|m|) or norm (‖expert output‖; default)."),
+    ] = None,
+    router_steps: Annotated[
+        int | None, typer.Option(help="Training steps of the mlp router (default 200).")
+    ] = None,
+    router_batch: Annotated[
+        int | None, typer.Option(help="Calibration tokens per router training step (default 1024).")
+    ] = None,
+    router_hidden: Annotated[
+        int | None, typer.Option(help="Hidden width of the mlp router (default 256).")
+    ] = None,
     refit: Annotated[
         bool,
         refit_flag(
             "the experts' down projections with the routing in the loop (conversions that read calibration text)"
         ),
     ] = True,
-    refit_ridge: Annotated[float, typer.Option(help=REFIT_RIDGE_HELP)] = 1.0,
-    refit_tokens: Annotated[int, typer.Option(help="Calibration tokens per layer of the refit.")] = 8192,
-    samples: Annotated[int, typer.Option(help="Calibration windows.")] = 32,
-    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
+    refit_ridge: Annotated[float | None, typer.Option(help=REFIT_RIDGE_HELP + " Default 0.3.")] = None,
+    refit_tokens: Annotated[
+        int | None, typer.Option(help="Calibration tokens per layer of the refit (default 16384).")
+    ] = None,
+    samples: Annotated[int | None, typer.Option(help="Calibration windows (default 64).")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per calibration window (default 256).")] = None,
     output: OutputOpt = "",
     corpus: CorpusOpt = "shakespeare",
     no_eval: NoEvalOpt = False,
@@ -149,22 +181,28 @@ def convert(
     json: JsonOpt = False,
 ) -> None:
     """Split every dense FFN of MODEL into experts with a router (MoEfication), save it to DIR."""
-    fields = {
+    given = {
         "experts": experts,
         "split": split,
-        "router": router,
         "shared": shared,
-        "zero_experts": zero_experts,
-        "allocation": allocation,
         "router_target": router_target,
         "router_steps": router_steps,
-        "refit": refit,
+        "router_batch": router_batch,
+        "router_hidden": router_hidden,
         "refit_ridge": refit_ridge,
         "refit_tokens": refit_tokens,
         "samples": samples,
         "seq_len": seq_len,
-        **({"active": active} if active is not None else {}),
-        **({"top_k": top_k} if top_k is not None else {}),
+        "active": active,
+        "top_k": top_k,
+    }
+    # options left out keep MoEfyConfig's defaults (None = auto sizes), so the two cannot drift apart
+    fields = {
+        "router": router,
+        "zero_experts": zero_experts,
+        "allocation": allocation,
+        "refit": refit,
+        **{k: v for k, v in given.items() if v is not None},
     }
     fields = _with_recipe(ctx, "moefy", fields, config_file)
     _run(model, "moefy", fields, output, corpus, no_eval, overwrite, trust_remote_code, json, device, dtype)

@@ -9,5 +9,5 @@ MoE++ experts. The runtime block is :class:`ffnkit.modules.moe.MoEBlock` (transf
 
 Example:
     >>> from ffnkit import moefy_, MoEfyConfig
-    >>> report = moefy_(model, MoEfyConfig(experts=32, active=0.5), tokenizer=tok)
+    >>> report = moefy_(model, MoEfyConfig(active=0.5), tokenizer=tok)
 """

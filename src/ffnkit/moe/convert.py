@@ -1,7 +1,7 @@
-"""Dense → MoE (MoEfication): ``moefy_(model, MoEfyConfig(experts=32, active=0.5), tokenizer=tok)``.
+"""Dense → MoE (MoEfication): ``moefy_(model, MoEfyConfig(active=0.5), tokenizer=tok)``.
 
 Each chosen dense FFN becomes an :class:`~ffnkit.modules.moe.MoEBlock` (transformers v5 layout): its
-neurons are split into E equal experts (:mod:`ffnkit.moe.cluster`: balanced k-means on keys,
+neurons are split into E equal experts (by default sized from each FFN's d_ff, :func:`auto_sizes`) (:mod:`ffnkit.moe.cluster`: balanced k-means on keys,
 co-activation clustering, or random), optionally with an always-on shared expert of the most-firing
 neurons; a router (:mod:`ffnkit.moe.router`: centroid similarity, or an MLP trained on calibration
 activations) picks the top k experts per token, and each chosen expert adds its whole output (weight 1),
@@ -17,9 +17,9 @@ The change commits through one :class:`~ffnkit.core.transaction.Transaction` (al
 recorded (kind ``ffn_moe``), so ``ffnkit.save`` / ``load`` rebuild the blocks and reproduce the logits.
 
 Example:
-    >>> report = moefy_(model, MoEfyConfig(experts=32, split="kmeans", router="mlp", active=0.5), tokenizer=tok)
-    >>> report.active_fraction
-    0.5
+    >>> report = moefy_(model, MoEfyConfig(active=0.5), tokenizer=tok)  # 80 experts of 16 + 256 shared
+    >>> report.active_fraction, report.sizes["experts"]
+    (0.5, 80)
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ __all__ = [
     "LayerPlan",
     "MoEfyConfig",
     "MoEfyReport",
+    "MAX_EXPERTS",
+    "auto_sizes",
     "global_top_k",
     "dense_targets",
     "moe_blocks",
@@ -64,24 +66,71 @@ __all__ = [
 
 CHANGE_KIND = MoEBlock.change_kind  # "ffn_moe"
 _RECALL_TOKENS = 2048  # calibration tokens per layer held out of router training (recall, compensation)
+MAX_EXPERTS = 80  # the most experts the automatic sizes give an FFN (the measured best on SmolLM2-135M)
+
+
+def auto_sizes(d_ff: int, shared: int | None = None) -> tuple[int, int]:
+    """(experts, shared) of an FFN of ``d_ff`` neurons when ``MoEfyConfig.experts`` is None (auto).
+
+    ``shared`` None (auto too): the shared expert takes d_ff // 6 neurons and the routed rest R is cut into
+    experts of width ⌈R / 80⌉ (the narrowest that keep at most 80 experts), as many as fit; the neurons
+    left over (fewer than one expert width) join the shared expert. For d_ff 1536 that is 80 experts of 16
+    plus 256 shared, the best conversion measured (``moe_frontier_refit_h200.json``); tiny FFNs get experts
+    of 1 neuron. ``shared`` given: the largest number of experts ≤ 80 that divides d_ff − shared.
+
+    Example:
+        >>> auto_sizes(1536), auto_sizes(48), auto_sizes(1536, shared=0)
+        ((80, 256), (40, 8), (64, 0))
+    """
+    if shared is None:
+        routed = d_ff - d_ff // 6
+        width = -(-routed // MAX_EXPERTS)  # ceil: at most MAX_EXPERTS experts
+        experts = routed // width
+        return experts, d_ff - experts * width
+    routed = d_ff - shared
+    if routed < 1:
+        raise InvalidArgumentError(
+            f"the shared expert ({shared} neurons) leaves no neuron of d_ff {d_ff} to route; lower shared"
+        )
+    experts = max(e for e in range(1, min(MAX_EXPERTS, routed) + 1) if routed % e == 0)
+    if experts == 1 and routed > 1:
+        raise InvalidArgumentError(
+            f"no number of experts in 2..{MAX_EXPERTS} divides the {routed} routed neurons (d_ff {d_ff} − "
+            f"shared {shared}); give experts= or another shared"
+        )
+    return experts, shared
 
 
 @dataclass
 class MoEfyConfig(JsonConfig):
-    """How to convert. Give ``active`` (share of FFN neurons active per token, in (0, 1]) or ``top_k``;
-    neither = ``active=0.5``. JSON round trip: ``MoEfyConfig.from_dict(json.loads(c.to_json()))``.
+    """How to convert. Give ``active`` (share of FFN neurons active per token, in (0, 1], the shared
+    expert's neurons included) or ``top_k``; neither = ``active=0.5``. JSON round trip:
+    ``MoEfyConfig.from_dict(json.loads(c.to_json()))``.
+
+    The defaults are the best conversion measured (coact split, MLP router ranking experts by output norm,
+    refit on 16,384 tokens with ridge 0.3). ``experts`` / ``shared`` None = sized per FFN from its d_ff
+    (:func:`auto_sizes`: both None → experts of width ⌈(5/6·d_ff) / 80⌉, at most 80, and a shared expert
+    of about d_ff/6; ``shared`` given → the most experts ≤ 80 dividing d_ff − shared). ``experts`` given
+    with ``shared`` None keeps no shared expert (shared 0), as before the automatic sizes. The sizes each
+    layer got are in the report (``layers``, ``sizes``) and in the saved record, so a saved model reloads
+    with its own sizes whatever this rule becomes. The auto shared expert needs ``active`` above its share
+    (~1/6); below it, give ``shared=0``.
 
     Example:
         >>> MoEfyConfig(experts=16, split="random", router="centroid", active=0.25).needs_data
         False
+        >>> MoEfyConfig().sizes_for(1536)
+        (80, 256)
     """
 
-    experts: int = 32
-    split: str = "kmeans"  # kmeans | coact | random
+    experts: int | None = None  # None: auto from each FFN's d_ff (auto_sizes)
+    split: str = "coact"  # kmeans | coact | random
     router: str = "mlp"  # mlp | centroid
     active: float | None = None
     top_k: int | None = None
-    shared: int = 0  # neurons in the always-on shared expert (the most-firing ones)
+    # neurons in the always-on shared expert (the most-firing ones); None: auto (about d_ff/6) when experts
+    # is None too, else 0
+    shared: int | None = None
     zero_experts: int = 0  # MoE++ zero experts (at most top_k)
     zero_threshold: float = 0.5  # a slot goes to a zero expert below this × 1/E predicted mass share
     allocation: str = "uniform"  # uniform: one k per layer; global: k per layer from the router's mass recall
@@ -90,15 +139,18 @@ class MoEfyConfig(JsonConfig):
     # (:mod:`ffnkit.moe.refit`; supersedes compensate), on up to refit_tokens calibration tokens per layer;
     # applies where the conversion reads calibration text (needs_data), as the layer rows say
     refit: bool = True
-    refit_ridge: float = 1.0
-    refit_tokens: int = 8192
-    router_hidden: int = 128
-    router_steps: int = 300
+    refit_ridge: float = 0.3
+    refit_tokens: int = 16384
+    router_hidden: int = 256
+    # 200 steps of 1,024 tokens, a twelfth of the CPU frontier's 600 x 4,096: with 300 x 2,048 the default
+    # conversion of SmolLM2-135M took 37.5 min on a busy 2-core CPU (moe_defaults_cpu_router300.json);
+    # with these, 5.7 min on it when quiet, Persuasion 57.80 at 50% active (moe_defaults_cpu.json)
+    router_steps: int = 200
     router_lr: float = 3e-3
     router_batch: int = 1024  # calibration tokens per router training step
-    router_target: str = "mass"  # what the MLP router learns to rank: mass (Σ|m|) or norm (‖expert output‖)
+    router_target: str = "norm"  # what the MLP router learns to rank: mass (Σ|m|) or norm (‖expert output‖)
     layers: list[int] | None = None
-    samples: int = 32
+    samples: int = 64  # x seq_len: 16,384 calibration tokens, as many as the refit uses
     seq_len: int = 256
     batch_size: int = 4
     corpus: str = "shakespeare"
@@ -110,8 +162,12 @@ class MoEfyConfig(JsonConfig):
             raise InvalidArgumentError(f"unknown split {self.split!r}; use one of {', '.join(SPLITS)}")
         if self.router not in ROUTERS:
             raise InvalidArgumentError(f"unknown router {self.router!r}; use one of {', '.join(ROUTERS)}")
-        if not isinstance(self.experts, int) or self.experts < 1:
-            raise InvalidArgumentError(f"experts must be a positive integer, got {self.experts}")
+        if self.experts is not None and (not isinstance(self.experts, int) or self.experts < 1):
+            raise InvalidArgumentError(
+                f"experts must be a positive integer or None (auto), got {self.experts}"
+            )
+        if self.shared is not None and (not isinstance(self.shared, int) or self.shared < 0):
+            raise InvalidArgumentError(f"shared must be an integer >= 0 or None (auto), got {self.shared}")
         if self.active is not None and self.top_k is not None:
             raise InvalidArgumentError("give active= (share of neurons active per token) or top_k=, not both")
         if self.active is None and self.top_k is None:
@@ -120,17 +176,11 @@ class MoEfyConfig(JsonConfig):
             raise InvalidArgumentError(
                 f"active must be in (0, 1] (the share of FFN neurons active per token), got {self.active}"
             )
-        if self.top_k is not None and not 1 <= self.top_k <= self.experts:
+        if self.top_k is not None and not 1 <= self.top_k <= (self.experts or self.top_k):
             raise InvalidArgumentError(f"top_k must be in [1, experts={self.experts}], got {self.top_k}")
-        if (
-            self.shared < 0
-            or self.zero_experts < 0
-            or self.router_hidden < 1
-            or self.router_steps < 1
-            or self.router_batch < 1
-        ):
+        if self.zero_experts < 0 or self.router_hidden < 1 or self.router_steps < 1 or self.router_batch < 1:
             raise InvalidArgumentError(
-                "shared and zero_experts must be >= 0, router_hidden, router_steps and router_batch >= 1"
+                "zero_experts must be >= 0, router_hidden, router_steps and router_batch >= 1"
             )
         if self.router_target not in ROUTER_TARGETS:
             raise InvalidArgumentError(
@@ -153,11 +203,13 @@ class MoEfyConfig(JsonConfig):
 
     @property
     def needs_data(self) -> bool:
-        """Whether calibration text is needed (MLP router, co-activation split, shared or zero experts)."""
+        """Whether calibration text is needed (MLP router, co-activation split, shared or zero experts;
+        the auto shared expert counts as shared)."""
         return (
             self.router == "mlp"
             or self.split == "coact"
-            or self.shared > 0
+            or (self.shared is None and self.experts is None)
+            or bool(self.shared)
             or self.zero_experts > 0
             or self.allocation == "global"
         )
@@ -171,25 +223,40 @@ class MoEfyConfig(JsonConfig):
         for f in dense_targets(model, self.layers, "moefy_"):
             self.top_k_for(f.d_ff)
 
+    def sizes_for(self, d_ff: int) -> tuple[int, int]:
+        """(experts, shared) for an FFN of ``d_ff`` neurons: the given values, or :func:`auto_sizes`.
+
+        Example:
+            >>> MoEfyConfig().sizes_for(48), MoEfyConfig(experts=4).sizes_for(48)
+            ((40, 8), (4, 0))
+        """
+        if self.experts is None:
+            return auto_sizes(d_ff, self.shared)
+        return self.experts, self.shared or 0
+
     def top_k_for(self, d_ff: int) -> int:
         """k for an FFN of ``d_ff`` neurons (validated against the experts and the shared expert)."""
-        routed = d_ff - self.shared
-        if routed < self.experts or routed % self.experts:
+        experts, shared = self.sizes_for(d_ff)
+        routed = d_ff - shared
+        if routed < experts or routed % experts:
             raise InvalidArgumentError(
-                f"{self.experts} experts do not divide the {routed} routed neurons (d_ff {d_ff} − shared "
-                f"{self.shared}); choose experts dividing {routed}"
+                f"{experts} experts do not divide the {routed} routed neurons (d_ff {d_ff} − shared "
+                f"{shared}); choose experts dividing {routed}"
             )
-        size = routed // self.experts
+        size = routed // experts
         if self.top_k is not None:
+            if self.top_k > experts:
+                raise InvalidArgumentError(f"top_k must be in [1, experts={experts}], got {self.top_k}")
             k = self.top_k
         else:
-            want = self.active * d_ff - self.shared
+            want = self.active * d_ff - shared
             if want < 0:
+                fix = "give shared=0 (--shared 0)" if self.shared is None else "lower shared"
                 raise InvalidArgumentError(
-                    f"the shared expert alone ({self.shared} of {d_ff} neurons) is more than active={self.active}; "
-                    "lower shared or raise active"
+                    f"the shared expert alone ({shared} of {d_ff} neurons) is more than active={self.active}; "
+                    f"{fix} or raise active"
                 )
-            k = min(self.experts, max(1, round(want / size)))
+            k = min(experts, max(1, round(want / size)))
         if self.zero_experts > k:
             raise InvalidArgumentError(f"zero_experts ({self.zero_experts}) cannot exceed top-k ({k})")
         return k
@@ -216,7 +283,8 @@ class MoEfyReport:
     ``mass_recall``: share of the router's target (activation mass |m|, or expert output norms with
     ``router_target="norm"``) in the chosen experts on calibration tokens held out of router training
     (``oracle``: in the best k;
-    ``overlap``: share of the best k the router chose)."""
+    ``overlap``: share of the best k the router chose); ``sizes``: the experts, expert size, shared
+    expert and top-k every layer got (per layer in ``layers``)."""
 
     transform: str
     config: dict[str, Any]
@@ -229,6 +297,9 @@ class MoEfyReport:
     parameters_after: dict[str, Any]
     seconds: float = 0.0
     routing: dict[str, Any] | None = None  # MoE++ experts: share of slots they absorb, compute saved
+    # the resolved sizes (auto or given): experts, expert_size, shared, top_k; each an int where every
+    # converted layer has the same, else None (then see ``layers``)
+    sizes: dict[str, int | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -313,11 +384,12 @@ def plan_moefy(
         if splits is not None and f.index in splits:
             split = splits[f.index].split
         else:
+            experts, shared = config.sizes_for(f.d_ff)
             split = split_neurons(
                 f,
-                config.experts,
+                experts,
                 config.split,
-                shared=config.shared,
+                shared=shared,
                 firing=firing,
                 m_abs=m_abs,
                 seed=config.seed,
@@ -352,7 +424,8 @@ def plan_moefy(
             mass = expert_importance(f, xh.to(f.W_in.device), split, config.router_target).cpu()
             scores = _router_scores(router, xh)
         fit = None
-        if x is not None and config.refit:  # bfloat16: 8,192 tokens of SmolLM2's 576 dims are 9.4 MB a layer
+        # bfloat16: 16,384 tokens of SmolLM2's 576 dims are 18.9 MB a layer
+        if x is not None and config.refit:
             fit = x[perm[: config.refit_tokens].to(x.device)].to("cpu", torch.bfloat16)
         plans[f.index] = LayerPlan(f.index, split, router, scores, mass, info, sub, fit)
     return plans
@@ -389,7 +462,7 @@ def global_top_k(ffns: list[FFN], plan: dict[int, LayerPlan], config: MoEfyConfi
     used = sum(plan[f.index].split.expert_size for f in ffns)
     while True:
         best = max(
-            (f for f in ffns if ks[f.index] < config.experts),
+            (f for f in ffns if ks[f.index] < plan[f.index].split.num_experts),
             key=lambda f: gains[f.index][ks[f.index]],
             default=None,
         )
@@ -496,8 +569,8 @@ def moefy_(
     ``tokenizer``); ``plan``: a :func:`plan_moefy` result to reuse (the split and router).
 
     Example:
-        >>> report = moefy_(model, MoEfyConfig(experts=32, active=0.5), tokenizer=tok)
-        >>> report.active_fraction, report.mass_recall["router"]
+        >>> report = moefy_(model, MoEfyConfig(active=0.5), tokenizer=tok)
+        >>> report.active_fraction, report.sizes, report.mass_recall["router"]
     """
     from ffnkit.evaluate import count_parameters
 
@@ -517,9 +590,10 @@ def moefy_(
     rows, blocks = [], []
     for f in ffns:
         p, k = plan[f.index], ks[f.index]
-        if p.split.num_experts != config.experts or p.split.shared.numel() != config.shared:
+        if (p.split.num_experts, int(p.split.shared.numel())) != config.sizes_for(f.d_ff):
             raise InvalidArgumentError(
-                "the plan was made for another number of experts or shared expert size"
+                f"the plan of layer {f.index} was made for another number of experts or shared expert size "
+                f"({p.split.num_experts}, {p.split.shared.numel()}; this config: {config.sizes_for(f.d_ff)})"
             )
         block = _block(f, p, config, k)
         refit = config.refit and p.fit_inputs is not None
@@ -580,7 +654,14 @@ def moefy_(
         parameters_after=count_parameters(model, after),
         seconds=time.perf_counter() - start,
         routing=routing,
+        sizes={key: _same(r[key] for r in rows) for key in ("experts", "expert_size", "shared", "top_k")},
     )
+
+
+def _same(values: Any) -> int | None:
+    """The one value of ``values`` if they are all equal, else None."""
+    seen = set(values)
+    return seen.pop() if len(seen) == 1 else None
 
 
 def replay_moe(model: nn.Module, change: dict) -> None:
