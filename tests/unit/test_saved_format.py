@@ -1,6 +1,6 @@
-"""Folders saved before issue 8 (tests/fixtures/saved_v1, written by main at dd2e044) still load with
-identical logits, and today's code saves the same transforms in the same format (state-dict keys, dtypes,
-shapes and change records)."""
+"""Folders saved before issue 8 (tests/fixtures/saved_v1, written by main at dd2e044) still load with the
+same logits (to float32 rounding), and today's code saves the same transforms in the same format
+(state-dict keys, dtypes, shapes and change records)."""
 
 from __future__ import annotations
 
@@ -31,14 +31,17 @@ def _format(folder: Path) -> tuple[dict, list]:
 
 
 @pytest.mark.parametrize("case", list(make_fixtures.CASES))
-def test_folders_saved_before_issue_8_load_with_identical_logits(case):
+def test_folders_saved_before_issue_8_load_with_the_same_logits(case):
     folder = FIXTURES / case
     expected = load_file(str(folder / "expected.safetensors"))
     model, _ = io.load(folder)
     # the fixtures' logits were computed by dequantise-then-matmul: the reference kernel backend
     with torch.no_grad(), use_backend("reference"):
         logits = model(input_ids=expected["input_ids"]).logits
-    assert torch.equal(logits, expected["logits"])
+    # equal to float32 rounding, not bit for bit: the fixtures were computed with 2 BLAS threads, and another
+    # thread count or CPU sums the matmuls in another order (1 thread: 6e-8 on logits of 0.46). A wrong or
+    # missing weight moves the logits by orders of magnitude more.
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-6, atol=1e-6)
     with torch.no_grad():  # the default (quantised-matmul kernel) path: equal up to float32 rounding
         fast = model(input_ids=expected["input_ids"]).logits
     torch.testing.assert_close(fast, expected["logits"], rtol=1e-4, atol=1e-4)
