@@ -9,21 +9,14 @@ too, as an unfused rms_norm does). Skipped without CUDA and Triton; run on the a
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ffnkit.kernels import gemv, resolve_backend, rms_norm_gemv
+from tests.gpu import NEEDS_CUDA_TRITON
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
-        reason="needs a CUDA device and Triton",
-    ),
-]
+pytestmark = NEEDS_CUDA_TRITON
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 DTYPES = list(TOL)

@@ -6,21 +6,14 @@ Skipped where CUDA or Triton is missing (CI has no GPU); run on the accelerator 
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 from ffnkit.kernels import gather_ffn, resolve_backend, threshold_ffn
 from tests import kernel_cases as kc
+from tests.gpu import NEEDS_CUDA_TRITON
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
-        reason="needs a CUDA device and Triton",
-    ),
-]
+pytestmark = NEEDS_CUDA_TRITON
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DTYPE_IDS = ("float32", "bfloat16", "float16")

@@ -6,7 +6,6 @@ Skipped where CUDA or Triton is missing (CI has no GPU); run on the accelerator 
 
 from __future__ import annotations
 
-import importlib.util
 import zlib
 
 import pytest
@@ -14,14 +13,9 @@ import torch
 
 from ffnkit.kernels.moe import experts_forward
 from tests import moe_cases as mc
+from tests.gpu import NEEDS_CUDA_TRITON
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
-        reason="needs a CUDA device and Triton",
-    ),
-]
+pytestmark = NEEDS_CUDA_TRITON
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -8,21 +8,14 @@ accelerator machine:  python -m pytest -q tests/gpu/test_moe_graph_gpu.py
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 from ffnkit.kernels.moe import experts_forward
 from tests import moe_cases as mc
+from tests.gpu import NEEDS_CUDA_TRITON
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
-        reason="needs a CUDA device and Triton",
-    ),
-]
+pytestmark = NEEDS_CUDA_TRITON
 
 E, F, D, K = 16, 256, 512, 4
 

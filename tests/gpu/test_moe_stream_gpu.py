@@ -8,21 +8,14 @@ Triton; run on the accelerator machine:  python -m pytest -q tests/gpu/test_moe_
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 from ffnkit.kernels.moe import sort_pairs
 from tests import moe_cases as mc
+from tests.gpu import NEEDS_CUDA_TRITON
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
-        reason="needs a CUDA device and Triton",
-    ),
-]
+pytestmark = NEEDS_CUDA_TRITON
 
 
 @pytest.mark.parametrize("routing", mc.ROUTINGS)

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ffnkit.kernels.dense_gemv import linear_torch, rms_norm_linear_torch  # more rows: the torch backend
 from ffnkit.kernels.triton_sparse_ffn import sm_count
 
 # Launch parameters. A single row takes CONFIGS["path"]: "chunks" (_gemv_kernel, any K) or "rows"
@@ -185,7 +186,7 @@ def gemv(x: Tensor, weight: Tensor, config: dict | None = None) -> Tensor:
     k = weight.shape[1]
     x2 = x.reshape(-1, k)
     if x2.shape[0] > CONFIGS["MAX_ROWS"]:
-        return torch.nn.functional.linear(x, weight)
+        return linear_torch(x, weight)
     y, _ = launch(x2.contiguous(), weight, config=config)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -206,9 +207,7 @@ def rms_norm_gemv(
     k = weight.shape[1]
     x2 = x.reshape(-1, k)
     if x2.shape[0] > CONFIGS["MAX_ROWS"]:
-        h = x if residual is None else x + residual
-        a = torch.nn.functional.rms_norm(h, (k,), norm_weight, eps)
-        return torch.nn.functional.linear(a, weight), h
+        return rms_norm_linear_torch(x, weight, norm_weight, eps, residual)
     r2 = None if residual is None else residual.reshape(-1, k).contiguous()
     y, h2 = launch(x2.contiguous(), weight, (norm_weight.contiguous(), eps), r2, config)
     h = x if h2 is None else h2.reshape(x.shape)
