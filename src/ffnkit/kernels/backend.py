@@ -33,6 +33,34 @@ import torch
 from ffnkit.core.errors import InvalidArgumentError
 
 BACKENDS = ("reference", "cpu", "triton")
+
+# Programmatic dependent launch of the Triton decode kernels (ffnkit.kernels.triton_sparse_ffn): off unless
+# a programmatic_launch() block is open; read when a kernel is launched (and so recorded by CUDA graphs).
+LAUNCH: dict[str, bool] = {"pdl": False}
+
+
+@contextlib.contextmanager
+def programmatic_launch(on: bool = True) -> Iterator[None]:
+    """Within the block, ffnkit's Triton decode kernels (the fused gather kernel and its reduce, the GEMV)
+    launch with programmatic dependent launch on sm90+ GPUs: each may start while the kernel before it
+    finishes, loading its first weights before it waits for that kernel's output. No effect on other
+    devices. Capture a CUDA graph inside the block to keep the mode in the graph.
+
+    Example:
+        >>> with programmatic_launch():
+        ...     LAUNCH["pdl"]
+        True
+        >>> LAUNCH["pdl"]
+        False
+    """
+    old = LAUNCH["pdl"]
+    LAUNCH["pdl"] = bool(on)
+    try:
+        yield
+    finally:
+        LAUNCH["pdl"] = old
+
+
 ENV_VAR = "FFNKIT_KERNEL_BACKEND"
 
 # The dispatch table: (kernel, backend) -> "module:function", imported on first use so that the Triton

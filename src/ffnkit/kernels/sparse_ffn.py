@@ -30,7 +30,9 @@ graphs, benchmarks/results/sparsity_decode_h200.json; dense 212.3 tokens/s): gat
 1.45x dense at 50% of the FFN bytes skipped (goal 1.5x, not reached) and 1.64x at 65%; ``predicted_ffn``
 with a rank-64 predictor 1.23x at 50%, 1.37x at 65%; TEAL 1.12x at 50%, 1.14x with TEAL on the attention
 projections too. With the attention projections of every configuration through ffnkit's Triton GEMV
-(sparsity_decode_h200_gemv.json): gather 1.476x at 50%, 1.68x at 65%, still short of 1.5x at 50%.
+(sparsity_decode_h200_gemv.json): gather 1.476x at 50%, 1.68x at 65%, still short of 1.5x at 50%. With
+programmatic dependent launch (:func:`ffnkit.kernels.programmatic_launch`) and the shared ops in Triton for dense
+and sparse alike (sparsity_decode_h200_pdl.json): gather 1.53x the fastest dense at 50%, 1.76x at 65%.
 
 All accumulate in float32 and return the dtype of ``x``; the ``reference`` backend is the masked dense
 computation and the oracle of the tests.

@@ -22,6 +22,10 @@ its result at the end. That is the residual add and RMSNorm in front of the q/k/
 In the 8B decode it did not pay: 4.638-4.738 ms/token with the fused q/k/v against 4.571 without (the
 compiled add + norm it replaces is one short launch; every program re-reads x and the residual from L2).
 
+Inside :func:`ffnkit.kernels.programmatic_launch` (programmatic dependent launch, sm90+) the chunked kernel loads its
+first chunk of W (``CONFIGS["chunks"]["PREFETCH"]``: 1; 2 was slower) before it waits for the previous
+kernel, and the rows kernel waits first thing (results/sparsity_decode_h200_pdl*.json).
+
 Example:
     >>> import torch  # doctest: +SKIP
     >>> from ffnkit.kernels.triton_gemv import gemv
@@ -37,7 +41,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ffnkit.kernels.dense_gemv import linear_torch, rms_norm_linear_torch  # more rows: the torch backend
-from ffnkit.kernels.triton_sparse_ffn import sm_count
+from ffnkit.kernels.triton_sparse_ffn import pdl_wait, sm_count, use_pdl
 
 # Launch parameters. A single row takes CONFIGS["path"]: "chunks" (_gemv_kernel, any K) or "rows"
 # (_gemv_rows_kernel: whole rows of W, x held in registers, K <= MAX_K; PROGRAMS_PER_SM 0 = one program per
@@ -49,21 +53,42 @@ from ffnkit.kernels.triton_sparse_ffn import sm_count
 # 15.9 / 13.2 us (gemv_kernel_h200.json). MAX_ACC caps BLOCK_N * BLOCK_O * BLOCK_K (accumulator size).
 CONFIGS: dict = {
     "path": "chunks",
-    "chunks": {"BLOCK_O": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3, "MAX_ACC": 8192},
+    # PREFETCH: chunks of W loaded before the wait under programmatic dependent launch (1 or 2)
+    "chunks": {"BLOCK_O": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3, "MAX_ACC": 8192, "PREFETCH": 1},
     "rows": {"BLOCK_O": 2, "num_warps": 8, "PROGRAMS_PER_SM": 0, "MAX_K": 8192},
     "MAX_ROWS": 1,
 }
+
+
+@triton.jit
+def _gemv_chunk(acc, ss, w, ok, mk, on, mn, x_ptr, res_ptr, nw_ptr, h_ptr, K, pid, NORM: tl.constexpr,
+                RES: tl.constexpr):  # fmt: skip
+    """Accumulate one [BO, BK] chunk ``w`` of W against x's chunk ``ok`` (device code): (acc, ss)."""
+    m = mn[:, None] & mk[None, :]
+    xv = tl.load(x_ptr + on[:, None] * K + ok[None, :], mask=m, other=0.0)  # [BN, BK]
+    if RES:  # the residual sum rounded to x's dtype, as the unfused add returns it
+        rv = tl.load(res_ptr + on[:, None] * K + ok[None, :], mask=m, other=0.0)
+        xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(h_ptr + on[:, None] * K + ok[None, :], xv, mask=m & (pid == 0))
+    xf = xv.to(tl.float32)
+    if NORM:
+        ss += xf * xf
+        xf = xf * tl.load(nw_ptr + ok, mask=mk, other=0.0).to(tl.float32)[None, :]
+    acc += xf[:, None, :] * w.to(tl.float32)[None, :, :]
+    return acc, ss
 
 
 @triton.jit(do_not_specialize=["N", "eps"])
 def _gemv_kernel(
     x_ptr, w_ptr, y_ptr, res_ptr, nw_ptr, h_ptr, N, K, M, stride_w, eps,
     NORM: tl.constexpr, RES: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """y[n, o] = sum_k xin[n, k] * w[o, k] for the BLOCK_O rows o of this program (x, y, residual and h are
     contiguous [N, K] / [N, M]; w has unit column stride). With NORM, xin = (x + res) * nw and the sum is
-    scaled by rstd at the end (1 / rms of x + res, accumulated in the same pass)."""
+    scaled by rstd at the end (1 / rms of x + res, accumulated in the same pass). With PDL the first
+    PREFETCH (1 or 2) chunks of W are loaded before waiting for the previous kernel."""
     pid = tl.program_id(0)
     oo = pid * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO] output rows of this program
     mo = oo < M
@@ -72,21 +97,28 @@ def _gemv_kernel(
     w_rows = w_ptr + oo.to(tl.int64)[:, None] * stride_w  # [BO, 1]
     ss = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_O, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_first = 0
+    if PDL:
+        ok = tl.arange(0, BLOCK_K)
+        mk = ok < K
+        w = tl.load(w_rows + ok[None, :], mask=mo[:, None] & mk[None, :], other=0.0)  # [BO, BK]
+        if PREFETCH > 1:
+            ok2 = BLOCK_K + tl.arange(0, BLOCK_K)
+            mk2 = ok2 < K
+            w2 = tl.load(w_rows + ok2[None, :], mask=mo[:, None] & mk2[None, :], other=0.0)
+        pdl_wait(PDL)
+        acc, ss = _gemv_chunk(acc, ss, w, ok, mk, on, mn, x_ptr, res_ptr, nw_ptr, h_ptr, K, pid, NORM, RES)
+        k_first = BLOCK_K
+        if PREFETCH > 1:
+            acc, ss = _gemv_chunk(
+                acc, ss, w2, ok2, mk2, on, mn, x_ptr, res_ptr, nw_ptr, h_ptr, K, pid, NORM, RES
+            )
+            k_first = 2 * BLOCK_K
+    for k0 in range(k_first, K, BLOCK_K):
         ok = k0 + tl.arange(0, BLOCK_K)
         mk = ok < K
         w = tl.load(w_rows + ok[None, :], mask=mo[:, None] & mk[None, :], other=0.0)  # [BO, BK]
-        m = mn[:, None] & mk[None, :]
-        xv = tl.load(x_ptr + on[:, None] * K + ok[None, :], mask=m, other=0.0)  # [BN, BK]
-        if RES:  # the residual sum rounded to x's dtype, as the unfused add returns it
-            rv = tl.load(res_ptr + on[:, None] * K + ok[None, :], mask=m, other=0.0)
-            xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x_ptr.dtype.element_ty)
-            tl.store(h_ptr + on[:, None] * K + ok[None, :], xv, mask=m & (pid == 0))
-        xf = xv.to(tl.float32)
-        if NORM:
-            ss += xf * xf
-            xf = xf * tl.load(nw_ptr + ok, mask=mk, other=0.0).to(tl.float32)[None, :]
-        acc += xf[:, None, :] * w.to(tl.float32)[None, :, :]
+        acc, ss = _gemv_chunk(acc, ss, w, ok, mk, on, mn, x_ptr, res_ptr, nw_ptr, h_ptr, K, pid, NORM, RES)
     y = tl.sum(acc, axis=2)  # [BN, BO]
     if NORM:
         y = y / tl.sqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
@@ -98,11 +130,12 @@ def _gemv_kernel(
 @triton.jit(do_not_specialize=["n_blocks", "eps"])
 def _gemv_rows_kernel(
     x_ptr, w_ptr, y_ptr, res_ptr, nw_ptr, h_ptr, K, M, stride_w, eps, n_blocks,
-    NORM: tl.constexpr, RES: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr, RES: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One row x [K] (BLOCK_K >= K): the program loads x once (normalised with NORM, rounded to x's dtype
     as the unfused rms_norm returns it), then streams whole rows of W, BLOCK_O at a time, over the blocks
     pid, pid + G, ... (the same layout as the fused gather kernel's neurons)."""
+    pdl_wait(PDL)
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     ok = tl.arange(0, BLOCK_K)
@@ -155,6 +188,7 @@ def launch(
     nw, eps = norm if norm is not None else (y, 0.0)
     res, hh = (residual if residual is not None else x2), (h if h is not None else y)
     bo = min(cfg["BLOCK_O"], triton.next_power_of_2(m))
+    pdl = use_pdl(x2.device)
     if path == "rows":
         n_blocks = triton.cdiv(m, bo)
         per_sm = cfg["PROGRAMS_PER_SM"]
@@ -162,7 +196,7 @@ def launch(
         _gemv_rows_kernel[(grid,)](
             x2, weight, y, res, nw, hh, k, m, weight.stride(0), float(eps), n_blocks,
             NORM=norm is not None, RES=residual is not None, BLOCK_O=bo,
-            BLOCK_K=max(16, triton.next_power_of_2(k)), num_warps=cfg["num_warps"],
+            BLOCK_K=max(16, triton.next_power_of_2(k)), PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=pdl,
         )  # fmt: skip
         return y, h
     bn = max(1, triton.next_power_of_2(n))
@@ -171,8 +205,9 @@ def launch(
         bk //= 2
     _gemv_kernel[(triton.cdiv(m, bo),)](
         x2, weight, y, res, nw, hh, n, k, m, weight.stride(0), float(eps),
-        NORM=norm is not None, RES=residual is not None, BLOCK_N=bn, BLOCK_O=bo, BLOCK_K=bk,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        NORM=norm is not None, RES=residual is not None, BLOCK_N=bn, BLOCK_O=bo, BLOCK_K=bk, PDL=pdl,
+        PREFETCH=cfg.get("PREFETCH", 1),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )  # fmt: skip
     return y, h
 

@@ -37,6 +37,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ffnkit.kernels.backend import LAUNCH
+
+try:  # grid dependency control (programmatic dependent launch), Triton >= 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: LAUNCH["pdl"] has no effect
+    gdc_launch_dependents = gdc_wait = None
+
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 # Launch parameters, per kernel and batch class ("1": one row on the CUDA cores, "n": rows padded to 16
@@ -57,6 +64,36 @@ CONFIGS: dict[str, dict] = {
     # decode (results/sparsity_decode_h200.json, predictor_50*: 3.821 ms/token against 3.825-4.114)
     "pred_1": {"BLOCK_K": 4, "num_warps": 8, "num_stages": 2, "PROGRAMS_PER_SM": 2, "MAX_D": 8192},
 }
+
+
+# Programmatic dependent launch (Hopper and later; off by default). With LAUNCH["pdl"]
+# (ffnkit.kernels.programmatic_launch) the decode kernels
+# (the fused gather kernel, its reduce, the GEMV) are launched so that they may start while the kernel before
+# them finishes: each first loads what no earlier kernel of the step writes (weights, the active list), then
+# waits for the previous kernel (gdc_wait) before it reads its input or writes anything, and lets the next
+# kernel launch. Inside a CUDA graph this hides a launch and a DRAM round trip per kernel
+# (benchmarks/sparsity_decode_gpu.py, the *_pdl configurations).
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels on ``device`` launch with programmatic dependent launch (LAUNCH["pdl"], sm90+).
+
+    Example:
+        >>> use_pdl(torch.device("cpu"))
+        False
+    """
+    if not LAUNCH["pdl"] or device.type != "cuda" or gdc_wait is None:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """With PDL: wait until the previous kernel has finished (its writes visible), then let the next kernel
+    launch (device code; a no-op without PDL)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -233,18 +270,31 @@ def _rows_kernel(
 
 
 @triton.jit
-def _neuron_block(x_ptr, p_ptr, scale_ptr, rows, ok, mk, xr, od, md, D, stride_row, HAS_SCALE: tl.constexpr,
-                  ACT: tl.constexpr):  # fmt: skip
-    """[BD] float32: sum over the BK neurons ``rows`` (mask mk) of h_k * their down column (device code)."""
+def _neuron_rows(p_ptr, rows, mk, od, md, D, stride_row):
+    """The gate, up and down-column rows [BK, BD] of the neurons ``rows`` (mask mk), float32 (device code)."""
     base = p_ptr + rows * stride_row  # [BK] start of each neuron's gate row; up at +D, down column at +2D
     m2 = mk[:, None] & md[None, :]
     wg = tl.load(base[:, None] + od[None, :], mask=m2, other=0.0).to(tl.float32)  # [BK, BD]
     wu = tl.load(base[:, None] + D + od[None, :], mask=m2, other=0.0).to(tl.float32)
     wd = tl.load(base[:, None] + 2 * D + od[None, :], mask=m2, other=0.0).to(tl.float32)
+    return wg, wu, wd
+
+
+@triton.jit
+def _neuron_sum(wg, wu, wd, xr, scale_ptr, ok, mk, HAS_SCALE: tl.constexpr, ACT: tl.constexpr):
+    """[BD] float32: sum over the loaded neurons of h_k * their down column (device code)."""
     h = apply_act(tl.sum(wg * xr[None, :], axis=1), ACT) * tl.sum(wu * xr[None, :], axis=1)  # [BK]
     if HAS_SCALE:
         h = h * tl.load(scale_ptr + ok, mask=mk, other=0.0).to(tl.float32)
     return tl.sum(h[:, None] * wd, axis=0)
+
+
+@triton.jit
+def _neuron_block(x_ptr, p_ptr, scale_ptr, rows, ok, mk, xr, od, md, D, stride_row, HAS_SCALE: tl.constexpr,
+                  ACT: tl.constexpr):  # fmt: skip
+    """[BD] float32: sum over the BK neurons ``rows`` (mask mk) of h_k * their down column (device code)."""
+    wg, wu, wd = _neuron_rows(p_ptr, rows, mk, od, md, D, stride_row)
+    return _neuron_sum(wg, wu, wd, xr, scale_ptr, ok, mk, HAS_SCALE, ACT)
 
 
 @triton.jit(do_not_specialize=["K", "n_blocks", "thr", "R"])
@@ -252,7 +302,7 @@ def _fused_1_kernel(
     x_ptr, p_ptr, idx_ptr, part_ptr, scale_ptr, z_ptr, pb_ptr, pbias_ptr, list_ptr, y_ptr, sum_ptr, ticket_ptr,
     K, D, stride_row, n_blocks, thr, R,
     HAS_SCALE: tl.constexpr, HAS_PRED: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, SLOTS: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, SLOTS: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Batch 1 in one pass: a persistent program takes BLOCK_K neurons at a time, reads their three whole
     rows (gate, up, down column: one contiguous block each), and keeps its share of y in registers.
@@ -269,8 +319,20 @@ def _fused_1_kernel(
     n_prog = tl.num_programs(0)
     od = tl.arange(0, BLOCK_D)
     md = od < D
-    xr = tl.load(x_ptr + od, mask=md, other=0.0).to(tl.float32)  # [BD]
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    first = pid
+    if PDL and not HAS_PRED:  # the first block's weights are in flight while the previous kernel finishes
+        ok = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+        mk = (ok < K) & (pid < n_blocks)
+        rows = tl.load(idx_ptr + ok, mask=mk, other=0).to(tl.int64)
+        wg, wu, wd = _neuron_rows(p_ptr, rows, mk, od, md, D, stride_row)
+        pdl_wait(PDL)
+        xr = tl.load(x_ptr + od, mask=md, other=0.0).to(tl.float32)  # [BD]
+        acc += _neuron_sum(wg, wu, wd, xr, scale_ptr, ok, mk, HAS_SCALE, ACT)
+        first = pid + n_prog
+    else:
+        pdl_wait(PDL)
+        xr = tl.load(x_ptr + od, mask=md, other=0.0).to(tl.float32)  # [BD]
     if HAS_PRED:
         sl = tl.arange(0, SLOTS)  # this program's neurons: slot -> neuron
         blk = pid + (sl // BLOCK_K) * n_prog
@@ -296,7 +358,7 @@ def _fused_1_kernel(
             rows = tl.load(own + ok, mask=mk, other=0).to(tl.int64)
             acc += _neuron_block(x_ptr, p_ptr, scale_ptr, rows, ok, mk, xr, od, md, D, stride_row, False, ACT)
     else:
-        for blk in range(pid, n_blocks, n_prog):
+        for blk in range(first, n_blocks, n_prog):
             ok = blk * BLOCK_K + tl.arange(0, BLOCK_K)
             mk = ok < K
             rows = tl.load(idx_ptr + ok, mask=mk, other=0).to(tl.int64)
@@ -317,18 +379,30 @@ def _fused_1_kernel(
         tl.store(part_ptr + pid * D + od, acc, mask=md)
 
 
-@triton.jit(do_not_specialize=["S", "NM"])
-def _reduce_kernel(part_ptr, y_ptr, S, NM, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
-    """y = sum over S of part [S, NM]; each program owns BLOCK outputs and reads BLOCK_S partials at once."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < NM
+@triton.jit
+def sum_partials(part_ptr, offs, m, S, NM, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
+    """[BLOCK] float32: sum over s < S of part[s, offs] (part [S, NM] float32, mask m), BLOCK_S rows at once
+    (device code)."""
     acc = tl.zeros([BLOCK_S, BLOCK], dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
         os_ = s0 + tl.arange(0, BLOCK_S)
         acc += tl.load(
             part_ptr + os_[:, None] * NM + offs[None, :], mask=(os_ < S)[:, None] & m[None, :], other=0.0
         )
-    tl.store(y_ptr + offs, tl.sum(acc, axis=0).to(y_ptr.dtype.element_ty), mask=m)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit(do_not_specialize=["S", "NM"])
+def _reduce_kernel(part_ptr, y_ptr, S, NM, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+    """y = sum over S of part [S, NM]; each program owns BLOCK outputs and reads BLOCK_S partials at once."""
+    pdl_wait(PDL)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < NM
+    tl.store(
+        y_ptr + offs,
+        sum_partials(part_ptr, offs, m, S, NM, BLOCK, BLOCK_S).to(y_ptr.dtype.element_ty),
+        mask=m,
+    )
 
 
 @functools.cache
@@ -425,7 +499,10 @@ def launch_reduce(part: Tensor, out_dtype: torch.dtype) -> Tensor:
     # narrow column blocks and all partials at once: many programs, one round trip (latency, not bytes)
     block = 32 if n * m <= 16384 else 128
     block_s = min(max(2, triton.next_power_of_2(s)), 8192 // block)
-    _reduce_kernel[(triton.cdiv(n * m, block),)](part, y, s, n * m, BLOCK=block, BLOCK_S=block_s, num_warps=4)
+    pdl = use_pdl(part.device)
+    _reduce_kernel[(triton.cdiv(n * m, block),)](
+        part, y, s, n * m, BLOCK=block, BLOCK_S=block_s, PDL=pdl, num_warps=4, launch_pdl=pdl
+    )
     return y
 
 
@@ -462,9 +539,13 @@ def launch_fused_1(
     scale: Tensor | None,
     pred: tuple[Tensor, Tensor, Tensor, float] | None = None,
     out_dtype: torch.dtype | None = None,
+    partials: bool = False,
 ) -> Tensor:
     """Batch 1 in one pass: y [1, D] in ``out_dtype`` (partial sums of the G persistent programs, then
     the reduce launch; or with CONFIGS["batch1"]["reduce"] == "atomic", summed inside the kernel).
+
+    ``partials``: return the G programs' float32 partial sums [G, 1, D] unreduced (y is their sum), for a
+    caller that folds the sum into its next launch (the decode benchmark's residual add + RMSNorm).
 
     ``pred`` = (z [R] float32, pred_b [F, R] float32, pred_bias [F] float32, threshold): every neuron whose
     score pred_b · z + pred_bias exceeds the threshold, in place of ``idx``.
@@ -480,7 +561,7 @@ def launch_fused_1(
     cfg.pop("MAX_D")
     n_blocks = triton.cdiv(k, bk)
     grid = min(n_blocks, per_sm * sm_count(x2.device))
-    atomic = CONFIGS["batch1"].get("reduce", "kernel") == "atomic"
+    atomic = CONFIGS["batch1"].get("reduce", "kernel") == "atomic" and not partials
     y = torch.empty(1, d, device=x2.device, dtype=out_dtype)  # [1, D]
     part = y if atomic else torch.empty(grid, 1, d, device=x2.device, dtype=torch.float32)  # [G, 1, D]
     sums, ticket = atomic_buffers(x2.device, d) if atomic else (part, part)
@@ -495,8 +576,10 @@ def launch_fused_1(
         y, sums, ticket, k, d, packed.stride(0), n_blocks, float(thr), r,
         HAS_SCALE=scale is not None, HAS_PRED=pred is not None, ACT=ACT_CODES[act], BLOCK_K=bk,
         BLOCK_D=triton.next_power_of_2(d), BLOCK_R=max(16, triton.next_power_of_2(r)), SLOTS=slots, ATOMIC=atomic,
-        **cfg,
+        PDL=use_pdl(x2.device), launch_pdl=use_pdl(x2.device), **cfg,
     )  # fmt: skip
+    if partials:
+        return part
     return y if atomic else launch_reduce(part, out_dtype).reshape(1, d)
 
 
