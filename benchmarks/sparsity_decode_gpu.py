@@ -6,29 +6,45 @@ attention over a static KV cache, SwiGLU FFN), random bf16 weights (speed does n
 One decode step (embedding -> 32 layers -> lm_head -> argmax -> next token and position written back on the
 device) is captured in a CUDA graph per configuration, so Python overhead does not hide the FFN. The small
 ops are torch.compile'd once and shared by every configuration (each checked against eager): the residual
-add fused with the next RMSNorm, the SwiGLU product, and the attention core (rotary, KV-cache write, GQA
-attention), of which four formulations (``bmm``: baddbmm/softmax/bmm; ``sum``: broadcast products and sums
-that the compiler fuses; ``sdpa``: F.scaled_dot_product_attention; ``triton``: one Triton launch written
-here) are checked against eager ``bmm``, timed on the dense model, and the fastest is kept for all. The
+add fused with the next RMSNorm, the SwiGLU product, the greedy argmax, and the attention core (rotary,
+KV-cache write, GQA attention), of which six formulations (``bmm``: baddbmm/softmax/bmm; ``sum``: broadcast
+products and sums that the compiler fuses; ``sdpa``: F.scaled_dot_product_attention; ``triton``: one Triton
+launch, a program per KV head; ``triton_split32`` / ``triton_split64``: one launch split over blocks of 32
+/ 64 cache positions too, merged in the launch; the Triton ones in ``decode_kernels.py``) are checked
+against eager ``bmm``, timed on the dense model, and the fastest is kept for all. The
 attention projections (q/k/v fused, o) the same way: cuBLAS (nn.Linear) or ffnkit's Triton GEMV
 (``ffnkit.kernels.gemv``, each ``--gemv-configs`` launch config, with and without the residual add + input
 RMSNorm fused into the q/k/v launch: ``rms_norm_gemv``), each checked against F.linear in float32 on layer
 0, timed on the dense model (``--proj-rounds``), the fastest kept for every configuration (but
 ``teal_attn_50``, whose projections are TEAL's). Each configuration
 replays its graph for ``--tokens`` tokens from a random 128-token cache, configurations alternate within
-every round, and the median over rounds is reported (warm-up and compilation excluded).
+every round, and the median over rounds is reported (warm-up and compilation excluded), with the speed-up
+over ``dense`` and over the fastest dense configuration of the run (``best_dense``: the fair baseline when
+``--pdl`` gives dense the same shared-part kernels).
 
 Configurations (all FFNs through the kernels ffnkit's ``SparseFFN`` dispatches to at decode):
-``dense``: nn.Linear (cuBLAS) gate, up, down. ``predictor_L``: every FFN replaced by a ``SparseFFN`` in
+``dense``: nn.Linear (cuBLAS) gate, up, down (the baseline of every speed-up). ``dense_gemv``: the same
+three products through ``ffnkit.kernels.gemv`` (a second dense reference). ``predictor_L``: every FFN replaced by a ``SparseFFN`` in
 ``predictor`` mode (Deja Vu: a random rank-64 predictor; t_mid per layer at the L quantile of its scores
 on 16 calibration steps; the module's decode path: z = A x, then ``predicted_ffn``, which scores the
 neurons inside the gather kernel). ``gather_L``: ``gather_ffn`` on the same modules' packed weights with a
-fixed random active set of exactly (1 - L) of the neurons (the kernel alone, no predictor). ``teal_L``:
+fixed random active set of exactly (1 - L) of the neurons (the kernel alone, no predictor).
+``gather_L_partials``: the same active sets through the same fused kernel, which returns its programs'
+unreduced float32 partial sums (``launch_fused_1(partials=True)``); the next residual add + RMSNorm launch
+sums them (``decode_kernels.partials_add_rms_norm``), one launch per layer fewer. ``--pdl NAMES``: each
+named configuration captured twice more: ``NAME_tnorm`` with the residual add + RMSNorm as a Triton kernel
+(``decode_kernels.add_rms_norm``) instead of the compiled one and the argmax as a Triton kernel
+(``decode_kernels.argmax``; ``--pdl-attn``: another attention formulation for these sets), and ``NAME_pdl`` the same with every Triton
+kernel of the step (the GEMV, the gather kernel and its reduce, attention, add + norm) launched with
+programmatic dependent launch (``ffnkit.kernels.triton_sparse_ffn.LAUNCH["pdl"]``: a kernel may start while
+the previous one finishes, loading its weights before it waits); the greedy tokens of the two must be
+identical (``check_pdl_tokens_equal_tnorm``). cuBLAS kernels (dense's FFN, the output head) launch as
+before. ``teal_L``:
 ``SparseFFN`` in ``input`` mode (TEAL: t_in and t_mid per layer at the L quantiles of |x| and |h|);
 ``teal_attn_50``: TEAL on the attention projections too (q/k/v fused, o; ``sparse_input_linear``). The
 measured kept shares are reported. ``--atomic``: gather_50 and predictor_50 again with the fused kernel
-summing its partials itself (``CONFIGS["batch1"]["reduce"] = "atomic"``: one launch per FFN). Capturing each configuration in a CUDA graph is the check that the
-module's decode path never syncs.
+summing its partials itself (``CONFIGS["batch1"]["reduce"] = "atomic"``: one launch per FFN). Capturing
+each configuration in a CUDA graph is the check that the module's decode path never syncs.
 
 Run:  python benchmarks/sparsity_decode_gpu.py --out benchmarks/results/sparsity_decode_h200.json
 CPU smoke test of the harness (tiny shapes, eager, no graphs):
@@ -39,11 +55,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import decode_kernels as DK  # beside this script
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,6 +89,19 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, w: torch.Tensor) -> tuple
 
 def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy choice (compiled: eager argmax over 128,256 logits is one slow single-block reduction)."""
+    return logits.argmax(-1)
+
+
+def add_norm(h: torch.Tensor, delta: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add + RMSNorm; ``delta`` may be a gather FFN's unreduced float32 partials [G, 1, D]
+    (``GatherPartialsFFN``), whose sum then happens inside this launch (``partials_add_rms_norm``)."""
+    if delta.dim() == 3:
+        return DK.partials_add_rms_norm(delta, h, w, 1e-5)
+    return FNS["add_rms_norm"](h, delta, w)
 
 
 def rotary_and_cache(qkv, cos, sin, k_cache, v_cache, pos):
@@ -112,87 +143,21 @@ def attn_core_sdpa(qkv, cos, sin, k_cache, v_cache, pos, bias) -> torch.Tensor:
     return o.reshape(1, S["HEADS"] * S["HEAD_DIM"])
 
 
-def decode_attn_kernel():
-    """The Triton kernel of :func:`attn_core_triton` (defined on first use: the CPU smoke test has no Triton)."""
-    global triton, tl  # module globals: the JIT resolves the kernel's names there, not in this function
-    if "kernel" in _KERNEL:
-        return _KERNEL["kernel"]
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _decode_attn_kernel(
-        qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, L, scale,
-        H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr,
-    ):  # fmt: skip
-        """One KV head per program: rotary of its key and of its G queries, the KV-cache write of the new token,
-        then online-softmax attention over positions <= pos (one launch for the whole attention core)."""
-        kv = tl.program_id(0)
-        p = tl.load(pos_ptr)
-        d = tl.arange(0, HD)
-        half: tl.constexpr = HD // 2
-        dr = (d + half) % HD
-        sign = tl.where(d < half, -1.0, 1.0)
-        cs = tl.load(cos_ptr + d).to(tl.float32)
-        sn = tl.load(sin_ptr + d).to(tl.float32)
-        koff = (H + kv) * HD
-        kn = tl.load(qkv_ptr + koff + d).to(tl.float32)
-        knr = tl.load(qkv_ptr + koff + dr).to(tl.float32)
-        k_rot = kn * cs + sign * knr * sn
-        cache = kv * L * HD
-        tl.store(k_ptr + cache + p * HD + d, k_rot.to(k_ptr.dtype.element_ty))
-        vn = tl.load(qkv_ptr + (H + KV + kv) * HD + d)
-        tl.store(v_ptr + cache + p * HD + d, vn)
-        g = tl.arange(0, BG)
-        mg = g < G
-        qoff = (kv * G + g) * HD  # [BG]
-        q = tl.load(qkv_ptr + qoff[:, None] + d[None, :], mask=mg[:, None], other=0.0).to(tl.float32)
-        qr = tl.load(qkv_ptr + qoff[:, None] + dr[None, :], mask=mg[:, None], other=0.0).to(tl.float32)
-        q = (q * cs[None, :] + sign[None, :] * qr * sn[None, :]).to(k_ptr.dtype.element_ty)  # [BG, HD]
-        tl.debug_barrier()  # the cache write above is read below by other threads of this program
-        m_i = tl.full([BG], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BG], dtype=tl.float32)
-        acc = tl.zeros([BG, HD], dtype=tl.float32)
-        for l0 in range(0, L, BL):
-            lo = l0 + tl.arange(0, BL)
-            ml = (lo <= p) & (lo < L)
-            kb = tl.load(
-                k_ptr + cache + lo[:, None] * HD + d[None, :], mask=ml[:, None], other=0.0
-            )  # [BL, HD]
-            s = tl.dot(q, tl.trans(kb)) * scale  # [BG, BL]
-            s = tl.where(ml[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            pr = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(pr, axis=1)
-            vb = tl.load(v_ptr + cache + lo[:, None] * HD + d[None, :], mask=ml[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(pr.to(vb.dtype), vb)
-            m_i = m_new
-        o = acc / l_i[:, None]
-        tl.store(o_ptr + qoff[:, None] + d[None, :], o.to(o_ptr.dtype.element_ty), mask=mg[:, None])
-
-    _KERNEL["kernel"] = _decode_attn_kernel
-    return _decode_attn_kernel
+def _triton_core(fn, **kw):
+    """An attention formulation of :mod:`decode_kernels` with the harness's signature (``bias`` unused:
+    the kernels attend to positions <= pos)."""
+    return lambda qkv, cos, sin, k_cache, v_cache, pos, bias: fn(
+        qkv, cos, sin, k_cache, v_cache, pos, S, **kw
+    )
 
 
-_KERNEL: dict = {}
-
-
-def attn_core_triton(qkv, cos, sin, k_cache, v_cache, pos, bias) -> torch.Tensor:
-    """The same attention core in one Triton launch (``bias`` unused: positions <= pos are attended)."""
-    h, kvh, hd = S["HEADS"], S["KV_HEADS"], S["HEAD_DIM"]
-    o = torch.empty(1, h * hd, device=qkv.device, dtype=qkv.dtype)
-    bg = max(16, 1 << (h // kvh - 1).bit_length())  # tl.dot needs >= 16 rows
-    decode_attn_kernel()[(kvh,)](
-        qkv, cos, sin, k_cache, v_cache, pos, o, k_cache.shape[2], hd**-0.5,
-        H=h, KV=kvh, G=h // kvh, HD=hd, BG=bg, BL=64, num_warps=4,
-    )  # fmt: skip
-    return o
-
-
-ATTN = {"bmm": attn_core_bmm, "sum": attn_core_sum, "sdpa": attn_core_sdpa, "triton": attn_core_triton}
+ATTN = {
+    "bmm": attn_core_bmm, "sum": attn_core_sum, "sdpa": attn_core_sdpa,
+    "triton": _triton_core(DK.attn_core_triton),
+    **{f"triton_split{b}": _triton_core(DK.attn_core_split, block=b) for b in (32, 64)},
+}  # fmt: skip
 # the small ops of a step; main() replaces them with torch.compile'd versions (fewer kernel launches)
-FNS = {"add_rms_norm": add_rms_norm, "swiglu": swiglu, "attn_core": attn_core_bmm}
+FNS = {"add_rms_norm": add_rms_norm, "swiglu": swiglu, "attn_core": attn_core_bmm, "argmax": argmax}
 # fuse_norm: a GemvLinear q/k/v projection takes the residual add and the input norm into its launch
 PROJ = {"fuse_norm": False}
 
@@ -253,13 +218,13 @@ class Layer(nn.Module):
     def forward(self, h, delta, pos, cos, sin, bias):
         """(h, delta) -> (h', FFN output): the previous block's output is added here, fused with the norm."""
         q = self.attn.qkv
-        if PROJ["fuse_norm"] and isinstance(q, GemvLinear):
+        if PROJ["fuse_norm"] and isinstance(q, GemvLinear) and delta.dim() == 2:
             qkv, h = q.norm_forward(h, delta, self.input_norm)
             o = self.attn(None, pos, cos, sin, bias, qkv)
         else:
-            h, a = FNS["add_rms_norm"](h, delta, self.input_norm)
+            h, a = add_norm(h, delta, self.input_norm)
             o = self.attn(a, pos, cos, sin, bias)
-        h, a = FNS["add_rms_norm"](h, o, self.post_norm)
+        h, a = add_norm(h, o, self.post_norm)
         return h, self.mlp(a)
 
 
@@ -286,7 +251,7 @@ class Model(nn.Module):
         bias = torch.where(self.positions <= pos, 0.0, float("-inf")).to(h.dtype).view(1, 1, -1)  # [1, 1, L]
         for layer in self.layers:
             h, delta = layer(h, delta, pos, cos, sin, bias)
-        _, a = FNS["add_rms_norm"](h, delta, self.norm)
+        _, a = add_norm(h, delta, self.norm)
         return self.lm_head(a)  # [1, V]
 
 
@@ -302,6 +267,16 @@ class GatherFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return gather_ffn(x, self.packed, self.idx)
+
+
+class GatherPartialsFFN(GatherFFN):
+    """The same FFN whose output is the fused kernel's unreduced float32 partial sums [G, 1, D]: the next
+    residual add + RMSNorm sums them (:func:`add_norm`), one launch fewer per layer than ``GatherFFN``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ffnkit.kernels.triton_sparse_ffn import launch_fused_1
+
+        return launch_fused_1(x.reshape(1, -1), self.packed, self.idx, "silu", None, partials=True)
 
 
 class TealLinear(nn.Module):
@@ -429,22 +404,25 @@ def compile_small_ops(max_len: int, variants: tuple[str, ...]) -> tuple[str, dic
     args = {
         "add_rms_norm": (torch.randn(1, d, **kw()), torch.randn(1, d, **kw()), torch.rand(d, **kw())),
         "swiglu": tuple(torch.randn(1, ff, **kw()) for _ in range(2)),
+        "argmax": (torch.randn(1, S["VOCAB"], **kw()),),
         **{f"attn_{v}": (qkv, *cos_sin, kv[0], kv[1], pos, bias) for v in variants},
     }  # fmt: skip
-    fns = {"add_rms_norm": add_rms_norm, "swiglu": swiglu, **{f"attn_{v}": ATTN[v] for v in variants}}
+    fns = {"add_rms_norm": add_rms_norm, "swiglu": swiglu, "argmax": argmax}
+    fns.update({f"attn_{v}": ATTN[v] for v in variants})
     done, out = [], {}
     for name, fn in fns.items():
         try:
-            if DEV["device"] != "cuda" and name != "attn_triton":
+            triton_core = name.startswith("attn_triton")  # its own kernel: nothing to compile
+            if DEV["device"] != "cuda" and not triton_core:
                 raise RuntimeError("compile only on cuda")
-            c = fn if name == "attn_triton" else torch.compile(fn, dynamic=False)
+            c = fn if triton_core else torch.compile(fn, dynamic=False)
             a1 = [t.clone() for t in args[name]]
             a2 = [t.clone() for t in args[name]]
             got, want = c(*a1), (attn_core_bmm if name.startswith("attn_") else fn)(*a2)  # eager oracle
             got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
             for g_, w_ in zip(got, want, strict=True):
                 err = float((g_.float() - w_.float()).norm() / w_.float().norm())
-                if err > 2e-2:
+                if err > (0 if name == "argmax" else 2e-2):
                     raise ValueError(f"compiled {name} differs from eager: {err}")
             out[name] = c
             done.append(name)
@@ -452,7 +430,7 @@ def compile_small_ops(max_len: int, variants: tuple[str, ...]) -> tuple[str, dic
             print(f"compile {name} failed: {exc!r}"[:300], file=sys.stderr, flush=True)
             if not name.startswith("attn_") or name in ("attn_bmm", "attn_sum"):
                 out[name] = fn
-    FNS["add_rms_norm"], FNS["swiglu"] = out["add_rms_norm"], out["swiglu"]
+    FNS["add_rms_norm"], FNS["swiglu"], FNS["argmax"] = out["add_rms_norm"], out["swiglu"], out["argmax"]
     return ",".join(done) or "none", {v: out[f"attn_{v}"] for v in variants if f"attn_{v}" in out}
 
 
@@ -460,7 +438,7 @@ def capture(model: Model, tok: torch.Tensor, pos: torch.Tensor, start: int):
     """The decode step as a CUDA graph (on CPU: the eager step, for the smoke test)."""
 
     def step():
-        nxt = model(tok, pos).argmax(-1)
+        nxt = FNS["argmax"](model(tok, pos))
         tok.copy_(nxt)
         pos.add_(1)
 
@@ -481,6 +459,17 @@ def capture(model: Model, tok: torch.Tensor, pos: torch.Tensor, start: int):
         with torch.cuda.graph(g):
             step()
     return g.replay
+
+
+def greedy_tokens(replay, tok: torch.Tensor, pos: torch.Tensor, start: int, tokens: int) -> list[int]:
+    """The tokens a captured step produces from token 7 at ``start`` (host syncs: outside any timing)."""
+    tok.fill_(7)
+    pos.fill_(start)
+    out = []
+    for _ in range(tokens):
+        replay()
+        out.append(int(tok.item()))
+    return out
 
 
 def time_graphs(
@@ -546,7 +535,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="tokens per timed round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
-        "--attn", default="bmm,sum,sdpa,triton", help="attention formulations to try (fastest kept)"
+        "--attn",
+        default="bmm,sum,sdpa,triton,triton_split32,triton_split64",
+        help="attention formulations to try (fastest kept)",
     )
     ap.add_argument(
         "--gemv-configs",
@@ -569,12 +560,31 @@ def main() -> None:
         help="configs to profile after timing (comma list): device time per kernel name per token",
     )
     ap.add_argument(
+        "--pdl",
+        default="",
+        help="configs captured again with programmatic dependent launch (NAME_pdl) and with the Triton add +"
+        " norm alone (NAME_tnorm), comma list",
+    )
+    ap.add_argument(
+        "--pdl-attn", default="", help="attention formulation of the --pdl sets (default: the trial's)"
+    )
+    ap.add_argument(
+        "--gemv-prefetch",
+        type=int,
+        default=None,
+        help="chunks of W the GEMV loads before its PDL wait (1 or 2)",
+    )
+    ap.add_argument(
         "--fused-sweep",
         default="",
         help="extra predicted_ffn configs BLOCK_K:PROGRAMS_PER_SM:num_warps,... for predictor_50",
     )
     args = ap.parse_args()
     DEV["device"] = args.device
+    if args.gemv_prefetch is not None and args.device == "cuda":
+        import ffnkit.kernels.triton_gemv as TG
+
+        TG.CONFIGS["chunks"]["PREFETCH"] = args.gemv_prefetch
     if args.teal_configs and args.device == "cuda":
         import ffnkit.kernels.triton_teal as TT
 
@@ -614,6 +624,7 @@ def main() -> None:
     pos = torch.zeros(1, dtype=torch.long, device=dev)
     configs: dict[str, object] = {}
     keep_alive: list = []
+    built: dict[str, tuple] = {}  # name -> (ffns, attn, info) of every captured configuration
 
     def add(name: str, ffns: list[nn.Module], attn: list | None = None, info: dict | None = None) -> None:
         for layer, ffn in zip(model.layers, ffns, strict=True):
@@ -624,6 +635,7 @@ def main() -> None:
         try:
             configs[name] = capture(model, tok, pos, start)
             keep_alive.append((ffns, attn))
+            built[name] = (ffns, attn, info)
             record["configs"][name] = {"captured": dev == "cuda", **(info or {})}
         except Exception as exc:
             record["configs"][name] = {"error": repr(exc)[:400], **(info or {})}
@@ -690,6 +702,19 @@ def main() -> None:
 
     add("dense", dense_mlps, info={"ffn": "nn.Linear (cuBLAS) gate, up, down", "ffn_bytes_skipped": 0.0})
     seen = collect(model, 16)
+    if cfg is not None:  # a second dense reference: the FFN's three products through the GEMV too
+        gemv_mlps = []
+        for m in dense_mlps:
+            gm = MLP.__new__(MLP)
+            nn.Module.__init__(gm)
+            gm.gate_proj, gm.up_proj, gm.down_proj = (
+                GemvLinear(lin) for lin in (m.gate_proj, m.up_proj, m.down_proj)
+            )
+            gemv_mlps.append(gm)
+        add("dense_gemv", gemv_mlps, info={
+            "ffn": "ffnkit.kernels.gemv gate, up, down (the attention projections' launch config)",
+            "ffn_bytes_skipped": 0.0,
+        })  # fmt: skip
 
     # predictor mode: one SparseFFN per layer (its packed weights shared by every level and by gather_L)
     g = torch.Generator(device=dev).manual_seed(1)
@@ -743,12 +768,29 @@ def main() -> None:
         x = torch.randn(1, S["D"], **kw())
         want = gather_ffn(x, probe.packed, probe.idx, backend="reference")
         record["check_gather_rel_err"] = float((probe(x).float() - want.float()).norm() / want.float().norm())
+        triton_ok = dev == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        if triton_ok:  # h + FFN(x) and its norm through the partials launch, against the eager add + norm
+            h0, w0 = torch.randn(1, S["D"], **kw()), torch.rand(S["D"], **kw()) + 0.5
+            for _ in range(2):  # twice: the first call must leave its ticket and sum re-armed
+                got = add_norm(h0, GatherPartialsFFN(probe.packed, probe.idx)(x), w0)
+            ref = add_rms_norm(h0, want, w0)
+            record["check_partials_add_norm_rel_err"] = [
+                float((g_.float() - r_.float()).norm() / r_.float().norm())
+                for g_, r_ in zip(got, ref, strict=True)
+            ]
+            if max(record["check_partials_add_norm_rel_err"]) > 2e-2:
+                raise SystemExit(f"partials add + norm differs: {record['check_partials_add_norm_rel_err']}")
     for level in [float(v) for v in args.levels.split(",") if v]:
         keep = round((1 - level) * S["FF"])
         ffns = [GatherFFN(p, torch.randperm(S["FF"], device=dev)[:keep].sort().values) for p in packed]
         add(f"gather_{round(level * 100)}", ffns, info={
             "ffn": "gather_ffn on SparseFFN's packed weights, fixed random active set", "ffn_bytes_skipped": level,
         })  # fmt: skip
+        if triton_ok:  # the same active sets, the FFN's reduce folded into the next add + norm launch
+            add(f"gather_{round(level * 100)}_partials", [GatherPartialsFFN(f.packed, f.idx) for f in ffns], info={
+                "ffn": "gather_ffn's fused kernel, partial sums reduced in the next residual add + RMSNorm launch",
+                "ffn_bytes_skipped": level,
+            })  # fmt: skip
 
     if args.atomic and dev == "cuda":
         # the same FFNs with the partial sums reduced inside the fused kernel (no reduce launch)
@@ -837,13 +879,54 @@ def main() -> None:
             layer.mlp = m
         save()
 
+    pdl_names = [v for v in args.pdl.split(",") if v in built]
+    if pdl_names and dev == "cuda":
+        # the same FFNs with the add + norm in Triton (NAME_tnorm), then with every Triton kernel of the step
+        # launched with programmatic dependent launch (NAME_pdl); greedy tokens of both must be identical
+        import ffnkit.kernels.triton_sparse_ffn as T
+
+        compiled_norm, compiled_argmax, core = FNS["add_rms_norm"], FNS["argmax"], FNS["attn_core"]
+        with torch.no_grad():
+            a3 = (torch.randn(1, S["D"], **kw()), torch.randn(1, S["D"], **kw()), torch.rand(S["D"], **kw()))
+            record["check_triton_add_norm_rel_err"] = [
+                float((g_.float() - r_.float()).norm() / r_.float().norm())
+                for g_, r_ in zip(DK.add_rms_norm(*a3), add_rms_norm(*a3), strict=True)
+            ]
+        with torch.no_grad():
+            lg = torch.randn(1, S["VOCAB"], **kw())
+            record["check_triton_argmax_equal"] = bool(torch.equal(DK.argmax(lg), lg.argmax(-1)))
+        FNS["add_rms_norm"], FNS["argmax"] = DK.add_rms_norm, DK.argmax
+        if args.pdl_attn:  # the attention formulation of the Triton sets (its prefetch may pay only with PDL)
+            FNS["attn_core"] = cores[args.pdl_attn]
+        record["pdl_sets"] = {
+            "attn_core": args.pdl_attn or record["attn_core"],
+            "gemv_prefetch": args.gemv_prefetch,
+        }
+        for name in pdl_names:
+            add(f"{name}_tnorm", *built[name])
+        T.LAUNCH["pdl"] = DK.PDL["on"] = True
+        for name in pdl_names:
+            add(f"{name}_pdl", *built[name])
+        T.LAUNCH["pdl"] = DK.PDL["on"] = False
+        FNS["add_rms_norm"], FNS["argmax"], FNS["attn_core"] = compiled_norm, compiled_argmax, core
+        record["check_pdl_tokens_equal_tnorm"] = {
+            name: greedy_tokens(configs[f"{name}_pdl"], tok, pos, start, args.tokens)
+            == greedy_tokens(configs[f"{name}_tnorm"], tok, pos, start, args.tokens)
+            for name in pdl_names
+            if f"{name}_pdl" in configs and f"{name}_tnorm" in configs
+        }
+        save()
     times = time_graphs(configs, pos, start, args.tokens, args.rounds)
     dense_s = statistics.median(times["dense"])
+    # the fairest baseline: the fastest dense configuration of the run (every shared-part trick included)
+    best_dense = min((n for n in times if n.startswith("dense")), key=lambda n: statistics.median(times[n]))
+    best_s = statistics.median(times[best_dense])
+    record["best_dense"] = best_dense
     for name, ts in times.items():
         med = statistics.median(ts)
         record["configs"][name].update(
             ms_per_token=round(med * 1e3, 3), tokens_per_s=round(1 / med, 1), speedup_vs_dense=round(dense_s / med, 3),
-            rounds_ms=[round(t * 1e3, 3) for t in ts],
+            speedup_vs_best_dense=round(best_s / med, 3), rounds_ms=[round(t * 1e3, 3) for t in ts],
         )  # fmt: skip
     save()
     for name in [v for v in args.profile.split(",") if v]:
@@ -852,11 +935,12 @@ def main() -> None:
             save()
             prof = record["configs"][name]["profile"]
             print(name, "kernels", prof["kernels_us_per_token"], "us/token", json.dumps(prof["top"][:8]))
-    print(f"{'config':20s} {'ms/token':>9s} {'tok/s':>8s} {'x dense':>8s}")
+    print(f"{'config':20s} {'ms/token':>9s} {'tok/s':>8s} {'x dense':>8s} {'x ' + best_dense:>12s}")
     for name, c in record["configs"].items():
         if "ms_per_token" in c:
             print(
                 f"{name:20s} {c['ms_per_token']:9.3f} {c['tokens_per_s']:8.1f} {c['speedup_vs_dense']:8.3f}"
+                f" {c['speedup_vs_best_dense']:12.3f}"
             )
         else:
             print(name, c)
