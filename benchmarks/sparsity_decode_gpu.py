@@ -36,9 +36,11 @@ named configuration captured twice more: ``NAME_tnorm`` with the residual add + 
 (``decode_kernels.add_rms_norm``) instead of the compiled one and the argmax as a Triton kernel
 (``decode_kernels.argmax``; ``--pdl-attn``: another attention formulation for these sets), and ``NAME_pdl`` the same with every Triton
 kernel of the step (the GEMV, the gather kernel and its reduce, attention, add + norm) launched with
-programmatic dependent launch (``ffnkit.kernels.triton_sparse_ffn.LAUNCH["pdl"]``: a kernel may start while
-the previous one finishes, loading its weights before it waits); the greedy tokens of the two must be
-identical (``check_pdl_tokens_equal_tnorm``). cuBLAS kernels (dense's FFN, the output head) launch as
+programmatic dependent launch (``ffnkit.kernels.programmatic_launch(prefetch_active=True)``: a kernel may
+start while the previous one finishes, loading its weights before it waits; the greedy tokens of the two
+must be identical, ``check_pdl_tokens_equal_tnorm``), and for gather sets ``NAME_pdl_waitfirst``, the same
+with the library's default ``prefetch_active=False`` (the gather kernel waits before reading its active
+list, as it must for a list computed on the device just before). cuBLAS kernels (dense's FFN, the output head) launch as
 before. ``teal_L``:
 ``SparseFFN`` in ``input`` mode (TEAL: t_in and t_mid per layer at the L quantiles of |x| and |h|);
 ``teal_attn_50``: TEAL on the attention projections too (q/k/v fused, o; ``sparse_input_linear``). The
@@ -905,8 +907,13 @@ def main() -> None:
         for name in pdl_names:
             add(f"{name}_tnorm", *built[name])
         T.LAUNCH["pdl"] = DK.PDL["on"] = True
+        T.LAUNCH["prefetch_active"] = True  # the harness's active sets are fixed: never written in a step
         for name in pdl_names:
             add(f"{name}_pdl", *built[name])
+        T.LAUNCH["prefetch_active"] = False  # the library's default: the gather kernel waits first
+        for name in pdl_names:
+            if name.startswith("gather"):
+                add(f"{name}_pdl_waitfirst", *built[name])
         T.LAUNCH["pdl"] = DK.PDL["on"] = False
         FNS["add_rms_norm"], FNS["argmax"], FNS["attn_core"] = compiled_norm, compiled_argmax, core
         record["check_pdl_tokens_equal_tnorm"] = {

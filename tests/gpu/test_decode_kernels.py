@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from ffnkit.kernels import gather_ffn, pack_ffn
-from ffnkit.kernels.triton_sparse_ffn import launch_fused_1
 from tests.gpu import NEEDS_CUDA_TRITON
 
 pytestmark = NEEDS_CUDA_TRITON
@@ -80,6 +79,8 @@ def test_decode_attention_equals_softmax_attention(dtype, kernel, shape, length,
 @pytest.mark.parametrize("dtype", list(TOL), ids=["fp32", "bf16"])
 @pytest.mark.parametrize("d,f,keep", [(4096, 14336, 7168), (96, 200, 37), (513, 1030, 1)])
 def test_partials_sum_to_the_gather_output_and_fold_into_add_norm(dtype, d, f, keep):
+    from ffnkit.kernels.triton_sparse_ffn import launch_fused_1  # Triton: only where the marks let it run
+
     g = torch.Generator(device="cuda").manual_seed(d)
     w_gate, w_up = (torch.randn(f, d, device="cuda", generator=g).to(dtype) / d**0.5 for _ in range(2))
     w_down = torch.randn(d, f, device="cuda", generator=g).to(dtype) / f**0.5
@@ -106,7 +107,7 @@ def test_programmatic_dependent_launch_changes_no_bit_in_a_cuda_graph():
     """A chain of the decode kernels (add + norm, GEMV, gather kernel + reduce, attention), four layers
     deep, captured once with plain launches and once with PDL: the replays give the same bits."""
     import ffnkit.kernels.triton_sparse_ffn as T
-    from ffnkit.kernels import gemv
+    from ffnkit.kernels import gemv, programmatic_launch
 
     g = torch.Generator(device="cuda").manual_seed(0)
     d, f, dt = 512, 1408, torch.bfloat16
@@ -135,21 +136,23 @@ def test_programmatic_dependent_launch_changes_no_bit_in_a_cuda_graph():
         return h + delta
 
     outs = []
-    for on in (False, True):
-        T.LAUNCH["pdl"] = DK.PDL["on"] = on
+    for on, prefetch in ((False, False), (True, False), (True, True)):  # the gather list is fixed here
+        DK.PDL["on"] = on
         try:
-            kv = [c.clone() for c in caches]
-            step(kv)  # compile outside the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = step(kv)
+            with programmatic_launch(on, prefetch_active=prefetch):
+                kv = [c.clone() for c in caches]
+                step(kv)  # compile outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = step(kv)
             for _ in range(3):
                 graph.replay()
             torch.cuda.synchronize()
             outs.append(out.clone())
         finally:
-            T.LAUNCH["pdl"] = DK.PDL["on"] = False
-    assert torch.equal(outs[0], outs[1])
+            DK.PDL["on"] = False
+    assert not T.LAUNCH["pdl"] and not T.LAUNCH["prefetch_active"]  # the block restores the defaults
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     assert torch.isfinite(outs[0].float()).all()
 
 

@@ -76,3 +76,20 @@ def test_parse_gemv_config():
     for bad in ("rows:2:8", "chunks:4", "x:1:2:3"):
         with pytest.raises(InvalidArgumentError, match="bad GEMV config"):
             parse_gemv_config(bad)
+
+
+def test_programmatic_launch_block_sets_and_restores_the_launch_mode():
+    from ffnkit.kernels import programmatic_launch
+    from ffnkit.kernels.backend import LAUNCH
+
+    assert LAUNCH == {"pdl": False, "prefetch_active": False}
+    with programmatic_launch():
+        assert LAUNCH == {"pdl": True, "prefetch_active": False}  # the safe default: the gather waits first
+        with programmatic_launch(prefetch_active=True):
+            assert LAUNCH == {"pdl": True, "prefetch_active": True}
+        assert LAUNCH == {"pdl": True, "prefetch_active": False}
+    with pytest.raises(RuntimeError), programmatic_launch(prefetch_active=True):
+        raise RuntimeError("boom")
+    assert LAUNCH == {"pdl": False, "prefetch_active": False}
+    with programmatic_launch(False, prefetch_active=True):
+        assert LAUNCH == {"pdl": False, "prefetch_active": False}  # no prefetch without the launch mode

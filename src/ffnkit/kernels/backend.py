@@ -36,15 +36,19 @@ BACKENDS = ("reference", "cpu", "triton")
 
 # Programmatic dependent launch of the Triton decode kernels (ffnkit.kernels.triton_sparse_ffn): off unless
 # a programmatic_launch() block is open; read when a kernel is launched (and so recorded by CUDA graphs).
-LAUNCH: dict[str, bool] = {"pdl": False}
+LAUNCH: dict[str, bool] = {"pdl": False, "prefetch_active": False}
 
 
 @contextlib.contextmanager
-def programmatic_launch(on: bool = True) -> Iterator[None]:
+def programmatic_launch(on: bool = True, prefetch_active: bool = False) -> Iterator[None]:
     """Within the block, ffnkit's Triton decode kernels (the fused gather kernel and its reduce, the GEMV)
     launch with programmatic dependent launch on sm90+ GPUs: each may start while the kernel before it
-    finishes, loading its first weights before it waits for that kernel's output. No effect on other
-    devices. Capture a CUDA graph inside the block to keep the mode in the graph.
+    finishes, and waits for that kernel before it reads its input or writes anything. The GEMV loads its
+    first chunk of W before the wait (weights must not be written by the kernel just before it). With
+    ``prefetch_active`` the gather kernel also reads its active list and the first neurons' weights before
+    the wait: only for an active list that the kernel just before does not write (a fixed set; not one
+    computed on the device right before the call). No effect on other devices. Capture a CUDA graph inside
+    the block to keep the mode in the graph.
 
     Example:
         >>> with programmatic_launch():
@@ -53,12 +57,12 @@ def programmatic_launch(on: bool = True) -> Iterator[None]:
         >>> LAUNCH["pdl"]
         False
     """
-    old = LAUNCH["pdl"]
-    LAUNCH["pdl"] = bool(on)
+    old = dict(LAUNCH)
+    LAUNCH.update(pdl=bool(on), prefetch_active=bool(on and prefetch_active))
     try:
         yield
     finally:
-        LAUNCH["pdl"] = old
+        LAUNCH.update(old)
 
 
 ENV_VAR = "FFNKIT_KERNEL_BACKEND"

@@ -67,12 +67,12 @@ CONFIGS: dict[str, dict] = {
 
 
 # Programmatic dependent launch (Hopper and later; off by default). With LAUNCH["pdl"]
-# (ffnkit.kernels.programmatic_launch) the decode kernels
-# (the fused gather kernel, its reduce, the GEMV) are launched so that they may start while the kernel before
-# them finishes: each first loads what no earlier kernel of the step writes (weights, the active list), then
-# waits for the previous kernel (gdc_wait) before it reads its input or writes anything, and lets the next
-# kernel launch. Inside a CUDA graph this hides a launch and a DRAM round trip per kernel
-# (benchmarks/sparsity_decode_gpu.py, the *_pdl configurations).
+# (ffnkit.kernels.programmatic_launch) the decode kernels (the fused gather kernel, its reduce, the GEMV) are
+# launched so that they may start while the kernel before them finishes: each may first load what the kernel
+# just before does not write (the GEMV its weights; the gather kernel its active list and first neurons, only
+# with LAUNCH["prefetch_active"]), then waits for that kernel (gdc_wait) before it reads its input or writes
+# anything, and lets the next kernel launch. Inside a CUDA graph this hides a launch and a DRAM round trip per
+# kernel (benchmarks/sparsity_decode_gpu.py, the *_pdl configurations).
 
 
 def use_pdl(device: torch.device) -> bool:
@@ -303,6 +303,7 @@ def _fused_1_kernel(
     K, D, stride_row, n_blocks, thr, R,
     HAS_SCALE: tl.constexpr, HAS_PRED: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, SLOTS: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """Batch 1 in one pass: a persistent program takes BLOCK_K neurons at a time, reads their three whole
     rows (gate, up, down column: one contiguous block each), and keeps its share of y in registers.
@@ -314,14 +315,17 @@ def _fused_1_kernel(
 
     ATOMIC: no partial sums and no reduce launch: each program adds its share into the float32 ``sum_ptr``
     [D] and takes a ticket; the last one reads the sum, writes y in its dtype and re-zeroes the sum and the
-    ticket for the next call (both buffers start at zero)."""
+    ticket for the next call (both buffers start at zero).
+
+    PDL: wait for the previous kernel before reading x (see LAUNCH); PREFETCH: read the active list and the
+    first block's weights before that wait (an active list the previous kernel does not write)."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     od = tl.arange(0, BLOCK_D)
     md = od < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     first = pid
-    if PDL and not HAS_PRED:  # the first block's weights are in flight while the previous kernel finishes
+    if PREFETCH and not HAS_PRED:  # the first block's weights in flight while the previous kernel finishes
         ok = pid * BLOCK_K + tl.arange(0, BLOCK_K)
         mk = (ok < K) & (pid < n_blocks)
         rows = tl.load(idx_ptr + ok, mask=mk, other=0).to(tl.int64)
@@ -576,7 +580,8 @@ def launch_fused_1(
         y, sums, ticket, k, d, packed.stride(0), n_blocks, float(thr), r,
         HAS_SCALE=scale is not None, HAS_PRED=pred is not None, ACT=ACT_CODES[act], BLOCK_K=bk,
         BLOCK_D=triton.next_power_of_2(d), BLOCK_R=max(16, triton.next_power_of_2(r)), SLOTS=slots, ATOMIC=atomic,
-        PDL=use_pdl(x2.device), launch_pdl=use_pdl(x2.device), **cfg,
+        PDL=use_pdl(x2.device), PREFETCH=use_pdl(x2.device) and LAUNCH["prefetch_active"],
+        launch_pdl=use_pdl(x2.device), **cfg,
     )  # fmt: skip
     if partials:
         return part
