@@ -104,9 +104,10 @@ def test_partials_sum_to_the_gather_output_and_fold_into_add_norm(dtype, d, f, k
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs sm90+"
 )
 def test_programmatic_dependent_launch_changes_no_bit_in_a_cuda_graph():
-    """A chain of the decode kernels (add + norm, GEMV, gather kernel + reduce, attention), four layers
-    deep, captured once with plain launches and once with PDL: the replays give the same bits."""
+    """A chain of the decode kernels (add + norm, GEMV, gather kernel + reduce, TEAL's kernels, attention),
+    four layers deep, captured once with plain launches and once with PDL: the replays give the same bits."""
     import ffnkit.kernels.triton_sparse_ffn as T
+    import ffnkit.kernels.triton_teal as TT
     from ffnkit.kernels import gemv, programmatic_launch
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -120,6 +121,8 @@ def test_programmatic_dependent_launch_changes_no_bit_in_a_cuda_graph():
         torch.randn(d, f, device="cuda", generator=g).to(dt) / f**0.5,
     )
     idx = torch.randperm(f, device="cuda", generator=g)[: f // 2].sort().values
+    gate_up_t = torch.cat([packed[:, 0].T, packed[:, 1].T], 1).contiguous()  # [d, 2f]
+    down_t = packed[:, 2].contiguous()  # [f, d]
     norm_w = (torch.rand(d, device="cuda", generator=g) + 0.5).to(dt)
     cos, sin = torch.ones(1, 128, device="cuda", dtype=dt), torch.zeros(1, 128, device="cuda", dtype=dt)
     h0 = torch.randn(1, d, device="cuda", generator=g).to(dt)
@@ -132,7 +135,7 @@ def test_programmatic_dependent_launch_changes_no_bit_in_a_cuda_graph():
             h, a = DK.add_rms_norm(h, delta, norm_w)
             o = DK.attn_core_split(gemv(a, w_qkv), cos, sin, *kv, pos, shape, block=32)
             h, a = DK.add_rms_norm(h, gemv(o, w_o), norm_w)
-            delta = T.gather_ffn(a, packed, idx)
+            delta = T.gather_ffn(a, packed, idx) + TT.teal_ffn(a, gate_up_t, down_t, 0.5, 0.05)
         return h + delta
 
     outs = []

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ffnkit.kernels.triton_sparse_ffn import ACT_CODES, apply_act, launch_reduce, sm_count
+from ffnkit.kernels.triton_sparse_ffn import ACT_CODES, apply_act, launch_reduce, pdl_wait, sm_count, use_pdl
 
 # Launch parameters per stage ("in": the gate/up product, PAIR; "out": the down product and
 # sparse_input_linear) and batch class ("1": one row on the CUDA cores, "n": rows padded to 16 through tl.dot).
@@ -68,8 +68,18 @@ MAX_BLOCKS = 256  # "loop": compaction blocks per list at most (its prefix sum s
 
 @triton.jit(do_not_specialize=["N", "L", "thr"])
 def _compact_kernel(
-    v_ptr, thr_ptr, idx_ptr, cnt_ptr, N, L, thr, HAS_TVEC: tl.constexpr, BLOCK_C: tl.constexpr
+    v_ptr,
+    thr_ptr,
+    idx_ptr,
+    cnt_ptr,
+    N,
+    L,
+    thr,
+    HAS_TVEC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     b = tl.program_id(0)
     offs = b * BLOCK_C + tl.arange(0, BLOCK_C)
     m = offs < L
@@ -90,8 +100,9 @@ def _compact_kernel(
 def _compact_rows_kernel(
     v_ptr, w_ptr, idx_ptr, cnt_ptr, thr_ptr, part_ptr, N, L, M, thr, w_stride, pair_off, out_w,
     HAS_TVEC: tl.constexpr, PAIR: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(PDL)
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] output columns
@@ -168,9 +179,11 @@ def _loop_kernel(
     v_ptr, w_ptr, idx_ptr, cnt_ptr, thr_ptr, part_ptr, N, L, M, NB, thr, w_stride, pair_off, out_w, S,
     HAS_TVEC: tl.constexpr, PAIR: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr, BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (m, s): columns m * BM .. of the kept rows in the s-th of S equal shares of the kept list,
     BK rows per step, the next step's row indices loaded one step ahead (no weight load waits on them)."""
+    pdl_wait(PDL)
     pid_m = tl.program_id(0)
     s = tl.program_id(1)
     cn, total = _kept_total(cnt_ptr, NB, NBP)
@@ -235,8 +248,9 @@ def _loop_kernel(
 @triton.jit(do_not_specialize=["S", "N", "F", "thr"])
 def _teal_mid_kernel(
     part_ptr, h_ptr, idx_ptr, cnt_ptr, thr_ptr, S, N, F, thr,
-    HAS_TVEC: tl.constexpr, ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_TVEC: tl.constexpr, ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(PDL)
     b = tl.program_id(0)
     offs = b * BLOCK_C + tl.arange(0, BLOCK_C)
     m = offs < F
@@ -317,6 +331,13 @@ def block_for(length: int, m: int, n: int, pair: bool, device: torch.device) -> 
     return compact_block(length, triton.cdiv(m, bm), cfg["WAVES"], device)
 
 
+def _pdl(device: torch.device) -> dict:
+    """The PDL constexpr and launch option of a TEAL kernel launched now (the wait comes first: every input
+    of these kernels may come from the kernel just before)."""
+    on = use_pdl(device)
+    return {"PDL": on, "launch_pdl": on}
+
+
 def launch_compact(v: Tensor, thr: float | Tensor, block_c: int) -> tuple[Tensor, Tensor]:
     """Kept columns of v [N, L] per block: (idx [NB * block_c] int32, cnt [NB] int32), on the device.
 
@@ -330,7 +351,7 @@ def launch_compact(v: Tensor, thr: float | Tensor, block_c: int) -> tuple[Tensor
     tvec = isinstance(thr, Tensor)
     _compact_kernel[(nb,)](
         v, thr if tvec else cnt, idx, cnt, n, length, 0.0 if tvec else float(thr),
-        HAS_TVEC=tvec, BLOCK_C=block_c, num_warps=4,
+        HAS_TVEC=tvec, BLOCK_C=block_c, **_pdl(v.device), num_warps=4,
     )  # fmt: skip
     return idx, cnt
 
@@ -361,7 +382,14 @@ def launch_product(
     out_w = 2 * m if pair_off else m
     tvec = isinstance(thr, Tensor)
     t_ptr, t_val = (thr, 0.0) if tvec else (cnt, float(thr))
-    flags = dict(HAS_TVEC=tvec, PAIR=pair_off > 0, USE_DOT=use_dot, IEEE=w.dtype == torch.float32, BLOCK_N=bn)
+    flags = dict(
+        HAS_TVEC=tvec,
+        PAIR=pair_off > 0,
+        USE_DOT=use_dot,
+        IEEE=w.dtype == torch.float32,
+        BLOCK_N=bn,
+        **_pdl(v.device),
+    )
     if kind == "loop":
         shares = max(1, min(triton.cdiv(length, bk), triton.cdiv(waves * sm_count(v.device), m_blocks)))
         part = torch.empty(shares, n, out_w, device=v.device, dtype=torch.float32)  # [S, N, out]
@@ -395,7 +423,7 @@ def launch_mid(gu: Tensor, t_mid: float | Tensor, c_mid: int, act: str) -> tuple
     _teal_mid_kernel[(nb_mid,)](
         gu, h, idx_h, cnt_h, t_mid if tvec else h, s, n, f, 0.0 if tvec else float(t_mid),
         HAS_TVEC=tvec, ACT=ACT_CODES[act], BLOCK_S=max(1, min(triton.next_power_of_2(s), 4096 // c_mid)),
-        BLOCK_C=c_mid, num_warps=8,
+        BLOCK_C=c_mid, **_pdl(gu.device), num_warps=8,
     )  # fmt: skip
     return h, idx_h, cnt_h
 
