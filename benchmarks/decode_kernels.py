@@ -17,11 +17,12 @@ use, so that the CPU smoke test needs no Triton.
 - ``partials_add_rms_norm``: the residual add and the next RMSNorm, taking the gather FFN's unreduced
   float32 partial sums (``launch_fused_1(partials=True)``) instead of its output: the sum over the
   partials happens in this launch, which removes the FFN's separate reduce launch. The programs each sum
-  a slice of the columns; the last one to finish (a ticket) normalises the whole row.
+  a slice of the columns; the last one to finish (a ticket) normalises the whole row. Measured in the 8B
+  decode: no gain over the separate reduce (results/sparsity_decode_h200_partials.json).
 
-``PDL["on"]``: launch them with programmatic dependent launch (as ``ffnkit.kernels.triton_sparse_ffn.LAUNCH``
-does ffnkit's decode kernels): each loads what no earlier kernel of the step writes (norm weights, the
-cached keys and values of past positions), waits for the previous kernel, then lets the next one launch.
+``PDL["on"]``: launch them with programmatic dependent launch (as ``ffnkit.kernels.programmatic_launch``
+does ffnkit's decode kernels): each loads what the kernel just before does not write (norm weights, the
+cached keys and values of past positions), waits for that kernel, then lets the next one launch.
 """
 
 from __future__ import annotations
