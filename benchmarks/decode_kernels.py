@@ -20,8 +20,8 @@ use, so that the CPU smoke test needs no Triton.
   a slice of the columns; the last one to finish (a ticket) normalises the whole row. Measured in the 8B
   decode: no gain over the separate reduce (results/sparsity_decode_h200_partials.json).
 
-``PDL["on"]``: launch them with programmatic dependent launch (as ``ffnkit.kernels.programmatic_launch``
-does ffnkit's decode kernels): each loads what the kernel just before does not write (norm weights, the
+Inside ``ffnkit.kernels.programmatic_launch()`` they launch with programmatic dependent launch, as
+ffnkit's decode kernels do: each loads what the kernel just before does not write (norm weights, the
 cached keys and values of past positions), waits for that kernel, then lets the next one launch.
 """
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 import torch
 
 _KERNELS: dict = {}
-PDL = {"on": False}
 
 
 def _kernels() -> dict:
@@ -259,9 +258,11 @@ def _zeros(key: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.
     return _ZEROS[k]
 
 
-def _pdl_kw() -> dict:
-    """The PDL constexpr and launch option of a kernel launched now."""
-    return {"PDL": PDL["on"], "launch_pdl": PDL["on"]}
+def _pdl_kw(device: torch.device) -> dict:
+    """The PDL constexpr and launch option of a kernel launched now (ffnkit's programmatic_launch mode)."""
+    from ffnkit.kernels.triton_sparse_ffn import pdl_args
+
+    return pdl_args(device)
 
 
 def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, eps: float = 1e-5):
@@ -269,7 +270,7 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, eps: flo
     d = h.shape[-1]
     h_out, y = torch.empty_like(h), torch.empty_like(h)
     _kernels()["add_norm"][(1,)](
-        h, delta, w, h_out, y, d, eps, BLOCK_D=1 << (d - 1).bit_length(), **_pdl_kw(), num_warps=8
+        h, delta, w, h_out, y, d, eps, BLOCK_D=1 << (d - 1).bit_length(), **_pdl_kw(h.device), num_warps=8
     )
     return h_out, y
 
@@ -283,7 +284,7 @@ def argmax(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
     pi = torch.empty(programs, device=logits.device, dtype=torch.int32)
     _kernels()["argmax"][(programs,)](
         logits, pm, pi, out, _zeros("argmax_ticket", 1, torch.int32, logits.device), n,
-        BLOCK=block, NP=1 << (programs - 1).bit_length(), **_pdl_kw(), num_warps=4,
+        BLOCK=block, NP=1 << (programs - 1).bit_length(), **_pdl_kw(logits.device), num_warps=4,
     )  # fmt: skip
     return out
 
@@ -298,7 +299,7 @@ def attn_core_triton(qkv, cos, sin, k_cache, v_cache, pos, shape: dict) -> torch
     o = torch.empty(1, h * hd, device=qkv.device, dtype=qkv.dtype)
     _kernels()["attn"][(kvh,)](
         qkv, cos, sin, k_cache, v_cache, pos, o, k_cache.shape[2], hd**-0.5,
-        H=h, KV=kvh, G=h // kvh, HD=hd, BG=_group_block(h, kvh), BL=64, **_pdl_kw(), num_warps=4,
+        H=h, KV=kvh, G=h // kvh, HD=hd, BG=_group_block(h, kvh), BL=64, **_pdl_kw(qkv.device), num_warps=4,
     )  # fmt: skip
     return o
 
@@ -315,7 +316,7 @@ def attn_core_split(qkv, cos, sin, k_cache, v_cache, pos, shape: dict, block: in
     ticket = _zeros("attn_ticket", kvh, torch.int32, qkv.device)
     _kernels()["attn_split"][(kvh, ns)](
         qkv, cos, sin, k_cache, v_cache, pos, o, ml, acc, ticket, length, hd**-0.5,
-        H=h, KV=kvh, G=h // kvh, HD=hd, BG=bg, BL=block, NS=ns, **_pdl_kw(), num_warps=4,
+        H=h, KV=kvh, G=h // kvh, HD=hd, BG=bg, BL=block, NS=ns, **_pdl_kw(qkv.device), num_warps=4,
     )  # fmt: skip
     return o
 

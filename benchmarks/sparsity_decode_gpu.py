@@ -906,7 +906,7 @@ def main() -> None:
         }
         for name in pdl_names:
             add(f"{name}_tnorm", *built[name])
-        T.LAUNCH["pdl"] = DK.PDL["on"] = True
+        T.LAUNCH["pdl"] = True
         T.LAUNCH["prefetch_active"] = True  # the harness's active sets are fixed: never written in a step
         for name in pdl_names:
             add(f"{name}_pdl", *built[name])
@@ -914,7 +914,7 @@ def main() -> None:
         for name in pdl_names:
             if name.startswith("gather"):
                 add(f"{name}_pdl_waitfirst", *built[name])
-        T.LAUNCH["pdl"] = DK.PDL["on"] = False
+        T.LAUNCH["pdl"] = False
         FNS["add_rms_norm"], FNS["argmax"], FNS["attn_core"] = compiled_norm, compiled_argmax, core
         record["check_pdl_tokens_equal_tnorm"] = {
             name: greedy_tokens(configs[f"{name}_pdl"], tok, pos, start, args.tokens)

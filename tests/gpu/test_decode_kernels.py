@@ -140,20 +140,16 @@ def test_programmatic_dependent_launch_changes_no_bit_in_a_cuda_graph():
 
     outs = []
     for on, prefetch in ((False, False), (True, False), (True, True)):  # the gather list is fixed here
-        DK.PDL["on"] = on
-        try:
-            with programmatic_launch(on, prefetch_active=prefetch):
-                kv = [c.clone() for c in caches]
-                step(kv)  # compile outside the capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = step(kv)
-            for _ in range(3):
-                graph.replay()
-            torch.cuda.synchronize()
-            outs.append(out.clone())
-        finally:
-            DK.PDL["on"] = False
+        with programmatic_launch(on, prefetch_active=prefetch):
+            kv = [c.clone() for c in caches]
+            step(kv)  # compile outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step(kv)
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        outs.append(out.clone())
     assert not T.LAUNCH["pdl"] and not T.LAUNCH["prefetch_active"]  # the block restores the defaults
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     assert torch.isfinite(outs[0].float()).all()

@@ -41,7 +41,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ffnkit.kernels.dense_gemv import linear_torch, rms_norm_linear_torch  # more rows: the torch backend
-from ffnkit.kernels.triton_sparse_ffn import pdl_wait, sm_count, use_pdl
+from ffnkit.kernels.triton_sparse_ffn import pdl_args, pdl_wait, sm_count
 
 # Launch parameters. A single row takes CONFIGS["path"]: "chunks" (_gemv_kernel, any K) or "rows"
 # (_gemv_rows_kernel: whole rows of W, x held in registers, K <= MAX_K; PROGRAMS_PER_SM 0 = one program per
@@ -188,7 +188,7 @@ def launch(
     nw, eps = norm if norm is not None else (y, 0.0)
     res, hh = (residual if residual is not None else x2), (h if h is not None else y)
     bo = min(cfg["BLOCK_O"], triton.next_power_of_2(m))
-    pdl = use_pdl(x2.device)
+    pdl = pdl_args(x2.device)
     if path == "rows":
         n_blocks = triton.cdiv(m, bo)
         per_sm = cfg["PROGRAMS_PER_SM"]
@@ -196,7 +196,7 @@ def launch(
         _gemv_rows_kernel[(grid,)](
             x2, weight, y, res, nw, hh, k, m, weight.stride(0), float(eps), n_blocks,
             NORM=norm is not None, RES=residual is not None, BLOCK_O=bo,
-            BLOCK_K=max(16, triton.next_power_of_2(k)), PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=pdl,
+            BLOCK_K=max(16, triton.next_power_of_2(k)), **pdl, num_warps=cfg["num_warps"],
         )  # fmt: skip
         return y, h
     bn = max(1, triton.next_power_of_2(n))
@@ -205,9 +205,8 @@ def launch(
         bk //= 2
     _gemv_kernel[(triton.cdiv(m, bo),)](
         x2, weight, y, res, nw, hh, n, k, m, weight.stride(0), float(eps),
-        NORM=norm is not None, RES=residual is not None, BLOCK_N=bn, BLOCK_O=bo, BLOCK_K=bk, PDL=pdl,
-        PREFETCH=cfg.get("PREFETCH", 1),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
+        NORM=norm is not None, RES=residual is not None, BLOCK_N=bn, BLOCK_O=bo, BLOCK_K=bk, **pdl,
+        PREFETCH=cfg.get("PREFETCH", 1), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return y, h
 

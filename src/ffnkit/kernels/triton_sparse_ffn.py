@@ -84,7 +84,24 @@ def use_pdl(device: torch.device) -> bool:
     """
     if not LAUNCH["pdl"] or device.type != "cuda" or gdc_wait is None:
         return False
+    return _sm90_or_later(device)
+
+
+@functools.cache
+def _sm90_or_later(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_args(device: torch.device) -> dict:
+    """The ``PDL`` constexpr and the ``launch_pdl`` option of a kernel launched now on ``device`` (a kernel
+    taking them calls :func:`pdl_wait` before it reads anything the previous kernel may write).
+
+    Example:
+        >>> pdl_args(torch.device("cpu"))
+        {'PDL': False, 'launch_pdl': False}
+    """
+    on = use_pdl(device)
+    return {"PDL": on, "launch_pdl": on}
 
 
 @triton.jit
@@ -503,9 +520,8 @@ def launch_reduce(part: Tensor, out_dtype: torch.dtype) -> Tensor:
     # narrow column blocks and all partials at once: many programs, one round trip (latency, not bytes)
     block = 32 if n * m <= 16384 else 128
     block_s = min(max(2, triton.next_power_of_2(s)), 8192 // block)
-    pdl = use_pdl(part.device)
     _reduce_kernel[(triton.cdiv(n * m, block),)](
-        part, y, s, n * m, BLOCK=block, BLOCK_S=block_s, PDL=pdl, num_warps=4, launch_pdl=pdl
+        part, y, s, n * m, BLOCK=block, BLOCK_S=block_s, **pdl_args(part.device), num_warps=4
     )
     return y
 
@@ -566,6 +582,7 @@ def launch_fused_1(
     n_blocks = triton.cdiv(k, bk)
     grid = min(n_blocks, per_sm * sm_count(x2.device))
     atomic = CONFIGS["batch1"].get("reduce", "kernel") == "atomic" and not partials
+    pdl = pdl_args(x2.device)
     y = torch.empty(1, d, device=x2.device, dtype=out_dtype)  # [1, D]
     part = y if atomic else torch.empty(grid, 1, d, device=x2.device, dtype=torch.float32)  # [G, 1, D]
     sums, ticket = atomic_buffers(x2.device, d) if atomic else (part, part)
@@ -580,8 +597,7 @@ def launch_fused_1(
         y, sums, ticket, k, d, packed.stride(0), n_blocks, float(thr), r,
         HAS_SCALE=scale is not None, HAS_PRED=pred is not None, ACT=ACT_CODES[act], BLOCK_K=bk,
         BLOCK_D=triton.next_power_of_2(d), BLOCK_R=max(16, triton.next_power_of_2(r)), SLOTS=slots, ATOMIC=atomic,
-        PDL=use_pdl(x2.device), PREFETCH=use_pdl(x2.device) and LAUNCH["prefetch_active"],
-        launch_pdl=use_pdl(x2.device), **cfg,
+        PREFETCH=pdl["PDL"] and LAUNCH["prefetch_active"], **pdl, **cfg,
     )  # fmt: skip
     if partials:
         return part

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ffnkit.kernels.triton_sparse_ffn import ACT_CODES, apply_act, launch_reduce, pdl_wait, sm_count, use_pdl
+from ffnkit.kernels.triton_sparse_ffn import ACT_CODES, apply_act, launch_reduce, pdl_args, pdl_wait, sm_count
 
 # Launch parameters per stage ("in": the gate/up product, PAIR; "out": the down product and
 # sparse_input_linear) and batch class ("1": one row on the CUDA cores, "n": rows padded to 16 through tl.dot).
@@ -331,13 +331,6 @@ def block_for(length: int, m: int, n: int, pair: bool, device: torch.device) -> 
     return compact_block(length, triton.cdiv(m, bm), cfg["WAVES"], device)
 
 
-def _pdl(device: torch.device) -> dict:
-    """The PDL constexpr and launch option of a TEAL kernel launched now (the wait comes first: every input
-    of these kernels may come from the kernel just before)."""
-    on = use_pdl(device)
-    return {"PDL": on, "launch_pdl": on}
-
-
 def launch_compact(v: Tensor, thr: float | Tensor, block_c: int) -> tuple[Tensor, Tensor]:
     """Kept columns of v [N, L] per block: (idx [NB * block_c] int32, cnt [NB] int32), on the device.
 
@@ -351,7 +344,7 @@ def launch_compact(v: Tensor, thr: float | Tensor, block_c: int) -> tuple[Tensor
     tvec = isinstance(thr, Tensor)
     _compact_kernel[(nb,)](
         v, thr if tvec else cnt, idx, cnt, n, length, 0.0 if tvec else float(thr),
-        HAS_TVEC=tvec, BLOCK_C=block_c, **_pdl(v.device), num_warps=4,
+        HAS_TVEC=tvec, BLOCK_C=block_c, **pdl_args(v.device), num_warps=4,
     )  # fmt: skip
     return idx, cnt
 
@@ -388,7 +381,7 @@ def launch_product(
         USE_DOT=use_dot,
         IEEE=w.dtype == torch.float32,
         BLOCK_N=bn,
-        **_pdl(v.device),
+        **pdl_args(v.device),
     )
     if kind == "loop":
         shares = max(1, min(triton.cdiv(length, bk), triton.cdiv(waves * sm_count(v.device), m_blocks)))
@@ -423,7 +416,7 @@ def launch_mid(gu: Tensor, t_mid: float | Tensor, c_mid: int, act: str) -> tuple
     _teal_mid_kernel[(nb_mid,)](
         gu, h, idx_h, cnt_h, t_mid if tvec else h, s, n, f, 0.0 if tvec else float(t_mid),
         HAS_TVEC=tvec, ACT=ACT_CODES[act], BLOCK_S=max(1, min(triton.next_power_of_2(s), 4096 // c_mid)),
-        BLOCK_C=c_mid, **_pdl(gu.device), num_warps=8,
+        BLOCK_C=c_mid, **pdl_args(gu.device), num_warps=8,
     )  # fmt: skip
     return h, idx_h, cnt_h
 
