@@ -73,7 +73,7 @@ def test_olmoe_shape_bf16_all_routes_agree():
 @pytest.mark.parametrize("routing", ["skewed", "few"])
 @pytest.mark.parametrize(
     "tokens", [1100, 4200]
-)  # auto takes fused_grouped_mm (8,800 pairs), grouped_mm (33,600)
+)  # auto takes tma on sm90+ (8,800 and 33,600 pairs), else the sorted route
 def test_auto_large_batches_equal_reference(tokens, routing):
     """OLMoE shape at the sizes where auto leaves the sorted route; "few": 55 of 64 experts get no token."""
     from ffnkit.kernels import moe_triton

@@ -99,9 +99,20 @@ def test_route_thresholds_follow_the_fastest_route_per_size():
         16384: {"sorted": 3614, "grouped_mm": 3089, "fused_grouped_mm": 3237},
     }
     got = route_thresholds(times, 8)
-    assert got == {"gather_max_pairs": 8, "fused_min_pairs": 8192, "grouped_mm_min_pairs": 32768}
+    never = 1 << 62  # no tma timings: the tma route is never taken
+    assert got == {
+        "gather_max_pairs": 8,
+        "tma_min_pairs": never,
+        "fused_min_pairs": 8192,
+        "grouped_mm_min_pairs": 32768,
+    }
     times[1024]["fused_grouped_mm"] = 390  # slower than sorted: the fused route is never taken
     assert route_thresholds(times, 8)["fused_min_pairs"] == 32768
     times[4096]["fused_grouped_mm"] = 800  # fused beats grouped_mm at 4,096: grouped_mm only from 16,384
     got = route_thresholds(times, 8)
     assert got["grouped_mm_min_pairs"] == 131072 and got["fused_min_pairs"] == 32768
+    # tma fastest at 4,096 and 16,384 tokens but not at 1,024: taken from 4,096 tokens (32,768 pairs)
+    times[1024]["tma"], times[4096]["tma"], times[16384]["tma"] = 400, 790, 2870
+    assert route_thresholds(times, 8)["tma_min_pairs"] == 32768
+    times[128]["tma"] = 200  # a faster small size below a slower one does not count: only from the top down
+    assert route_thresholds(times, 8)["tma_min_pairs"] == 32768

@@ -459,27 +459,34 @@ def route_thresholds(times: dict[int, dict[str, float]], k: int) -> dict[str, in
     """The Triton executor's route thresholds (pairs = tokens x K) from per-size route timings.
 
     ``times[tokens][route]`` in any unit. ``gather_max_pairs``: the largest size where gather is fastest;
+    ``tma_min_pairs``: from the largest size down, as long as ``tma`` beats every other route;
     ``grouped_mm_min_pairs``: from the largest size down, as long as ``grouped_mm`` beats every Triton
-    route; ``fused_min_pairs``: below that, from the largest size down, as long as ``fused_grouped_mm``
-    beats ``sorted`` (else equal to ``grouped_mm_min_pairs``: the fused route is never taken).
+    route but ``tma`` (it runs where ``tma`` cannot); ``fused_min_pairs``: below that, from the largest size
+    down, as long as ``fused_grouped_mm`` beats ``sorted`` (else equal to ``grouped_mm_min_pairs``: the
+    fused route is never taken). A route never measured is never taken.
 
     Example:
         >>> route_thresholds({1: {"gather": 1, "sorted": 2}, 512: {"gather": 9, "sorted": 3, "grouped_mm": 2}}, 8)
-        {'gather_max_pairs': 8, 'grouped_mm_min_pairs': 4096, 'fused_min_pairs': 4096}
+        {'gather_max_pairs': 8, 'tma_min_pairs': 4611686018427387904, 'grouped_mm_min_pairs': 4096, 'fused_min_pairs': 4096}
     """
     never = 1 << 62
     gather_max = 0
     for t, tt in times.items():
         if "gather" in tt and tt["gather"] <= min(tt.values()):
             gather_max = max(gather_max, t * k)
-    grouped_min = never
-    for t in sorted(times, reverse=True):
-        tt = times[t]
-        rivals = [tt[n] for n in ("sorted", "fused_grouped_mm") if n in tt]
-        if "grouped_mm" in tt and all(tt["grouped_mm"] < r for r in rivals):
-            grouped_min = t * k
-        else:
-            break
+
+    def from_top(route: str, rivals: tuple[str, ...]) -> int:
+        first = never
+        for t in sorted(times, reverse=True):
+            tt = times[t]
+            if route in tt and all(tt[route] < tt[n] for n in rivals if n in tt):
+                first = t * k
+            else:
+                break
+        return first
+
+    tma_min = from_top("tma", ("gather", "sorted", "grouped_mm", "fused_grouped_mm"))
+    grouped_min = from_top("grouped_mm", ("sorted", "fused_grouped_mm"))
     fused_min = grouped_min
     for t in sorted((t for t in times if t * k < grouped_min), reverse=True):
         tt = times[t]
@@ -487,7 +494,12 @@ def route_thresholds(times: dict[int, dict[str, float]], k: int) -> dict[str, in
             fused_min = t * k
         else:
             break
-    return {"gather_max_pairs": gather_max, "grouped_mm_min_pairs": grouped_min, "fused_min_pairs": fused_min}
+    return {
+        "gather_max_pairs": gather_max,
+        "tma_min_pairs": tma_min,
+        "grouped_mm_min_pairs": grouped_min,
+        "fused_min_pairs": fused_min,
+    }
 
 
 def calibrate(tokens: tuple[int, ...] | None = None, rounds: int = 3) -> dict:

@@ -1,6 +1,6 @@
 """The ``triton`` expert executor (imported only when a CUDA tensor takes this path).
 
-Four routes, picked by the number of token-expert pairs S = T x K (:data:`CONFIGS`):
+Five routes, picked by the number of token-expert pairs S = T x K (:data:`CONFIGS`):
 
 1. ``gather`` (decode, S <= ``gather_max_pairs``; in CUDA graphs the sorted route wins from 16 tokens): no sort. ``_gate_up_gather_kernel`` gives each pair
    and block of F output columns one program that streams the expert's gate and up rows (CUDA cores,
@@ -21,6 +21,9 @@ Four routes, picked by the number of token-expert pairs S = T x K (:data:`CONFIG
 4. ``fused_grouped_mm``: ``_gate_up_sorted_kernel`` for the first GEMM (gather prologue, activation
    epilogue: neither the permuted x nor the [S, 2F] product is written), torch's grouped GEMM for the down
    projection, then the combine (from ``fused_min_pairs`` to below ``grouped_mm_min_pairs``).
+5. ``tma`` (sm90+, from ``tma_min_pairs``; :mod:`ffnkit.kernels.moe_tma`): persistent grouped GEMMs that
+   load the weights by TMA, the first with the gather and the activation fused, the second feeding the
+   combine; it takes precedence over 3 and 4 wherever its tiles divide the expert shapes.
 
 Index E (no expert) sorts last and is never computed; the combine kernel skips it. h keeps x's dtype.
 
@@ -40,6 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ffnkit.kernels.moe_stream import act_mul, combine_rows, scatter_rows, sort_by_expert
+from ffnkit.kernels.moe_tma import tma_experts, tma_supported
 from ffnkit.kernels.triton_sparse_ffn import ACT_CODES, apply_act  # one activation for every Triton kernel
 
 # Route thresholds (pairs S = tokens x K) and launch parameters; "sorted" configs are keyed by the mean rows
@@ -49,6 +53,9 @@ CONFIGS: dict[str, object] = {
     # skewed): gather fastest at 1 token (42 vs 50 us), sorted at 16 (187 vs 270) and 128 tokens (245 vs
     # 284), fused_grouped_mm at 1,024 (375 vs 383), grouped_mm at 4,096 (901 vs 906) and 16,384 (3089 vs 3237).
     "gather_max_pairs": 8,
+    # the tma route: faster than grouped_mm and fused_grouped_mm at 1,024, 4,096 and 16,384 tokens, uniform
+    # and skewed (benchmarks/results/moe_tma_sweep_h200*.json)
+    "tma_min_pairs": 8192,
     "fused_min_pairs": 8192,
     "grouped_mm_min_pairs": 32768,
     "gather": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4},
@@ -391,6 +398,8 @@ def experts_forward(
     s = top_k_index.numel()
     if s <= CONFIGS["gather_max_pairs"]:
         return gather_experts(x, gate_up, down, top_k_index, top_k_weights, act)
+    if s >= CONFIGS["tma_min_pairs"] and tma_supported(x, gate_up):
+        return tma_experts(x, gate_up, down, top_k_index, top_k_weights, act)
     if s >= CONFIGS["fused_min_pairs"] and grouped_mm_available(x):
         route = grouped_mm_experts if s >= CONFIGS["grouped_mm_min_pairs"] else fused_grouped_mm_experts
         return route(x, gate_up, down, top_k_index, top_k_weights, act)
@@ -402,6 +411,7 @@ ROUTES = {
     "sorted": sorted_experts,
     "grouped_mm": grouped_mm_experts,
     "fused_grouped_mm": fused_grouped_mm_experts,
+    "tma": tma_experts,
 }
 
 __all__ = ["CONFIGS", "ROUTES", "experts_forward", "grouped_mm_available"]
