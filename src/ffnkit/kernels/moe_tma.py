@@ -294,9 +294,12 @@ def launch_down(
     else:
         y = h.new_empty(s, d)  # [S, D] sorted order
     common = _common(h, e, s, d // cfg["BLOCK_N"], cfg, num_sms)
+    meta = _meta(cfg)
+    if atomic:  # the atomics' epilogue with a flattened loop needs 272 KB of shared memory (H200: 227 KB)
+        meta["FLATTEN"] = False
     _down_tma_kernel[(common["NUM_SMS"],)](
         h_desc, d_desc, order, w.reshape(-1).contiguous(), counts, y, e, f, d, K=k, ATOMIC=atomic,
-        **common, **_meta(cfg),
+        **common, **meta,
     )  # fmt: skip
     return y
 
