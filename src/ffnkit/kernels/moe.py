@@ -14,7 +14,8 @@ Backends (:mod:`ffnkit.kernels.backend`, one dispatch table): ``reference`` (a l
 the test oracle), ``cpu`` (:mod:`ffnkit.kernels.moe_cpu`: an expert-major C kernel reading each expert's
 rows once for all its tokens; torch per-pair matrix-vector products or sorted per-expert matmuls without a
 compiler), ``triton`` (:mod:`ffnkit.kernels.moe_triton`: Triton gather kernels at
-decode, a Triton grouped GEMM with the activation fused, or ``torch._grouped_mm`` for the largest batches).
+decode, a Triton grouped GEMM with the activation fused, and for large batches on sm90+ GPUs persistent
+TMA grouped GEMMs (:mod:`ffnkit.kernels.moe_tma`), elsewhere ``torch._grouped_mm``).
 All return x's dtype; the torch and Triton fast paths keep the intermediate ``act(gate) * up`` in x's
 dtype, as the Hugging Face implementations do (the CPU C kernel keeps it in float32).
 

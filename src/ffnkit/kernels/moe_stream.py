@@ -89,6 +89,25 @@ def _rank_scatter_kernel(idx_ptr, hist_ptr, order_ptr, pos_ptr, counts_ptr, ends
         base += tl.sum(hit, axis=0)
 
 
+@triton.jit
+def expert_of_block(pid, counts_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
+    """(expert, first sorted row of row block ``pid``, end row of that expert, rows of that expert)."""
+    oe = tl.arange(0, E_PAD)
+    cnt = tl.load(counts_ptr + oe, mask=oe < E, other=0)  # [E_PAD] pairs per expert
+    blocks = (cnt + BLOCK_M - 1) // BLOCK_M
+    block_end = tl.cumsum(blocks, axis=0)  # [E_PAD] inclusive
+    row_end = tl.cumsum(cnt, axis=0)
+    e = tl.sum((block_end <= pid).to(tl.int32), axis=0)  # the expert whose block range holds pid (E: none)
+    sel = oe == e
+    n_e = tl.sum(tl.where(sel, cnt, 0), axis=0)
+    row0 = (
+        tl.sum(tl.where(sel, row_end - cnt, 0), axis=0)
+        + (pid - tl.sum(tl.where(sel, block_end - blocks, 0), axis=0)) * BLOCK_M
+    )
+    row_stop = tl.sum(tl.where(sel, row_end, 0), axis=0)
+    return e, row0, row_stop, n_e
+
+
 def sort_by_expert(top_k_index: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Counting sort of the pairs by expert on the device: (order, pos, counts, ends), no host sync.
 
@@ -223,4 +242,4 @@ def combine_rows(y: Tensor, pos: Tensor, idx: Tensor, w: Tensor, num_experts: in
     return out
 
 
-__all__ = ["STREAM_CONFIGS", "act_mul", "combine_rows", "scatter_rows", "sort_by_expert"]
+__all__ = ["STREAM_CONFIGS", "act_mul", "combine_rows", "expert_of_block", "scatter_rows", "sort_by_expert"]

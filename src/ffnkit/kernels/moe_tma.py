@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ffnkit.kernels.moe_stream import combine_rows, scatter_rows, sort_by_expert
+from ffnkit.kernels.moe_stream import combine_rows, expert_of_block, scatter_rows, sort_by_expert
 from ffnkit.kernels.triton_sparse_ffn import ACT_CODES, apply_act
 
 # Launch parameters (GROUP_M: row blocks whose column tiles are interleaved, so that the programs running
@@ -81,16 +81,9 @@ def _tile_rows(tile, counts_ptr, E, N_TILES_N, TOTAL_M, GROUP_M: tl.constexpr, B
     size_m = tl.minimum(TOTAL_M - first_m, GROUP_M)
     pid_m = first_m + (tile % per_group) % size_m
     pid_n = (tile % per_group) // size_m
-    oe = tl.arange(0, E_PAD)
-    cnt = tl.load(counts_ptr + oe, mask=oe < E, other=0).to(tl.int32)  # [E_PAD] rows per expert
-    blocks = (cnt + BLOCK_M - 1) // BLOCK_M
-    block_end = tl.cumsum(blocks, axis=0)
-    row_end = tl.cumsum(cnt, axis=0)
-    e = tl.sum((block_end <= pid_m).to(tl.int32), axis=0)
-    sel = oe == e
-    row0 = tl.sum(tl.where(sel, row_end - cnt + (pid_m - block_end + blocks) * BLOCK_M, 0), axis=0)
-    row_stop = tl.sum(tl.where(sel, row_end, 0), axis=0)
-    return e, row0, row_stop, pid_n
+    e, row0, row_stop, _ = expert_of_block(pid_m, counts_ptr, E, BLOCK_M, E_PAD)
+    # TMA coordinates are int32 (the counts are int64)
+    return e.to(tl.int32), row0.to(tl.int32), row_stop.to(tl.int32), pid_n
 
 
 @triton.jit

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ffnkit.kernels.moe_stream import act_mul, combine_rows, scatter_rows, sort_by_expert
+from ffnkit.kernels.moe_stream import act_mul, combine_rows, expert_of_block, scatter_rows, sort_by_expert
 from ffnkit.kernels.moe_tma import tma_experts, tma_supported
 from ffnkit.kernels.triton_sparse_ffn import ACT_CODES, apply_act  # one activation for every Triton kernel
 
@@ -53,8 +53,8 @@ CONFIGS: dict[str, object] = {
     # skewed): gather fastest at 1 token (42 vs 50 us), sorted at 16 (187 vs 270) and 128 tokens (245 vs
     # 284), fused_grouped_mm at 1,024 (375 vs 383), grouped_mm at 4,096 (901 vs 906) and 16,384 (3089 vs 3237).
     "gather_max_pairs": 8,
-    # the tma route: faster than grouped_mm and fused_grouped_mm at 1,024, 4,096 and 16,384 tokens, uniform
-    # and skewed (benchmarks/results/moe_tma_sweep_h200*.json)
+    # the tma route: faster than every other route at 1,024, 4,096 and 16,384 tokens, uniform and skewed, in
+    # CUDA graphs (benchmarks/results/moe_kernel_h200_tma.json; moe_tma_sweep_h200*.json)
     "tma_min_pairs": 8192,
     "fused_min_pairs": 8192,
     "grouped_mm_min_pairs": 32768,
@@ -142,25 +142,6 @@ def _down_gather_combine_kernel(h_ptr, w_ptr, idx_ptr, wt_ptr, out_ptr, E, F, D,
 
 
 @triton.jit
-def _expert_of_block(pid, counts_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
-    """(expert, first sorted row of row block ``pid``, end row of that expert, rows of that expert)."""
-    oe = tl.arange(0, E_PAD)
-    cnt = tl.load(counts_ptr + oe, mask=oe < E, other=0)  # [E_PAD] pairs per expert
-    blocks = (cnt + BLOCK_M - 1) // BLOCK_M
-    block_end = tl.cumsum(blocks, axis=0)  # [E_PAD] inclusive
-    row_end = tl.cumsum(cnt, axis=0)
-    e = tl.sum((block_end <= pid).to(tl.int32), axis=0)  # the expert whose block range holds pid (E: none)
-    sel = oe == e
-    n_e = tl.sum(tl.where(sel, cnt, 0), axis=0)
-    row0 = (
-        tl.sum(tl.where(sel, row_end - cnt, 0), axis=0)
-        + (pid - tl.sum(tl.where(sel, block_end - blocks, 0), axis=0)) * BLOCK_M
-    )
-    row_stop = tl.sum(tl.where(sel, row_end, 0), axis=0)
-    return e, row0, row_stop, n_e
-
-
-@triton.jit
 def _gate_up_sorted_kernel(x_ptr, w_ptr, order_ptr, counts_ptr, h_ptr, E, F, D, K: tl.constexpr,
                            ACT: tl.constexpr, E_PAD: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FIRST: tl.constexpr = False):  # fmt: skip
@@ -175,7 +156,7 @@ def _gate_up_sorted_kernel(x_ptr, w_ptr, order_ptr, counts_ptr, h_ptr, E, F, D, 
     else:
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-    e, row0, row_stop, n_e = _expert_of_block(pid_m, counts_ptr, E, BLOCK_M, E_PAD)
+    e, row0, row_stop, n_e = expert_of_block(pid_m, counts_ptr, E, BLOCK_M, E_PAD)
     if e < E:
         rows = row0 + tl.arange(0, BLOCK_M)  # [BM] sorted positions
         mr = rows < row_stop
@@ -213,7 +194,7 @@ def _gate_up_sorted_kernel(x_ptr, w_ptr, order_ptr, counts_ptr, h_ptr, E, F, D, 
 def _down_sorted_kernel(h_ptr, w_ptr, counts_ptr, y_ptr, E, F, D, E_PAD: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """y[r, n] = h[r] . down_e[n] for a block of sorted rows r of expert e (unweighted)."""
-    e, row0, row_stop, n_e = _expert_of_block(tl.program_id(0), counts_ptr, E, BLOCK_M, E_PAD)
+    e, row0, row_stop, n_e = expert_of_block(tl.program_id(0), counts_ptr, E, BLOCK_M, E_PAD)
     if e < E:
         rows = row0 + tl.arange(0, BLOCK_M)
         mr = rows < row_stop
