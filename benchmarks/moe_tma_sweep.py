@@ -157,6 +157,8 @@ def routes_at(t: int, kind: str, skew: float, gate_up, down, rounds: int, config
 
 def _best(rows: list[dict], prefix: str, where=lambda cfg: True) -> dict | None:
     """The candidate config with the least time summed over the rows (errors count as infinite)."""
+    if not rows:
+        return None
     scores = []
     for cfg in CANDIDATES[prefix]:
         if not where(cfg):

@@ -54,7 +54,8 @@ CONFIGS: dict[str, object] = {
     # 284), fused_grouped_mm at 1,024 (375 vs 383), grouped_mm at 4,096 (901 vs 906) and 16,384 (3089 vs 3237).
     "gather_max_pairs": 8,
     # the tma route: faster than every other route at 1,024, 4,096 and 16,384 tokens, uniform and skewed, in
-    # CUDA graphs (benchmarks/results/moe_kernel_h200_tma.json; moe_tma_sweep_h200*.json)
+    # CUDA graphs (benchmarks/results/moe_kernel_h200_tma.json); in a later check 3% slower than grouped_mm at
+    # 16,384 tokens with skewed routing, faster in the other three rows (moe_tma_sweep_h200_check.json)
     "tma_min_pairs": 8192,
     "fused_min_pairs": 8192,
     "grouped_mm_min_pairs": 32768,
