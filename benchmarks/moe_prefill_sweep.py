@@ -85,7 +85,7 @@ def _stages_at(t: int, gate_up, down, rounds: int, totals: dict[str, dict[str, f
     e, f2, d = gate_up.shape
     f, k = f2 // 2, SHAPES["cuda"]["top_k"]
     calls = 4 if t >= 4096 else 20
-    gmm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    gmm = moe_triton.grouped_gemm
     idx, w = make_routing(t, e, k, 1.0, "cuda", 700 + t)
     x = torch.randn(t, d, device="cuda", dtype=torch.bfloat16)  # [T, D]
     order, pos, counts, ends = moe_stream.sort_by_expert(idx, e)
@@ -103,8 +103,8 @@ def _stages_at(t: int, gate_up, down, rounds: int, totals: dict[str, dict[str, f
     row: dict = {"tokens": t, "us": {}}
     row["us"]["torch_index_select"] = _time(lambda i: x.index_select(0, order // k), rounds, calls)
     row["us"]["torch_act"] = _time(lambda i: torch.nn.functional.silu(gu[:, :f]) * gu[:, f:], rounds, calls)
-    row["us"]["gemm_gate_up"] = _time(lambda i: gmm(xs, gate_up.transpose(1, 2), offs=ends), rounds, calls)
-    row["us"]["gemm_down"] = _time(lambda i: gmm(h, down.transpose(1, 2), offs=ends), rounds, calls)
+    row["us"]["gemm_gate_up"] = _time(lambda i: gmm(xs, gate_up.transpose(1, 2), ends), rounds, calls)
+    row["us"]["gemm_down"] = _time(lambda i: gmm(h, down.transpose(1, 2), ends), rounds, calls)
     for key, cands in CANDIDATES.items():
         table = moe_triton.CONFIGS if key == "fused_gate_up" else moe_stream.STREAM_CONFIGS
         kept = dict(table[key])

@@ -73,19 +73,19 @@ def _try(fn, rounds, calls):
 
 def stages_at(t: int, gate_up, down, rounds: int, flops_rate: float) -> dict:
     """Baseline GEMMs, stream stages and every candidate kernel config at T tokens."""
-    from ffnkit.kernels import moe_stream, moe_tma
+    from ffnkit.kernels import moe_stream, moe_tma, moe_triton
 
     e, f2, d = gate_up.shape
     f, k = f2 // 2, SHAPES["cuda"]["top_k"]
     calls = 4 if t >= 4096 else 16
-    gmm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    gmm = moe_triton.grouped_gemm
     idx, w = make_routing(t, e, k, 1.0, "cuda", 900 + t)
     x = torch.randn(t, d, device="cuda", dtype=torch.bfloat16)  # [T, D]
     order, pos, counts, ends = moe_stream.sort_by_expert(idx, e)
     xs = moe_stream.scatter_rows(x, pos, k)  # [S, D]
-    gu = gmm(xs, gate_up.transpose(1, 2), offs=ends)  # [S, 2F]
+    gu = gmm(xs, gate_up.transpose(1, 2), ends)  # [S, 2F]
     ref_h = moe_stream.act_mul(gu, 0)  # [S, F]
-    ref_y = gmm(ref_h, down.transpose(1, 2), offs=ends)  # [S, D]
+    ref_y = gmm(ref_h, down.transpose(1, 2), ends)  # [S, D]
     ref_out = moe_stream.combine_rows(ref_y, pos, idx, w, e)  # [T, D]
     flops = 2.0 * t * k * 3 * d * f
     row: dict = {
@@ -102,8 +102,8 @@ def stages_at(t: int, gate_up, down, rounds: int, flops_rate: float) -> dict:
     us["scatter"] = _time(lambda i: moe_stream.scatter_rows(x, pos, k), rounds, calls)
     us["act"] = _time(lambda i: moe_stream.act_mul(gu, 0), rounds, calls)
     us["combine"] = _time(lambda i: moe_stream.combine_rows(ref_y, pos, idx, w, e), rounds, calls)
-    us["grouped_mm gate_up"] = _time(lambda i: gmm(xs, gate_up.transpose(1, 2), offs=ends), rounds, calls)
-    us["grouped_mm down"] = _time(lambda i: gmm(ref_h, down.transpose(1, 2), offs=ends), rounds, calls)
+    us["grouped_mm gate_up"] = _time(lambda i: gmm(xs, gate_up.transpose(1, 2), ends), rounds, calls)
+    us["grouped_mm down"] = _time(lambda i: gmm(ref_h, down.transpose(1, 2), ends), rounds, calls)
     us["atomic zero + cast"] = _time(
         lambda i: torch.zeros(t, d, device="cuda", dtype=torch.float32).to(torch.bfloat16), rounds, calls
     )

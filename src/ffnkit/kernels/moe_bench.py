@@ -4,7 +4,8 @@ One experts layer (GPU: OLMoE shapes, hidden 2048, expert width 1024, 64 experts
 512, width 256, 16 experts, top-4, float32) is run through a transformers v5 experts module
 (``OlmoeExperts``) with ``experts_implementation`` = ``eager``, ``batched_mm``, ``grouped_mm`` and ffnkit's
 ``ffnkit`` (registered by :func:`ffnkit.kernels.moe_hf.use_fast_experts`), plus, on the GPU, each of
-ffnkit's Triton routes alone (``gather``, ``sorted``, ``grouped_mm``, ``fused_grouped_mm``) to set the route thresholds.
+ffnkit's Triton routes alone (``gather``, ``sorted``, ``grouped_mm``, ``fused_grouped_mm``, ``tma``) to set the route
+thresholds.
 
 Protocol: several routings (and, on the CPU, several copies of the weights) are rotated so that no call finds
 its weights in a cache; implementations alternate within every round; the median over rounds of the mean

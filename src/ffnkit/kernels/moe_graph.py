@@ -267,12 +267,12 @@ def prefill_breakdown(
     f = f2 // 2
     t, k = top_k_index.shape
     x = torch.randn(t, d, device=gate_up.device, dtype=gate_up.dtype)  # [T, D]
-    gmm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    gmm = moe_triton.grouped_gemm
     order, pos, counts, offs = moe_stream.sort_by_expert(top_k_index, e)
     xs = moe_stream.scatter_rows(x, pos, k)  # [S, D]
-    gu = gmm(xs, gate_up.transpose(1, 2), offs=offs)  # [S, 2F]
+    gu = gmm(xs, gate_up.transpose(1, 2), offs)  # [S, 2F]
     h = moe_stream.act_mul(gu, 0)  # [S, F]
-    y = gmm(h, down.transpose(1, 2), offs=offs)  # [S, D]
+    y = gmm(h, down.transpose(1, 2), offs)  # [S, D]
     wf = top_k_weights.to(y.dtype).unsqueeze(-1)  # [T, K, 1]
 
     def sort_torch(i: int) -> object:
@@ -284,10 +284,10 @@ def prefill_breakdown(
         "sort_torch": sort_torch,
         "permute": lambda i: moe_stream.scatter_rows(x, pos, k),
         "permute_torch": lambda i: x.index_select(0, order // k),
-        "gemm_gate_up": lambda i: gmm(xs, gate_up.transpose(1, 2), offs=offs),
+        "gemm_gate_up": lambda i: gmm(xs, gate_up.transpose(1, 2), offs),
         "act": lambda i: moe_stream.act_mul(gu, 0),
         "act_torch": lambda i: torch.nn.functional.silu(gu[:, :f]) * gu[:, f:],
-        "gemm_down": lambda i: gmm(h, down.transpose(1, 2), offs=offs),
+        "gemm_down": lambda i: gmm(h, down.transpose(1, 2), offs),
         "combine": lambda i: moe_stream.combine_rows(y, pos, top_k_index, top_k_weights, e),
         "combine_torch": lambda i: (y.index_select(0, pos).view(t, k, d) * wf).sum(1),
     }

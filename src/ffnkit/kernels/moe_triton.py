@@ -297,7 +297,13 @@ def sorted_experts(
     return combine_rows(y, pos, idx, w, e)
 
 
-def _grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+def grouped_gemm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """Torch's grouped GEMM (``torch.nn.functional.grouped_mm``, or ``torch._grouped_mm`` before it):
+    rows ``offs[i-1]:offs[i]`` of ``a`` times ``b[i]``.
+
+    Example:
+        >>> y = grouped_gemm(xs, gate_up.transpose(1, 2), ends)  # doctest: +SKIP
+    """
     fn = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
     return fn(a, b, offs=offs)
 
@@ -330,9 +336,9 @@ def grouped_mm_experts(
     k = idx.shape[1]
     order, pos, counts, ends = sort_by_expert(idx, e)
     xs = scatter_rows(x, pos, k)  # [S, D] sorted order
-    gu = _grouped_mm(xs, gate_up.transpose(1, 2), ends)  # [S, 2F]; rows past ends[-1] left unset
+    gu = grouped_gemm(xs, gate_up.transpose(1, 2), ends)  # [S, 2F]; rows past ends[-1] left unset
     h = act_mul(gu, ACT_CODES[act])  # [S, F]
-    y = _grouped_mm(h, down.transpose(1, 2), ends)  # [S, D]
+    y = grouped_gemm(h, down.transpose(1, 2), ends)  # [S, D]
     return combine_rows(y, pos, idx, w, e)
 
 
@@ -363,7 +369,7 @@ def fused_grouped_mm_experts(
         x, gate_up, order, counts, h, e, f, d, K=k, ACT=ACT_CODES[act], E_PAD=triton.next_power_of_2(e),
         IEEE=x.dtype == torch.float32, BLOCK_M=bm, **c,
     )  # fmt: skip
-    y = _grouped_mm(h, down.transpose(1, 2), ends)  # [S, D]
+    y = grouped_gemm(h, down.transpose(1, 2), ends)  # [S, D]
     return combine_rows(y, pos, idx, w, e)
 
 
@@ -396,4 +402,4 @@ ROUTES = {
     "tma": tma_experts,
 }
 
-__all__ = ["CONFIGS", "ROUTES", "experts_forward", "grouped_mm_available"]
+__all__ = ["CONFIGS", "ROUTES", "experts_forward", "grouped_gemm", "grouped_mm_available"]
